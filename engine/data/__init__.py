@@ -1,0 +1,1 @@
+"""Data sources: each yields :class:`~engine.data.record.SourceRecord` items for ingest."""

@@ -1,0 +1,234 @@
+"""The shard format shared by ``engine`` (writer) and ``seg`` (reader).
+
+A shard is a WebDataset tar ``{prefix}-{index:06d}.tar``. Members per key: the RGB image
+(``png`` or ``jpg``), ``scribble.png`` (class id per pixel, 255 = unlabelled), optional
+``mask.png`` (full mask, evaluation only) and ``json`` (tags: source_id, w, lambda, seed,
+split, classes, model, steps, timings).
+
+Keys contain no dots: WebDataset splits a member name into key and extension at the
+first dot, so ``{source_id}.w2.0...`` would be read back as key ``{source_id}``. We use
+``{source_id}__w2p00__l0p50__s7`` instead (same information, stable, dot-free), and keys
+are restricted to ``[A-Za-z0-9_-]`` so that no key can name a path outside its shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image
+
+from engine.errors import BadInputError
+
+UNLABELLED = 255
+KEY_RE = re.compile(r"^[A-Za-z0-9_\-]{1,200}$")
+SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{6})\.tar$")
+IMAGE_EXTS = ("png", "jpg")
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a safe WebDataset key, else raise naming it."""
+    if not KEY_RE.match(key):
+        raise BadInputError(
+            f"sample key {key!r}",
+            "keys may only use letters, digits, '_' and '-' (no dots, slashes or spaces)",
+            "rename the source id",
+        )
+    return key
+
+
+def _num(x: float) -> str:
+    return f"{x:.2f}".replace(".", "p").replace("-", "m")
+
+
+def synthetic_key(source_id: str, w: float, lam: float, seed: int) -> str:
+    """Stable key of one synthetic sample, unique per (source, w, λ, seed)."""
+    return check_key(f"{source_id}__w{_num(w)}__l{_num(lam)}__s{seed}")
+
+
+def shard_name(prefix: str, index: int) -> str:
+    """File name of shard ``index``: ``{prefix}-{index:06d}.tar``."""
+    return f"{prefix}-{index:06d}.tar"
+
+
+@dataclass
+class Sample:
+    """One training/evaluation sample, in memory.
+
+    ``meta`` holds the ``json`` member's tags; ``image`` is HxWx3 uint8, ``scribble`` and
+    ``mask`` are HxW uint8 class-id maps (255 = unlabelled / void).
+    """
+
+    key: str
+    image: np.ndarray
+    scribble: np.ndarray
+    mask: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lam(self) -> float:
+        return float(self.meta.get("lambda", 0.0))
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def encode_image(array: np.ndarray, fmt: str) -> bytes:
+    """Encode an RGB uint8 array as ``png`` (lossless) or ``jpg`` (quality 95)."""
+    if fmt == "png":
+        return encode_png(array)
+    if fmt == "jpg":
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="JPEG", quality=95)
+        return buf.getvalue()
+    raise BadInputError(f"image format {fmt!r}", "must be 'png' or 'jpg'")
+
+
+def encode_sample(sample: Sample, image_format: str = "png") -> dict[str, Any]:
+    """The WebDataset dict (member name -> bytes) for one sample."""
+    check_key(sample.key)
+    h, w = sample.scribble.shape
+    if sample.image.shape[:2] != (h, w):
+        raise BadInputError(
+            f"sample {sample.key}",
+            f"image is {sample.image.shape[1]}x{sample.image.shape[0]} but scribble is {w}x{h}",
+        )
+    record: dict[str, Any] = {
+        "__key__": sample.key,
+        image_format: encode_image(sample.image, image_format),
+        "scribble.png": encode_png(sample.scribble),
+        "json": json.dumps(sample.meta, sort_keys=True).encode(),
+    }
+    if sample.mask is not None:
+        record["mask.png"] = encode_png(sample.mask)
+    return record
+
+
+def _decode_png(data: bytes, mode: str) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert(mode) if img.mode != mode else img).copy()
+
+
+def decode_sample(record: dict[str, Any], with_mask: bool = True) -> Sample:
+    """Inverse of :func:`encode_sample` for a raw WebDataset record (bytes values)."""
+    key = record["__key__"]
+    where = f"{record.get('__url__', 'shard')}:{key}"
+    image_bytes = next((record[e] for e in IMAGE_EXTS if e in record), None)
+    if image_bytes is None or "scribble.png" not in record or "json" not in record:
+        missing = [m for m in ("image", "scribble.png", "json") if (m == "image" and image_bytes is None) or (m != "image" and m not in record)]
+        raise BadInputError(where, f"sample is missing member(s) {missing}", "the shard is incomplete; re-create it")
+    try:
+        image = _decode_png(image_bytes, "RGB")
+        scribble = _decode_png(record["scribble.png"], "L")
+        mask = _decode_png(record["mask.png"], "L") if with_mask and "mask.png" in record else None
+        meta = json.loads(record["json"])
+    except (OSError, ValueError) as exc:
+        raise BadInputError(where, f"cannot decode sample: {exc}") from None
+    return Sample(key=key, image=image, scribble=scribble, mask=mask, meta=meta)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class ShardInfo:
+    """What the manifest records per shard once it is complete on disk."""
+
+    path: Path
+    keys: list[str]
+    num_bytes: int
+    sha256: str
+    seconds: float
+
+
+class ShardWriter:
+    """Write exactly one shard atomically: to ``<name>.tmp`` first, renamed on close.
+
+    A visible ``.tar`` is therefore always whole; a crash leaves only a ``.tmp`` that
+    resume deletes. Used as a context manager; an exception discards the temp file.
+    """
+
+    def __init__(self, path: str | Path, image_format: str = "png") -> None:
+        import webdataset as wds
+
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.image_format = image_format
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.tmp, "wb")
+        self._tar = wds.TarWriter(self._fh, encoder=False, mtime=0.0)
+        self.keys: list[str] = []
+        self._t0 = time.perf_counter()
+
+    def write(self, sample: Sample) -> None:
+        record = encode_sample(sample, self.image_format)
+        if sample.key in self.keys:
+            raise BadInputError(f"sample key {sample.key}", "written twice to the same shard")
+        self._tar.write(record)
+        self.keys.append(sample.key)
+
+    def close(self) -> ShardInfo:
+        """Finish the tar, fsync, rename into place; return its checksum and size."""
+        self._tar.close()  # also closes the file object
+        with open(self.tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(self.tmp, self.path)
+        return ShardInfo(
+            path=self.path,
+            keys=list(self.keys),
+            num_bytes=self.path.stat().st_size,
+            sha256=sha256_file(self.path),
+            seconds=time.perf_counter() - self._t0,
+        )
+
+    def abort(self) -> None:
+        try:
+            self._tar.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def iter_records(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Raw WebDataset records (member name -> bytes) of one local shard, in order.
+
+    Uses webdataset's own tar grouping, so the engine reads exactly what ``seg``'s
+    streaming pipeline reads. A truncated or non-tar file raises naming the shard.
+    """
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    path = str(path)
+    try:
+        with open(path, "rb") as stream:
+            yield from group_by_keys(tar_file_expander([{"stream": stream, "url": path}]))
+    except (tarfile.TarError, OSError, ValueError) as exc:
+        raise BadInputError(path, f"not a readable tar shard: {exc}", "delete it and re-run to rewrite it") from None
+
+
+def read_shard(path: str | Path, with_mask: bool = True) -> Iterator[Sample]:
+    """Decoded samples of one local shard."""
+    for record in iter_records(path):
+        yield decode_sample(record, with_mask=with_mask)
