@@ -1,0 +1,150 @@
+"""Shard format, manifest and verify: the contract every other part relies on."""
+
+from __future__ import annotations
+
+import os
+import io
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.config import apply_overrides, load_config
+from engine.errors import BadInputError
+from engine.manifest import DatasetInfo, read_manifest, sample_row, shard_rows, skip_row, write_manifest
+from engine.shards import Sample, ShardWriter, check_key, read_shard, shard_name, synthetic_key
+from engine.verify import main as verify_main
+from engine.verify import verify_manifest
+
+
+def _sample(i: int, size: int = 12) -> Sample:
+    rng = np.random.default_rng(i)
+    image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    mask = rng.integers(0, 3, (size, size), dtype=np.uint8)
+    scribble = np.full((size, size), 255, np.uint8)
+    scribble[2:4, 2:9] = mask[2:4, 2:9]
+    meta = {"source_id": f"src_{i}", "split": "train", "w": 2.0, "lambda": 0.5, "seed": i, "classes": [0, 1, 2]}
+    return Sample(key=synthetic_key(f"src_{i}", 2.0, 0.5, i), image=image, scribble=scribble, mask=mask, meta=meta)
+
+
+def _write_dataset(root: Path, n_shards: int = 2, per_shard: int = 3) -> Path:
+    rows = []
+    for s in range(n_shards):
+        with ShardWriter(root / shard_name("syn", s)) as writer:
+            part = []
+            for i in range(s * per_shard, (s + 1) * per_shard):
+                sample = _sample(i)
+                writer.write(sample)
+                part.append(sample_row(sample))
+            info = writer.close()
+        rows += shard_rows(part, info, root)
+    rows.append(skip_row("bad_one", "train", "truncated JPEG"))
+    return write_manifest(rows, root / "manifest.parquet", DatasetInfo(["bg", "a", "b"], kind="synthetic"))
+
+
+def test_round_trip_is_lossless(tmp_path: Path) -> None:
+    manifest = _write_dataset(tmp_path)
+    got = list(read_shard(tmp_path / "syn-000000.tar"))
+    assert [s.key for s in got] == [_sample(i).key for i in range(3)]
+    for i, s in enumerate(got):
+        ref = _sample(i)
+        np.testing.assert_array_equal(s.image, ref.image)
+        np.testing.assert_array_equal(s.scribble, ref.scribble)
+        np.testing.assert_array_equal(s.mask, ref.mask)
+        assert s.meta == ref.meta and s.lam == 0.5
+    table, info = read_manifest(manifest)
+    assert table.num_rows == 7
+    assert info.class_names == ["bg", "a", "b"] and info.kind == "synthetic"
+    ok = table.filter(table["status"].to_numpy(zero_copy_only=False) == "ok")
+    assert set(ok["shard"].to_pylist()) == {"syn-000000.tar", "syn-000001.tar"}
+    assert set(ok["shard_samples"].to_pylist()) == {3}
+
+
+def test_keys_are_dot_free_and_cannot_escape() -> None:
+    key = synthetic_key("2007_000032", 2.0, 0.25, 7)
+    assert key == "2007_000032__w2p00__l0p25__s7"
+    for bad in ["../evil", "a/b", "a.b", "", "x y"]:
+        with pytest.raises(BadInputError):
+            check_key(bad)
+
+
+def test_writer_is_atomic_on_error(tmp_path: Path) -> None:
+    path = tmp_path / shard_name("real", 0)
+    with pytest.raises(RuntimeError):
+        with ShardWriter(path) as writer:
+            writer.write(_sample(0))
+            raise RuntimeError("crash mid-shard")
+    assert os.listdir(tmp_path) == []
+
+
+def test_size_mismatch_is_rejected(tmp_path: Path) -> None:
+    s = _sample(0)
+    s.scribble = s.scribble[:5]
+    with ShardWriter(tmp_path / "x-000000.tar") as writer, pytest.raises(BadInputError, match="scribble"):
+        writer.write(s)
+
+
+def test_verify_accepts_good_and_names_each_problem(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    manifest = _write_dataset(tmp_path)
+    report = verify_manifest(manifest)
+    assert report.ok and report.samples == 6 and report.shards == 2 and report.skipped == 1
+    assert verify_main([str(manifest)]) == 0
+
+    # corrupt one shard (flip a byte), add an unlisted one, remove another
+    data = bytearray((tmp_path / "syn-000000.tar").read_bytes())
+    data[600] ^= 0xFF
+    (tmp_path / "syn-000000.tar").write_bytes(bytes(data))
+    (tmp_path / "syn-000009.tar").write_bytes(b"")
+    (tmp_path / "syn-000001.tar").unlink()
+    report = verify_manifest(manifest)
+    text = "\n".join(report.problems)
+    assert "syn-000000.tar: SHA-256 does not match" in text
+    assert "syn-000001.tar: shard listed in the manifest is missing" in text
+    assert "syn-000009.tar: shard on disk is not in the manifest" in text
+    assert verify_main([str(manifest)]) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_verify_reports_missing_member_key(tmp_path: Path) -> None:
+    manifest = _write_dataset(tmp_path, n_shards=1)
+    shard = tmp_path / "syn-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    first_key = members[0][0].name.split(".")[0]
+    with tarfile.open(shard, "w") as tar:
+        for m, data in members:
+            if not m.name.startswith(first_key):
+                tar.addfile(m, io.BytesIO(data))
+    problems = "\n".join(verify_manifest(manifest).problems)
+    assert f"missing key(s) ['{first_key}']" in problems
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(BadInputError, match="manifest not found"):
+        read_manifest(tmp_path / "nope.parquet")
+    assert verify_main([str(tmp_path / "nope.parquet")]) == 2
+
+
+@dataclass
+class Inner:
+    steps: int = 10
+    lr: float = 1e-3
+
+
+@dataclass
+class Cfg:
+    name: str = "x"
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_config_overrides_and_unknown_keys(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("name: y\ninner:\n  steps: 20\n")
+    cfg = load_config(Cfg, path, ["inner.lr=1", "inner.steps=30"])
+    assert cfg.name == "y" and cfg.inner.steps == 30 and cfg.inner.lr == 1.0 and isinstance(cfg.inner.lr, float)
+    with pytest.raises(BadInputError, match="unknown key"):
+        load_config(Cfg, path, ["inner.stepz=3"])
+    with pytest.raises(BadInputError, match="override must look like"):
+        apply_overrides({}, ["novalue"])
