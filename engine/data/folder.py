@@ -1,0 +1,80 @@
+"""Plain-folder reader for your own scribble-labelled images.
+
+Expected layout under ``root``::
+
+    images/<stem>.jpg|.jpeg|.png      RGB images
+    scribbles/<stem>.png              one channel (palette or grey): class id per pixel, 255 = unlabelled
+    masks/<stem>.png                  optional full masks (evaluation only), same encoding
+    classes.txt                       optional: one class name per line, line index = id (0 = background)
+    val.txt                           optional: stems that form the val split
+
+Without ``val.txt`` a seeded ``val_fraction`` of the images goes to val. Without
+``classes.txt`` the class count is the largest id found in the scribbles and masks plus
+one, named ``class_<id>`` (``background`` for 0). Stems become sample keys, so characters
+other than letters, digits, ``_`` and ``-`` are replaced by ``_``.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from engine.data.sources import FolderSource, TaggedRecord, read_labels, read_rgb
+from engine.errors import BadInputError
+from engine.shards import UNLABELLED
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def _load(image: Path, scribble: Path, mask: Path | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    return read_rgb(image), read_labels(scribble), read_labels(mask) if mask is not None else None
+
+
+def _class_names(root: Path, label_files: list[Path]) -> list[str]:
+    names_file = root / "classes.txt"
+    if names_file.is_file():
+        names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+        if not names:
+            raise BadInputError(str(names_file), "no class names in it")
+        return names
+    # Scan the label maps for the largest id; unreadable ones are reported later, per record.
+    top = 0
+    for path in label_files:
+        try:
+            ids = np.unique(read_labels(path))
+        except BadInputError:
+            continue
+        ids = ids[ids != UNLABELLED]
+        top = max(top, int(ids.max()) if ids.size else 0)
+    return ["background"] + [f"class_{i}" for i in range(1, top + 1)]
+
+
+def folder_records(cfg: FolderSource) -> tuple[list[TaggedRecord], list[str]]:
+    """Records (train then val) and class names of a plain folder."""
+    root = Path(cfg.root)
+    images = sorted(p for p in (root / "images").glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise BadInputError(str(root / "images"), "no .jpg/.png images found", "see the folder layout in README")
+    val_file = root / "val.txt"
+    if val_file.is_file():
+        val = {line.strip() for line in val_file.read_text().splitlines() if line.strip()}
+    else:
+        rng = np.random.default_rng(cfg.seed)
+        n_val = int(round(cfg.val_fraction * len(images)))
+        val = {images[i].stem for i in rng.permutation(len(images))[:n_val]}
+    records, seen, label_files = {"train": [], "val": []}, {}, []
+    for image in images:
+        key = re.sub(r"[^A-Za-z0-9_\-]", "_", image.stem)
+        if key in seen:
+            raise BadInputError(str(image), f"its key {key!r} clashes with {seen[key]}", "rename one of them")
+        seen[key] = image
+        scribble = root / "scribbles" / f"{image.stem}.png"
+        mask = root / "masks" / f"{image.stem}.png"
+        mask = mask if mask.is_file() else None
+        label_files += [scribble] + ([mask] if mask else [])
+        split = "val" if image.stem in val else "train"
+        records[split].append(TaggedRecord(key, split, partial(_load, image, scribble, mask)))
+    return records["train"] + records["val"], _class_names(root, label_files)

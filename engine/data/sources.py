@@ -1,0 +1,142 @@
+"""Pick a data source from config and read its files safely.
+
+``open_source(cfg)`` returns the records of the configured source (procedural, voc or
+folder) and its class names. The file helpers here are shared by the VOC and folder
+readers so that every PIL error becomes a :class:`BadInputError` naming the file, and
+label PNGs are read as class indices (palette mode), never as colours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from engine.data.record import SourceRecord
+from engine.errors import BadInputError
+
+SOURCE_KINDS = ("procedural", "voc", "folder")
+
+
+@dataclass
+class TaggedRecord(SourceRecord):
+    """A record with extra meta tags that ingest adds to the sample's ``json``.
+
+    Used e.g. for ``scribble_source: synthetic`` on VOC val images without a scribble.
+    """
+
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """HxWx3 uint8 image; missing, unreadable or truncated files raise naming the file."""
+    if not path.is_file():
+        raise BadInputError(str(path), "image file is missing")
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB")).copy()
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise BadInputError(str(path), f"cannot read image: {exc}", "the file is corrupt or truncated") from None
+
+
+def read_labels(path: Path) -> np.ndarray:
+    """HxW uint8 class-id map from a palette (mode P) or grey (mode L) PNG.
+
+    Palette PNGs (VOC, ScribbleSup) store the class id as the palette index; converting
+    them to RGB would turn ids into colours, so the indices are read directly.
+    """
+    if not path.is_file():
+        raise BadInputError(str(path), "label PNG is missing")
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("P", "L"):
+                raise BadInputError(
+                    str(path), f"label PNG has mode {img.mode}", "expected one channel: palette (P) or grey (L) class ids"
+                )
+            return np.asarray(img).astype(np.uint8, copy=True)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, BadInputError):
+            raise
+        raise BadInputError(str(path), f"cannot read label PNG: {exc}", "the file is corrupt or truncated") from None
+
+
+@dataclass
+class ProceduralSource:
+    """Built-in dataset: counts per split, square image size and seed."""
+
+    num_train: int = 2000
+    num_val: int = 200
+    size: int = 64
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.num_train < 1 or self.num_val < 0:
+            raise BadInputError("source.procedural", "num_train must be >= 1 and num_val >= 0")
+        if not 16 <= self.size <= 2048:
+            raise BadInputError("source.procedural.size", f"{self.size} is out of range 16..2048")
+
+
+@dataclass
+class VocSource:
+    """PASCAL VOC 2012 + ScribbleSup; see :mod:`engine.data.voc` for the layout."""
+
+    root: str = "data/VOC2012"
+    train_list: str = "train_aug"
+    val_list: str = "val"
+    scribble_format: str = "png"  # "png" (pascal_2012_scribble/*.png) or "xml" (ScribbleSup polylines)
+    scribble_dir: str = ""  # default: pascal_2012_scribble (png) / pascal_2012 (xml)
+    stroke_width: int = 3  # line width when rendering XML polylines
+    seed: int = 0  # for synthetic val scribbles
+
+    def validate(self) -> None:
+        if self.scribble_format not in ("png", "xml"):
+            raise BadInputError("source.voc.scribble_format", f"{self.scribble_format!r} must be 'png' or 'xml'")
+        if self.stroke_width < 1:
+            raise BadInputError("source.voc.stroke_width", "must be >= 1")
+
+
+@dataclass
+class FolderSource:
+    """Plain folder; see :mod:`engine.data.folder` for the layout."""
+
+    root: str = "data/my_set"
+    val_fraction: float = 0.1  # used when there is no val.txt
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise BadInputError("source.folder.val_fraction", f"{self.val_fraction} must be in [0, 1)")
+
+
+@dataclass
+class SourceConfig:
+    """Which source to read (``kind``) and the options of each kind."""
+
+    kind: str = "procedural"
+    procedural: ProceduralSource = field(default_factory=ProceduralSource)
+    voc: VocSource = field(default_factory=VocSource)
+    folder: FolderSource = field(default_factory=FolderSource)
+
+    def validate(self) -> None:
+        if self.kind not in SOURCE_KINDS:
+            raise BadInputError("source.kind", f"{self.kind!r} is not one of {list(SOURCE_KINDS)}")
+
+
+def open_source(cfg: SourceConfig) -> tuple[list[SourceRecord], list[str]]:
+    """Records (lazy, train then val) and class names (index = id) of the configured source."""
+    # Readers import this module for the helpers above, so they are imported here.
+    if cfg.kind == "procedural":
+        from engine.data.procedural import CLASS_NAMES, procedural_records
+
+        p = cfg.procedural
+        return procedural_records(p.num_train, p.num_val, p.size, p.seed), list(CLASS_NAMES)
+    if cfg.kind == "voc":
+        from engine.data.voc import voc_records
+
+        return voc_records(cfg.voc)
+    from engine.data.folder import folder_records
+
+    return folder_records(cfg.folder)

@@ -1,0 +1,209 @@
+"""Ingest: turn a real scribble-labelled source into real shards (λ = 0) and a manifest.
+
+Output folder (``out``)::
+
+    real-train-000000.tar ...   train split, ``samples_per_shard`` samples per shard
+    real-val-000000.tar ...     val split (kept whole by ``--subset``)
+    ingest.yaml                 the resolved config
+    manifest.parquet            one row per sample (and per skipped input), written last
+
+Every shard is written to a temp name and renamed when whole, and the manifest appears
+only at the very end, so an interrupted run never leaves a half-written dataset: there
+is no manifest, and the shards present are complete. A non-empty ``out`` is refused
+unless ``--overwrite`` is given, which deletes the previous ingest outputs first (and
+refuses if the folder holds anything else).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from tqdm import tqdm
+
+from engine.config import add_config_args, load_config, save_config, to_dict
+from engine.data.record import SourceRecord, to_sample
+from engine.data.sources import SourceConfig, open_source
+from engine.errors import BadInputError
+from engine.manifest import DatasetInfo, read_manifest, sample_row, shard_rows, skip_row, write_manifest
+from engine.shards import ShardWriter, shard_name
+
+DEFAULT_CONFIG = "configs/ingest/tiny.yaml"
+MANIFEST = "manifest.parquet"
+CONFIG_COPY = "ingest.yaml"
+SHARD_PREFIX = "real"
+
+
+def parse_fraction(value: float | int | str) -> float:
+    """``0.0625``, ``"0.0625"`` or ``"1/16"`` -> 0.0625; must be in (0, 1]."""
+    try:
+        frac = float(Fraction(str(value).strip()))
+    except (ValueError, ZeroDivisionError):
+        raise BadInputError(f"subset {value!r}", "not a fraction", "use e.g. 0.0625 or 1/16") from None
+    if not 0.0 < frac <= 1.0:
+        raise BadInputError(f"subset {value!r}", "must be in (0, 1]")
+    return frac
+
+
+@dataclass
+class IngestConfig:
+    """One ingest run: which source, where to, which train subset, how to shard."""
+
+    source: SourceConfig = field(default_factory=SourceConfig)
+    out: str = "runs/tiny/real"
+    subset: Any = 1.0  # fraction of the train split kept: 0.0625 or "1/16"; val is kept whole
+    subset_seed: int = 0
+    samples_per_shard: int = 256
+    image_format: str = "png"  # "png" (lossless) or "jpg"
+    skip_bad: bool = False  # record bad inputs as skipped rows instead of stopping
+    overwrite: bool = False  # replace a previous ingest in `out`
+
+    def validate(self) -> None:
+        self.subset = parse_fraction(self.subset)
+        if self.samples_per_shard < 1:
+            raise BadInputError("samples_per_shard", f"{self.samples_per_shard} must be >= 1")
+        if self.image_format not in ("png", "jpg"):
+            raise BadInputError("image_format", f"{self.image_format!r} must be 'png' or 'jpg'")
+
+
+def select_subset(records: list[SourceRecord], fraction: float, seed: int) -> list[SourceRecord]:
+    """Deterministic seeded subset of the train records (val records all kept, order kept).
+
+    ``round(fraction * n_train)`` (at least 1) train records are taken from the front of
+    one seeded permutation, so smaller subsets are nested inside larger ones.
+    """
+    train = [i for i, r in enumerate(records) if r.split == "train"]
+    if fraction >= 1.0 or not train:
+        return records
+    k = max(1, round(fraction * len(train)))
+    keep = {train[i] for i in np.random.default_rng(seed).permutation(len(train))[:k]}
+    return [r for i, r in enumerate(records) if r.split != "train" or i in keep]
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty ``out``; with ``overwrite`` remove only earlier ingest outputs."""
+    if not out.exists():
+        out.mkdir(parents=True)
+        return
+    entries = list(out.iterdir())
+    if not entries:
+        return
+    if not overwrite:
+        raise BadInputError(str(out), "output folder is not empty", "pass --overwrite to replace it, or pick another --out")
+    ours = [p for p in entries if p.name in (MANIFEST, CONFIG_COPY) or (p.name.startswith(f"{SHARD_PREFIX}-") and p.suffix in (".tar", ".tmp"))]
+    others = sorted(set(entries) - set(ours))
+    if others:
+        raise BadInputError(str(out), f"--overwrite only replaces ingest outputs, but it also holds {others[0].name}", "pick an empty --out")
+    # Manifest first: if we are interrupted now, no stale manifest points at deleted shards.
+    for p in sorted(ours, key=lambda p: p.name != MANIFEST):
+        p.unlink()
+
+
+def _samples(records: Iterable[SourceRecord], num_classes: int) -> Iterable[tuple[SourceRecord, Any]]:
+    """(record, Sample or the BadInputError it raised), in order."""
+    for record in records:
+        try:
+            sample = to_sample(record, num_classes)
+            sample.meta.update(getattr(record, "meta", {}))
+            yield record, sample
+        except BadInputError as exc:
+            yield record, exc
+
+
+def write_split(
+    records: list[SourceRecord], split: str, cfg: IngestConfig, out: Path, num_classes: int
+) -> list[dict[str, Any]]:
+    """Write one split's shards; return its manifest rows (skips included)."""
+    rows: list[dict[str, Any]] = []
+    pending: list[dict[str, Any]] = []
+    writer: ShardWriter | None = None
+    shards = 0
+    seen: set[str] = set()
+    try:
+        for record, result in tqdm(_samples(records, num_classes), total=len(records), desc=f"ingest {split}", unit="img"):
+            if isinstance(result, BadInputError):
+                if not cfg.skip_bad:
+                    raise result
+                rows.append(skip_row(record.source_id, split, str(result)))
+                continue
+            if result.key in seen:
+                raise BadInputError(f"source id {result.key}", "occurs twice", "source ids must be unique")
+            seen.add(result.key)
+            if writer is None:
+                writer = ShardWriter(out / shard_name(f"{SHARD_PREFIX}-{split}", shards), cfg.image_format)
+                shards += 1
+            writer.write(result)
+            pending.append(sample_row(result))
+            if len(writer.keys) == cfg.samples_per_shard:
+                rows += shard_rows(pending, writer.close(), out)
+                writer, pending = None, []
+        if writer is not None:
+            rows += shard_rows(pending, writer.close(), out)
+            writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
+    return rows
+
+
+def run_ingest(cfg: IngestConfig) -> Path:
+    """Ingest the configured source into ``cfg.out``; return the manifest path."""
+    records, class_names = open_source(cfg.source)
+    records = select_subset(records, cfg.subset, cfg.subset_seed)
+    out = Path(cfg.out)
+    prepare_out(out, cfg.overwrite)
+    rows: list[dict[str, Any]] = []
+    for split in ("train", "val"):
+        rows += write_split([r for r in records if r.split == split], split, cfg, out, len(class_names))
+    save_config(cfg, out / CONFIG_COPY)
+    info = DatasetInfo(class_names=class_names, kind="real", extra={"source": cfg.source.kind, "config": to_dict(cfg)})
+    return write_manifest(rows, out / MANIFEST, info)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.ingest",
+        description="Ingest a scribble-labelled source (procedural | voc | folder) into real shards + manifest.parquet.",
+    )
+    add_config_args(parser, DEFAULT_CONFIG)
+    parser.add_argument("--out", help="output folder (overrides config 'out')")
+    parser.add_argument("--subset", help="keep this fraction of the train split, e.g. 0.0625 or 1/16 (seeded; val kept whole)")
+    parser.add_argument("--skip-bad", action="store_true", help="record bad inputs as skipped manifest rows instead of stopping")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier ingest in the output folder")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"out={json.dumps(args.out)}")  # JSON strings are YAML strings
+    if args.subset:
+        overrides.append(f"subset={json.dumps(args.subset)}")
+    if args.skip_bad:
+        overrides.append("skip_bad=true")
+    if args.overwrite:
+        overrides.append("overwrite=true")
+    t0 = time.perf_counter()
+    try:
+        cfg = load_config(IngestConfig, args.config, overrides)
+        manifest = run_ingest(cfg)
+    except BadInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    table, _ = read_manifest(manifest)
+    status = table.column("status").to_pylist()
+    splits = table.column("split").to_pylist()
+    counts = {s: sum(1 for st, sp in zip(status, splits) if st == "ok" and sp == s) for s in ("train", "val")}
+    print(
+        f"{manifest}: {counts['train']} train + {counts['val']} val samples, "
+        f"{status.count('skipped')} skipped, in {time.perf_counter() - t0:.1f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
