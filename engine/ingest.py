@@ -107,13 +107,19 @@ def prepare_out(out: Path, overwrite: bool) -> None:
 
 
 def _samples(records: Iterable[SourceRecord], num_classes: int) -> Iterable[tuple[SourceRecord, Any]]:
-    """(record, Sample or the BadInputError it raised), in order."""
+    """(record, Sample or the BadInputError it raised), in order.
+
+    Checks made after loading name only the source id; the record's files are added.
+    """
     for record in records:
         try:
             sample = to_sample(record, num_classes)
             sample.meta.update(getattr(record, "meta", {}))
             yield record, sample
         except BadInputError as exc:
+            origin = getattr(record, "origin", "")
+            if origin and exc.what == record.source_id:
+                exc = BadInputError(f"{record.source_id} ({origin})", exc.problem, exc.hint)
             yield record, exc
 
 
@@ -127,23 +133,25 @@ def write_split(
     shards = 0
     seen: set[str] = set()
     try:
-        for record, result in tqdm(_samples(records, num_classes), total=len(records), desc=f"ingest {split}", unit="img"):
-            if isinstance(result, BadInputError):
-                if not cfg.skip_bad:
-                    raise result
-                rows.append(skip_row(record.source_id, split, str(result)))
-                continue
-            if result.key in seen:
-                raise BadInputError(f"source id {result.key}", "occurs twice", "source ids must be unique")
-            seen.add(result.key)
-            if writer is None:
-                writer = ShardWriter(out / shard_name(f"{SHARD_PREFIX}-{split}", shards), cfg.image_format)
-                shards += 1
-            writer.write(result)
-            pending.append(sample_row(result))
-            if len(writer.keys) == cfg.samples_per_shard:
-                rows += shard_rows(pending, writer.close(), out)
-                writer, pending = None, []
+        with tqdm(total=len(records), desc=f"ingest {split}", unit="img", mininterval=0.5) as bar:
+            for record, result in _samples(records, num_classes):
+                bar.update()
+                if isinstance(result, BadInputError):
+                    if not cfg.skip_bad:
+                        raise result
+                    rows.append(skip_row(record.source_id, split, str(result)))
+                    continue
+                if result.key in seen:
+                    raise BadInputError(f"source id {result.key}", "occurs twice", "source ids must be unique")
+                seen.add(result.key)
+                if writer is None:
+                    writer = ShardWriter(out / shard_name(f"{SHARD_PREFIX}-{split}", shards), cfg.image_format)
+                    shards += 1
+                writer.write(result)
+                pending.append(sample_row(result))
+                if len(writer.keys) == cfg.samples_per_shard:
+                    rows += shard_rows(pending, writer.close(), out)
+                    writer, pending = None, []
         if writer is not None:
             rows += shard_rows(pending, writer.close(), out)
             writer = None

@@ -76,5 +76,6 @@ def folder_records(cfg: FolderSource) -> tuple[list[TaggedRecord], list[str]]:
         mask = mask if mask.is_file() else None
         label_files += [scribble] + ([mask] if mask else [])
         split = "val" if image.stem in val else "train"
-        records[split].append(TaggedRecord(key, split, partial(_load, image, scribble, mask)))
+        origin = ", ".join(str(p) for p in (image, scribble, mask) if p is not None)
+        records[split].append(TaggedRecord(key, split, partial(_load, image, scribble, mask), origin=origin))
     return records["train"] + records["val"], _class_names(root, label_files)

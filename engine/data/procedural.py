@@ -17,6 +17,7 @@ Shapes are drawn from continuous coordinates, so any size works (32, 64, 128, 51
 
 from __future__ import annotations
 
+import colorsys
 from dataclasses import dataclass
 from functools import partial
 
@@ -72,23 +73,9 @@ def _shape_mask(cls: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return PolyPath(_POLYGONS[cls]).contains_points(pts).reshape(u.shape)
 
 
-def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Vectorised HSV -> RGB in [0, 1] (colorsys is per-pixel and slow)."""
-    h = np.mod(h, 1.0) * 6.0
-    i = np.floor(h).astype(int) % 6
-    f = h - np.floor(h)
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    choices = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
-    rgb = np.zeros(np.shape(h) + (3,))
-    for k, (r, g, b) in enumerate(choices):
-        sel = i == k
-        rgb[sel] = np.stack([np.broadcast_to(r, h.shape)[sel], np.broadcast_to(g, h.shape)[sel],
-                             np.broadcast_to(b, h.shape)[sel]], 1)
-    return rgb
-
-
 def _colour(rng: np.random.Generator, hue: float) -> np.ndarray:
-    return _hsv_to_rgb(np.array(hue), np.array(rng.uniform(0.35, 1.0)), np.array(rng.uniform(0.35, 1.0)))
+    """RGB in [0, 1] of ``hue`` with random saturation and value (dull to vivid, dark to bright)."""
+    return np.array(colorsys.hsv_to_rgb(hue % 1.0, rng.uniform(0.35, 1.0), rng.uniform(0.35, 1.0)))
 
 
 def _texture(kind: str, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, size: int) -> np.ndarray:
@@ -193,3 +180,37 @@ def procedural_records(num_train: int, num_val: int, size: int = 64, seed: int =
         for split, n in (("train", num_train), ("val", num_val))
         for i in range(n)
     ]
+
+
+def preview_grid(n: int = 8, size: int = 64, seed: int = 0, split: str = "train") -> np.ndarray:
+    """RGB grid, one row per scene: image | full mask | scribble over the dimmed image.
+
+    Background strokes are drawn white so they stand out from the dark mask background.
+    """
+    colours = np.zeros((256, 3), np.uint8)
+    colours[: len(CLASS_NAMES)] = [(255, 255, 255), (230, 25, 75), (255, 225, 25), (60, 180, 75),
+                                   (0, 130, 200), (145, 30, 180), (245, 130, 48)]
+    rows = []
+    for i in range(n):
+        s = make_scene(i, seed, size, split)
+        mask = colours[s.mask]
+        mask[s.mask == 0] = 40
+        over = np.where((s.scribble == 255)[..., None], s.image // 3, colours[s.scribble])
+        rows.append(np.concatenate([s.image, mask, over], 1))
+    return np.concatenate(rows, 0)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from PIL import Image
+
+    parser = argparse.ArgumentParser(description="Save a preview grid of procedural scenes (image | mask | scribble).")
+    parser.add_argument("out", help="PNG file to write")
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--zoom", type=int, default=3, help="nearest-neighbour upscaling for viewing")
+    args = parser.parse_args()
+    grid = preview_grid(args.n, args.size, args.seed)
+    Image.fromarray(grid).resize((grid.shape[1] * args.zoom, grid.shape[0] * args.zoom), Image.NEAREST).save(args.out)

@@ -23,12 +23,15 @@ SOURCE_KINDS = ("procedural", "voc", "folder")
 
 @dataclass
 class TaggedRecord(SourceRecord):
-    """A record with extra meta tags that ingest adds to the sample's ``json``.
+    """A record with extra meta tags that ingest adds to the sample's ``json``, and the
+    files it comes from so that errors found after loading (size mismatch, class out of
+    range, empty scribble) can name them.
 
-    Used e.g. for ``scribble_source: synthetic`` on VOC val images without a scribble.
+    ``meta`` is used e.g. for ``scribble_source: synthetic`` on VOC val images without a scribble.
     """
 
     meta: dict[str, Any] = field(default_factory=dict)
+    origin: str = ""
 
 
 def read_rgb(path: Path) -> np.ndarray:

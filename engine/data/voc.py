@@ -104,10 +104,9 @@ def voc_records(cfg: VocSource) -> tuple[list[TaggedRecord], list[str]]:
             meta = {}
             if split == "val" and not scribble.is_file():
                 scribble, meta = None, {"scribble_source": "synthetic"}
-            load = partial(
-                _load, root / "JPEGImages" / f"{sid}.jpg", scribble,
-                mask if (split == "val" or mask.is_file()) else None,
-                cfg.scribble_format, cfg.stroke_width, cfg.seed,
-            )
-            records.append(TaggedRecord(sid, split, load, meta))
+            image = root / "JPEGImages" / f"{sid}.jpg"
+            mask = mask if (split == "val" or mask.is_file()) else None
+            load = partial(_load, image, scribble, mask, cfg.scribble_format, cfg.stroke_width, cfg.seed)
+            origin = ", ".join(str(p) for p in (image, scribble, mask) if p is not None)
+            records.append(TaggedRecord(sid, split, load, meta, origin))
     return records, list(VOC_CLASSES)
