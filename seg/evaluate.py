@@ -1,0 +1,93 @@
+"""Evaluate a segmentation model on the full masks of a split (default: val).
+
+Used by ``seg.train`` during and after training, and as a CLI on a saved checkpoint:
+
+    python -m seg.evaluate --checkpoint runs/x/seg/adaptive-seed0/checkpoints/last.pt --shards runs/x/real/manifest.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from engine.errors import BadInputError
+from engine.shards import UNLABELLED
+from seg.batches import to_tensor
+from seg.metrics import SegMetrics
+from seg.stream import EpochDataset, ShardGroup
+
+
+def pad_collate(items: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack samples of different sizes: images padded with 0 (the mean), masks with 255 (ignored)."""
+    for key, _, _, mask in items:
+        if mask is None:
+            raise BadInputError(f"sample {key}", "has no mask.png; evaluation needs full masks", "evaluate on a split ingested with masks")
+    h = max(it[1].shape[0] for it in items)
+    w = max(it[1].shape[1] for it in items)
+    images = [F.pad(to_tensor(img), (0, w - img.shape[1], 0, h - img.shape[0])) for _, img, _, _ in items]
+    masks = [F.pad(torch.from_numpy(m).long(), (0, w - m.shape[1], 0, h - m.shape[0]), value=UNLABELLED) for _, _, _, m in items]
+    return torch.stack(images), torch.stack(masks)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, group: ShardGroup, num_classes: int, device: torch.device, batch_size: int = 16, workers: int = 0
+) -> dict[str, Any]:
+    """mIoU, per-class IoU and pixel accuracy of ``model`` on ``group``'s full masks.
+
+    Under torch.distributed every rank evaluates its share and the metrics are summed
+    across ranks by torchmetrics, so all ranks must call this together.
+    """
+    if len(group) == 0:
+        raise BadInputError("evaluation split", "has no samples", "pass the real manifest, which holds the val split")
+    was_training = model.training
+    model.eval()
+    metrics = SegMetrics(num_classes, device)
+    loader = DataLoader(EpochDataset(group, with_mask=True), batch_size=batch_size, num_workers=workers, collate_fn=pad_collate)
+    for images, masks in loader:
+        metrics.update(model(images.to(device)), masks.to(device))
+    model.train(was_training)
+    return {**metrics.compute(), "samples": len(group)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from seg.models import ModelConfig, build_model
+    from seg.stream import index_manifests
+    from engine.config import from_dict
+
+    parser = argparse.ArgumentParser(description="Evaluate a seg.train checkpoint on full masks (mIoU, per-class IoU, pixel accuracy).")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by seg.train (OUT/checkpoints/last.pt)")
+    parser.add_argument("--shards", nargs="+", required=True, metavar="MANIFEST", help="manifest(s) holding the split to evaluate")
+    parser.add_argument("--split", default="val", help="split to evaluate (default: val)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    args = parser.parse_args(argv)
+    try:
+        try:
+            ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError) as exc:
+            raise BadInputError(args.checkpoint, f"cannot read checkpoint: {exc}") from None
+        index = index_manifests(args.shards, val_split=args.split)
+        model_cfg = from_dict(ModelConfig, {**ckpt["config"]["model"], "backbone_weights": ""}, "checkpoint model config")
+        model = build_model(model_cfg, len(ckpt["class_names"]))
+        model.load_state_dict(ckpt["model"])
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        result = evaluate(model.to(device), index.val, len(ckpt["class_names"]), device, args.batch_size, args.workers)
+    except BadInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result["class_names"] = ckpt["class_names"]
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

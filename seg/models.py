@@ -1,0 +1,210 @@
+"""Segmentation models: DeepLabV3+ on a ResNet backbone, and a tiny one for CPU.
+
+The ResNet is written here (torchvision does not import beside this torch build) with
+torchvision's exact module names, so ``state_dict`` keys are the same
+(``layer1.0.conv1.weight``, ``bn1.running_mean``, ``layer2.0.downsample.0.weight``...)
+and an ImageNet checkpoint saved from torchvision loads from a local file. Output
+stride 16 or 8 replaces the stride of the last one or two stages with dilation, as
+DeepLab does. The tiny model is the same DeepLabV3+ on a narrow 4-stage ResNet with one
+basic block per stage: small enough to train on 64x64 images on two CPU cores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.errors import BadInputError
+
+MODELS = ("tiny", "deeplabv3plus_resnet50", "deeplabv3plus_resnet101")
+
+
+@dataclass
+class ModelConfig:
+    """Which network; ``backbone_weights`` is a local safetensors/.pth ImageNet ResNet."""
+
+    name: str = "tiny"
+    width: int = 16  # tiny only: channels of the first stage (doubling per stage)
+    output_stride: int = 8
+    aspp_channels: int = 64
+    aspp_rates: list[int] = field(default_factory=lambda: [2, 4, 6])
+    backbone_weights: str = ""
+
+    def validate(self) -> None:
+        if self.name not in MODELS:
+            raise BadInputError(f"model.name={self.name!r}", f"unknown model; choose one of {list(MODELS)}")
+        if self.output_stride not in (8, 16):
+            raise BadInputError(f"model.output_stride={self.output_stride}", "must be 8 or 16")
+        if self.backbone_weights and not Path(self.backbone_weights).is_file():
+            raise BadInputError(f"model.backbone_weights={self.backbone_weights}", "file not found", "give a local .safetensors or .pth file")
+
+
+def _bn_relu_conv(cin: int, cout: int, k: int, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, padding=dilation * (k // 2), dilation=dilation, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, dilation: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class Bottleneck(nn.Module):
+    """torchvision's ResNet v1.5 bottleneck (stride on the 3x3 conv)."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, dilation: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet(nn.Module):
+    """ResNet feature extractor returning (layer1, layer4) features; torchvision key names, no fc."""
+
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], width: int = 64, output_stride: int = 16) -> None:
+        super().__init__()
+        dilate = {16: (False, False, True), 8: (False, True, True)}[output_stride]
+        self.inplanes, self.dilation = width, 1
+        self.conv1 = nn.Conv2d(3, width, 7, 2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, padding=1)
+        self.layer1 = self._make_layer(block, width, layers[0])
+        self.layer2 = self._make_layer(block, width * 2, layers[1], 2, dilate[0])
+        self.layer3 = self._make_layer(block, width * 4, layers[2], 2, dilate[1])
+        self.layer4 = self._make_layer(block, width * 8, layers[3], 2, dilate[2])
+        self.low_channels, self.out_channels = width * block.expansion, width * 8 * block.expansion
+        for m in self.modules():  # torchvision's init; matters when training from scratch (tiny)
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def _make_layer(self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int, stride: int = 1, dilate: bool = False) -> nn.Sequential:
+        previous = self.dilation
+        if dilate:
+            self.dilation *= stride
+            stride = 1
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False), nn.BatchNorm2d(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample, previous)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes, dilation=self.dilation) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        low = self.layer1(x)
+        return low, self.layer4(self.layer3(self.layer2(low)))
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: 1x1, three dilated 3x3 and an image-pooling branch."""
+
+    def __init__(self, cin: int, cout: int, rates: list[int]) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList([_bn_relu_conv(cin, cout, 1)] + [_bn_relu_conv(cin, cout, 3, r) for r in rates])
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), _bn_relu_conv(cin, cout, 1))
+        self.project = nn.Sequential(_bn_relu_conv(cout * (len(rates) + 2), cout, 1), nn.Dropout(0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = [b(x) for b in self.branches]
+        feats.append(F.interpolate(self.pool(x), size=x.shape[-2:], mode="bilinear", align_corners=False))
+        return self.project(torch.cat(feats, 1))
+
+
+class DeepLabV3Plus(nn.Module):
+    """DeepLabV3+: ASPP on the deep features, decoder fusing stride-4 low-level features."""
+
+    def __init__(self, backbone: ResNet, num_classes: int, aspp_channels: int, rates: list[int]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.aspp = ASPP(backbone.out_channels, aspp_channels, rates)
+        low_proj = max(8, aspp_channels * 48 // 256)  # 48 for the standard 256-channel head
+        self.low_proj = _bn_relu_conv(backbone.low_channels, low_proj, 1)
+        self.decoder = nn.Sequential(_bn_relu_conv(aspp_channels + low_proj, aspp_channels, 3), _bn_relu_conv(aspp_channels, aspp_channels, 3))
+        self.classifier = nn.Conv2d(aspp_channels, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low, high = self.backbone(x)
+        y = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        y = self.classifier(self.decoder(torch.cat([y, self.low_proj(low)], 1)))
+        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    def param_groups(self, lr: float, head_lr_mult: float) -> list[dict]:
+        """Backbone at ``lr``, the freshly initialised head at ``lr * head_lr_mult`` (DeepLab recipe)."""
+        head = [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
+        return [{"params": list(self.backbone.parameters()), "lr": lr}, {"params": head, "lr": lr * head_lr_mult}]
+
+
+def load_backbone_weights(backbone: ResNet, path: str | Path) -> None:
+    """Load a torchvision-style ResNet state dict (``fc.*`` ignored) from a local file.
+
+    safetensors is read with ``safetensors.torch.load_file``; ``.pth``/``.pt`` only with
+    ``torch.load(weights_only=True)`` so a checkpoint can never run code.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input problem
+        raise BadInputError(str(path), f"cannot read backbone weights: {exc}") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = backbone.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        raise BadInputError(
+            str(path),
+            f"not a matching ResNet state dict: missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]}",
+            "use torchvision's resnet50/resnet101 ImageNet weights for the chosen model",
+        )
+    backbone.load_state_dict(state)
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> DeepLabV3Plus:
+    """The configured network with ``num_classes`` outputs (weights loaded when given)."""
+    if cfg.name == "tiny":
+        backbone = ResNet(BasicBlock, [1, 1, 1, 1], width=cfg.width, output_stride=cfg.output_stride)
+    else:
+        layers = [3, 4, 6, 3] if cfg.name.endswith("resnet50") else [3, 4, 23, 3]
+        backbone = ResNet(Bottleneck, layers, width=64, output_stride=cfg.output_stride)
+    if cfg.backbone_weights:
+        load_backbone_weights(backbone, cfg.backbone_weights)
+    return DeepLabV3Plus(backbone, num_classes, cfg.aspp_channels, list(cfg.aspp_rates))

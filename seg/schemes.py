@@ -1,0 +1,162 @@
+"""λ-aware sampling schemes: which encode ratios a synthetic sample may have, when.
+
+The paper's schemes differ only in the set of λ values a synthetic sample is drawn
+from at a given point of training. Keeping that choice a pure function of
+``(config, available λ values, progress in [0, 1])`` makes the curriculum testable
+without any data, and lets the streaming side stay ignorant of schemes.
+
+- ``real``: no synthetic data; every sample is real (λ = 0).
+- ``fixed``: every synthetic sample has one λ (``fixed_lambda``).
+- ``uniform``: λ uniform over the generated set, per synthetic sample.
+- ``adaptive``: a curriculum; ``linear`` lets the largest allowed λ grow linearly from
+  ``lam_min`` to the largest available λ over ``ramp_fraction`` of training (all λ up to
+  it allowed, uniformly); ``step`` (the paper's code) orders the synthetic sets by λ and
+  switches from one set to the next at the given epochs.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from engine.errors import BadInputError
+
+SCHEMES = ("real", "fixed", "uniform", "adaptive")
+SCHEDULES = ("linear", "step")
+LAM_DECIMALS = 4  # λ values are grouped after rounding, so 0.1 and 0.1000000001 are one set
+
+
+def lam_key(lam: float) -> float:
+    """Canonical form of a λ value, used as a dictionary key everywhere in ``seg``."""
+    return round(float(lam), LAM_DECIMALS)
+
+
+@dataclass
+class AdaptiveConfig:
+    """The curriculum of the ``adaptive`` scheme."""
+
+    schedule: str = "linear"
+    # linear: max λ goes from lam_min (None = smallest available) to the largest
+    # available λ over the first ramp_fraction of training, then stays there.
+    lam_min: float | None = None
+    ramp_fraction: float = 0.8
+    # step: training is `epochs` epochs long (progress * epochs = current epoch); at each
+    # epoch in switch_epochs it moves to the next λ set in increasing order. Empty list:
+    # the sets get equal shares of training.
+    epochs: float = 60.0
+    switch_epochs: list[float] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise BadInputError(f"scheme.adaptive.schedule={self.schedule!r}", f"unknown schedule; choose one of {list(SCHEDULES)}")
+        if not 0.0 < self.ramp_fraction <= 1.0:
+            raise BadInputError(f"scheme.adaptive.ramp_fraction={self.ramp_fraction}", "must be in (0, 1]")
+        if self.epochs <= 0:
+            raise BadInputError(f"scheme.adaptive.epochs={self.epochs}", "must be > 0")
+        if any(b <= a for a, b in zip(self.switch_epochs, self.switch_epochs[1:])):
+            raise BadInputError(f"scheme.adaptive.switch_epochs={self.switch_epochs}", "must be strictly increasing")
+
+
+@dataclass
+class SchemeConfig:
+    """Which scheme, its λ parameters and the real/synthetic mix of every batch."""
+
+    name: str = "real"
+    synth_fraction: float = 0.5  # expected share of synthetic samples per batch (ignored by `real`)
+    fixed_lambda: float | None = None
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
+
+    def validate(self) -> None:
+        if self.name not in SCHEMES:
+            raise BadInputError(f"scheme {self.name!r}", f"unknown scheme; choose one of {list(SCHEMES)}")
+        if not 0.0 <= self.synth_fraction <= 1.0:
+            raise BadInputError(f"scheme.synth_fraction={self.synth_fraction}", "must be in [0, 1]")
+        self.adaptive.validate()
+
+    @property
+    def uses_synthetic(self) -> bool:
+        return self.name != "real" and self.synth_fraction > 0.0
+
+
+def check_available(cfg: SchemeConfig, available: Sequence[float]) -> list[float]:
+    """Sorted canonical λ values, after checking that ``cfg`` can run on them.
+
+    Raises (naming what is available) when a synthetic scheme has no synthetic data,
+    the fixed λ was not generated, or the step schedule lists more switches than sets.
+    """
+    cfg.validate()
+    lams = sorted({lam_key(x) for x in available if lam_key(x) > 0.0})
+    if not cfg.uses_synthetic:
+        return lams
+    if not lams:
+        raise BadInputError(
+            f"scheme {cfg.name!r}",
+            "needs synthetic samples (λ > 0) but none of the given manifests has any",
+            "pass a synthetic manifest written by the generate job after the real one",
+        )
+    if cfg.name == "fixed":
+        if cfg.fixed_lambda is None:
+            raise BadInputError("scheme.fixed_lambda", f"not set; available λ values: {lams}", "e.g. --set scheme.fixed_lambda=0.5")
+        if lam_key(cfg.fixed_lambda) not in lams:
+            raise BadInputError(f"scheme.fixed_lambda={cfg.fixed_lambda}", f"no synthetic samples at this λ; available λ values: {lams}")
+    if cfg.name == "adaptive" and cfg.adaptive.schedule == "step" and len(cfg.adaptive.switch_epochs) > len(lams) - 1:
+        raise BadInputError(
+            f"scheme.adaptive.switch_epochs={cfg.adaptive.switch_epochs}",
+            f"{len(cfg.adaptive.switch_epochs)} switches but only {len(lams)} λ sets {lams} (at most {len(lams) - 1} switches)",
+        )
+    return lams
+
+
+def _linear_max(cfg: AdaptiveConfig, lams: list[float], progress: float) -> float:
+    lo = lams[0] if cfg.lam_min is None else max(lams[0], cfg.lam_min)
+    ramp = min(1.0, progress / cfg.ramp_fraction)
+    return lo + (lams[-1] - lo) * ramp
+
+
+def _step_index(cfg: AdaptiveConfig, n_sets: int, progress: float) -> int:
+    if cfg.switch_epochs:
+        return min(bisect.bisect_right(cfg.switch_epochs, progress * cfg.epochs), n_sets - 1)
+    return min(int(progress * n_sets), n_sets - 1)
+
+
+def allowed_lambdas(cfg: SchemeConfig, available: Sequence[float], progress: float) -> tuple[list[float], list[float]]:
+    """λ values a synthetic sample may be drawn from at ``progress`` and their probabilities.
+
+    ``progress`` is the fraction of training done (step / total steps). For ``real`` the
+    answer is ``([0.0], [1.0])``: every sample comes from the real data.
+    """
+    progress = min(max(float(progress), 0.0), 1.0)
+    lams = check_available(cfg, available)
+    if not cfg.uses_synthetic:
+        return [0.0], [1.0]
+    if cfg.name == "fixed":
+        chosen = [lam_key(cfg.fixed_lambda)]  # type: ignore[arg-type]
+    elif cfg.name == "uniform":
+        chosen = lams
+    elif cfg.adaptive.schedule == "linear":
+        top = _linear_max(cfg.adaptive, lams, progress)
+        chosen = [x for x in lams if x <= top + 1e-9] or lams[:1]
+    else:
+        chosen = [lams[_step_index(cfg.adaptive, len(lams), progress)]]
+    return chosen, [1.0 / len(chosen)] * len(chosen)
+
+
+def synthetic_count(batch_size: int, cfg: SchemeConfig, rng: np.random.Generator) -> int:
+    """How many of a batch's samples are synthetic: ``batch * synth_fraction``, rounded
+    stochastically so that the long-run share is exact for any batch size."""
+    if not cfg.uses_synthetic:
+        return 0
+    expected = batch_size * cfg.synth_fraction
+    base = int(np.floor(expected))
+    return min(batch_size, base + int(rng.random() < expected - base))
+
+
+def draw_lambdas(cfg: SchemeConfig, available: Sequence[float], progress: float, n: int, rng: np.random.Generator) -> list[float]:
+    """``n`` λ values for the synthetic samples of one batch at ``progress``."""
+    if n == 0:
+        return []
+    lams, probs = allowed_lambdas(cfg, available, progress)
+    return [lams[i] for i in rng.choice(len(lams), size=n, p=probs)]

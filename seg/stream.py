@@ -1,0 +1,200 @@
+"""Streaming shards named by manifests, split across ranks and DataLoader workers.
+
+The manifest is the index: it says which shard holds which key at which λ and split,
+so grouping by λ, taking a low-data subset or the validation split never decodes a
+sample. Only the keys of a group are kept from its shards (``group.allowed``), decoded
+after a bounded shuffle buffer, so memory is independent of the dataset size.
+
+Splitting: when a group has at least as many shards as there are readers (ranks x
+workers) whole shards are dealt out (``wds.split_by_node`` / ``wds.split_by_worker`` on
+the shard list); with fewer shards the same two filters deal out *samples* instead, so
+every reader still gets an equal share and one pass over all readers sees every sample
+exactly once. The shard order of a pass is shuffled with a seed shared by all readers,
+which keeps the split a partition.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import webdataset as wds
+from torch.utils.data import IterableDataset
+
+from engine.errors import BadInputError
+from engine.manifest import read_manifest, resolve_shard
+from engine.shards import Sample, decode_sample
+from seg.schemes import lam_key
+
+
+@dataclass
+class ShardGroup:
+    """A set of samples to stream: shard URL -> keys to keep from that shard."""
+
+    allowed: dict[str, set[str]] = field(default_factory=dict)
+
+    @property
+    def urls(self) -> list[str]:
+        return sorted(self.allowed)
+
+    def __len__(self) -> int:
+        return sum(len(k) for k in self.allowed.values())
+
+    def add(self, url: str, key: str) -> None:
+        self.allowed.setdefault(url, set()).add(key)
+
+
+@dataclass
+class DataIndex:
+    """What the manifests offer: real train samples, the val split, synthetic sets by λ."""
+
+    class_names: list[str]
+    real: ShardGroup
+    val: ShardGroup
+    synthetic: dict[float, ShardGroup]
+
+    @property
+    def lambdas(self) -> list[float]:
+        return sorted(self.synthetic)
+
+
+def _subset_ids(source_ids: Sequence[str], fraction: float, seed: int) -> set[str]:
+    """A fixed ``fraction`` of the source ids (at least one), the same on every run."""
+    ids = sorted(set(source_ids))
+    random.Random(seed).shuffle(ids)
+    return set(ids[: max(1, round(len(ids) * fraction))])
+
+
+def index_manifests(
+    paths: Sequence[str | Path],
+    train_split: str = "train",
+    val_split: str = "val",
+    real_fraction: float = 1.0,
+    subset_seed: int = 0,
+) -> DataIndex:
+    """Group the ``ok`` rows of all manifests into real/val/per-λ synthetic groups.
+
+    A row with λ = 0 is real, λ > 0 synthetic. ``real_fraction`` < 1 keeps a fixed random
+    subset of the real training sources (the low-data regime) and only the synthetic
+    samples generated from those sources, so no label outside the subset leaks in.
+    """
+    if not paths:
+        raise BadInputError("--shards", "no manifest given", "pass at least the real manifest.parquet")
+    class_names: list[str] = []
+    rows: list[tuple[str, str, str, str, float]] = []  # url, key, source_id, split, λ
+    for path in paths:
+        table, info = read_manifest(path)
+        if info.class_names:
+            if class_names and info.class_names != class_names:
+                raise BadInputError(str(path), f"class names {info.class_names} differ from {class_names} of the other manifests")
+            class_names = list(info.class_names)
+        cols = table.select(["key", "shard", "source_id", "split", "lambda", "status"]).to_pydict()
+        for key, shard, source, split, lam, status in zip(*cols.values()):
+            if status != "ok":
+                continue
+            rows.append((resolve_shard(path, shard), key, source, split, lam_key(lam or 0.0)))
+    if not class_names:
+        raise BadInputError(", ".join(map(str, paths)), "no manifest records class names", "re-create the real manifest with ingest")
+    real_sources = [r[2] for r in rows if r[4] == 0.0 and r[3] == train_split]
+    keep = _subset_ids(real_sources, real_fraction, subset_seed) if real_fraction < 1.0 else None
+    index = DataIndex(class_names=class_names, real=ShardGroup(), val=ShardGroup(), synthetic={})
+    for url, key, source, split, lam in rows:
+        if lam == 0.0 and split == val_split:
+            index.val.add(url, key)
+        elif split != train_split or (keep is not None and source not in keep):
+            continue
+        elif lam == 0.0:
+            index.real.add(url, key)
+        else:
+            index.synthetic.setdefault(lam, ShardGroup()).add(url, key)
+    return index
+
+
+def _keep(group: ShardGroup):
+    def pred(record: dict[str, Any]) -> bool:
+        return record["__key__"] in group.allowed.get(record["__url__"], ())
+
+    return pred
+
+
+def _decoder(with_mask: bool):
+    def decode(record: dict[str, Any]) -> Sample:
+        return decode_sample(record, with_mask=with_mask)
+
+    return decode
+
+
+def one_pass(
+    group: ShardGroup,
+    epoch: int,
+    seed: int,
+    shuffle_buffer: int = 256,
+    with_mask: bool = False,
+    split: bool = True,
+) -> Iterator[Sample]:
+    """One pass over ``group`` as seen by this reader (rank x DataLoader worker).
+
+    With ``split`` the readers partition the group (see module doc); without it every
+    reader streams all of it (used for training groups smaller than the reader count).
+    ``shuffle_buffer`` 0 keeps shard order, for deterministic evaluation.
+    """
+    if not group.allowed:
+        return iter(())
+    rank, world, worker, workers = wds.utils.pytorch_worker_info()
+    readers = world * workers
+    by_shard = split and len(group.allowed) >= readers
+    splitters = [wds.split_by_node, wds.split_by_worker]
+    stages: list[Any] = [wds.SimpleShardList(group.urls, seed=seed * 100_003 + epoch if shuffle_buffer else None)]
+    if by_shard:
+        stages += splitters
+    stages += [wds.tarfile_to_samples(), wds.select(_keep(group))]
+    if split and not by_shard:
+        stages += splitters
+    if shuffle_buffer:
+        reader_seed = int(np.random.SeedSequence([seed, epoch, rank, worker]).generate_state(1)[0])
+        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), seed=reader_seed))
+    stages.append(wds.map(_decoder(with_mask)))
+    return iter(wds.DataPipeline(*stages))
+
+
+def endless(group: ShardGroup, seed: int, shuffle_buffer: int = 256) -> Iterator[Sample]:
+    """Infinite stream over ``group``, reshuffled every pass.
+
+    Readers split the group when each gets at least one sample; a smaller group is read
+    whole by every reader (sampling with repetition is harmless for training and an
+    empty reader would otherwise stall the batch).
+    """
+    _, world, _, workers = wds.utils.pytorch_worker_info()
+    split = len(group) >= world * workers
+    for epoch in itertools.count():
+        yielded = False
+        for sample in one_pass(group, epoch, seed, shuffle_buffer, with_mask=False, split=split):
+            yielded = True
+            yield sample
+        if not yielded:
+            raise BadInputError(", ".join(group.urls[:3]), "no sample of this group could be read from its shards",
+                                "the manifest and shards disagree; re-create them or run `python -m engine.verify`")
+
+
+class EpochDataset(IterableDataset):
+    """One pass over a group, partitioned over ranks and workers (evaluation, tests).
+
+    Each sample is yielded as ``(key, image, scribble, mask)`` numpy arrays so that the
+    default collate is not needed; ``seg.evaluate`` pads them into batches.
+    """
+
+    def __init__(self, group: ShardGroup, with_mask: bool = True, shuffle_buffer: int = 0, seed: int = 0, epoch: int = 0) -> None:
+        super().__init__()
+        self.group = group
+        self.with_mask = with_mask
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:
+        for s in one_pass(self.group, self.epoch, self.seed, self.shuffle_buffer, with_mask=self.with_mask):
+            yield s.key, s.image, s.scribble, s.mask

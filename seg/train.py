@@ -1,0 +1,324 @@
+"""Train a scribble-supervised segmentation model on streamed real + synthetic shards.
+
+    python -m seg.train --shards runs/x/real/manifest.parquet runs/x/synthetic/g/manifest.parquet \\
+        --scheme adaptive --config configs/seg/tiny.yaml --out runs/x/seg/adaptive-seed0
+
+Training is measured in steps (a fixed budget, so schemes compare at equal compute);
+the learning rate follows the poly schedule; partial cross-entropy on scribbles is the
+loss; the validation split's full masks give mIoU. Outputs in ``--out``: config.yaml,
+metrics.jsonl (train entries: step, loss, lr, λ stats; eval entries: mIoU...),
+checkpoints/last.pt (atomic, ``--resume`` continues from it) and summary.json.
+Under ``torchrun`` each rank streams its own share of the shards (DDP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from engine.config import add_config_args, load_config, save_config, to_dict
+from engine.errors import BadInputError
+from seg.batches import AugmentConfig, MixedBatches
+from seg.evaluate import evaluate
+from seg.loss import partial_cross_entropy
+from seg.models import ModelConfig, build_model
+from seg.schemes import SchemeConfig
+from seg.stream import DataIndex, index_manifests
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "seg" / "tiny.yaml"
+
+
+@dataclass
+class DataConfig:
+    """Which samples: splits, the low-data subset, and how they are streamed."""
+
+    train_split: str = "train"
+    val_split: str = "val"
+    real_fraction: float = 1.0  # < 1: low-data regime, a fixed subset of the real train sources
+    subset_seed: int = 0  # which subset; fixed across training seeds on purpose
+    workers: int = 2
+    shuffle_buffer: int = 256
+
+    def validate(self) -> None:
+        if not 0.0 < self.real_fraction <= 1.0:
+            raise BadInputError(f"data.real_fraction={self.real_fraction}", "must be in (0, 1]")
+        if self.workers < 0 or self.shuffle_buffer < 0:
+            raise BadInputError("data.workers / data.shuffle_buffer", "must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    """SGD with momentum (the DeepLab recipe) or AdamW; poly learning-rate decay."""
+
+    name: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    head_lr_mult: float = 1.0  # 10 with a pretrained backbone, as DeepLab does
+
+    def validate(self) -> None:
+        if self.name not in ("sgd", "adamw"):
+            raise BadInputError(f"optim.name={self.name!r}", "choose 'sgd' or 'adamw'")
+        if self.lr <= 0:
+            raise BadInputError(f"optim.lr={self.lr}", "must be > 0")
+
+
+@dataclass
+class LoopConfig:
+    """Budget and bookkeeping of the training loop."""
+
+    steps: int = 300
+    batch_size: int = 8
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    checkpoint_every: int = 100
+    eval_batch_size: int = 16
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = False  # bfloat16 autocast on CUDA
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise BadInputError(f"train.steps={self.steps}", "must be >= 1")
+        if self.batch_size < 2:
+            raise BadInputError(f"train.batch_size={self.batch_size}", "must be >= 2 (batch norm needs more than one sample)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise BadInputError(f"train.device={self.device!r}", "choose auto, cpu or cuda")
+
+
+@dataclass
+class SegConfig:
+    """Everything one segmentation run needs; saved as config.yaml beside its outputs."""
+
+    scheme: SchemeConfig = field(default_factory=SchemeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """JSON-lines log; on resume, entries past the checkpoint's step are dropped (they
+    belong to the interrupted run and will be written again)."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        if resume_step is not None and path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            _atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+        elif path.exists():
+            path.unlink()
+
+    def write(self, entry: dict[str, Any]) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+
+
+def _setup_distributed(device_cfg: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = device_cfg == "cuda" or (device_cfg == "auto" and torch.cuda.is_available())
+    if device_cfg == "cuda" and not torch.cuda.is_available():
+        raise BadInputError("train.device=cuda", "no CUDA device is available", "use --set train.device=cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def _optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = model.param_groups(cfg.lr, cfg.head_lr_mult)
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _set_poly_lr(opt: torch.optim.Optimizer, step: int, total: int, power: float) -> float:
+    factor = (1.0 - step / total) ** power
+    for g in opt.param_groups:
+        g["lr"] = g["initial_lr"] * factor
+    return opt.param_groups[0]["lr"]
+
+
+def _lam_stats(lams: list[float]) -> dict[str, float]:
+    synth = [x for x in lams if x > 0]
+    return {
+        "synth_share": len(synth) / max(1, len(lams)),
+        "lam_mean": sum(synth) / len(synth) if synth else 0.0,
+        "lam_max": max(synth) if synth else 0.0,
+    }
+
+
+def train(cfg: SegConfig, manifests: list[str], out: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Run one training; returns (and on rank 0 writes) the summary."""
+    out = Path(out)
+    ckpt_path = out / "checkpoints" / "last.pt"
+    if ckpt_path.exists() and not resume:
+        raise BadInputError(str(out), "already holds a checkpoint", "pass --resume to continue it, or a new --out")
+    rank, world, device = _setup_distributed(cfg.train.device)
+    main_rank = rank == 0
+    torch.manual_seed(cfg.train.seed)
+    index: DataIndex = index_manifests(manifests, cfg.data.train_split, cfg.data.val_split, cfg.data.real_fraction, cfg.data.subset_seed)
+    num_classes = len(index.class_names)
+    model = build_model(cfg.model, num_classes).to(device)
+    opt = _optimizer(model, cfg.optim)
+    start_step, lam_counts, best = 0, Counter(), float("-inf")
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start_step, best = ckpt["step"], ckpt["best_miou"]
+        lam_counts = Counter({float(k): v for k, v in ckpt["lam_counts"].items()})
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    batches = MixedBatches(index, cfg.scheme, cfg.train.batch_size, cfg.train.steps, cfg.augment, start_step,
+                           cfg.train.seed, cfg.data.shuffle_buffer)
+    loader = DataLoader(batches, batch_size=None, num_workers=cfg.data.workers)
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt_path.parent.mkdir(exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    log = MetricsLog(out / "metrics.jsonl", start_step if resume else None) if main_rank else None
+
+    def run_eval(step: int) -> dict[str, Any]:
+        nonlocal best
+        result = evaluate(model, index.val, num_classes, device, cfg.train.eval_batch_size, cfg.data.workers)
+        best = max(best, result["miou"])
+        if log:
+            log.write({"step": step, "eval": result})
+        return result
+
+    def save(step: int) -> None:
+        if main_rank:
+            _atomic_save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(), "config": to_dict(cfg),
+                          "class_names": index.class_names, "lam_counts": {str(k): v for k, v in lam_counts.items()},
+                          "best_miou": best}, ckpt_path)
+
+    t0 = time.perf_counter()
+    window: dict[str, list] = {"loss": [], "lam": []}
+    bar = tqdm(total=cfg.train.steps, initial=start_step, desc=f"seg {cfg.scheme.name}", disable=not main_rank, dynamic_ncols=True)
+    net.train()
+    for batch in loader:
+        step = batch["step"]
+        lr = _set_poly_lr(opt, step, cfg.train.steps, cfg.optim.poly_power)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.amp and device.type == "cuda"):
+            logits = net(batch["image"].to(device, non_blocking=True))
+        loss = partial_cross_entropy(logits.float(), batch["scribble"].to(device, non_blocking=True))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        lams = batch["lam"].tolist()
+        lam_counts.update(lams)
+        window["loss"].append(loss.item())
+        window["lam"] += lams
+        done = step + 1
+        bar.update(1)
+        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            mean_loss = sum(window["loss"]) / len(window["loss"])
+            bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}")
+            if log:
+                log.write({"step": done, "loss": mean_loss, "lr": lr, "progress": step / cfg.train.steps, **_lam_stats(window["lam"])})
+            window = {"loss": [], "lam": []}
+        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps:
+            run_eval(done)
+        if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
+            save(done)
+    bar.close()
+    final = run_eval(cfg.train.steps)
+    save(cfg.train.steps)
+    summary = {
+        "scheme": cfg.scheme.name,
+        "seed": cfg.train.seed,
+        "steps": cfg.train.steps,
+        "resumed_from": start_step,
+        "seconds": time.perf_counter() - t0,
+        "miou": final["miou"],
+        "best_miou": best,
+        "pixel_acc": final["pixel_acc"],
+        "per_class_iou": dict(zip(index.class_names, final["per_class_iou"])),
+        "lam_counts": {str(k): v for k, v in sorted(lam_counts.items())},
+        "real_train_samples": len(index.real),
+        "synthetic_samples": {str(k): len(g) for k, g in index.synthetic.items()},
+        "val_samples": len(index.val),
+        "manifests": [str(m) for m in manifests],
+        "device": str(device),
+        "world_size": world,
+    }
+    if main_rank:
+        _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Human-readable end-of-run report."""
+    lines = [
+        f"scheme {summary['scheme']}  seed {summary['seed']}  steps {summary['steps']}  ({summary['seconds']:.1f} s on {summary['device']})",
+        f"mIoU {summary['miou']:.4f}  pixel acc {summary['pixel_acc']:.4f}  (val samples: {summary['val_samples']})",
+        "per-class IoU: " + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in summary["per_class_iou"].items()),
+        "training samples by λ: " + ", ".join(f"{k}: {v}" for k, v in summary["lam_counts"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Train a scribble-supervised segmentation model on streamed real (λ=0) and synthetic shards.",
+        epilog="Example: python -m seg.train --shards runs/demo/real/manifest.parquet runs/demo/synthetic/g/manifest.parquet "
+        "--scheme adaptive --out runs/demo/seg/adaptive-seed0",
+    )
+    parser.add_argument("--shards", nargs="+", required=True, metavar="MANIFEST",
+                        help="manifest.parquet files: the real one (train + val splits) and any synthetic ones")
+    parser.add_argument("--scheme", choices=["real", "fixed", "uniform", "adaptive"],
+                        help="λ sampling scheme (overrides scheme.name of the config)")
+    add_config_args(parser, str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None)
+    parser.add_argument("--out", required=True, help="run folder for config.yaml, metrics.jsonl, checkpoints/, summary.json")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt if it exists")
+    args = parser.parse_args(argv)
+    try:
+        overrides = args.overrides + ([f"scheme.name={args.scheme}"] if args.scheme else [])
+        cfg = load_config(SegConfig, args.config, overrides)
+        summary = train(cfg, args.shards, args.out, resume=args.resume)
+    except BadInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_summary(summary))
+        print(f"wrote {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
