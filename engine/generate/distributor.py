@@ -1,0 +1,198 @@
+"""The Ray side: connect, size the actor pool, hand units to actors, survive actor deaths.
+
+Fault model. An actor is one model replica in one process. When the process dies
+(killed, OOM, segfault) Ray restarts it up to ``max_restarts`` times (the model is
+reloaded in ``__init__``); tasks are never retried by Ray (``max_task_retries=0``)
+because this loop does it: every unit that was queued on the dead actor goes back to
+the front of the queue and runs again on any live actor, up to ``unit_retries`` times.
+A unit is retried whole: its half-written ``.tmp`` is simply overwritten, so a shard
+is written exactly once. After a death the actor gets no new work until a probe call
+answers (it is back) or fails for good (it is retired); the run fails only when no
+actor is left, when one unit keeps failing, or at once on a :class:`BadInputError`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from engine.errors import BadInputError
+from engine.generate.config import GenerateConfig
+from engine.generate.plan import WorkUnit
+from engine.generate.worker import ShardGenerator, ShardResult
+
+
+class GenerationError(RuntimeError):
+    """The run cannot finish (units keep failing or every actor died); rerun resumes."""
+
+
+def connect(address: str | None = None, local_num_cpus: int | None = None) -> str:
+    """Join the run's Ray cluster; return ``"existing"``, ``"cluster"`` or ``"local"``.
+
+    Order: an already initialised Ray (tests, notebooks); ``address`` from the config;
+    ``$RAY_ADDRESS`` (``ray job submit`` sets it for its driver) or a cluster started
+    with ``ray start`` on this machine (Ray's ``"auto"``); else a private local
+    instance with the dashboard off, so nothing listens beyond this process tree.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return "existing"
+    try:
+        if address:
+            ray.init(address=address)
+            return "cluster"
+        try:
+            ray.init(address="auto")
+            return "cluster"
+        except ConnectionError:
+            ray.init(address="local", num_cpus=local_num_cpus, include_dashboard=False, dashboard_host="127.0.0.1")
+            return "local"
+    except (ValueError, ConnectionError) as exc:  # unreachable, or RAY_ADDRESS=http://... (the job API's)
+        raise BadInputError(f"Ray address {address or os.environ.get('RAY_ADDRESS')!r}", str(exc)) from None
+
+
+@dataclass
+class PoolShape:
+    """Where the replicas run: device, how many, and the Ray resources of each."""
+
+    device: str
+    num_actors: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def pool_shape(cfg: GenerateConfig, resources: dict[str, float]) -> PoolShape:
+    """One GPU actor per GPU when the cluster has GPUs (``device: auto``), else CPU actors."""
+    gpus = int(resources.get("GPU", 0))
+    cpus = float(resources.get("CPU", 0))
+    device = cfg.sampler.device
+    if device == "auto":
+        device = "cuda" if gpus else "cpu"
+    if device == "cuda" and not gpus:
+        raise BadInputError("sampler.device", "is 'cuda' but the Ray cluster has no GPU", "use 'auto' or 'cpu'")
+    num_actors = cfg.ray.num_actors or (gpus if device == "cuda" else 1)
+    num_gpus = 1 if device == "cuda" else 0
+    if num_actors * num_gpus > gpus or num_actors * cfg.ray.num_cpus_per_actor > cpus:
+        raise BadInputError(
+            "ray.num_actors",
+            f"{num_actors} actor(s) x ({cfg.ray.num_cpus_per_actor} CPU, {num_gpus} GPU) exceed the cluster's "
+            f"{cpus:g} CPU / {gpus} GPU",
+            "lower ray.num_actors or ray.num_cpus_per_actor",
+        )
+    options = {
+        "num_cpus": cfg.ray.num_cpus_per_actor,
+        "num_gpus": num_gpus,
+        "max_restarts": cfg.ray.max_restarts,
+        "max_task_retries": 0,
+    }
+    return PoolShape(device, num_actors, options)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The user exception inside a Ray task error (Ray wraps it, keeping it as ``cause``)."""
+    return getattr(exc, "cause", None) or exc
+
+
+class Distributor:
+    """A pool of :class:`ShardGenerator` actors and the retry loop that feeds it."""
+
+    def __init__(self, shape: PoolShape, actor_kwargs: dict[str, Any], inflight: int = 2, unit_retries: int = 3) -> None:
+        import ray
+
+        remote_cls = ray.remote(ShardGenerator)
+        self.shape = shape
+        self.inflight = inflight
+        self.unit_retries = unit_retries
+        self.max_probes = int(shape.options.get("max_restarts", 0)) + 1
+        self.actors = [remote_cls.options(**shape.options).remote(**actor_kwargs) for _ in range(shape.num_actors)]
+        self.actor_deaths = 0  # process deaths seen (each one consumed a Ray restart)
+        self.unit_failures = 0  # unit attempts that failed (actor death or task error)
+
+    def pids(self) -> list[int]:
+        """Wait until every replica has loaded its model; their process ids."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        try:
+            return ray.get([a.pid.remote() for a in self.actors])
+        except RayActorError as exc:
+            raise GenerationError(f"a generation actor failed to start: {exc}") from None
+
+    def run(self, units: list[WorkUnit], on_result: Callable[[ShardResult], None] | None = None) -> list[ShardResult]:
+        """Run every unit once, successfully, on some actor; return the results as they came."""
+        import ray
+        from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+
+        pending = deque(units)
+        attempts: Counter[int] = Counter()
+        tasks: dict[Any, tuple[int, WorkUnit | None]] = {}  # ref -> (actor, unit); unit None = probe
+        load = [0] * len(self.actors)
+        state = ["ok"] * len(self.actors)  # ok | probing | dead
+        probes = [0] * len(self.actors)
+        results: list[ShardResult] = []
+
+        def probe(i: int) -> None:
+            state[i] = "probing"
+            probes[i] += 1
+            tasks[self.actors[i].pid.remote()] = (i, None)
+
+        def retry(unit: WorkUnit, why: BaseException) -> None:
+            self.unit_failures += 1
+            attempts[unit.index] += 1
+            if attempts[unit.index] > self.unit_retries:
+                raise GenerationError(
+                    f"shard {unit.shard} failed {attempts[unit.index]} times, last: {why}"
+                    " (if actors run out of memory, lower sampler.batch_size)"
+                )
+            pending.appendleft(unit)
+
+        while pending or any(u is not None for _, u in tasks.values()):
+            for i, actor in enumerate(self.actors):
+                while state[i] == "ok" and load[i] < self.inflight and pending:
+                    unit = pending.popleft()
+                    tasks[actor.run.remote(unit)] = (i, unit)
+                    load[i] += 1
+            if not tasks:
+                raise GenerationError(f"all {len(self.actors)} generation actors died; rerun to resume")
+            [ref], _ = ray.wait(list(tasks), num_returns=1)
+            i, unit = tasks.pop(ref)
+            if unit is None:  # a probe of a restarted actor
+                try:
+                    ray.get(ref)
+                    state[i] = "ok"
+                except RayActorError as exc:
+                    if isinstance(exc, ActorDiedError) or probes[i] >= self.max_probes:
+                        state[i] = "dead"
+                        print(f"generate: actor {i} is gone for good: {str(exc).splitlines()[0]}", file=sys.stderr)
+                    else:
+                        probe(i)
+                continue
+            load[i] -= 1
+            try:
+                result = ray.get(ref)
+            except RayTaskError as exc:  # the task raised; the actor is alive
+                cause = _cause(exc)
+                if isinstance(cause, BadInputError):
+                    raise cause from None
+                retry(unit, cause)
+                continue
+            except ray.exceptions.RayError as exc:  # the actor process died (or is restarting)
+                if state[i] == "ok":
+                    self.actor_deaths += 1
+                    probe(i)
+                retry(unit, exc)
+                continue
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+        return results
+
+    def shutdown(self) -> None:
+        """Kill the replicas now (a driver that keeps running must not keep their memory)."""
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)

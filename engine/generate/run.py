@@ -1,0 +1,189 @@
+"""A whole generation run: plan, resume, distribute, merge the manifest, summarise.
+
+Output folder::
+
+    <out>/syn-w2p00-l0p50-000000.tar ...   shards (one (w, λ) each)
+    <out>/parts/<shard>.parquet            per-shard manifest parts (written by actors)
+    <out>/manifest.parquet                 merged manifest, DatasetInfo(kind="synthetic")
+    <out>/config.yaml  <out>/run.json      the resolved config; what the shards were made from
+    <out>/summary.json                     samples, shards, seconds, images/s, s/sample by λ
+
+Resume: a shard counts as done when its ``.tar`` and its part both exist and the part's
+keys, byte size and SHA-256 match the file; everything else of the plan is (re)done,
+``*.tmp`` leftovers and shards without a part are deleted first. ``run.json`` pins the
+plan fingerprint, model and sampler settings: rerunning into a folder made with other
+settings is refused instead of silently mixing two generations.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from engine.config import save_config, to_dict
+from engine.errors import BadInputError
+from engine.generate.config import GenerateConfig
+from engine.generate.distributor import Distributor, connect, pool_shape
+from engine.generate.plan import Plan, WorkUnit, build_plan
+from engine.generate.worker import PARTS_DIR, SamplerFactory, ShardResult, load_sampler, part_path
+from engine.manifest import DatasetInfo, merge_parts, read_manifest
+from engine.shards import sha256_file
+
+MANIFEST = "manifest.parquet"
+RUN_FILE = "run.json"
+SUMMARY = "summary.json"
+
+
+def run_identity(cfg: GenerateConfig, plan: Plan) -> dict[str, Any]:
+    """Everything that decides the pixels of the planned shards."""
+    return {"plan": plan.fingerprint(), "model_dir": cfg.model_dir, "sampler": {
+        "num_steps": cfg.sampler.num_steps, "spacing": cfg.sampler.spacing, "dtype": cfg.sampler.dtype},
+        "image_format": cfg.image_format}
+
+
+def claim_out_dir(out: Path, identity: dict[str, Any]) -> None:
+    """Refuse an output folder made by another plan/model; else record this run's identity."""
+    file = out / RUN_FILE
+    if file.is_file():
+        old = json.loads(file.read_text())
+        diff = sorted(k for k in identity if old.get(k) != identity[k])
+        if diff:
+            raise BadInputError(
+                str(out), f"holds shards generated with different {diff}", "choose a new out_dir or delete this one"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps(identity, indent=1))
+
+
+def shard_done(out: Path, unit: WorkUnit) -> bool:
+    """True when the unit's shard and part exist and agree (keys, size, checksum)."""
+    tar, part = out / unit.shard, part_path(out, unit.shard)
+    if not (tar.is_file() and part.is_file()):
+        return False
+    try:
+        rows = pq.read_table(part, columns=["key", "shard_bytes", "shard_sha256"]).to_pylist()
+    except Exception:  # an unreadable part is simply redone
+        return False
+    return (
+        [r["key"] for r in rows] == unit.keys
+        and all(r["shard_bytes"] == tar.stat().st_size for r in rows)
+        and sha256_file(tar) == rows[0]["shard_sha256"]
+    )
+
+
+def resume_scan(out: Path, units: list[WorkUnit]) -> tuple[list[WorkUnit], list[WorkUnit]]:
+    """Split units into (done, todo); delete leftovers of unfinished shards."""
+    for tmp in list(out.glob("*.tmp")) + list((out / PARTS_DIR).glob("*.tmp")):
+        tmp.unlink()
+    done, todo = [], []
+    for unit in units:
+        if shard_done(out, unit):
+            done.append(unit)
+        else:
+            (out / unit.shard).unlink(missing_ok=True)
+            part_path(out, unit.shard).unlink(missing_ok=True)
+            todo.append(unit)
+    return done, todo
+
+
+def summarize(parts: list[Path], stats: dict[str, Any]) -> dict[str, Any]:
+    """Totals of the finished set (resumed shards included) plus this run's timings."""
+    rows = [r for p in parts for r in pq.read_table(p, columns=["lambda", "seconds"]).to_pylist()]
+    by_lam: dict[float, list[float]] = defaultdict(list)
+    for row in rows:
+        by_lam[row["lambda"]].append(row["seconds"])
+    new, secs = stats.get("samples_this_run", 0), stats.get("generate_seconds", 0.0)
+    return {
+        "samples": len(rows),
+        "shards": len(parts),
+        **stats,
+        "images_per_s": round(new / secs, 4) if secs > 0 else 0.0,
+        "sample_seconds_total": round(sum(r["seconds"] for r in rows), 3),
+        "seconds_per_sample_by_lambda": {f"{lam:g}": sum(v) / len(v) for lam, v in sorted(by_lam.items())},
+    }
+
+
+def _shard_stats(parts: list[Path]) -> list[dict[str, Any]]:
+    return [read_manifest(p)[1].extra.get("shard_stats", {}) for p in parts]
+
+
+def run_generate(
+    cfg: GenerateConfig,
+    factory: SamplerFactory = load_sampler,
+    on_result: Callable[[ShardResult], None] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Generate (or finish generating) the set ``cfg`` describes; return the summary.
+
+    ``factory`` builds each actor's sampler (tests pass a stand-in); ``on_result`` is
+    called on the driver after every finished shard (tests use it to inject faults).
+    """
+    t_start = time.perf_counter()
+    out = Path(cfg.out_dir).resolve()
+    model_dir = Path(cfg.model_dir).resolve()
+    if not model_dir.is_dir():
+        raise BadInputError(str(model_dir), "model folder not found", "train one with jobs/train_controlnet.py first")
+    plan = build_plan(cfg.plan, Path(cfg.real_manifest).resolve())
+    claim_out_dir(out, run_identity(cfg, plan))
+    save_config(cfg, out / "config.yaml")
+    done, todo = resume_scan(out, plan.units)
+    new_samples = sum(len(u.items) for u in todo)
+    stats: dict[str, Any] = {"samples_this_run": new_samples, "shards_resumed": len(done), "generate_seconds": 0.0}
+    if todo:
+        stats.update(_distribute(cfg, plan, todo, model_dir, out, factory, on_result, progress))
+    stats["seconds"] = round(time.perf_counter() - t_start, 3)
+    parts = [part_path(out, u.shard) for u in plan.units]
+    summary = summarize(parts, stats)
+    info = DatasetInfo(plan.class_names, "synthetic", {
+        "config": to_dict(cfg), "plan": plan.summary(), "compute": summary, "shard_stats": _shard_stats(parts)})
+    merge_parts(parts, out / MANIFEST, info)
+    (out / SUMMARY).write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _distribute(
+    cfg: GenerateConfig,
+    plan: Plan,
+    todo: list[WorkUnit],
+    model_dir: Path,
+    out: Path,
+    factory: SamplerFactory,
+    on_result: Callable[[ShardResult], None] | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """Run ``todo`` on an actor pool with a progress bar; return the pool's stats."""
+    connect(cfg.ray.address, cfg.ray.local_num_cpus)
+    import ray
+
+    shape = pool_shape(cfg, ray.cluster_resources())
+    actor_kwargs = dict(
+        model_dir=str(model_dir), out_dir=str(out), class_names=plan.class_names, sampler_cfg=cfg.sampler,
+        device=shape.device, image_format=cfg.image_format, source_cache_shards=cfg.source_cache_shards,
+        num_threads=max(1, int(cfg.ray.num_cpus_per_actor)), factory=factory,
+    )
+    pool = Distributor(shape, actor_kwargs, cfg.ray.inflight_per_actor, cfg.ray.unit_retries)
+    todo_samples = sum(len(u.items) for u in todo)
+    try:
+        pool.pids()  # throughput is measured from when every replica has loaded its model
+        t0 = time.perf_counter()
+        with tqdm(total=plan.num_samples, initial=plan.num_samples - todo_samples, unit="img",
+                  desc="generate", disable=not progress, smoothing=0.1) as bar:
+
+            def advance(result: ShardResult) -> None:
+                bar.update(result.samples)
+                bar.set_postfix(shard=result.shard, refresh=False)
+                if on_result is not None:
+                    on_result(result)
+
+            pool.run(todo, advance)
+        seconds = time.perf_counter() - t0
+    finally:
+        pool.shutdown()
+    return {"generate_seconds": round(seconds, 3), "device": shape.device, "actors": shape.num_actors,
+            "actor_deaths": pool.actor_deaths, "unit_failures": pool.unit_failures}

@@ -1,0 +1,223 @@
+"""The generation worker: one model replica that turns a work unit into one finished shard.
+
+:class:`ShardGenerator` is a plain class so it runs (and is tested) without Ray; the
+distributor wraps it with ``ray.remote`` so that each actor holds one replica, loaded
+once in ``__init__`` (again only when Ray restarts a dead actor).
+
+Per unit it: reads the unit's sources from the real shards (raw bytes of recently used
+real shards are cached, sources decoded on demand), samples them in batches of
+``batch_size`` with the unit's (w, λ), writes the shard with :class:`ShardWriter`
+(temp file + rename) and then its manifest part ``parts/<shard>.parquet`` (atomic). The
+part is written last: a shard without a part is unfinished work, and resume redoes it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from engine.errors import BadInputError
+from engine.generate.config import SamplerConfig
+from engine.generate.plan import WorkItem, WorkUnit
+from engine.manifest import DatasetInfo, sample_row, shard_rows, write_manifest
+from engine.shards import Sample, ShardWriter, decode_sample, iter_records
+
+PARTS_DIR = "parts"
+
+
+class Sampler(Protocol):
+    """What the worker needs from a sampler (``engine.sampler.ScribbleSampler`` is one)."""
+
+    model_id: str
+
+    def sample(
+        self,
+        images: np.ndarray,
+        scribbles: np.ndarray,
+        class_names: list[list[str]],
+        w: float,
+        lam: float,
+        seeds: list[int],
+    ) -> np.ndarray: ...
+
+    def steps_for(self, lam: float) -> int: ...
+
+
+SamplerFactory = Callable[[str, str, SamplerConfig], Sampler]
+
+
+def resolve_dtype(name: str, device: str) -> Any:
+    """``auto`` is float16 on CUDA (the paper's setting) and float32 on CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def load_sampler(model_dir: str, device: str, cfg: SamplerConfig) -> Sampler:
+    """The production factory: the saved model folder -> a sampler on ``device``."""
+    from engine.models import ScribbleGenModel
+    from engine.sampler import ScribbleSampler
+
+    dtype = resolve_dtype(cfg.dtype, device)
+    model = ScribbleGenModel.from_pretrained(model_dir)
+    return ScribbleSampler(model, device, num_steps=cfg.num_steps, spacing=cfg.spacing, dtype=dtype)
+
+
+def part_path(out_dir: str | Path, shard: str) -> Path:
+    """Manifest part of one shard: ``<out>/parts/<shard name without .tar>.parquet``."""
+    return Path(out_dir) / PARTS_DIR / (Path(shard).stem + ".parquet")
+
+
+@dataclass
+class ShardResult:
+    """What the driver learns when a unit finished: enough for progress and the summary."""
+
+    index: int
+    shard: str
+    samples: int
+    w: float
+    lam: float
+    steps: int
+    seconds: float  # wall time of the unit in the actor, loading and writing included
+    sample_seconds: float  # time inside sampler.sample only
+    pid: int
+
+    @property
+    def images_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    def stats(self) -> dict[str, Any]:
+        """Per-shard stats stored in its manifest part (and merged into the manifest)."""
+        return {
+            **asdict(self),
+            "images_per_s": round(self.images_per_s, 4),
+            "seconds_per_sample": self.sample_seconds / max(self.samples, 1),
+        }
+
+
+class SourceCache:
+    """Real sources by id, read from their shards; raw bytes of the last few shards are kept.
+
+    Raw (PNG) bytes are small next to decoded pixels, so caching whole shards raw lets
+    consecutive units (which draw from the same real shards) skip the tar read, while
+    decoding only the sources a unit actually needs.
+    """
+
+    def __init__(self, max_shards: int) -> None:
+        self.max_shards = max_shards
+        self._shards: OrderedDict[str, dict[str, dict[str, Any]]] = OrderedDict()
+
+    def _records(self, shard: str) -> dict[str, dict[str, Any]]:
+        if shard in self._shards:
+            self._shards.move_to_end(shard)
+        else:
+            self._shards[shard] = {r["__key__"]: r for r in iter_records(shard)}
+            while len(self._shards) > self.max_shards:
+                self._shards.popitem(last=False)
+        return self._shards[shard]
+
+    def get(self, items: Sequence[WorkItem]) -> dict[str, Sample]:
+        out: dict[str, Sample] = {}
+        for item in items:
+            if item.source_id in out:
+                continue
+            record = self._records(item.source_shard).get(item.source_id)
+            if record is None:
+                raise BadInputError(item.source_shard, f"does not hold source {item.source_id!r} listed in the real manifest")
+            out[item.source_id] = decode_sample(record, with_mask=False)
+        return out
+
+
+def batches(items: Sequence[WorkItem], sources: dict[str, Sample], size: int) -> list[list[WorkItem]]:
+    """Consecutive batches of ``size`` items whose sources share an image size (arrays stack)."""
+    by_shape: dict[tuple[int, ...], list[WorkItem]] = {}
+    for item in items:
+        by_shape.setdefault(sources[item.source_id].image.shape, []).append(item)
+    return [group[i : i + size] for group in by_shape.values() for i in range(0, len(group), size)]
+
+
+class ShardGenerator:
+    """One model replica; ``run(unit)`` writes that unit's shard and manifest part."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        out_dir: str,
+        class_names: list[str],
+        sampler_cfg: SamplerConfig,
+        device: str = "cpu",
+        image_format: str = "png",
+        source_cache_shards: int = 4,
+        num_threads: int | None = None,
+        factory: SamplerFactory = load_sampler,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.class_names = class_names
+        self.batch_size = sampler_cfg.batch_size
+        self.image_format = image_format
+        self.cache = SourceCache(source_cache_shards)
+        self.sampler = factory(model_dir, device, sampler_cfg)
+        if num_threads is not None and device == "cpu" and "torch" in sys.modules:  # a torch sampler: pin its threads
+            sys.modules["torch"].set_num_threads(num_threads)
+
+    def pid(self) -> int:
+        """The actor's process id (the fault-injection test kills it)."""
+        return os.getpid()
+
+    def _sample(self, unit: WorkUnit, batch: list[WorkItem], sources: dict[str, Sample]) -> np.ndarray:
+        src = [sources[item.source_id] for item in batch]
+        images = np.stack([s.image for s in src])
+        scribbles = np.stack([s.scribble for s in src])
+        names = [list(item.class_names) for item in batch]
+        out = self.sampler.sample(images, scribbles, names, unit.w, unit.lam, [item.seed for item in batch])
+        out = np.asarray(out)
+        if out.shape != images.shape or out.dtype != np.uint8:
+            raise RuntimeError(f"sampler returned {out.shape} {out.dtype}, expected {images.shape} uint8")
+        return out
+
+    def run(self, unit: WorkUnit) -> ShardResult:
+        t0 = time.perf_counter()
+        sources = self.cache.get(unit.items)
+        load_s = time.perf_counter() - t0
+        steps = self.sampler.steps_for(unit.lam)
+        rows: list[dict[str, Any]] = []
+        sample_s = 0.0
+        with ShardWriter(self.out_dir / unit.shard, self.image_format) as writer:
+            for batch in batches(unit.items, sources, self.batch_size):
+                tb = time.perf_counter()
+                images = self._sample(unit, batch, sources)
+                dt = time.perf_counter() - tb
+                sample_s += dt
+                for item, image in zip(batch, images):
+                    src = sources[item.source_id]
+                    meta = {
+                        "source_id": item.source_id,
+                        "split": "train",
+                        "w": unit.w,
+                        "lambda": unit.lam,
+                        "seed": item.seed,
+                        "classes": src.meta.get("classes", []),
+                        "model": self.sampler.model_id,
+                        "steps": steps,
+                        "seconds": dt / len(batch),
+                        "timings": {"batch_seconds": dt, "batch_size": len(batch), "source_load_seconds": load_s},
+                    }
+                    sample = Sample(item.key, image, src.scribble, None, meta)
+                    writer.write(sample)
+                    rows.append(sample_row(sample))
+            info = writer.close()
+        result = ShardResult(
+            unit.index, unit.shard, len(rows), unit.w, unit.lam, steps, time.perf_counter() - t0, sample_s, os.getpid()
+        )
+        part_info = DatasetInfo(self.class_names, "synthetic", {"shard_stats": result.stats()})
+        write_manifest(shard_rows(rows, info, self.out_dir), part_path(self.out_dir, unit.shard), part_info)
+        return result

@@ -1,0 +1,182 @@
+"""Generation end to end on a local Ray: shards, tags, manifest, resume, actor deaths.
+
+One Ray session (2 CPUs, no dashboard) is shared by the module. The stand-in sampler
+(tests/gen_fixtures.py) keeps these fast and its output exactly predictable.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gen_fixtures
+from engine.errors import BadInputError
+from engine.generate.config import GenerateConfig, PlanConfig, RayConfig, SamplerConfig
+from engine.generate.plan import build_plan
+from engine.generate.run import run_generate
+from engine.generate.worker import ShardGenerator, batches, part_path
+from engine.manifest import read_manifest
+from engine.shards import read_shard
+from engine.verify import verify_manifest
+from gen_fixtures import CLASS_NAMES, expected_standin, make_real_set, standin_factory
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(gen_fixtures)  # actors cannot import tests/ modules
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory) -> Path:
+    return make_real_set(tmp_path_factory.mktemp("real"), n_train=6, n_val=2)
+
+
+def _cfg(real: Path, out: Path, **ray_kw) -> GenerateConfig:
+    cfg = GenerateConfig(
+        real_manifest=str(real),
+        model_dir=str(real.parent),  # the stand-in loads nothing; the folder just has to exist
+        out_dir=str(out),
+        plan=PlanConfig(w=[2.0], lambdas=[0.5, 1.0], samples_per_source=2, samples_per_shard=5, seed=3),
+        sampler=SamplerConfig(batch_size=3),
+        ray=RayConfig(**{"num_actors": 1, "num_cpus_per_actor": 1, **ray_kw}),
+    )
+    cfg.validate()
+    return cfg
+
+
+def _keys(manifest: Path) -> list[str]:
+    return read_manifest(manifest)[0]["key"].to_pylist()
+
+
+def test_worker_writes_tagged_shard_and_part_without_ray(real: Path, tmp_path: Path) -> None:
+    cfg = _cfg(real, tmp_path)
+    plan = build_plan(cfg.plan, real)
+    gen = ShardGenerator(str(real.parent), str(tmp_path), CLASS_NAMES, cfg.sampler, factory=standin_factory)
+    unit = plan.units[0]
+    result = gen.run(unit)
+    assert (result.samples, result.shard, result.steps) == (5, unit.shard, 5)
+    samples = list(read_shard(tmp_path / unit.shard))
+    assert [s.key for s in samples] == unit.keys
+    sources = {s.key: s for s in read_shard(unit.items[0].source_shard)}
+    for sample, item in zip(samples, unit.items):
+        src = sources[item.source_id]
+        np.testing.assert_array_equal(sample.image, expected_standin(src.image, 0.5, item.seed))
+        np.testing.assert_array_equal(sample.scribble, src.scribble)
+        assert sample.mask is None  # a synthetic image has no ground-truth mask
+        m = sample.meta
+        assert (m["source_id"], m["w"], m["lambda"], m["seed"], m["split"]) == (item.source_id, 2.0, 0.5, item.seed, "train")
+        assert m["classes"] == src.meta["classes"] and m["model"] == "standin" and m["steps"] == 5
+        assert m["seconds"] >= 0 and m["timings"]["batch_size"] in (1, 2, 3)
+    table, info = read_manifest(part_path(tmp_path, unit.shard))
+    assert table["key"].to_pylist() == unit.keys and info.kind == "synthetic"
+    assert info.extra["shard_stats"]["samples"] == 5 and info.extra["shard_stats"]["images_per_s"] > 0
+
+
+def test_batches_group_by_image_size() -> None:
+    from engine.generate.plan import WorkItem
+    from engine.shards import Sample
+
+    items = [WorkItem(f"s{i}", "x", i, f"k{i}") for i in range(5)]
+    sizes = [8, 8, 4, 8, 8]
+    sources = {f"s{i}": Sample(f"s{i}", np.zeros((n, n, 3), np.uint8), np.zeros((n, n), np.uint8)) for i, n in enumerate(sizes)}
+    got = [[it.source_id for it in b] for b in batches(items, sources, 3)]
+    assert got == [["s0", "s1", "s3"], ["s4"], ["s2"]]
+
+
+def test_run_generates_every_planned_key_once_and_resumes(ray_session, real: Path, tmp_path: Path) -> None:
+    cfg = _cfg(real, tmp_path / "syn", num_actors=2)
+    summary = run_generate(cfg, factory=standin_factory, progress=False)
+    manifest = tmp_path / "syn/manifest.parquet"
+    plan = build_plan(cfg.plan, real)
+    assert sorted(_keys(manifest)) == sorted(k for u in plan.units for k in u.keys)
+    report = verify_manifest(manifest)
+    assert report.ok, report.problems
+    assert (report.samples, report.shards) == (24, 6)
+    table, info = read_manifest(manifest)
+    assert info.kind == "synthetic" and info.class_names == CLASS_NAMES
+    assert info.extra["plan"]["samples"] == 24 and info.extra["config"]["plan"]["lambdas"] == [0.5, 1.0]
+    assert len(info.extra["shard_stats"]) == 6 and all(s["images_per_s"] > 0 for s in info.extra["shard_stats"])
+    assert set(table["model"].to_pylist()) == {"standin"} and set(table["split"].to_pylist()) == {"train"}
+    assert summary["samples"] == 24 and summary["samples_this_run"] == 24 and summary["actors"] == 2
+    assert set(summary["seconds_per_sample_by_lambda"]) == {"0.5", "1"}
+    assert json.loads((tmp_path / "syn/summary.json").read_text()) == summary
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "syn").glob("*.tar")}
+    again = run_generate(cfg, factory=standin_factory, progress=False)  # nothing left to do: no actor starts
+    assert again["samples_this_run"] == 0 and again["shards_resumed"] == 6
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "syn").glob("*.tar")} == before
+    assert verify_manifest(manifest).ok
+
+
+def test_resume_redoes_only_unfinished_shards(ray_session, real: Path, tmp_path: Path) -> None:
+    out = tmp_path / "syn"
+    cfg = _cfg(real, out)
+    run_generate(cfg, factory=standin_factory, progress=False)
+    shards = sorted(out.glob("*.tar"))
+    part_path(out, shards[0].name).unlink()  # a shard without its part (crash between the two)
+    with open(shards[1], "ab") as fh:  # a shard whose size/checksum no longer match
+        fh.write(b"junk")
+    shards[2].unlink()  # a missing shard, its part still there
+    (out / "syn-w2p00-l0p50-000009.tar.tmp").write_bytes(b"half")  # a crashed writer's leftover
+    (out / "manifest.parquet").unlink()
+    summary = run_generate(cfg, factory=standin_factory, progress=False)
+    assert summary["shards_resumed"] == 3 and summary["samples_this_run"] == 5 + 5 + 2
+    assert not list(out.glob("*.tmp"))
+    report = verify_manifest(out / "manifest.parquet")
+    assert report.ok and report.samples == 24, report.problems
+
+
+def test_rerun_with_a_different_plan_is_refused(ray_session, real: Path, tmp_path: Path) -> None:
+    cfg = _cfg(real, tmp_path / "syn")
+    cfg.plan.max_sources = 1
+    run_generate(cfg, factory=standin_factory, progress=False)
+    cfg.plan.lambdas = [0.25]
+    with pytest.raises(BadInputError, match="different \\['plan'\\]"):
+        run_generate(cfg, factory=standin_factory, progress=False)
+
+
+def test_killed_actor_is_restarted_and_its_units_retried(ray_session, real: Path, tmp_path: Path) -> None:
+    cfg = _cfg(real, tmp_path / "syn", max_restarts=2, unit_retries=3)
+    cfg.plan.samples_per_shard = 2  # 12 shards, so that work remains after the kill
+    killed = []
+
+    def kill_once(result) -> None:  # SIGKILL the actor that just finished a shard (it is busy with the next)
+        if not killed:
+            killed.append(result.pid)
+            os.kill(result.pid, signal.SIGKILL)
+
+    factory = functools.partial(standin_factory, delay=0.05)
+    summary = run_generate(cfg, factory=factory, on_result=kill_once, progress=False)
+    assert killed and summary["actor_deaths"] == 1 and summary["unit_failures"] >= 1
+    manifest = tmp_path / "syn/manifest.parquet"
+    keys = _keys(manifest)
+    plan = build_plan(cfg.plan, real)
+    assert len(keys) == len(set(keys)) == 24
+    assert sorted(keys) == sorted(k for u in plan.units for k in u.keys)
+    report = verify_manifest(manifest)
+    assert report.ok, report.problems
+    assert not list((tmp_path / "syn").glob("*.tmp"))
+
+
+def test_job_script_reports_bad_input_without_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "jobs/generate.py", "--set", f"model_dir={tmp_path}/none", "--set", "plan.lambdas=[0.5]"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "model folder not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
