@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterable
+from functools import partial
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -33,7 +35,7 @@ from engine.data.record import SourceRecord, to_sample
 from engine.data.sources import SourceConfig, open_source
 from engine.errors import BadInputError
 from engine.manifest import DatasetInfo, read_manifest, sample_row, shard_rows, skip_row, write_manifest
-from engine.shards import ShardWriter, shard_name
+from engine.shards import Sample, ShardWriter, shard_name
 
 DEFAULT_CONFIG = "configs/ingest/tiny.yaml"
 MANIFEST = "manifest.parquet"
@@ -64,9 +66,12 @@ class IngestConfig:
     image_format: str = "png"  # "png" (lossless) or "jpg"
     skip_bad: bool = False  # record bad inputs as skipped rows instead of stopping
     overwrite: bool = False  # replace a previous ingest in `out`
+    workers: int = 1  # >1: decode/generate samples in that many processes (writing stays in order)
 
     def validate(self) -> None:
         self.subset = parse_fraction(self.subset)
+        if self.workers < 1:
+            raise BadInputError("workers", f"{self.workers} must be >= 1")
         if self.samples_per_shard < 1:
             raise BadInputError("samples_per_shard", f"{self.samples_per_shard} must be >= 1")
         if self.image_format not in ("png", "jpg"):
@@ -106,21 +111,36 @@ def prepare_out(out: Path, overwrite: bool) -> None:
         p.unlink()
 
 
-def _samples(records: Iterable[SourceRecord], num_classes: int) -> Iterable[tuple[SourceRecord, Any]]:
-    """(record, Sample or the BadInputError it raised), in order.
+def _load_one(record: SourceRecord, num_classes: int) -> Sample | tuple[str, str, str]:
+    """Load one record into a Sample, or the (what, problem, hint) of its BadInputError.
 
-    Checks made after loading name only the source id; the record's files are added.
+    Errors travel as tuples because they may cross a process boundary. Checks made after
+    loading name only the source id, so the record's files are added to them.
     """
-    for record in records:
-        try:
-            sample = to_sample(record, num_classes)
-            sample.meta.update(getattr(record, "meta", {}))
-            yield record, sample
-        except BadInputError as exc:
-            origin = getattr(record, "origin", "")
-            if origin and exc.what == record.source_id:
-                exc = BadInputError(f"{record.source_id} ({origin})", exc.problem, exc.hint)
-            yield record, exc
+    try:
+        sample = to_sample(record, num_classes)
+    except BadInputError as exc:
+        origin = getattr(record, "origin", "")
+        what = f"{record.source_id} ({origin})" if origin and exc.what == record.source_id else exc.what
+        return what, exc.problem, exc.hint
+    sample.meta.update(getattr(record, "meta", {}))
+    return sample
+
+
+def _samples(records: list[SourceRecord], num_classes: int, workers: int) -> Iterator[tuple[SourceRecord, Any]]:
+    """(record, Sample or BadInputError), in order; loaded in ``workers`` processes if > 1."""
+    load = partial(_load_one, num_classes=num_classes)
+    if workers > 1 and len(records) > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            results: Iterable[Any] = pool.imap(load, records, chunksize=8)
+            yield from _pair(records, results)
+    else:
+        yield from _pair(records, map(load, records))
+
+
+def _pair(records: list[SourceRecord], results: Iterable[Any]) -> Iterator[tuple[SourceRecord, Any]]:
+    for record, result in zip(records, results):
+        yield record, BadInputError(*result) if isinstance(result, tuple) else result
 
 
 def write_split(
@@ -134,7 +154,7 @@ def write_split(
     seen: set[str] = set()
     try:
         with tqdm(total=len(records), desc=f"ingest {split}", unit="img", mininterval=0.5) as bar:
-            for record, result in _samples(records, num_classes):
+            for record, result in _samples(records, num_classes, cfg.workers):
                 bar.update()
                 if isinstance(result, BadInputError):
                     if not cfg.skip_bad:

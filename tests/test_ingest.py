@@ -142,16 +142,19 @@ def test_without_skip_bad_the_error_names_the_file_and_nothing_half_written(tmp_
     assert [s.key for s in read_shard(out / "real-train-000000.tar")] == ["a_good"]
 
 
-@pytest.mark.parametrize("entry", [["jobs/ingest.py"], ["-m", "jobs.ingest"]])
-def test_job_runs_as_script_and_module(tmp_path, entry):
+def test_job_runs_as_script_and_module(tmp_path):
+    # As a file (what `ray job submit -- python jobs/ingest.py` runs), from outside the repo.
     out = tmp_path / "real"
     proc = subprocess.run(
-        [sys.executable, *entry, "--out", str(out), "--set", "source.procedural.num_train=4", *SMALL],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [sys.executable, str(REPO / "jobs" / "ingest.py"), "--config", TINY, "--out", str(out),
+         "--set", "source.procedural.num_train=4", *SMALL],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "4 train + 6 val samples" in proc.stdout
     assert verify_manifest(out / "manifest.parquet").ok
+    helped = subprocess.run([sys.executable, "-m", "jobs.ingest", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert helped.returncode == 0 and "--skip-bad" in helped.stdout and "--subset" in helped.stdout
 
 
 def test_voc_fixture_ingest_tags_synthetic_val_scribbles(tmp_path):
@@ -165,3 +168,10 @@ def test_voc_fixture_ingest_tags_synthetic_val_scribbles(tmp_path):
     assert samples["2007_000068"].meta["scribble_source"] == "synthetic"
     assert "scribble_source" not in samples["2007_000063"].meta
     assert samples["2007_000039"].meta["classes"] == [0, 15] and samples["2007_000039"].mask is not None
+
+
+def test_workers_give_byte_identical_shards(tmp_path):
+    assert ingest(tmp_path / "one", num_train=12) == 0
+    assert ingest(tmp_path / "two", "--set", "workers=2", num_train=12) == 0
+    for tar in sorted((tmp_path / "one").glob("*.tar")):
+        assert tar.read_bytes() == (tmp_path / "two" / tar.name).read_bytes()
