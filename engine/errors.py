@@ -18,3 +18,7 @@ class BadInputError(ValueError):
         if hint:
             msg += f" ({hint})"
         super().__init__(msg)
+
+    def __reduce__(self) -> tuple:
+        """Keep the three parts when pickled (Ray and multiprocessing ship errors between processes)."""
+        return (type(self), (self.what, self.problem, self.hint))

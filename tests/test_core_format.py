@@ -148,3 +148,10 @@ def test_config_overrides_and_unknown_keys(tmp_path: Path) -> None:
         load_config(Cfg, path, ["inner.stepz=3"])
     with pytest.raises(BadInputError, match="override must look like"):
         apply_overrides({}, ["novalue"])
+
+
+def test_bad_input_error_survives_pickling() -> None:
+    import pickle
+
+    err = pickle.loads(pickle.dumps(BadInputError("a.png", "truncated", "re-export it")))
+    assert isinstance(err, BadInputError) and str(err) == "a.png: truncated (re-export it)" and err.hint == "re-export it"
