@@ -180,3 +180,40 @@ def test_job_script_reports_bad_input_without_traceback(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "model folder not found" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """The embedded tiny model built from its config, saved with save_pretrained (random init)."""
+    from engine.config import load_config
+    from engine.train_controlnet import TrainControlNetConfig, build_model
+
+    cfg = load_config(TrainControlNetConfig, REPO / "configs/controlnet/tiny.yaml")
+    return build_model(cfg, CLASS_NAMES).save_pretrained(tmp_path_factory.mktemp("model") / "final")
+
+
+def test_real_tiny_model_through_ray_matches_a_direct_sampler_call(
+    ray_session, real: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    from engine.generate.worker import fit_sources, load_sampler
+    from engine.text import names_for_ids
+
+    cfg = _cfg(real, tmp_path / "syn")
+    cfg.model_dir = str(tiny_model)
+    cfg.plan.max_sources, cfg.plan.samples_per_source, cfg.plan.samples_per_shard = 2, 1, 2
+    cfg.sampler = SamplerConfig(num_steps=4, batch_size=2, resolution=8)  # 16-px sources fitted to 8 px
+    summary = run_generate(cfg, progress=False)
+    manifest = tmp_path / "syn/manifest.parquet"
+    assert verify_manifest(manifest).ok and summary["samples"] == 4
+    sampler = load_sampler(str(tiny_model), "cpu", cfg.sampler)
+    unit = build_plan(cfg.plan, real).units[1]  # λ = 1: all 4 steps
+    got = list(read_shard(tmp_path / "syn" / unit.shard))
+    sources = fit_sources({s.key: s for s in read_shard(unit.items[0].source_shard)}, 8)
+    for sample, item in zip(got, unit.items):
+        src = sources[item.source_id]
+        names = names_for_ids(np.unique(src.scribble), CLASS_NAMES)
+        want = sampler.sample(src.image[None], src.scribble[None], [names], 2.0, unit.lam, [item.seed])[0]
+        np.testing.assert_array_equal(sample.image, want)  # same pixels as a bare call, whatever the batching
+        np.testing.assert_array_equal(sample.scribble, src.scribble)
+        assert sample.meta["model"] == sampler.model_id and sample.meta["steps"] == sampler.steps_for(1.0) == 4
+        assert sample.image.shape == (8, 8, 3)

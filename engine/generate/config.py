@@ -75,8 +75,14 @@ class SamplerConfig:
     dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU
     device: str = "auto"  # auto: one GPU actor per GPU when the cluster has GPUs, else CPU actors
     batch_size: int = 8
+    # Square side sources are fitted to before sampling (resize short side + centre crop,
+    # the trainer's own ``fit_to``): set it to the model's training resolution. null =
+    # sample at each source's own size. Synthetic samples are written at this size.
+    resolution: int | None = None
 
     def validate(self) -> None:
+        if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution < 8):
+            raise BadInputError("sampler.resolution", f"must be null or an integer >= 8, got {self.resolution!r}")
         if self.spacing not in SPACINGS:
             raise BadInputError("sampler.spacing", f"must be one of {SPACINGS}, got {self.spacing!r}")
         if self.dtype not in DTYPES:

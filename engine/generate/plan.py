@@ -36,12 +36,10 @@ SEED_BITS = 31  # seeds stay valid for torch/numpy generators and int32 columns
 
 @dataclass(frozen=True)
 class Source:
-    """One real sample the plan draws from: the real shard (absolute path) holding it and
-    the prompt's class names (present classes, background left out)."""
+    """One real sample the plan draws from, and the real shard (absolute path) holding it."""
 
     source_id: str
     shard: str
-    class_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,7 +50,6 @@ class WorkItem:
     source_shard: str
     seed: int
     key: str
-    class_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -134,7 +131,7 @@ def plan_units(sources: list[Source], cfg: PlanConfig) -> list[WorkUnit]:
     for w in cfg.w:
         for lam in cfg.lambdas:
             items = [
-                WorkItem(src.source_id, src.shard, seed, synthetic_key(src.source_id, w, lam, seed), src.class_names)
+                WorkItem(src.source_id, src.shard, seed, synthetic_key(src.source_id, w, lam, seed))
                 for src in sources
                 for seed in _seeds(cfg.seed, src.source_id, w, lam, cfg.samples_per_source)
             ]
@@ -151,20 +148,15 @@ def read_sources(real_manifest: str | Path, split: str) -> tuple[list[Source], l
     if info.kind != "real":
         raise BadInputError(str(real_manifest), f"is a {info.kind!r} manifest", "generate from the manifest written by ingest")
     ok = table.filter(pc.and_(pc.equal(table["split"], split), pc.equal(table["status"], "ok")))
-    rows = ok.select(["source_id", "shard", "classes"]).to_pylist()
+    rows = ok.select(["source_id", "shard"]).to_pylist()
     if not rows:
         splits = sorted(set(table["split"].to_pylist()))
         raise BadInputError(str(real_manifest), f"has no usable sample in split {split!r}", f"splits present: {splits}")
     dupes = [s for s, n in Counter(r["source_id"] for r in rows).items() if n > 1]
     if dupes:
         raise BadInputError(str(real_manifest), f"source id(s) listed twice: {sorted(dupes)[:5]}")
-    from engine.text import names_for_ids
-
-    sources = [
-        Source(r["source_id"], resolve_shard(real_manifest, r["shard"]), tuple(names_for_ids(r["classes"], info.class_names)))
-        for r in sorted(rows, key=lambda r: r["source_id"])
-    ]
-    return sources, list(info.class_names)
+    sources = [Source(r["source_id"], resolve_shard(real_manifest, r["shard"])) for r in rows]
+    return sorted(sources, key=lambda s: s.source_id), list(info.class_names)
 
 
 def build_plan(cfg: PlanConfig, real_manifest: str | Path) -> Plan:

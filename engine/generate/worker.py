@@ -27,7 +27,7 @@ from engine.errors import BadInputError
 from engine.generate.config import SamplerConfig
 from engine.generate.plan import WorkItem, WorkUnit
 from engine.manifest import DatasetInfo, sample_row, shard_rows, write_manifest
-from engine.shards import Sample, ShardWriter, decode_sample, iter_records
+from engine.shards import UNLABELLED, Sample, ShardWriter, decode_sample, iter_records
 
 PARTS_DIR = "parts"
 
@@ -67,9 +67,10 @@ def load_sampler(model_dir: str, device: str, cfg: SamplerConfig) -> Sampler:
     from engine.models import ScribbleGenModel
     from engine.sampler import ScribbleSampler
 
-    dtype = resolve_dtype(cfg.dtype, device)
     model = ScribbleGenModel.from_pretrained(model_dir)
-    return ScribbleSampler(model, device, num_steps=cfg.num_steps, spacing=cfg.spacing, dtype=dtype)
+    if cfg.resolution is not None and cfg.resolution != model.resolution:
+        print(f"generate: sampling at {cfg.resolution} px, model trained at {model.resolution} px", file=sys.stderr)
+    return ScribbleSampler(model, device, cfg.num_steps, cfg.spacing, resolve_dtype(cfg.dtype, device))
 
 
 def part_path(out_dir: str | Path, shard: str) -> Path:
@@ -137,6 +138,24 @@ class SourceCache:
         return out
 
 
+def fit_sources(sources: dict[str, Sample], size: int | None) -> dict[str, Sample]:
+    """Sources fitted to ``size`` (square) exactly as the trainer fits its inputs; as-is when None."""
+    if size is None:
+        return sources
+    from engine.train_controlnet import fit_to
+
+    out = {}
+    for sid, src in sources.items():
+        image, scribble = fit_to(src.image, src.scribble, size)
+        out[sid] = Sample(src.key, image, scribble, None, src.meta)
+    return out
+
+
+def present_classes(scribble: np.ndarray) -> list[int]:
+    """Class ids drawn in a scribble (255 = unlabelled left out): a crop can drop some."""
+    return [int(c) for c in np.unique(scribble) if c != UNLABELLED]
+
+
 def batches(items: Sequence[WorkItem], sources: dict[str, Sample], size: int) -> list[list[WorkItem]]:
     """Consecutive batches of ``size`` items whose sources share an image size (arrays stack)."""
     by_shape: dict[tuple[int, ...], list[WorkItem]] = {}
@@ -163,6 +182,7 @@ class ShardGenerator:
         self.out_dir = Path(out_dir)
         self.class_names = class_names
         self.batch_size = sampler_cfg.batch_size
+        self.resolution = sampler_cfg.resolution
         self.image_format = image_format
         self.cache = SourceCache(source_cache_shards)
         self.sampler = factory(model_dir, device, sampler_cfg)
@@ -174,10 +194,12 @@ class ShardGenerator:
         return os.getpid()
 
     def _sample(self, unit: WorkUnit, batch: list[WorkItem], sources: dict[str, Sample]) -> np.ndarray:
+        from engine.text import names_for_ids
+
         src = [sources[item.source_id] for item in batch]
         images = np.stack([s.image for s in src])
         scribbles = np.stack([s.scribble for s in src])
-        names = [list(item.class_names) for item in batch]
+        names = [names_for_ids(present_classes(s.scribble), self.class_names) for s in src]  # as the trainer prompts
         out = self.sampler.sample(images, scribbles, names, unit.w, unit.lam, [item.seed for item in batch])
         out = np.asarray(out)
         if out.shape != images.shape or out.dtype != np.uint8:
@@ -186,7 +208,7 @@ class ShardGenerator:
 
     def run(self, unit: WorkUnit) -> ShardResult:
         t0 = time.perf_counter()
-        sources = self.cache.get(unit.items)
+        sources = fit_sources(self.cache.get(unit.items), self.resolution)
         load_s = time.perf_counter() - t0
         steps = self.sampler.steps_for(unit.lam)
         rows: list[dict[str, Any]] = []
@@ -205,7 +227,7 @@ class ShardGenerator:
                         "w": unit.w,
                         "lambda": unit.lam,
                         "seed": item.seed,
-                        "classes": src.meta.get("classes", []),
+                        "classes": present_classes(src.scribble),
                         "model": self.sampler.model_id,
                         "steps": steps,
                         "seconds": dt / len(batch),
