@@ -1,0 +1,333 @@
+"""The ScribbleGen model bundle: denoiser + ControlNet + null hint + text + (VAE) + schedule.
+
+Two ways to get one, one way to save/load it:
+
+- :func:`build_tiny` -- the embedded default: a pixel-space (no VAE) ``UNet2DConditionModel``
+  and a ``ControlNetModel.from_unet`` copy, with class-token text conditioning
+  (:class:`engine.text.ClassTokenEncoder`). Built from a config, trained from scratch.
+- :func:`from_stable_diffusion` -- the paper setup: SD 1.5 UNet/VAE/CLIP from a local
+  diffusers folder (never downloaded), ControlNet from ``controlnet/`` or from the UNet.
+
+:meth:`ScribbleGenModel.save_pretrained` writes the diffusers folder layout (each part's
+config beside its safetensors weights), ``null_hint.safetensors`` and ``scribblegen.json``;
+:meth:`ScribbleGenModel.from_pretrained` reads it back through the same per-component
+diffusers ``from_pretrained`` calls that load the real SD 1.5 weights. Pickles are never
+read (``use_safetensors=True`` everywhere).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.errors import BadInputError
+from engine.render import render_scribble
+
+BUNDLE_FILE = "scribblegen.json"
+NULL_HINT_FILE = "null_hint.safetensors"
+KINDS = ("tiny", "sd15")
+FINAL_DIR = "final"  # where a training run puts its finished bundle
+
+
+@dataclass
+class TinyArch:
+    """Architecture of the embedded tiny pixel-space denoiser (see configs/controlnet/tiny.yaml)."""
+
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    layers_per_block: int = 1
+    cross_attention_dim: int = 32
+    attention_head_dim: int = 8
+    norm_num_groups: int = 8
+    conditioning_channels: int = 16
+    text_tokens: int = 8
+    beta_schedule: str = "linear"
+
+    def validate(self) -> None:
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise BadInputError(
+                "model.tiny", f"block_out_channels has {n} entries; down/up_block_types must have {n} too"
+            )
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise BadInputError("model.tiny.norm_num_groups", "must divide every block_out_channels entry")
+
+
+def _scheduler_config(beta_schedule: str) -> dict[str, Any]:
+    """DDIM config for the tiny pixel model: x0 clipping keeps pixels in range (clip_sample)."""
+    from diffusers import DDIMScheduler
+
+    return dict(
+        DDIMScheduler(
+            num_train_timesteps=1000, beta_schedule=beta_schedule, clip_sample=True, set_alpha_to_one=True,
+            steps_offset=0, prediction_type="epsilon",
+        ).config
+    )
+
+
+class ScribbleGenModel(nn.Module):
+    """Everything needed to train and sample ScribbleGen, as one ``nn.Module``.
+
+    ``unet`` is the denoiser, ``controlnet`` the scribble branch, ``null_hint`` the learned
+    "empty" conditioning image (``3 x H x W`` in hint space [0, 1]) used for the 10 %
+    dropout and as CFG's unconditional branch, ``text`` the text conditioner, ``vae``
+    the latent autoencoder (``None`` for the pixel-space tiny model).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        unet: nn.Module,
+        controlnet: nn.Module,
+        text: nn.Module,
+        null_hint: torch.Tensor,
+        scheduler_config: dict[str, Any],
+        class_names: Sequence[str],
+        resolution: int,
+        vae: nn.Module | None = None,
+        model_id: str | None = None,
+    ) -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise BadInputError(f"model kind {kind!r}", f"must be one of {KINDS}")
+        self.kind = kind
+        self.unet = unet
+        self.controlnet = controlnet
+        self.text = text
+        self.vae = vae
+        self.null_hint = nn.Parameter(null_hint.detach().clone().float())
+        self.scheduler_config = dict(scheduler_config)
+        self.class_names = list(class_names)
+        self.resolution = int(resolution)
+        self.model_id = model_id or f"{kind}-unsaved"
+
+    # -- geometry ---------------------------------------------------------------------------
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent cell (8 for SD's VAE, 1 in pixel space)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (VAE factor x UNet downsampling)."""
+        return self.latent_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.null_hint.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.null_hint.dtype
+
+    # -- conversions --------------------------------------------------------------------------
+    def hint(self, scribbles: np.ndarray) -> torch.Tensor:
+        """``B x H x W`` uint8 scribbles -> ``B x 3 x H x W`` conditioning in [0, 1]."""
+        rgb = torch.from_numpy(render_scribble(np.asarray(scribbles)))
+        return rgb.permute(0, 3, 1, 2).to(self.device, self.dtype) / 255.0
+
+    def null_hints(self, batch: int, size: tuple[int, int]) -> torch.Tensor:
+        """The learned null hint for ``batch`` samples, resized if sampling at another size."""
+        hint = self.null_hint[None]
+        if tuple(hint.shape[-2:]) != tuple(size):
+            hint = nn.functional.interpolate(hint, size=size, mode="bilinear", align_corners=False)
+        return hint.expand(batch, -1, -1, -1)
+
+    def encode_images(self, images: np.ndarray) -> torch.Tensor:
+        """``B x H x W x 3`` uint8 -> ``z0`` (VAE latent mean x scaling, or pixels in [-1, 1])."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(self.device, self.dtype)
+        x = x / 127.5 - 1.0
+        if self.vae is None:
+            return x
+        with torch.no_grad():
+            return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+
+    def decode(self, z: torch.Tensor) -> np.ndarray:
+        """Inverse of :meth:`encode_images`: latents/pixels -> ``B x H x W x 3`` uint8."""
+        if self.vae is not None:
+            z = self.vae.decode(z / self.vae.config.scaling_factor).sample
+        x = ((z.float().clamp(-1, 1) + 1) * 127.5).round()
+        return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    def predict_noise(self, z: torch.Tensor, t: torch.Tensor, hint: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """ε(z_t, hint, text): ControlNet residuals injected into the denoiser."""
+        down, mid = self.controlnet(z, t, encoder_hidden_states=text, controlnet_cond=hint, return_dict=False)
+        return self.unet(
+            z, t, encoder_hidden_states=text, down_block_additional_residuals=down,
+            mid_block_additional_residual=mid, return_dict=False,
+        )[0]
+
+    # -- persistence --------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the bundle atomically (temp folder, then rename over ``folder``)."""
+        from diffusers import DDIMScheduler
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        try:
+            self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+            self.controlnet.save_pretrained(tmp / "controlnet", safe_serialization=True)
+            if self.vae is not None:
+                self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+            if self.kind == "tiny":
+                self.text.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+            else:
+                self.text.save_pretrained(tmp)
+            DDIMScheduler.from_config(self.scheduler_config).save_pretrained(tmp / "scheduler")
+            save_file({"null_hint": self.null_hint.detach().float().cpu().contiguous()}, tmp / NULL_HINT_FILE)
+            self.model_id = f"{self.kind}-{_weights_digest(tmp)}"
+            meta = {"kind": self.kind, "class_names": self.class_names, "resolution": self.resolution,
+                    "model_id": self.model_id, "format": 1}
+            (tmp / BUNDLE_FILE).write_text(json.dumps(meta, indent=2))
+            _replace_dir(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, torch_dtype: torch.dtype | None = None) -> "ScribbleGenModel":
+        """Load a bundle written by :meth:`save_pretrained` (or a training run's folder holding ``final/``)."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / BUNDLE_FILE).is_file() and (folder / FINAL_DIR / BUNDLE_FILE).is_file():
+            folder = folder / FINAL_DIR
+        meta_path = folder / BUNDLE_FILE
+        if not meta_path.is_file():
+            raise BadInputError(str(folder), f"not a ScribbleGen model folder (no {BUNDLE_FILE})",
+                                f"pass the folder written by jobs/train_controlnet.py (or its {FINAL_DIR}/ subfolder)")
+        meta = json.loads(meta_path.read_text())
+        kind = meta.get("kind")
+        if kind not in KINDS:
+            raise BadInputError(str(meta_path), f"unknown model kind {kind!r}")
+        parts = _load_parts(folder, kind, torch_dtype, need_controlnet=True)
+        _require(folder, NULL_HINT_FILE)
+        null_hint = load_file(folder / NULL_HINT_FILE)["null_hint"]
+        model = cls(kind=kind, null_hint=null_hint, class_names=meta["class_names"],
+                    resolution=meta["resolution"], model_id=meta.get("model_id"), **parts)
+        return model.to(torch_dtype) if torch_dtype is not None else model
+
+
+def _weights_digest(folder: Path) -> str:
+    """Short content hash of all weight files: the model id recorded in every synthetic sample."""
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*.safetensors")):
+        h.update(path.relative_to(folder).as_posix().encode())
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()[:12]
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` onto ``final``; an old ``final`` is moved aside first, then deleted."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _require(folder: Path, part: str, what: str = "") -> None:
+    if not (folder / part).exists():
+        raise BadInputError(
+            str(folder / part), f"missing {what or part}",
+            "the model folder must use the diffusers layout: unet/, vae/, text_encoder/, tokenizer/, scheduler/",
+        )
+
+
+def _load_parts(folder: Path, kind: str, dtype: torch.dtype | None, need_controlnet: bool) -> dict[str, Any]:
+    """Load each component with its diffusers/transformers ``from_pretrained`` (local files only)."""
+    from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
+
+    from engine.text import ClassTokenEncoder, ClipTextConditioner
+
+    opts = dict(local_files_only=True, use_safetensors=True)
+    for part in ("unet", "scheduler") + (("controlnet",) if need_controlnet else ()):
+        _require(folder, f"{part}/config.json" if part != "scheduler" else "scheduler/scheduler_config.json", part)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, **opts)
+    controlnet = None
+    if (folder / "controlnet" / "config.json").is_file():
+        controlnet = ControlNetModel.from_pretrained(folder / "controlnet", torch_dtype=dtype, **opts)
+    scheduler_config = dict(DDIMScheduler.from_pretrained(folder / "scheduler", local_files_only=True).config)
+    if kind == "tiny":
+        _require(folder, "text_encoder/config.json", "text_encoder")
+        text = ClassTokenEncoder.from_pretrained(folder / "text_encoder", **opts)
+        vae = None
+    else:
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        for part in ("vae/config.json", "text_encoder/config.json", "tokenizer"):
+            _require(folder, part, part.split("/")[0])
+        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, **opts)
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True,
+                                                     use_safetensors=True, dtype=dtype)
+        text = ClipTextConditioner(tokenizer, text_encoder)
+    return dict(unet=unet, controlnet=controlnet, text=text, vae=vae, scheduler_config=scheduler_config)
+
+
+def _controlnet_from_unet(unet: nn.Module, conditioning_channels: tuple[int, ...]) -> nn.Module:
+    from diffusers import ControlNetModel
+
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels)
+
+
+def build_tiny(arch: TinyArch, class_names: Sequence[str], resolution: int, seed: int = 0) -> ScribbleGenModel:
+    """The embedded default, randomly initialised from ``arch`` (deterministic in ``seed``)."""
+    from diffusers import UNet2DConditionModel
+
+    from engine.text import ClassTokenEncoder
+
+    arch.validate()
+    multiple = 2 ** (len(arch.block_out_channels) - 1)
+    if resolution % multiple:
+        raise BadInputError(f"model.resolution={resolution}", f"must be a multiple of {multiple} for this UNet")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=resolution, in_channels=3, out_channels=3,
+        block_out_channels=tuple(arch.block_out_channels), down_block_types=tuple(arch.down_block_types),
+        up_block_types=tuple(arch.up_block_types), layers_per_block=arch.layers_per_block,
+        cross_attention_dim=arch.cross_attention_dim, attention_head_dim=arch.attention_head_dim,
+        norm_num_groups=arch.norm_num_groups,
+    )
+    # Pixel space: the hint is already at the UNet's resolution, so the conditioning
+    # embedding must not downsample -> a single-entry channel list.
+    controlnet = _controlnet_from_unet(unet, (arch.conditioning_channels,))
+    text = ClassTokenEncoder(list(class_names), dim=arch.cross_attention_dim, max_tokens=arch.text_tokens)
+    null_hint = torch.zeros(3, resolution, resolution)
+    return ScribbleGenModel("tiny", unet, controlnet, text, null_hint, _scheduler_config(arch.beta_schedule),
+                            class_names, resolution)
+
+
+def from_stable_diffusion(folder: str | Path, class_names: Sequence[str], resolution: int = 512,
+                          torch_dtype: torch.dtype | None = None) -> ScribbleGenModel:
+    """The paper setup from a local SD 1.5 diffusers folder; ControlNet from ``controlnet/`` or the UNet."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BadInputError(str(folder), "Stable Diffusion folder not found",
+                            "download SD 1.5 in diffusers layout yourself and pass its local path")
+    parts = _load_parts(folder, "sd15", torch_dtype, need_controlnet=False)
+    # SD's latents are not confined to [-1, 1]: never clip the predicted x0 (SD's own config says so too).
+    parts["scheduler_config"]["clip_sample"] = False
+    if parts["controlnet"] is None:
+        parts["controlnet"] = _controlnet_from_unet(parts["unet"], (16, 32, 96, 256))
+    null_hint = torch.zeros(3, resolution, resolution)
+    return ScribbleGenModel("sd15", null_hint=null_hint, class_names=class_names, resolution=resolution, **parts)

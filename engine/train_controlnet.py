@@ -1,0 +1,377 @@
+"""Train the ScribbleGen ControlNet on real shards (``jobs/train_controlnet.py``).
+
+What is trained:
+
+- ``model.kind = sd15`` (paper): the SD 1.5 UNet, VAE and CLIP text encoder stay frozen;
+  the ControlNet (initialised from the UNet) and the learned null hint are trained.
+- ``model.kind = tiny`` (embedded default): the denoiser is built from scratch, and a
+  randomly initialised denoiser cannot usefully be frozen (it would never learn to
+  denoise), so ``train.train_denoiser: true`` trains the UNet and the class-token table
+  jointly with the ControlNet and null hint. Everything else is identical.
+
+Loss: standard ε-prediction MSE at a uniformly drawn timestep. With probability
+``train.cond_dropout`` (0.1) a sample's scribble hint is replaced by the learned null hint
+and (``train.drop_prompt``) its prompt by the null prompt, so the same network learns the
+unconditional branch used by classifier-free guidance. Augmentation: random horizontal
+flip. Randomness of step ``s`` comes from a generator seeded with ``(seed, s)``, so a
+resumed in-memory run replays exactly the batches and noise of an uninterrupted one.
+
+Outputs in ``out``: ``checkpoints/step-XXXXXXXX`` (atomic, newest ``keep_checkpoints``
+kept), ``loss.jsonl``, ``config.yaml``, and the finished bundle in ``final/``
+(``ScribbleGenModel.save_pretrained``; EMA weights when EMA is on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.config import add_config_args, load_config, save_config
+from engine.errors import BadInputError
+from engine.manifest import read_manifest, resolve_shard
+from engine.models import FINAL_DIR, TinyArch, ScribbleGenModel, build_tiny, from_stable_diffusion
+from engine.shards import read_shard
+from engine.text import names_for_ids
+from engine.train_state import EMA, latest_checkpoint, load_checkpoint, save_checkpoint
+
+DEFAULT_CONFIG = "configs/controlnet/tiny.yaml"
+
+
+@dataclass
+class ModelSection:
+    kind: str = "tiny"  # "tiny" (built from `tiny`) or "sd15" (local folder in `pretrained`)
+    pretrained: str | None = None  # SD 1.5 diffusers folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/)
+    resolution: int = 32
+    seed: int = 0  # init seed of the tiny model
+    tiny: TinyArch = field(default_factory=TinyArch)
+
+    def validate(self) -> None:
+        if self.kind not in ("tiny", "sd15"):
+            raise BadInputError(f"model.kind={self.kind!r}", "must be 'tiny' or 'sd15'")
+        if self.kind == "sd15" and not self.pretrained:
+            raise BadInputError("model.pretrained", "sd15 needs the local SD 1.5 folder",
+                                "--set model.pretrained=/path/to/stable-diffusion-v1-5")
+        if self.resolution < 8:
+            raise BadInputError(f"model.resolution={self.resolution}", "must be >= 8")
+
+
+@dataclass
+class DataSection:
+    manifest: str = "runs/tiny/real/manifest.parquet"
+    split: str = "train"
+    in_memory: bool = True  # decode all samples once (tiny sets); false streams shards
+    shuffle_buffer: int = 512  # streaming only
+    hflip: bool = True
+
+
+@dataclass
+class TrainSection:
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 5e-4
+    warmup_steps: int = 50
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    cond_dropout: float = 0.1
+    drop_prompt: bool = True  # drop the prompt together with the hint
+    train_denoiser: bool = True  # tiny: yes (from scratch); sd15: no (frozen UNet)
+    ema_decay: float = 0.0  # 0 = no EMA
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # CPU threads for torch; 0 = all cores
+    mixed_precision: str = "no"  # no | bf16 | fp16 (autocast on GPU)
+    gradient_checkpointing: bool = False
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise BadInputError(f"train.{name}={getattr(self, name)}", "must be >= 1")
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise BadInputError(f"train.cond_dropout={self.cond_dropout}", "must be in [0, 1)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise BadInputError(f"train.ema_decay={self.ema_decay}", "must be in [0, 1) (0 disables EMA)")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise BadInputError(f"train.mixed_precision={self.mixed_precision!r}", "must be no, bf16 or fp16")
+
+
+@dataclass
+class TrainControlNetConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    out: str = "runs/tiny/controlnet"
+
+
+# -- data ---------------------------------------------------------------------------------------
+def fit_to(image: np.ndarray, scribble: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resize the short side to ``size`` and centre-crop a square (nearest for the scribble)."""
+    h, w = scribble.shape
+    if (h, w) == (size, size):
+        return image, scribble
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    img = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BICUBIC))
+    scr = np.asarray(Image.fromarray(scribble).resize((nw, nh), Image.NEAREST))
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return img[top:top + size, left:left + size], scr[top:top + size, left:left + size]
+
+
+def _shards_of_split(manifest: str, split: str) -> tuple[list[str], list[str]]:
+    table, info = read_manifest(manifest)
+    rows = [r for r in table.select(["shard", "split", "status"]).to_pylist()
+            if r["split"] == split and r["status"] == "ok"]
+    if not rows:
+        raise BadInputError(manifest, f"no '{split}' samples with status ok", "ingest real data first")
+    if not info.class_names:
+        raise BadInputError(manifest, "manifest has no class names in its metadata")
+    shards = sorted({r["shard"] for r in rows})
+    return [resolve_shard(manifest, s) for s in shards], info.class_names
+
+
+def _iter_split(shards: Sequence[str], split: str, size: int, class_names: Sequence[str]):
+    for path in shards:
+        for s in read_shard(path, with_mask=False):
+            if s.meta.get("split", split) != split:
+                continue
+            img, scr = fit_to(s.image, s.scribble, size)
+            yield img, scr, names_for_ids(np.unique(scr).tolist(), class_names)
+
+
+class InMemoryData:
+    """The whole split decoded once; batches by per-epoch seeded permutation (exact resume)."""
+
+    def __init__(self, shards: Sequence[str], split: str, size: int, class_names: Sequence[str]) -> None:
+        items = list(_iter_split(shards, split, size, class_names))
+        self.images = np.stack([i[0] for i in items])
+        self.scribbles = np.stack([i[1] for i in items])
+        self.names = [i[2] for i in items]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def batch(self, step: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
+        n = len(self)
+        idx = []
+        for pos in range(step * batch_size, (step + 1) * batch_size):
+            epoch, k = divmod(pos, n)
+            perm = np.random.default_rng([seed, epoch]).permutation(n)
+            idx.append(int(perm[k]))
+        return self.images[idx], self.scribbles[idx], [self.names[i] for i in idx]
+
+
+class StreamingData:
+    """Endless shuffled stream over shards (big sets): shard order per pass, shuffle buffer."""
+
+    def __init__(self, shards: Sequence[str], split: str, size: int, class_names: Sequence[str],
+                 buffer: int, seed: int) -> None:
+        self.args = (split, size, class_names)
+        self.shards, self.buffer, self.seed = list(shards), buffer, seed
+        self._it = self._stream()
+
+    def _stream(self) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+        rng = random.Random(self.seed)
+        buf: list = []
+        while True:
+            order = self.shards[:]
+            rng.shuffle(order)
+            for item in _iter_split(order, *self.args):
+                buf.append(item)
+                if len(buf) >= self.buffer:
+                    yield buf.pop(rng.randrange(len(buf)))
+
+    def batch(self, step: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
+        items = [next(self._it) for _ in range(batch_size)]
+        return np.stack([i[0] for i in items]), np.stack([i[1] for i in items]), [i[2] for i in items]
+
+
+# -- one step ---------------------------------------------------------------------------------
+def dropout_mask(batch: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Which samples lose their conditioning this step (Bernoulli(p) each)."""
+    return torch.rand(batch, generator=generator) < p
+
+
+def apply_dropout(hint: torch.Tensor, text: torch.Tensor, null_hint: torch.Tensor, null_text: torch.Tensor,
+                  drop: torch.Tensor, drop_prompt: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace dropped samples' hint by the null hint (and prompt by the null prompt)."""
+    d = drop.to(hint.device)
+    hint = torch.where(d[:, None, None, None], null_hint, hint)
+    if drop_prompt:
+        text = torch.where(d[:, None, None], null_text, text)
+    return hint, text
+
+
+def loss_on_batch(model: ScribbleGenModel, scheduler, images: np.ndarray, scribbles: np.ndarray,
+                  names: list[list[str]], p_drop: float, drop_prompt: bool,
+                  gen: torch.Generator) -> tuple[torch.Tensor, int]:
+    """ε-prediction MSE on one batch; returns (loss, number of dropped samples)."""
+    b = len(names)
+    z0 = model.encode_images(images)
+    noise = torch.randn(z0.shape, generator=gen).to(z0.device, z0.dtype)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen).to(z0.device)
+    zt = scheduler.add_noise(z0, noise, t)
+    drop = dropout_mask(b, p_drop, gen)
+    with torch.set_grad_enabled(any(p.requires_grad for p in model.text.parameters())):
+        text = model.text.encode(names)
+        null_text = model.text.null(b)
+    null_hint = model.null_hints(b, images.shape[1:3])
+    hint, text = apply_dropout(model.hint(scribbles), text, null_hint, null_text, drop, drop_prompt)
+    eps = model.predict_noise(zt, t, hint, text.to(zt.dtype))
+    return torch.nn.functional.mse_loss(eps.float(), noise.float()), int(drop.sum())
+
+
+# -- the loop ---------------------------------------------------------------------------------
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInputError(f"train.device={name}", "CUDA is not available on this machine", "use device=cpu")
+    return torch.device(name)
+
+
+def build_model(cfg: TrainControlNetConfig, class_names: Sequence[str]) -> ScribbleGenModel:
+    m = cfg.model
+    if m.kind == "tiny":
+        return build_tiny(m.tiny, class_names, m.resolution, seed=m.seed)
+    return from_stable_diffusion(m.pretrained, class_names, m.resolution)
+
+
+def trainable_params(model: ScribbleGenModel, train_denoiser: bool) -> dict[str, torch.nn.Parameter]:
+    """Freeze everything, then unfreeze ControlNet + null hint (+ denoiser and text table)."""
+    model.requires_grad_(False)
+    model.controlnet.requires_grad_(True)
+    model.null_hint.requires_grad_(True)
+    if train_denoiser:
+        model.unet.requires_grad_(True)
+        if model.kind == "tiny":
+            model.text.requires_grad_(True)
+    return {k: p for k, p in model.named_parameters() if p.requires_grad}
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """On resume, drop log lines written after the checkpoint (they will be re-run)."""
+    if path.is_file():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def train(cfg: TrainControlNetConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Run (or resume) training; return the folder of the saved final bundle."""
+    from diffusers import DDIMScheduler
+    from tqdm import tqdm
+
+    tc = cfg.train
+    device = pick_device(tc.device)
+    if device.type == "cpu":
+        torch.set_num_threads(tc.threads or os.cpu_count() or 1)
+    out = Path(cfg.out)
+    ckpt_dir = out / "checkpoints"
+    if not resume and (latest_checkpoint(ckpt_dir) or (out / FINAL_DIR).exists()):
+        raise BadInputError(str(out), "already holds a training run", "pass --resume to continue it, or pick another out")
+    shards, class_names = _shards_of_split(cfg.data.manifest, cfg.data.split)
+    res = cfg.model.resolution
+    if cfg.data.in_memory:
+        data = InMemoryData(shards, cfg.data.split, res, class_names)
+    else:
+        data = StreamingData(shards, cfg.data.split, res, class_names, cfg.data.shuffle_buffer, tc.seed)
+
+    model = build_model(cfg, class_names).to(device)
+    params = trainable_params(model, tc.train_denoiser)
+    if tc.gradient_checkpointing:
+        model.controlnet.enable_gradient_checkpointing()
+        model.unet.enable_gradient_checkpointing()
+    opt = torch.optim.AdamW(params.values(), lr=tc.lr, weight_decay=tc.weight_decay)
+    ema = EMA(params, tc.ema_decay) if tc.ema_decay > 0 else None
+    noise_sched = DDIMScheduler.from_config(model.scheduler_config)
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    log_path = out / "loss.jsonl"
+    start = 0
+    ckpt = latest_checkpoint(ckpt_dir) if resume else None
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, params, opt, ema)
+        _trim_log(log_path, start)
+    elif log_path.exists():
+        log_path.unlink()
+
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.mixed_precision)
+    scaler = torch.amp.GradScaler(enabled=amp is torch.float16 and device.type == "cuda")
+    model.train()
+    bar = tqdm(total=tc.steps, initial=start, desc="train controlnet", disable=not progress, dynamic_ncols=True)
+    acc_loss, acc_n, acc_drop, t0 = 0.0, 0, 0, time.perf_counter()
+    with open(log_path, "a") as log:
+        for step in range(start, tc.steps):
+            gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
+            for g in opt.param_groups:  # linear warmup, then constant
+                g["lr"] = tc.lr * min(1.0, (step + 1) / max(1, tc.warmup_steps))
+            images, scribbles, names = data.batch(step, tc.batch_size, tc.seed)
+            if cfg.data.hflip:
+                flip = (torch.rand(len(names), generator=gen) < 0.5).numpy()
+                images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+                scribbles = np.where(flip[:, None, None], scribbles[:, :, ::-1], scribbles)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss, dropped = loss_on_batch(model, noise_sched, images, scribbles, names,
+                                              tc.cond_dropout, tc.drop_prompt, gen)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params.values(), tc.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            if ema is not None:
+                ema.update()
+            if not math.isfinite(loss.item()):
+                raise RuntimeError(f"loss became {loss.item()} at step {step}; lower train.lr")
+            acc_loss, acc_n, acc_drop = acc_loss + loss.item(), acc_n + 1, acc_drop + dropped
+            done = step + 1
+            bar.update(1)
+            if done % tc.log_every == 0 or done == tc.steps:
+                rec = {"step": done, "loss": acc_loss / acc_n, "lr": opt.param_groups[0]["lr"],
+                       "dropped": acc_drop, "samples": acc_n * tc.batch_size,
+                       "seconds": round(time.perf_counter() - t0, 3)}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                acc_loss, acc_n, acc_drop = 0.0, 0, 0
+            if done % tc.save_every == 0 or done == tc.steps:
+                save_checkpoint(ckpt_dir, done, params, opt, ema, keep=tc.keep_checkpoints)
+    bar.close()
+    if ema is not None:
+        ema.copy_to_params()
+    model.eval()
+    return model.save_pretrained(out / FINAL_DIR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Train the ScribbleGen ControlNet on real shards (tiny from scratch, or SD 1.5 + ControlNet).",
+        epilog="example: python jobs/train_controlnet.py --config configs/controlnet/tiny.yaml "
+               "--set data.manifest=runs/tiny/real/manifest.parquet --set out=runs/tiny/controlnet",
+    )
+    add_config_args(parser, DEFAULT_CONFIG)
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in <out>/checkpoints")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar (e.g. in CI logs)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(TrainControlNetConfig, args.config, args.overrides)
+        final = train(cfg, resume=args.resume, progress=not args.no_progress)
+    except BadInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"saved {final}")
+    return 0

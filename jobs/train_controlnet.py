@@ -1,0 +1,15 @@
+"""ControlNet training job: ``python -m jobs.train_controlnet`` or ``python jobs/train_controlnet.py``
+(e.g. under ``ray job submit``). See :mod:`engine.train_controlnet` for options and outputs.
+"""
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a file: make the repo root importable in case the package is not pip-installed.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.train_controlnet import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
