@@ -1,0 +1,50 @@
+"""The headline script on fabricated shards: every scheme x seed runs, the table is right, reruns reuse."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from seg_fixtures import make_real, make_synthetic
+
+TINY = ["--set", "train.steps=2", "--set", "train.batch_size=4", "--set", "augment.crop=16", "--set", "data.workers=0",
+        "--set", "model.width=8", "--set", "train.eval_every=0", "--set", "train.log_every=1", "--set", "scheme.fixed_lambda=0.5"]
+
+
+def load_headline():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "headline.py"
+    spec = importlib.util.spec_from_file_location("headline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_headline_table_over_schemes_and_seeds(tmp_path, capsys, monkeypatch):
+    headline = load_headline()
+    real, synth = make_real(tmp_path, n_train=32, size=24), make_synthetic(tmp_path, (0.2, 0.5, 1.0), n_train=32, size=24)
+    argv = ["--real", str(real), "--synthetic", str(synth), "--fraction", "1/4", "--seeds", "0", "1", "--out", str(tmp_path / "h"), *TINY]
+    assert headline.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if ln.startswith("| ") and not ln.startswith("| scheme") and "---" not in ln]
+    assert [r.split("|")[1].strip() for r in rows] == ["real", "fixed", "uniform", "adaptive"]
+    assert "(8 images)" in out  # 1/4 of 32 real training sources
+    for row in rows:
+        scheme = row.split("|")[1].strip()
+        mious = [json.loads((tmp_path / "h" / f"{scheme}-seed{s}" / "summary.json").read_text())["miou"] for s in (0, 1)]
+        assert f"{100 * statistics.mean(mious):.2f} ± {100 * statistics.stdev(mious):.2f}" in row
+    fixed = json.loads((tmp_path / "h" / "fixed-seed0" / "summary.json").read_text())
+    assert set(fixed["lam_counts"]) <= {"0.0", "0.5"} and fixed["synthetic_samples"] == {"0.2": 8, "0.5": 8, "1.0": 8}
+    assert (tmp_path / "h" / "headline.md").read_text().strip() in out
+
+    monkeypatch.setattr(headline, "train", lambda *a, **k: pytest.fail("finished runs must be reused"))
+    assert headline.main(argv) == 0
+
+
+def test_headline_bad_fraction(tmp_path, capsys):
+    assert load_headline().main(["--real", "x.parquet", "--fraction", "2", "--out", str(tmp_path)]) == 2
+    assert "must be in (0, 1]" in capsys.readouterr().err
