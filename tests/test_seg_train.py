@@ -166,3 +166,17 @@ def test_cli_synthetic_scheme_without_synthetic_manifest(data, tmp_path, capsys)
     real, _ = data
     code, io = run_cli(["--shards", real, "--scheme", "adaptive", "--out", str(tmp_path / "o"), *FAST], capsys)
     assert code == 2 and "synthetic manifest" in io.err
+
+
+def test_seg_never_imports_the_generator():
+    """DESIGN: seg shares only the shard format and manifest with engine (static check of every import)."""
+    import ast
+    from pathlib import Path
+
+    allowed = {"engine.shards", "engine.manifest", "engine.config", "engine.errors"}
+    for path in (Path(__file__).resolve().parents[1] / "seg").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert not name.startswith(("ray", "diffusers", "transformers")), f"{path.name} imports {name}"
+                assert not name.startswith("engine") or name in allowed, f"{path.name} imports {name}"
