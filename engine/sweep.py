@@ -1,0 +1,575 @@
+"""The paper's experiments end to end: ingest -> ControlNet -> (w, λ) grid -> FID -> seg -> report.
+
+One code path runs the demo and every sweep: a sweep config (``configs/demo/*.yaml``,
+``configs/sweeps/*.yaml``) names the (w, λ) grid to generate, the segmentation studies
+to train and where the run folder is; each stage calls the owning job's Python
+function with that job's own config object.
+
+Run folder (``out``)::
+
+    real/manifest.parquet ...            ingest (skipped when ``real_manifest`` is given)
+    controlnet/final/ ...                ControlNet (skipped when ``model_dir`` is given)
+    synthetic/w2p00-l0p50/ ...           one generation per (w, λ) cell, Ray actors
+    fid.json                             FID of every cell against the real images
+    seg/<run>/summary.json ...           one seg training per (scheme, w, λ set, seed)
+    <report.dir>/sweep.json, index.md, index.html, *.png
+
+Resume: every stage skips work already done, so rerunning a command continues it. A
+finished output is reused only when the config that made it equals today's config
+(compared key by key, paths excepted); otherwise the run stops and names the keys,
+instead of silently mixing results of two setups. Generation cells and seg runs are
+named by their parameters, so sweeps that share a run folder share their common work.
+
+Configs may start from other configs: a mapping with a ``base: file.yaml`` key is that
+file (path relative to the including file) with the mapping's other keys merged over
+it. Sections use it to take a job's own config (``controlnet: {base:
+../controlnet/tiny.yaml}``) and sweeps to extend the demo (``base: ../demo/tiny.yaml``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from engine.config import apply_overrides, from_dict, load_yaml, to_dict
+from engine.errors import BadInputError
+from engine.fid import FIDConfig, FIDScorer, manifest_images
+from engine.generate import GenerateConfig, PlanConfig
+from engine.generate.plan import shard_prefix
+from engine.ingest import IngestConfig
+from engine.manifest import read_manifest
+from engine.train_controlnet import TrainControlNetConfig
+from seg.schemes import SCHEMES
+from seg.train import SegConfig
+
+REPO = Path(__file__).resolve().parents[1]
+RECORD = "sweep.json"
+FID_FILE = "fid.json"
+
+
+# -- config ----------------------------------------------------------------------------------
+@dataclass
+class GridConfig:
+    """The (w, λ) cells to generate; every cell gets its own synthetic set and FID."""
+
+    w: list[float] = field(default_factory=lambda: [2.0])
+    lambdas: list[float] = field(default_factory=lambda: [0.5, 1.0])
+
+    def validate(self) -> None:
+        PlanConfig(w=self.w, lambdas=self.lambdas).validate()  # the generator's own checks
+        self.w, self.lambdas = [float(v) for v in self.w], [float(v) for v in self.lambdas]
+
+
+@dataclass
+class SchemesStudy:
+    """(c) fixed vs uniform vs adaptive (and real only) at one w, over the grid's λ set."""
+
+    enabled: bool = True
+    names: list[str] = field(default_factory=lambda: list(SCHEMES))
+    w: float = 2.0
+    fixed_lambda: float = 1.0
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+
+@dataclass
+class WStudy:
+    """(a) mIoU by guidance scale: scheme ``fixed`` at λ = ``lam`` on each w of the grid."""
+
+    enabled: bool = False
+    lam: float = 1.0
+    seeds: list[int] = field(default_factory=lambda: [0])
+    with_real: bool = True  # also train the real-only baseline (a line on the plot)
+
+
+@dataclass
+class LambdaStudy:
+    """(b) mIoU by encode ratio: scheme ``fixed`` at each λ of the grid, at w = ``w``."""
+
+    enabled: bool = False
+    w: float = 2.0
+    seeds: list[int] = field(default_factory=lambda: [0])
+    with_real: bool = True
+
+
+@dataclass
+class StudiesConfig:
+    schemes: SchemesStudy = field(default_factory=SchemesStudy)
+    w_sweep: WStudy = field(default_factory=WStudy)
+    lambda_sweep: LambdaStudy = field(default_factory=LambdaStudy)
+
+
+@dataclass
+class ReportConfig:
+    dir: str = "report"  # relative to out
+    title: str = ""
+    grid_sources: int = 3  # sources shown in the sample grids
+    seed_index: int = 0  # which sample of a source (k-th seed) the grids show
+
+
+@dataclass
+class SweepConfig:
+    """A whole experiment. Paths inside the job sections are set from ``out``."""
+
+    name: str = "demo"
+    out: str = "runs/demo"
+    real_manifest: str | None = None  # use this real set instead of ingesting
+    model_dir: str | None = None  # use this trained model instead of training one
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    controlnet: TrainControlNetConfig = field(default_factory=TrainControlNetConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
+    fid: FIDConfig = field(default_factory=FIDConfig)
+    seg: SegConfig = field(default_factory=SegConfig)
+    studies: StudiesConfig = field(default_factory=StudiesConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    def validate(self) -> None:
+        s = self.studies
+        if s.schemes.enabled:
+            unknown = sorted(set(s.schemes.names) - set(SCHEMES))
+            if unknown:
+                raise BadInputError(f"studies.schemes.names {unknown}", f"unknown scheme(s); choose from {list(SCHEMES)}")
+        needs = []
+        if s.schemes.enabled and set(s.schemes.names) - {"real"}:
+            needs.append(("studies.schemes.w", s.schemes.w, self.grid.w))
+        if s.schemes.enabled and "fixed" in s.schemes.names:
+            needs.append(("studies.schemes.fixed_lambda", s.schemes.fixed_lambda, self.grid.lambdas))
+        if s.w_sweep.enabled:
+            needs.append(("studies.w_sweep.lam", s.w_sweep.lam, self.grid.lambdas))
+        if s.lambda_sweep.enabled:
+            needs.append(("studies.lambda_sweep.w", s.lambda_sweep.w, self.grid.w))
+        for where, value, allowed in needs:
+            if not any(abs(value - a) < 5e-3 for a in allowed):
+                raise BadInputError(f"{where}={value}", f"is not in the grid {allowed}", "add it to grid.w / grid.lambdas")
+        if self.report.grid_sources < 0:
+            raise BadInputError(f"report.grid_sources={self.report.grid_sources}", "must be >= 0")
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base``: mappings recursively, everything else replaced."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
+    return out
+
+
+def resolve_bases(data: Any, here: Path, seen: tuple[Path, ...] = ()) -> Any:
+    """Replace every ``{base: file, ...}`` mapping by ``file`` (resolved too) merged with the rest."""
+    if not isinstance(data, dict):
+        return data
+    data = {k: resolve_bases(v, here, seen) for k, v in data.items()}
+    if "base" not in data:
+        return data
+    path = (here / str(data.pop("base"))).resolve()
+    if path in seen:
+        raise BadInputError(str(path), "includes itself through 'base'")
+    base = resolve_bases(load_yaml(path), path.parent, seen + (path,))
+    return deep_merge(base, data)
+
+
+def load_sweep_config(path: str | Path, overrides: list[str] | None = None, overlays: list[str | Path] = ()) -> SweepConfig:
+    """Config file (bases resolved) + overlay files merged over it + ``--set`` overrides."""
+    path = Path(path)
+    data = resolve_bases(load_yaml(path), path.resolve().parent)
+    for overlay in overlays:
+        data = deep_merge(data, resolve_bases(load_yaml(overlay), Path(overlay).resolve().parent))
+    apply_overrides(data, overrides or [])
+    return from_dict(SweepConfig, data, str(path))
+
+
+# -- naming and planning ---------------------------------------------------------------------
+def cell_name(w: float, lam: float) -> str:
+    """Folder of one (w, λ) generation: ``w2p00-l0p50`` (the shard prefix without ``syn-``)."""
+    return shard_prefix(w, lam).removeprefix("syn-")
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.2f}".replace(".", "p")
+
+
+@dataclass
+class SegRun:
+    """One segmentation training: scheme, the synthetic cells it draws from, seed."""
+
+    scheme: str
+    w: float | None  # None: real only
+    lambdas: list[float]
+    seed: int
+    studies: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        if self.scheme == "real":
+            return f"real-seed{self.seed}"
+        lams = "_".join(_fmt(x) for x in self.lambdas)
+        return f"{self.scheme}-w{_fmt(self.w)}-l{lams}-seed{self.seed}"  # type: ignore[arg-type]
+
+    @property
+    def cells(self) -> list[str]:
+        return [cell_name(self.w, lam) for lam in self.lambdas] if self.w is not None else []
+
+
+def plan_seg_runs(cfg: SweepConfig) -> list[SegRun]:
+    """Every seg training the enabled studies need, each once (a run may serve several studies)."""
+    runs: dict[str, SegRun] = {}
+
+    def add(run: SegRun, study: str) -> None:
+        run = runs.setdefault(run.name, run)
+        if study not in run.studies:
+            run.studies.append(study)
+
+    s, lams = cfg.studies, cfg.grid.lambdas
+    if s.schemes.enabled:
+        for seed in s.schemes.seeds:
+            for name in s.schemes.names:
+                chosen = {"real": [], "fixed": [s.schemes.fixed_lambda]}.get(name, lams)
+                add(SegRun(name, None if name == "real" else s.schemes.w, list(chosen), seed), "schemes")
+    if s.w_sweep.enabled:
+        for seed in s.w_sweep.seeds:
+            if s.w_sweep.with_real:
+                add(SegRun("real", None, [], seed), "w_sweep")
+            for w in cfg.grid.w:
+                add(SegRun("fixed", w, [s.w_sweep.lam], seed), "w_sweep")
+    if s.lambda_sweep.enabled:
+        for seed in s.lambda_sweep.seeds:
+            if s.lambda_sweep.with_real:
+                add(SegRun("real", None, [], seed), "lambda_sweep")
+            for lam in lams:
+                add(SegRun("fixed", s.lambda_sweep.w, [lam], seed), "lambda_sweep")
+    return list(runs.values())
+
+
+def seg_config_for(cfg: SweepConfig, run: SegRun) -> SegConfig:
+    """The sweep's seg section with this run's scheme, fixed λ and seed."""
+    seg = copy.deepcopy(cfg.seg)
+    seg.scheme.name = run.scheme
+    seg.scheme.fixed_lambda = run.lambdas[0] if run.scheme == "fixed" else None
+    seg.train.seed = run.seed
+    seg.scheme.validate()
+    return seg
+
+
+# -- reuse checks ----------------------------------------------------------------------------
+def _plain(obj: Any) -> Any:
+    """A config as plain YAML data (tuples -> lists), for comparing saved and current configs."""
+    return yaml.safe_load(yaml.safe_dump(to_dict(obj) if not isinstance(obj, dict) else obj))
+
+
+def config_diff(saved: dict[str, Any], current: dict[str, Any], ignore: set[str] = frozenset(), prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ (``ignore`` lists dotted keys that may differ)."""
+    diff = []
+    for key in sorted(set(saved) | set(current)):
+        dotted = f"{prefix}{key}"
+        if dotted in ignore:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff += config_diff(a, b, ignore, dotted + ".")
+        elif a != b:
+            diff.append(dotted)
+    return diff
+
+
+def check_reuse(saved_file: Path, current: Any, ignore: set[str], what: str) -> None:
+    """Refuse to reuse an output made with another config; name the differing keys."""
+    if not saved_file.is_file():
+        return
+    diff = config_diff(yaml.safe_load(saved_file.read_text()) or {}, _plain(current), ignore)
+    if diff:
+        raise BadInputError(
+            str(saved_file.parent), f"holds a {what} made with a different config (differs in {', '.join(diff[:6])})",
+            "use another --out, or delete that folder to redo it",
+        )
+
+
+# -- stages ----------------------------------------------------------------------------------
+class Stages:
+    """Headers, wall time and counts of every stage, saved in the sweep record as they finish."""
+
+    def __init__(self, record: dict[str, Any], save) -> None:
+        self.record, self.save = record, save
+        self.total = 0
+        self.index = 0
+
+    @contextmanager
+    def stage(self, name: str, title: str) -> Iterator[dict[str, Any]]:
+        self.index += 1
+        print(f"\n==> [{self.index}/{self.total}] {title}", flush=True)
+        info: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        yield info
+        info["seconds"] = round(time.perf_counter() - t0, 3)
+        self.record["stages"][name] = info
+        self.save()
+        print(f"    {name}: {info['seconds']:.1f} s" + (" (reused)" if info.get("reused") else ""), flush=True)
+
+
+def stage_ingest(cfg: SweepConfig, out: Path, info: dict[str, Any]) -> Path:
+    """Real shards + manifest; an existing ingest of the same config is reused."""
+    if cfg.real_manifest:
+        info.update(reused=True, external=cfg.real_manifest)
+        read_manifest(cfg.real_manifest)  # fail now, naming the file, if it is not one
+        return Path(cfg.real_manifest)
+    from engine.ingest import CONFIG_COPY, MANIFEST, run_ingest
+
+    ing = copy.deepcopy(cfg.ingest)
+    ing.out = str(out / "real")
+    manifest = Path(ing.out) / MANIFEST
+    check_reuse(Path(ing.out) / CONFIG_COPY, ing, {"out", "overwrite"}, "real set")
+    if manifest.is_file():
+        info["reused"] = True
+    else:
+        ing.overwrite = True  # an interrupted ingest leaves shards but no manifest: redo it
+        run_ingest(ing)
+    table, _ = read_manifest(manifest)
+    info["images"] = sum(1 for s in table.column("status").to_pylist() if s == "ok")
+    return manifest
+
+
+def stage_controlnet(cfg: SweepConfig, out: Path, real_manifest: Path, info: dict[str, Any]) -> Path:
+    """The trained model folder; a finished training is reused, an interrupted one resumed."""
+    if cfg.model_dir:
+        info.update(reused=True, external=cfg.model_dir)
+        if not Path(cfg.model_dir).is_dir():
+            raise BadInputError(cfg.model_dir, "model folder not found")
+        return Path(cfg.model_dir)
+    from engine.models import FINAL_DIR
+    from engine.train_controlnet import train
+    from engine.train_state import latest_checkpoint
+
+    cn = copy.deepcopy(cfg.controlnet)
+    cn.out = str(out / "controlnet")
+    cn.data.manifest = str(real_manifest)
+    final = Path(cn.out) / FINAL_DIR
+    check_reuse(Path(cn.out) / "config.yaml", cn, {"out", "data.manifest"}, "ControlNet")
+    if final.is_dir():
+        info["reused"] = True
+        return final
+    resume = latest_checkpoint(Path(cn.out) / "checkpoints") is not None
+    info["resumed"] = resume
+    info["steps"] = cn.train.steps
+    return Path(train(cn, resume=resume))
+
+
+@contextmanager
+def ray_session(address: str | None, local_num_cpus: int | None) -> Iterator[None]:
+    """Connect Ray once for all cells; shut it down after if this process started it."""
+    import ray
+
+    from engine.generate.distributor import connect
+
+    started = not ray.is_initialized()
+    if started:
+        connect(address, local_num_cpus)
+    try:
+        yield
+    finally:
+        if started and ray.is_initialized():
+            ray.shutdown()
+
+
+def generate_config_for(cfg: SweepConfig, out: Path, real_manifest: Path, model_dir: Path, w: float, lam: float) -> GenerateConfig:
+    gen = copy.deepcopy(cfg.generate)
+    gen.real_manifest, gen.model_dir = str(real_manifest), str(model_dir)
+    gen.out_dir = str(out / "synthetic" / cell_name(w, lam))
+    gen.plan.w, gen.plan.lambdas = [w], [lam]
+    gen.validate()
+    return gen
+
+
+def stage_generate(cfg: SweepConfig, out: Path, real_manifest: Path, model_dir: Path, info: dict[str, Any]) -> dict[str, Path]:
+    """One generation per (w, λ) cell (resumed where it stopped); cell name -> manifest."""
+    from engine.generate import run_generate
+    from engine.generate.run import MANIFEST, SUMMARY
+
+    cells = [(w, lam) for w in cfg.grid.w for lam in cfg.grid.lambdas]
+    manifests: dict[str, Path] = {}
+    todo = []
+    for w, lam in cells:
+        gen = generate_config_for(cfg, out, real_manifest, model_dir, w, lam)
+        done = (Path(gen.out_dir) / SUMMARY).is_file() and (Path(gen.out_dir) / MANIFEST).is_file()
+        manifests[cell_name(w, lam)] = Path(gen.out_dir) / MANIFEST
+        if not done or _generation_incomplete(gen):
+            todo.append(gen)
+    info.update(cells=len(cells), cells_reused=len(cells) - len(todo), images=0, images_this_run=0)
+    if todo:
+        with ray_session(cfg.generate.ray.address, cfg.generate.ray.local_num_cpus):
+            for i, gen in enumerate(todo, 1):
+                print(f"    cell {i}/{len(todo)}: w={gen.plan.w[0]:g} λ={gen.plan.lambdas[0]:g} -> {gen.out_dir}", flush=True)
+                summary = run_generate(gen)
+                info["images_this_run"] += summary["samples_this_run"]
+    for m in manifests.values():
+        info["images"] += json.loads((m.parent / SUMMARY).read_text())["samples"]
+    return manifests
+
+
+def _generation_incomplete(gen: GenerateConfig) -> bool:
+    """A finished cell whose config changed since (more sources, seeds...) must run again."""
+    from engine.generate.plan import build_plan
+
+    table, info = read_manifest(Path(gen.out_dir) / "manifest.parquet")
+    plan = build_plan(gen.plan, Path(gen.real_manifest).resolve())
+    return info.extra.get("plan", {}).get("fingerprint") != plan.fingerprint() or table.num_rows != plan.num_samples
+
+
+def stage_fid(cfg: SweepConfig, out: Path, real_manifest: Path, cells: dict[str, Path], info: dict[str, Any]) -> dict[str, Any]:
+    """FID of every cell against the real reference; cached per cell in ``fid.json``."""
+    from tqdm import tqdm
+
+    path = out / FID_FILE
+    describe = {**cfg.fid.describe(), "reference": str(real_manifest), "split": cfg.fid.reference_split,
+                "max_reference": cfg.fid.max_reference}
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    if cache.get("setup") != describe:
+        cache = {"setup": describe, "cells": {}}
+    todo = {}
+    for name, manifest in cells.items():
+        table, meta = read_manifest(manifest)
+        fingerprint = meta.extra.get("plan", {}).get("fingerprint")
+        if cache["cells"].get(name, {}).get("fingerprint") != fingerprint:
+            todo[name] = (manifest, table, fingerprint)
+    info.update(cells=len(cells), cells_reused=len(cells) - len(todo), images=0)
+    if todo:
+        size = int(next(iter(todo.values()))[1].column("height")[0].as_py())
+        scorer = FIDScorer(cfg.fid, size)
+        t0 = time.perf_counter()
+        n_ref = scorer.set_reference(manifest_images(real_manifest, cfg.fid.reference_split, cfg.fid.max_reference))
+        ref_seconds = time.perf_counter() - t0
+        for name, (manifest, table, fingerprint) in tqdm(todo.items(), desc="fid", unit="cell"):
+            t0 = time.perf_counter()
+            value, n = scorer.score(manifest_images(manifest))
+            row = table.slice(0, 1).to_pylist()[0]
+            cache["cells"][name] = {"w": row["w"], "lambda": row["lambda"], "fid": value, "samples": n,
+                                    "reference_samples": n_ref, "size": size, "fingerprint": fingerprint,
+                                    "seconds": round(time.perf_counter() - t0 + ref_seconds / len(todo), 3)}
+            info["images"] += n
+            _write_json(path, cache)
+    _write_json(path, cache)
+    return cache
+
+
+def stage_seg(cfg: SweepConfig, out: Path, real_manifest: Path, cells: dict[str, Path], runs: list[SegRun],
+              info: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every planned seg training; finished ones reused, interrupted ones resumed."""
+    from seg.train import train
+
+    summaries: dict[str, dict[str, Any]] = {}
+    info.update(runs=len(runs), runs_reused=0)
+    for i, run in enumerate(runs, 1):
+        seg = seg_config_for(cfg, run)
+        folder = out / "seg" / run.name
+        manifests = [str(real_manifest)] + [str(cells[c]) for c in run.cells]
+        check_reuse(folder / "config.yaml", seg, set(), "seg run")
+        summary_file = folder / "summary.json"
+        if summary_file.is_file():
+            summary = json.loads(summary_file.read_text())
+            if summary.get("manifests") == manifests:
+                summaries[run.name] = summary
+                info["runs_reused"] += 1
+                print(f"    seg {i}/{len(runs)}: {run.name} (reused, mIoU {summary['miou']:.4f})", flush=True)
+                continue
+            summary_file.unlink()  # made from other synthetic sets: train again
+        print(f"    seg {i}/{len(runs)}: {run.name}", flush=True)
+        resume = (folder / "checkpoints" / "last.pt").is_file()
+        summaries[run.name] = train(seg, manifests, folder, resume=resume)
+        print(f"    mIoU {summaries[run.name]['miou']:.4f} in {summaries[run.name]['seconds']:.1f} s", flush=True)
+    return summaries
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _rel(path: Path, root: Path) -> str:
+    return os.path.relpath(Path(path).resolve(), root.resolve())
+
+
+def run_sweep(cfg: SweepConfig) -> Path:
+    """Run (or resume) the whole sweep; return the report's ``index.md``."""
+    from engine.report import build_report
+
+    out = Path(cfg.out)
+    report_dir = out / cfg.report.dir
+    report_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    runs = plan_seg_runs(cfg)
+    record: dict[str, Any] = {
+        "name": cfg.name, "title": cfg.report.title or cfg.name, "config": to_dict(cfg),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "stages": {},
+        "grid": {"w": cfg.grid.w, "lambdas": cfg.grid.lambdas}, "cells": [],
+        "seg_runs": [{"name": r.name, **asdict(r), "dir": f"seg/{r.name}"} for r in runs],
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+    }
+    save = lambda: _write_json(report_dir / RECORD, record)  # noqa: E731
+    stages = Stages(record, save)
+    stages.total = 4 + bool(cfg.fid.enabled) + bool(runs)
+    with stages.stage("ingest", f"ingest real data -> {out / 'real'}") as info:
+        real = stage_ingest(cfg, out, info)
+    with stages.stage("controlnet", f"train ControlNet -> {out / 'controlnet'}") as info:
+        model = stage_controlnet(cfg, out, real, info)
+    n_cells = len(cfg.grid.w) * len(cfg.grid.lambdas)
+    with stages.stage("generate", f"generate {n_cells} (w, λ) cell(s) with Ray -> {out / 'synthetic'}") as info:
+        cells = stage_generate(cfg, out, real, model, info)
+    record["real_manifest"], record["model_dir"] = _rel(real, out), _rel(model, out)
+    record["cells"] = [{"name": cell_name(w, lam), "w": w, "lambda": lam,
+                        "manifest": _rel(cells[cell_name(w, lam)], out)} for w in cfg.grid.w for lam in cfg.grid.lambdas]
+    if cfg.fid.enabled:
+        with stages.stage("fid", f"FID of {n_cells} cell(s) ({cfg.fid.feature} features) -> {out / FID_FILE}") as info:
+            stage_fid(cfg, out, real, cells, info)
+    if runs:
+        with stages.stage("seg", f"train {len(runs)} segmentation model(s) -> {out / 'seg'}") as info:
+            stage_seg(cfg, out, real, cells, runs, info)
+    with stages.stage("report", f"report -> {report_dir}") as info:
+        record["wall_seconds"] = round(time.perf_counter() - t_start, 3)
+        save()
+        index = build_report(out, cfg.report.dir)
+    record["wall_seconds"] = round(time.perf_counter() - t_start, 3)
+    record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    save()
+    build_report(out, cfg.report.dir)  # once more, with the final wall time (fast: figures are cheap)
+    return index
+
+
+# -- CLI -------------------------------------------------------------------------------------
+FAST_OVERLAY = REPO / "configs" / "demo" / "fast.yaml"
+
+
+def main(argv: list[str] | None = None, default_config: str | None = None, prog: str = "python -m jobs.sweep") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Run a ScribbleGen experiment end to end: ingest -> ControlNet -> Ray generation over a "
+                    "(w, λ) grid -> FID -> segmentation schemes -> report. Rerunning resumes.",
+        epilog="examples: python -m jobs.demo | python -m jobs.sweep --config configs/sweeps/w.yaml | "
+               "python -m jobs.demo --fast --out runs/demo-fast",
+    )
+    parser.add_argument("--config", default=default_config, required=default_config is None,
+                        help=f"sweep YAML (default: {default_config})" if default_config else "sweep YAML, e.g. configs/sweeps/w.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, dotted path (e.g. --set controlnet.train.steps=100); repeatable")
+    parser.add_argument("--out", help="run folder (overrides config 'out')")
+    parser.add_argument("--fast", action="store_true",
+                        help=f"a much smaller budget (merges {FAST_OVERLAY.relative_to(REPO)} over the config): a smoke run")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides) + ([f"out={json.dumps(args.out)}"] if args.out else [])
+    t0 = time.perf_counter()
+    try:
+        cfg = load_sweep_config(args.config, overrides, [FAST_OVERLAY] if args.fast else [])
+        index = run_sweep(cfg)
+    except BadInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"\nreport: {index} (and index.html beside it); total {time.perf_counter() - t0:.1f} s")
+    return 0
