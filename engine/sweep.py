@@ -371,6 +371,8 @@ def ray_session(address: str | None, local_num_cpus: int | None) -> Iterator[Non
 
     started = not ray.is_initialized()
     if started:
+        # Actors inherit the driver's environment: keep diffusers' load-time advice out of the log.
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
         connect(address, local_num_cpus)
     try:
         yield
@@ -497,6 +499,23 @@ def _rel(path: Path, root: Path) -> str:
     return os.path.relpath(Path(path).resolve(), root.resolve())
 
 
+def new_record(cfg: SweepConfig, runs: list[SegRun]) -> dict[str, Any]:
+    """The sweep record (``<report dir>/sweep.json``) before any stage ran; the report reads it."""
+    return {
+        "name": cfg.name, "title": cfg.report.title or cfg.name, "config": to_dict(cfg),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "stages": {},
+        "grid": {"w": cfg.grid.w, "lambdas": cfg.grid.lambdas}, "cells": [],
+        "seg_runs": [{"name": r.name, **asdict(r), "dir": f"seg/{r.name}"} for r in runs],
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+    }
+
+
+def cell_entries(cfg: SweepConfig, manifests: dict[str, Path], out: Path) -> list[dict[str, Any]]:
+    """The record's cell list: name, w, λ and manifest path relative to the run folder."""
+    return [{"name": cell_name(w, lam), "w": w, "lambda": lam, "manifest": _rel(manifests[cell_name(w, lam)], out)}
+            for w in cfg.grid.w for lam in cfg.grid.lambdas]
+
+
 def run_sweep(cfg: SweepConfig) -> Path:
     """Run (or resume) the whole sweep; return the report's ``index.md``."""
     from engine.report import build_report
@@ -506,13 +525,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
     report_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     runs = plan_seg_runs(cfg)
-    record: dict[str, Any] = {
-        "name": cfg.name, "title": cfg.report.title or cfg.name, "config": to_dict(cfg),
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "stages": {},
-        "grid": {"w": cfg.grid.w, "lambdas": cfg.grid.lambdas}, "cells": [],
-        "seg_runs": [{"name": r.name, **asdict(r), "dir": f"seg/{r.name}"} for r in runs],
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-    }
+    record = new_record(cfg, runs)
     save = lambda: _write_json(report_dir / RECORD, record)  # noqa: E731
     stages = Stages(record, save)
     stages.total = 4 + bool(cfg.fid.enabled) + bool(runs)
@@ -523,9 +536,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
     n_cells = len(cfg.grid.w) * len(cfg.grid.lambdas)
     with stages.stage("generate", f"generate {n_cells} (w, λ) cell(s) with Ray -> {out / 'synthetic'}") as info:
         cells = stage_generate(cfg, out, real, model, info)
-    record["real_manifest"], record["model_dir"] = _rel(real, out), _rel(model, out)
-    record["cells"] = [{"name": cell_name(w, lam), "w": w, "lambda": lam,
-                        "manifest": _rel(cells[cell_name(w, lam)], out)} for w in cfg.grid.w for lam in cfg.grid.lambdas]
+    record.update(real_manifest=_rel(real, out), model_dir=_rel(model, out), cells=cell_entries(cfg, cells, out))
     if cfg.fid.enabled:
         with stages.stage("fid", f"FID of {n_cells} cell(s) ({cfg.fid.feature} features) -> {out / FID_FILE}") as info:
             stage_fid(cfg, out, real, cells, info)

@@ -1,0 +1,615 @@
+"""The report of a sweep: tables, plots and sample grids as ``index.md`` + ``index.html``.
+
+Everything is read back from the run folder, never from memory, so a report can be
+rebuilt at any time (``python -m engine.report runs/demo``) and tests can build one from
+fabricated files. Inputs (paths relative to the run folder):
+
+- ``<report dir>/sweep.json``: the sweep record (grid, cells, seg runs, stage timings);
+- each cell's ``manifest.parquet`` (the ``seconds`` column: cost per sample) and
+  ``summary.json`` (generation totals, images/s);
+- ``fid.json``; each seg run's ``summary.json``; the ControlNet's ``loss.jsonl``;
+- the real manifest and the synthetic shards, for the sample grids.
+
+Figures have fixed pixel sizes (no tight bounding box), see :data:`PLOT_PX` and
+:func:`grid_px`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from engine.errors import BadInputError
+from engine.manifest import read_manifest, resolve_shard
+from engine.render import render_scribble
+from engine.shards import Sample, decode_sample, iter_records
+
+DPI = 100
+PLOT_IN = (7.2, 4.2)
+PLOT_PX = (round(PLOT_IN[0] * DPI), round(PLOT_IN[1] * DPI))  # (width, height) of every plot
+GRID_CELL_IN, GRID_LEFT_IN, GRID_TOP_IN, GRID_PAD_IN = 1.2, 0.75, 0.75, 0.08
+
+
+def grid_px(rows: int, cols: int) -> tuple[int, int]:
+    """(width, height) in pixels of a sample grid with ``rows`` λ rows and ``cols`` columns."""
+    w_in = GRID_LEFT_IN + cols * GRID_CELL_IN + GRID_PAD_IN
+    h_in = GRID_TOP_IN + rows * GRID_CELL_IN + GRID_PAD_IN
+    return round(w_in * DPI), round(h_in * DPI)
+
+
+# -- formatting --------------------------------------------------------------------------------
+def fmt_num(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def fmt_miou(x: float | None) -> str:
+    """mIoU as a percentage with 2 decimals (the paper's unit)."""
+    return "–" if x is None else f"{100 * x:.2f}"
+
+
+def fmt_pm(values: Sequence[float]) -> str:
+    """``mean ± std`` (sample std) in mIoU percent; just the value for one seed."""
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return fmt_miou(values[0])
+    return f"{fmt_miou(statistics.mean(values))} ± {100 * statistics.stdev(values):.2f}"
+
+
+def fmt_g(x: float) -> str:
+    return f"{x:g}"
+
+
+# -- page model (rendered both to Markdown and HTML) ----------------------------------------------
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+
+
+@dataclass
+class Page:
+    title: str
+    blocks: list[tuple[str, Any]] = field(default_factory=list)
+
+    def h(self, text: str) -> None:
+        self.blocks.append(("h2", text))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, table: Table) -> None:
+        self.blocks.append(("table", table))
+
+    def img(self, file: str, alt: str) -> None:
+        self.blocks.append(("img", (file, alt)))
+
+    def markdown(self) -> str:
+        out = [f"# {self.title}", ""]
+        for kind, item in self.blocks:
+            if kind == "h2":
+                out += [f"## {item}", ""]
+            elif kind == "p":
+                out += [item, ""]
+            elif kind == "img":
+                out += [f"![{item[1]}]({item[0]})", ""]
+            else:
+                if item.caption:
+                    out += [item.caption, ""]
+                out.append("| " + " | ".join(item.header) + " |")
+                out.append("|" + "|".join(" --- " for _ in item.header) + "|")
+                out += ["| " + " | ".join(row) + " |" for row in item.rows]
+                out.append("")
+        return "\n".join(out)
+
+    def html(self) -> str:
+        e = html.escape
+        body = [f"<h1>{e(self.title)}</h1>"]
+        for kind, item in self.blocks:
+            if kind == "h2":
+                body.append(f"<h2>{e(item)}</h2>")
+            elif kind == "p":
+                body.append(f"<p>{_inline_code(e(item))}</p>")
+            elif kind == "img":
+                body.append(f'<figure><img src="{e(item[0])}" alt="{e(item[1])}"><figcaption>{e(item[1])}</figcaption></figure>')
+            else:
+                cap = f"<caption>{e(item.caption)}</caption>" if item.caption else ""
+                head = "".join(f"<th>{e(h)}</th>" for h in item.header)
+                rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in item.rows)
+                body.append(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+                 "table{border-collapse:collapse;margin:1em 0}caption{text-align:left;color:#555;padding:.3em 0}"
+                 "th,td{border:1px solid #ccc;padding:.3em .7em;text-align:right}th{background:#f3f3f3}"
+                 "td:first-child,th:first-child{text-align:left}img{max-width:100%}figure{margin:1em 0}"
+                 "figcaption{color:#555;font-size:.9em}code{background:#f3f3f3;padding:0 .2em}")
+        return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{e(self.title)}</title>"
+                f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _inline_code(text: str) -> str:
+    """`code` spans of the Markdown paragraphs as <code> in HTML."""
+    parts = text.split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+# -- reading the run folder -----------------------------------------------------------------------
+@dataclass
+class CellData:
+    name: str
+    w: float
+    lam: float
+    manifest: Path
+    seconds: list[float]  # per sample (the manifest's `seconds` column)
+    steps: int
+    summary: dict[str, Any]
+    fid: float | None = None
+
+
+@dataclass
+class SegData:
+    name: str
+    scheme: str
+    w: float | None
+    lambdas: list[float]
+    seed: int
+    studies: list[str]
+    summary: dict[str, Any] | None
+
+    @property
+    def miou(self) -> float | None:
+        return None if self.summary is None else float(self.summary["miou"])
+
+
+@dataclass
+class RunData:
+    root: Path
+    out_dir: Path  # the report folder
+    record: dict[str, Any]
+    cells: list[CellData]
+    seg: list[SegData]
+    fid: dict[str, Any]
+
+    @property
+    def ws(self) -> list[float]:
+        return sorted({c.w for c in self.cells})
+
+    @property
+    def lambdas(self) -> list[float]:
+        return sorted({c.lam for c in self.cells})
+
+    def cell(self, w: float, lam: float) -> CellData | None:
+        return next((c for c in self.cells if abs(c.w - w) < 5e-3 and abs(c.lam - lam) < 5e-3), None)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_run(root: str | Path, report_dir: str = "report") -> RunData:
+    """Everything the report shows, read from the run folder ``root``."""
+    root = Path(root)
+    record = _read_json(root / report_dir / "sweep.json")
+    if record is None:
+        raise BadInputError(str(root / report_dir / "sweep.json"), "sweep record not found", "run the sweep (python -m jobs.sweep) first")
+    fid = _read_json(root / "fid.json") or {"cells": {}}
+    cells = []
+    for c in record.get("cells", []):
+        manifest = root / c["manifest"]
+        if not manifest.is_file():
+            continue
+        table, _ = read_manifest(manifest)
+        ok = [s == "ok" for s in table.column("status").to_pylist()]
+        seconds = [s for s, good in zip(table.column("seconds").to_pylist(), ok) if good]
+        steps = max(table.column("steps").to_pylist() or [0])
+        summary = _read_json(manifest.parent / "summary.json") or {}
+        cells.append(CellData(c["name"], float(c["w"]), float(c["lambda"]), manifest, seconds, int(steps or 0), summary,
+                              fid["cells"].get(c["name"], {}).get("fid")))
+    seg = [SegData(r["name"], r["scheme"], r["w"], list(r["lambdas"]), int(r["seed"]), list(r["studies"]),
+                   _read_json(root / r["dir"] / "summary.json")) for r in record.get("seg_runs", [])]
+    return RunData(root, root / report_dir, record, cells, seg, fid)
+
+
+def read_sample(manifest: Path, key: str) -> Sample:
+    """One sample by key, via the manifest's shard column."""
+    table, _ = read_manifest(manifest)
+    rows = {k: s for k, s in zip(table.column("key").to_pylist(), table.column("shard").to_pylist())}
+    if key not in rows:
+        raise BadInputError(str(manifest), f"has no sample {key!r}")
+    for record in iter_records(resolve_shard(manifest, rows[key])):
+        if record["__key__"] == key:
+            return decode_sample(record, with_mask=False)
+    raise BadInputError(rows[key], f"does not hold {key!r} listed in {manifest}")
+
+
+# -- figures ---------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> str:
+    fig.savefig(path, dpi=DPI)  # no bbox_inches: the pixel size stays exactly figsize x dpi
+    _plt().close(fig)
+    return path.name
+
+
+def _axes(title: str, xlabel: str, ylabel: str, legend: bool = True):
+    """A plot of :data:`PLOT_PX` pixels; room on the right for a legend when there is one."""
+    plt = _plt()
+    fig = plt.figure(figsize=PLOT_IN, dpi=DPI)
+    ax = fig.add_axes((0.1, 0.14, 0.68 if legend else 0.86, 0.76))
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _legend(ax, title: str) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(title=title, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+
+
+def plot_lines(series: dict[str, list[tuple[float, float, float]]], title: str, xlabel: str, ylabel: str,
+               path: Path, baseline: tuple[float, float] | None = None, legend_title: str = "",
+               log_x: bool = False) -> str:
+    """One line per series of (x, mean, std) points; std drawn as error bars when > 0."""
+    fig, ax = _axes(title, xlabel, ylabel)
+    xs_all = sorted({x for pts in series.values() for x, _, _ in pts})
+    for label, pts in series.items():
+        pts = sorted(pts)
+        xs, ys, es = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+        ax.errorbar(xs, ys, yerr=es if any(es) else None, marker="o", capsize=3, label=label)
+    if baseline is not None:
+        ax.axhline(baseline[0], color="0.4", linestyle="--", label="real only")
+        if baseline[1] > 0:
+            ax.axhspan(baseline[0] - baseline[1], baseline[0] + baseline[1], color="0.5", alpha=0.15)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xticks(xs_all)
+    ax.set_xticklabels([fmt_g(x) for x in xs_all])
+    ax.minorticks_off()
+    _legend(ax, legend_title)
+    return _save(fig, path)
+
+
+def plot_bars(labels: list[str], values: list[list[float]], title: str, ylabel: str, path: Path) -> str:
+    """Bar per label at the mean; error bar = std and dots = single seeds when there are several."""
+    fig, ax = _axes(title, "", ylabel, legend=False)
+    x = np.arange(len(labels))
+    means = [statistics.mean(v) if v else 0.0 for v in values]
+    stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+    colours = [f"C{i}" for i in range(len(labels))]
+    ax.bar(x, means, yerr=stds if any(stds) else None, capsize=5, color=colours, alpha=0.8)
+    for i, v in enumerate(values):
+        if len(v) > 1:
+            ax.plot([i] * len(v), v, "k.", alpha=0.6)
+        ax.annotate(f"{means[i]:.2f}", (i, means[i]), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=9)
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels)
+    hi = max([m + s for m, s in zip(means, stds)] + [max(v) for v in values if v] + [1e-6])
+    ax.set_ylim(0.0, hi * 1.12)  # bars start at 0: differences are shown at their true scale
+    return _save(fig, path)
+
+
+def sample_grid(run: RunData, source_id: str, path: Path, seed_index: int = 0) -> str:
+    """Rows λ, columns w; the source image and its rendered scribble in the first two columns."""
+    from engine.train_controlnet import fit_to
+
+    plt = _plt()
+    ws, lams = run.ws, run.lambdas
+    rows, cols = len(lams), 2 + len(ws)
+    width, height = grid_px(rows, cols)
+    fig = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    fw, fh = width / DPI, height / DPI
+
+    def axes_at(r: int, c: int):
+        left = (GRID_LEFT_IN + c * GRID_CELL_IN + 0.04) / fw
+        bottom = 1 - (GRID_TOP_IN + (r + 1) * GRID_CELL_IN - 0.04) / fh
+        ax = fig.add_axes((left, bottom, (GRID_CELL_IN - 0.08) / fw, (GRID_CELL_IN - 0.08) / fh))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return ax
+
+    size = None
+    for r, lam in enumerate(lams):
+        for c, w in enumerate(ws):
+            ax = axes_at(r, 2 + c)
+            cell = run.cell(w, lam)
+            key = _pick_key(cell.manifest, source_id, seed_index) if cell else None
+            if key is None:
+                ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes, color="0.5")
+                continue
+            img = read_sample(cell.manifest, key).image
+            size = img.shape[0]
+            ax.imshow(img, interpolation="nearest")
+            if r == 0:
+                ax.set_title(f"w = {fmt_g(w)}", fontsize=10)
+        fig.text(0.1 / fw, 1 - (GRID_TOP_IN + (r + 0.5) * GRID_CELL_IN) / fh, f"λ = {fmt_g(lam)}", va="center", fontsize=10)
+    src = read_sample(run.root / run.record["real_manifest"], source_id)
+    image, scribble = (src.image, src.scribble) if size is None else fit_to(src.image, src.scribble, size)
+    for c, (pic, title) in enumerate([(image, "source"), (render_scribble(scribble), "scribble")]):
+        ax = axes_at(0, c)
+        ax.imshow(pic, interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+    fig.text(0.5, 1 - 0.2 / fh, source_id, ha="center", va="center", fontsize=11, weight="bold")
+    return _save(fig, path)
+
+
+def _pick_key(manifest: Path, source_id: str, seed_index: int) -> str | None:
+    """The ``seed_index``-th sample of ``source_id`` in manifest order (the plan's seed order)."""
+    table, _ = read_manifest(manifest)
+    keys = [k for k, s, st in zip(table.column("key").to_pylist(), table.column("source_id").to_pylist(),
+                                   table.column("status").to_pylist()) if s == source_id and st == "ok"]
+    return keys[min(seed_index, len(keys) - 1)] if keys else None
+
+
+def grid_sources(run: RunData, count: int) -> list[str]:
+    """The first ``count`` source ids (sorted) that have a sample in every cell."""
+    if not run.cells or count == 0:
+        return []
+    common: set[str] | None = None
+    for cell in run.cells:
+        table, _ = read_manifest(cell.manifest)
+        ids = {s for s, st in zip(table.column("source_id").to_pylist(), table.column("status").to_pylist()) if st == "ok"}
+        common = ids if common is None else common & ids
+    return sorted(common or ())[:count]
+
+
+# -- sections ----------------------------------------------------------------------------------------
+def _mean_std(values: Iterable[float]) -> tuple[float, float]:
+    v = list(values)
+    return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+
+def _seeds_by(runs: Iterable[SegData], key) -> dict[Any, list[float]]:
+    out: dict[Any, list[float]] = defaultdict(list)
+    for r in runs:
+        if r.miou is not None:
+            out[key(r)].append(r.miou)
+    return dict(out)
+
+
+def section_overview(page: Page, run: RunData) -> None:
+    rec = run.record
+    page.p(f"Run folder `{run.root}`; started {rec.get('started', '?')}, finished {rec.get('finished', 'not yet')}; "
+           f"wall time {fmt_num(rec.get('wall_seconds'), 1)} s on {rec.get('machine', {}).get('cpus', '?')} CPU core(s). "
+           f"Grid: w ∈ {{{', '.join(map(fmt_g, run.ws))}}} × λ ∈ {{{', '.join(map(fmt_g, run.lambdas))}}}; "
+           f"{len(run.seg)} segmentation run(s).")
+    stages = rec.get("stages", {})
+    if stages:
+        rows = []
+        for name, info in stages.items():
+            notes = ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("seconds", "images"))
+            rows.append([name, fmt_num(info.get("seconds"), 1), str(info.get("images", "–")), notes])
+        page.table(Table(["stage", "wall s (this run)", "images", "notes"], rows,
+                         "Stages of the last invocation (reused = finished earlier and skipped)."))
+
+
+def section_compute(page: Page, run: RunData) -> None:
+    page.h("Compute")
+    totals = []
+    loss = run.root / Path(run.record.get("model_dir", "controlnet/final")).parent / "loss.jsonl"
+    if loss.is_file():
+        lines = [json.loads(ln) for ln in loss.read_text().splitlines() if ln.strip()]
+        if lines:
+            totals.append(["ControlNet training", fmt_num(lines[-1]["seconds"], 1), str(sum(x["samples"] for x in lines)),
+                           f"{lines[-1]['step']} steps"])
+    gen_s = sum(c.summary.get("generate_seconds", 0.0) for c in run.cells)
+    gen_n = sum(len(c.seconds) for c in run.cells)
+    if run.cells:
+        totals.append(["generation (all cells)", fmt_num(gen_s, 1), str(gen_n),
+                       f"{fmt_num(gen_n / gen_s if gen_s else 0, 3)} images/s incl. overhead"])
+    fid_s = sum(c.get("seconds", 0.0) for c in run.fid.get("cells", {}).values())
+    if fid_s:
+        totals.append(["FID", fmt_num(fid_s, 1), str(sum(c.get("samples", 0) for c in run.fid["cells"].values())), ""])
+    seg_done = [r for r in run.seg if r.summary]
+    if seg_done:
+        totals.append(["segmentation training", fmt_num(sum(r.summary["seconds"] for r in seg_done), 1), "–",
+                       f"{len(seg_done)} run(s), {sum(r.summary['steps'] for r in seg_done)} steps"])
+    if totals:
+        page.table(Table(["work", "seconds", "images", "notes"], totals, "Compute per kind of work (all invocations)."))
+    if not run.cells:
+        return
+    rows = []
+    for c in sorted(run.cells, key=lambda c: (c.w, c.lam)):
+        s = c.summary
+        rows.append([c.name, fmt_g(c.w), fmt_g(c.lam), str(len(c.seconds)), str(c.steps),
+                     fmt_num(statistics.mean(c.seconds) if c.seconds else None, 4),
+                     fmt_num(s.get("generate_seconds"), 1), fmt_num(s.get("images_per_s"), 3)])
+    page.table(Table(["cell", "w", "λ", "images", "DDIM steps", "s / image", "generate s", "images / s"], rows,
+                     "Generation per (w, λ) cell: s / image is the mean of the manifest's per-sample `seconds` "
+                     "(sampler time); generate s and images / s come from the cell's summary.json (actor wall time)."))
+    by_lam = cost_by_lambda(run.cells)
+    top = by_lam[max(by_lam)][0]
+    page.table(Table(["λ", "s / synthetic image", "relative to λ = " + fmt_g(max(by_lam)), "images"],
+                     [[fmt_g(lam), fmt_num(v, 4), fmt_num(v / top if top else None, 2), str(n)]
+                      for lam, (v, n) in sorted(((k, (v[0], v[1])) for k, v in by_lam.items()))],
+                     "Cost per synthetic image by λ (all w): with `truncate` spacing a sample at λ runs ⌈λ·N⌉ of N "
+                     "steps, so cost grows with λ; with `paper` spacing it does not."))
+    series = defaultdict(list)
+    for c in run.cells:
+        if c.seconds:
+            series[f"w = {fmt_g(c.w)}"].append((c.lam, statistics.mean(c.seconds), 0.0))
+    page.img(plot_lines(dict(series), "Cost per synthetic image", "encode ratio λ", "seconds / image",
+                        run.out_dir / "cost_by_lambda.png", legend_title="guidance"), "cost per synthetic image by λ")
+
+
+def cost_by_lambda(cells: Sequence[CellData]) -> dict[float, tuple[float, int]]:
+    """λ -> (mean seconds per sample, sample count), pooled over all w."""
+    pooled: dict[float, list[float]] = defaultdict(list)
+    for c in cells:
+        pooled[c.lam] += c.seconds
+    return {lam: (statistics.mean(v) if v else 0.0, len(v)) for lam, v in pooled.items()}
+
+
+def section_fid(page: Page, run: RunData) -> None:
+    cells = [c for c in run.cells if c.fid is not None]
+    if not cells:
+        return
+    setup = run.fid.get("setup", {})
+    page.h("FID by (w, λ)")
+    n = sorted({v.get("samples") for v in run.fid["cells"].values()})
+    ref = sorted({v.get("reference_samples") for v in run.fid["cells"].values()})
+    page.p(f"Fréchet distance of each cell's synthetic images to {ref[0] if len(ref) == 1 else ref} real "
+           f"`{setup.get('split', 'train')}` images ({n[0] if len(n) == 1 else n} synthetic images per cell), "
+           f"features: `{setup.get('feature', '?')}`"
+           + (" (a fixed seeded random conv net: numbers rank cells, they are not Inception FIDs)"
+              if setup.get("feature") == "random" else "") + ". Lower is closer to real.")
+    rows = [[f"λ = {fmt_g(lam)}"] + [fmt_num(c.fid if (c := run.cell(w, lam)) else None, 3) for w in run.ws]
+            for lam in run.lambdas]
+    page.table(Table(["FID"] + [f"w = {fmt_g(w)}" for w in run.ws], rows))
+    d = run.out_dir
+    if len(run.ws) > 1:
+        series = {f"λ = {fmt_g(lam)}": [(c.w, c.fid, 0.0) for c in cells if c.lam == lam] for lam in run.lambdas}
+        page.img(plot_lines(series, "FID vs guidance scale w", "guidance scale w (log scale)", "FID", d / "fid_vs_w.png",
+                            legend_title="encode ratio", log_x=True), "FID vs w")
+    if len(run.lambdas) > 1:
+        series = {f"w = {fmt_g(w)}": [(c.lam, c.fid, 0.0) for c in cells if c.w == w] for w in run.ws}
+        page.img(plot_lines(series, "FID vs encode ratio λ", "encode ratio λ", "FID", d / "fid_vs_lambda.png",
+                            legend_title="guidance"), "FID vs λ")
+
+
+def _baseline(run: RunData) -> tuple[float, float] | None:
+    real = [r.miou for r in run.seg if r.scheme == "real" and r.miou is not None]
+    return (_mean_std(100 * x for x in real)) if real else None
+
+
+def section_sweep(page: Page, run: RunData, study: str, axis: str) -> None:
+    """mIoU by w (``w_sweep``) or by λ (``lambda_sweep``): scheme fixed, one point per cell."""
+    runs = [r for r in run.seg if study in r.studies and r.scheme == "fixed"]
+    if not runs:
+        return
+    key = (lambda r: r.w) if axis == "w" else (lambda r: r.lambdas[0])
+    other = (lambda r: r.lambdas[0]) if axis == "w" else (lambda r: r.w)
+    sym, other_sym = ("w", "λ") if axis == "w" else ("λ", "w")
+    by = _seeds_by(runs, key)
+    fixed_other = sorted({other(r) for r in runs})
+    page.h(f"Downstream mIoU vs {sym}")
+    base = _baseline(run)
+    page.p(f"Segmentation trained on real + synthetic images of one cell (scheme `fixed`, {other_sym} = "
+           f"{', '.join(map(fmt_g, fixed_other))}), evaluated on the real val masks; mean ± std over seeds."
+           + (f" Real-only baseline: {fmt_num(base[0])} %." if base else ""))
+    fid = {key(r): (c.fid if (c := run.cell(r.w, r.lambdas[0])) else None) for r in runs}
+    rows = [[fmt_g(x), fmt_pm(v), str(len(v)), fmt_num(fid.get(x), 3)] for x, v in sorted(by.items())]
+    page.table(Table([sym, "mIoU (%)", "seeds", "FID"], rows))
+    if by:
+        series = {"fixed": [(x, *_mean_std(100 * m for m in v)) for x, v in by.items()]}
+        name = "miou_vs_w.png" if axis == "w" else "miou_vs_lambda.png"
+        page.img(plot_lines(series, f"Downstream mIoU vs {sym}", "guidance scale w (log scale)" if axis == "w" else "encode ratio λ",
+                            "mIoU (%)", run.out_dir / name, baseline=base, log_x=axis == "w"), f"mIoU vs {sym}")
+
+
+def section_schemes(page: Page, run: RunData) -> None:
+    runs = [r for r in run.seg if "schemes" in r.studies]
+    if not runs:
+        return
+    page.h("Schemes: real only vs fixed vs uniform vs adaptive")
+    order = [s for s in ("real", "fixed", "uniform", "adaptive") if any(r.scheme == s for r in runs)]
+    by = _seeds_by(runs, lambda r: r.scheme)
+    desc = {}
+    for r in runs:
+        desc[r.scheme] = "real only" if r.scheme == "real" else f"w = {fmt_g(r.w)}, λ ∈ {{{', '.join(map(fmt_g, r.lambdas))}}}"
+    base = statistics.mean(by["real"]) if by.get("real") else None
+    rows = []
+    for s in order:
+        v = by.get(s, [])
+        delta = fmt_num(100 * (statistics.mean(v) - base)) if v and base is not None and s != "real" else "–"
+        rows.append([s, desc[s], fmt_pm(v), delta, ", ".join(fmt_miou(x) for x in v) or "–"])
+    page.table(Table(["scheme", "synthetic data", "mIoU (%)", "Δ vs real", "per seed"], rows,
+                     "Same step budget for every scheme; mean ± sample std over seeds."))
+    page.img(plot_bars(order, [[100 * x for x in by.get(s, [])] for s in order], "mIoU by scheme", "mIoU (%)",
+                       run.out_dir / "schemes.png"), "mIoU by scheme (error bars: std over seeds)")
+
+
+def section_seg_runs(page: Page, run: RunData) -> None:
+    if not run.seg:
+        return
+    page.h("All segmentation runs")
+    rows = []
+    for r in run.seg:
+        s = r.summary or {}
+        rows.append([r.name, r.scheme, "–" if r.w is None else fmt_g(r.w), ", ".join(map(fmt_g, r.lambdas)) or "–",
+                     str(r.seed), fmt_miou(r.miou), fmt_miou(s.get("pixel_acc")), str(s.get("steps", "–")),
+                     fmt_num(s.get("seconds"), 1), ", ".join(r.studies)])
+    page.table(Table(["run", "scheme", "w", "λ", "seed", "mIoU (%)", "pixel acc (%)", "steps", "seconds", "studies"], rows))
+
+
+def section_controlnet(page: Page, run: RunData) -> None:
+    loss = run.root / Path(run.record.get("model_dir", "controlnet/final")).parent / "loss.jsonl"
+    if not loss.is_file():
+        return
+    lines = [json.loads(ln) for ln in loss.read_text().splitlines() if ln.strip()]
+    if not lines:
+        return
+    page.h("ControlNet training")
+    fig, ax = _axes("ControlNet training loss (ε-prediction MSE)", "step", "loss")
+    ax.plot([x["step"] for x in lines], [x["loss"] for x in lines])
+    ax.set_yscale("log")
+    page.p(f"{lines[-1]['step']} steps in {fmt_num(lines[-1]['seconds'], 1)} s; final logged loss {lines[-1]['loss']:.4f}.")
+    page.img(_save(fig, run.out_dir / "controlnet_loss.png"), "ControlNet loss")
+
+
+def section_samples(page: Page, run: RunData, count: int, seed_index: int) -> None:
+    sources = grid_sources(run, count)
+    if not sources:
+        return
+    page.h("Samples")
+    page.p("Each grid: the real source image and its scribble (rendered by `engine.render.render_scribble`: white = "
+           "background strokes, black = unlabelled), then one synthetic sample per (w, λ), all from the same seed index. "
+           "Small λ stays close to the source; large λ and large w move away from it.")
+    for sid in sources:
+        page.img(sample_grid(run, sid, run.out_dir / f"samples_{sid}.png", seed_index), f"samples of {sid}")
+
+
+def build_report(root: str | Path, report_dir: str = "report") -> Path:
+    """Write ``index.md``, ``index.html`` and the PNGs into ``root/report_dir``; return index.md."""
+    run = load_run(root, report_dir)
+    cfg = run.record.get("config", {}).get("report", {})
+    page = Page(f"ScribbleGen: {run.record.get('title') or run.record.get('name', 'sweep')}")
+    section_overview(page, run)
+    section_fid(page, run)
+    section_sweep(page, run, "w_sweep", "w")
+    section_sweep(page, run, "lambda_sweep", "lambda")
+    section_schemes(page, run)
+    section_samples(page, run, int(cfg.get("grid_sources", 3)), int(cfg.get("seed_index", 0)))
+    section_compute(page, run)
+    section_controlnet(page, run)
+    section_seg_runs(page, run)
+    out = run.out_dir
+    for name, text in (("index.md", page.markdown()), ("index.html", page.html())):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out / name)
+    return out / "index.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="(Re)build the report of a sweep run folder from its files.")
+    parser.add_argument("run", help="run folder, e.g. runs/demo")
+    parser.add_argument("--report-dir", default="report", help="report folder inside the run (holds sweep.json)")
+    args = parser.parse_args(argv)
+    try:
+        print(build_report(args.run, args.report_dir))
+    except BadInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""The main job: ``python -m jobs.demo`` or ``python jobs/demo.py`` (e.g. under ``ray job submit``).
+
+Runs the embedded default end to end (ingest -> ControlNet -> Ray generation over a
+(w, λ) grid -> FID -> segmentation schemes -> report in ``runs/demo/report/``);
+rerunning resumes. ``--fast`` is a smoke-sized budget; see :mod:`engine.sweep`.
+"""
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a file: make the repo root importable in case the package is not pip-installed.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.sweep import REPO, main  # noqa: E402
+
+DEFAULT_CONFIG = REPO / "configs" / "demo" / "tiny.yaml"
+
+if __name__ == "__main__":
+    sys.exit(main(default_config=str(DEFAULT_CONFIG), prog="python -m jobs.demo"))

@@ -1,0 +1,194 @@
+"""The sweep report, built from a fabricated run folder: files, numbers in tables, PNG sizes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.config import from_dict
+from engine.manifest import DatasetInfo, sample_row, shard_rows, write_manifest
+from engine.report import PLOT_PX, build_report, grid_px
+from engine.shards import Sample, ShardWriter, synthetic_key
+from engine.sweep import RECORD, SweepConfig, cell_entries, cell_name, new_record, plan_seg_runs
+
+CLASSES = ["background", "disc", "square"]
+SOURCES = [f"src-{i}" for i in range(3)]
+W, LAMS = [1.5, 3.0], [0.5, 1.0]
+# mIoU by scheme over seeds 0, 1 (fractions); the report prints percent, mean ± sample std.
+SCHEME_MIOU = {"real": [0.40, 0.42], "fixed": [0.43, 0.45], "uniform": [0.44, 0.46], "adaptive": [0.47, 0.50]}
+
+
+def seconds_of(w: float, lam: float, i: int) -> float:
+    return 0.1 * lam + 0.01 * i + 0.001 * w
+
+
+def fid_of(w: float, lam: float) -> float:
+    return 10 * lam + w
+
+
+def miou_of(scheme: str, w: float | None, lam: float | None, seed: int) -> float:
+    """Fabricated mIoU of a seg run; the scheme study's values win for runs it shares."""
+    if (scheme, w, lam) == ("fixed", 1.5, 1.0) or scheme != "fixed":
+        return SCHEME_MIOU[scheme][seed]
+    return 0.30 + 0.01 * w + 0.1 * lam
+
+
+def _image(seed: int, size: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def _scribble(size: int) -> np.ndarray:
+    s = np.full((size, size), 255, np.uint8)
+    s[2, 1:-1] = 0
+    s[size // 2, 2:6] = 1
+    return s
+
+
+def _write_set(folder: Path, prefix: str, samples: list[Sample], kind: str, extra: dict | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    with ShardWriter(folder / f"{prefix}-000000.tar") as writer:
+        for s in samples:
+            writer.write(s)
+        info = writer.close()
+    rows = shard_rows([sample_row(s) for s in samples], info, folder)
+    return write_manifest(rows, folder / "manifest.parquet", DatasetInfo(CLASSES, kind, extra or {}))
+
+
+def fabricate_run(root: Path) -> SweepConfig:
+    """A run folder as the sweep leaves it: real set, 4 cells, FID, seg summaries, loss log, record."""
+    cfg = from_dict(SweepConfig, {
+        "out": str(root), "grid": {"w": W, "lambdas": LAMS},
+        "studies": {"schemes": {"w": 1.5, "fixed_lambda": 1.0, "seeds": [0, 1]},
+                    "w_sweep": {"enabled": True, "lam": 1.0}, "lambda_sweep": {"enabled": True, "w": 1.5}},
+        "report": {"grid_sources": 2, "title": "fabricated"},
+    })
+    real = [Sample(sid, _image(i, 24), _scribble(24), np.zeros((24, 24), np.uint8), {"source_id": sid, "split": "train"})
+            for i, sid in enumerate(SOURCES)]
+    real.append(Sample("val-0", _image(99, 24), _scribble(24), np.zeros((24, 24), np.uint8), {"source_id": "val-0", "split": "val"}))
+    real_manifest = _write_set(root / "real", "real", real, "real")
+    manifests = {}
+    for w in W:
+        for lam in LAMS:
+            samples = [Sample(synthetic_key(sid, w, lam, 7), _image(100 + i, 16), _scribble(16), None,
+                              {"source_id": sid, "w": w, "lambda": lam, "seed": 7, "steps": int(10 * lam),
+                               "seconds": seconds_of(w, lam, i)}) for i, sid in enumerate(SOURCES)]
+            folder = root / "synthetic" / cell_name(w, lam)
+            manifests[cell_name(w, lam)] = _write_set(folder, "syn", samples, "synthetic", {"plan": {"fingerprint": "x"}})
+            (folder / "summary.json").write_text(json.dumps({"samples": 3, "generate_seconds": 2.0 * lam, "images_per_s": 1.5 / lam}))
+    fid = {"setup": {"feature": "random", "split": "train"},
+           "cells": {cell_name(w, lam): {"w": w, "lambda": lam, "fid": fid_of(w, lam), "samples": 3, "reference_samples": 3,
+                                         "seconds": 0.5} for w in W for lam in LAMS}}
+    (root / "fid.json").write_text(json.dumps(fid))
+    runs = plan_seg_runs(cfg)
+    for run in runs:
+        miou = miou_of(run.scheme, run.w, run.lambdas[0] if run.lambdas else None, run.seed)
+        folder = root / "seg" / run.name
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps(
+            {"scheme": run.scheme, "seed": run.seed, "steps": 20, "seconds": 3.0, "miou": miou, "pixel_acc": 0.9}))
+    (root / "controlnet").mkdir()
+    (root / "controlnet" / "loss.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 1.0 / s, "samples": 16, "seconds": 0.5 * s}) + "\n" for s in (10, 20, 30)))
+    record = new_record(cfg, runs)
+    record.update(real_manifest="real/manifest.parquet", model_dir="controlnet/final",
+                  cells=cell_entries(cfg, manifests, root), wall_seconds=123.4,
+                  stages={"ingest": {"seconds": 1.5, "images": 4}, "generate": {"seconds": 9.25, "images": 12, "cells": 4}})
+    (root / "report").mkdir()
+    (root / "report" / RECORD).write_text(json.dumps(record))
+    assert real_manifest.is_file()
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> tuple[Path, str]:
+    root = tmp_path_factory.mktemp("run")
+    fabricate_run(root)
+    index = build_report(root)
+    return root / "report", index.read_text()
+
+
+def _row(md: str, first: str) -> list[str]:
+    """The cells of the Markdown table row whose first cell is ``first``."""
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first:
+            return cells
+    raise AssertionError(f"no table row starting with {first!r}")
+
+
+def test_report_files(report):
+    folder, md = report
+    names = {"index.md", "index.html", "fid_vs_w.png", "fid_vs_lambda.png", "miou_vs_w.png", "miou_vs_lambda.png",
+             "schemes.png", "cost_by_lambda.png", "controlnet_loss.png", "samples_src-0.png", "samples_src-1.png"}
+    assert names <= {p.name for p in folder.iterdir()}
+    assert not (folder / "samples_src-2.png").exists()  # grid_sources = 2
+    html = (folder / "index.html").read_text()
+    for name in names - {"index.md", "index.html"}:
+        assert f"({name})" in md and f'src="{name}"' in html
+
+
+def test_png_sizes(report):
+    folder, _ = report
+    for name in ("fid_vs_w.png", "fid_vs_lambda.png", "miou_vs_w.png", "miou_vs_lambda.png", "schemes.png",
+                 "cost_by_lambda.png", "controlnet_loss.png"):
+        with Image.open(folder / name) as im:
+            assert im.size == PLOT_PX, name
+            assert np.asarray(im.convert("L")).std() > 5, f"{name} looks blank"
+    with Image.open(folder / "samples_src-0.png") as im:
+        assert im.size == grid_px(len(LAMS), 2 + len(W))  # rows λ; source, scribble, one column per w
+
+
+def test_fid_table(report):
+    _, md = report
+    for lam in LAMS:
+        assert _row(md, f"λ = {lam:g}")[1:] == [f"{fid_of(w, lam):.3f}" for w in W]
+
+
+def test_scheme_table(report):
+    _, md = report
+    for scheme, vals in SCHEME_MIOU.items():
+        mean, std = 100 * np.mean(vals), 100 * np.std(vals, ddof=1)
+        row = _row(md, scheme)
+        assert row[2] == f"{mean:.2f} ± {std:.2f}"
+        assert row[4] == ", ".join(f"{100 * v:.2f}" for v in vals)
+        if scheme != "real":
+            assert row[3] == f"{mean - 100 * np.mean(SCHEME_MIOU['real']):.2f}"
+
+
+def test_sweep_tables(report):
+    _, md = report
+    # mIoU vs w at λ = 1 and vs λ at w = 1.5 (seed 0 only); FID column from fid.json
+    w_part = md.split("## Downstream mIoU vs w")[1].split("##")[0]
+    for w in W:
+        assert _row(w_part, f"{w:g}")[1:] == [f"{100 * miou_of('fixed', w, 1.0, 0):.2f}", "1", f"{fid_of(w, 1.0):.3f}"]
+    lam_part = md.split("## Downstream mIoU vs λ")[1].split("##")[0]
+    for lam in LAMS:
+        assert _row(lam_part, f"{lam:g}")[1:3] == [f"{100 * miou_of('fixed', 1.5, lam, 0):.2f}", "1"]
+    assert f"Real-only baseline: {100 * np.mean(SCHEME_MIOU['real']):.2f} %" in w_part
+
+
+def test_compute_tables(report):
+    _, md = report
+    for w in W:
+        for lam in LAMS:
+            row = _row(md, cell_name(w, lam))
+            assert row[3] == "3" and row[4] == str(int(10 * lam))
+            assert row[5] == f"{np.mean([seconds_of(w, lam, i) for i in range(3)]):.4f}"
+    cost = md.split("Cost per synthetic image by λ")[1]
+    top = np.mean([seconds_of(w, 1.0, i) for w in W for i in range(3)])
+    for lam in LAMS:
+        mean = np.mean([seconds_of(w, lam, i) for w in W for i in range(3)])
+        assert _row(cost, f"{lam:g}")[1:] == [f"{mean:.4f}", f"{mean / top:.2f}", "6"]
+    assert _row(md, "generate")[1:3] == ["9.2", "12"]  # stage table, this invocation (9.25 -> banker's rounding)
+    assert _row(md, "ControlNet training")[1:3] == ["15.0", "48"]
+
+
+def test_report_needs_record(tmp_path):
+    from engine.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="sweep.json"):
+        build_report(tmp_path)
