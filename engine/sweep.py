@@ -123,6 +123,7 @@ class SweepConfig:
 
     name: str = "demo"
     out: str = "runs/demo"
+    threads: int = 0  # torch threads of this process for FID and seg (0 = all cores); ControlNet: controlnet.train.threads
     real_manifest: str | None = None  # use this real set instead of ingesting
     model_dir: str | None = None  # use this trained model instead of training one
     ingest: IngestConfig = field(default_factory=IngestConfig)
@@ -152,6 +153,8 @@ class SweepConfig:
         for where, value, allowed in needs:
             if not any(abs(value - a) < 5e-3 for a in allowed):
                 raise BadInputError(f"{where}={value}", f"is not in the grid {allowed}", "add it to grid.w / grid.lambdas")
+        if self.threads < 0:
+            raise BadInputError(f"threads={self.threads}", "must be >= 0 (0 = all cores)")
         if self.report.grid_sources < 0:
             raise BadInputError(f"report.grid_sources={self.report.grid_sources}", "must be >= 0")
 
@@ -489,6 +492,20 @@ def stage_seg(cfg: SweepConfig, out: Path, real_manifest: Path, cells: dict[str,
     return summaries
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with ``n`` torch threads (0 = leave as is), then restore the previous count."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1))
@@ -538,10 +555,12 @@ def run_sweep(cfg: SweepConfig) -> Path:
         cells = stage_generate(cfg, out, real, model, info)
     record.update(real_manifest=_rel(real, out), model_dir=_rel(model, out), cells=cell_entries(cfg, cells, out))
     if cfg.fid.enabled:
-        with stages.stage("fid", f"FID of {n_cells} cell(s) ({cfg.fid.feature} features) -> {out / FID_FILE}") as info:
+        with stages.stage("fid", f"FID of {n_cells} cell(s) ({cfg.fid.feature} features) -> {out / FID_FILE}") as info, \
+                torch_threads(cfg.threads):
             stage_fid(cfg, out, real, cells, info)
     if runs:
-        with stages.stage("seg", f"train {len(runs)} segmentation model(s) -> {out / 'seg'}") as info:
+        with stages.stage("seg", f"train {len(runs)} segmentation model(s) -> {out / 'seg'}") as info, \
+                torch_threads(cfg.threads):
             stage_seg(cfg, out, real, cells, runs, info)
     with stages.stage("report", f"report -> {report_dir}") as info:
         record["wall_seconds"] = round(time.perf_counter() - t_start, 3)

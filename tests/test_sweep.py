@@ -1,0 +1,116 @@
+"""Sweep runner pieces that need no training: config bases, shipped configs, run planning, reuse checks, CLI errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine.errors import BadInputError
+from engine.sweep import (
+    FAST_OVERLAY, REPO, SweepConfig, cell_name, check_reuse, config_diff, load_sweep_config, main, plan_seg_runs,
+    resolve_bases,
+)
+from engine.config import from_dict, save_config
+
+DEMO = REPO / "configs" / "demo" / "tiny.yaml"
+# What a VOC + SD 1.5 config needs from the user (local weights); nothing is read at load time.
+PAPER_SETS = ["controlnet.model.pretrained=/models/sd15", "fid.inception_weights=/models/pt_inception.pth"]
+
+
+def _yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_bases_merge_recursively(tmp_path):
+    _yaml(tmp_path / "job.yaml", {"train": {"steps": 10, "lr": 0.1}, "out": "x"})
+    _yaml(tmp_path / "demo.yaml", {"name": "d", "section": {"base": "job.yaml", "train": {"steps": 3}}})
+    (tmp_path / "sub").mkdir()
+    sweep = _yaml(tmp_path / "sub" / "sweep.yaml", {"base": "../demo.yaml", "name": "s"})
+    data = resolve_bases(yaml.safe_load(sweep.read_text()), sweep.parent)
+    assert data == {"name": "s", "section": {"train": {"steps": 3, "lr": 0.1}, "out": "x"}}
+
+
+def test_base_cycle_is_an_error(tmp_path):
+    _yaml(tmp_path / "a.yaml", {"base": "b.yaml"})
+    _yaml(tmp_path / "b.yaml", {"base": "a.yaml"})
+    with pytest.raises(BadInputError, match="includes itself"):
+        load_sweep_config(tmp_path / "a.yaml")
+
+
+def test_demo_config_fast_and_overrides():
+    cfg = load_sweep_config(DEMO, ["controlnet.train.steps=5", "grid.w=[1.5, 2.0]"], [FAST_OVERLAY])
+    assert cfg.controlnet.train.steps == 5  # --set wins over the overlay
+    assert cfg.ingest.source.procedural.num_train == 24  # the overlay wins over the config
+    assert cfg.controlnet.model.tiny.block_out_channels  # the architecture comes from the job's own config
+    assert cfg.grid.w == [1.5, 2.0] and cfg.studies.schemes.w == 2.0
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "demo").glob("*.yaml")) + sorted((REPO / "configs" / "sweeps").glob("*.yaml")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_configs_load(path):
+    if path == FAST_OVERLAY:
+        return  # an overlay, not a config (loaded above)
+    cfg = load_sweep_config(path, PAPER_SETS if "voc" in path.name else [])
+    runs = plan_seg_runs(cfg)
+    assert runs, f"{path.name} trains no segmentation model"
+    if "voc" in path.name:
+        assert cfg.controlnet.model.kind == "sd15" and cfg.ingest.source.kind == "voc"
+        assert cfg.generate.sampler.spacing == "paper"
+
+
+def test_paper_config_needs_local_weights():
+    with pytest.raises(BadInputError, match="pretrained"):
+        load_sweep_config(REPO / "configs" / "demo" / "voc_sd15.yaml")
+
+
+def test_seg_runs_are_named_by_parameters_and_shared():
+    cfg = from_dict(SweepConfig, {
+        "grid": {"w": [1.5, 2.0], "lambdas": [0.5, 1.0]},
+        "studies": {"schemes": {"w": 2.0, "fixed_lambda": 1.0, "seeds": [0, 1]},
+                    "w_sweep": {"enabled": True, "lam": 1.0}, "lambda_sweep": {"enabled": True, "w": 2.0}},
+    })
+    runs = {r.name: r for r in plan_seg_runs(cfg)}
+    assert set(runs) == {
+        "real-seed0", "real-seed1", "fixed-w2p00-l1p00-seed0", "fixed-w2p00-l1p00-seed1",
+        "uniform-w2p00-l0p50_1p00-seed0", "uniform-w2p00-l0p50_1p00-seed1",
+        "adaptive-w2p00-l0p50_1p00-seed0", "adaptive-w2p00-l0p50_1p00-seed1",
+        "fixed-w1p50-l1p00-seed0", "fixed-w2p00-l0p50-seed0",
+    }
+    shared = runs["fixed-w2p00-l1p00-seed0"]  # the scheme study's fixed run is also a w and a λ point
+    assert shared.studies == ["schemes", "w_sweep", "lambda_sweep"]
+    assert runs["real-seed0"].studies == ["schemes", "w_sweep", "lambda_sweep"] and runs["real-seed0"].cells == []
+    assert runs["uniform-w2p00-l0p50_1p00-seed1"].cells == [cell_name(2.0, 0.5), cell_name(2.0, 1.0)] == ["w2p00-l0p50", "w2p00-l1p00"]
+
+
+@pytest.mark.parametrize("sets, match", [
+    (["studies.schemes.fixed_lambda=0.3"], "not in the grid"),
+    (["studies.schemes.w=9.0"], "not in the grid"),
+    (["studies.schemes.names=[real, best]"], "unknown scheme"),
+    (["grid.lambdas=[0.5, 1.5]"], "encode ratios"),
+    (["grid.w=[2.0, 2.001]"], "collide"),
+])
+def test_bad_sweep_configs(sets, match):
+    with pytest.raises(BadInputError, match=match):
+        load_sweep_config(DEMO, sets)
+
+
+def test_reuse_refused_when_config_changed(tmp_path):
+    cfg = load_sweep_config(DEMO)
+    save_config(cfg.seg, tmp_path / "config.yaml")
+    check_reuse(tmp_path / "config.yaml", cfg.seg, set(), "seg run")  # same config: fine
+    cfg.seg.train.steps += 1
+    cfg.seg.optim.lr *= 2
+    with pytest.raises(BadInputError, match=r"differs in optim\.lr, train\.steps"):
+        check_reuse(tmp_path / "config.yaml", cfg.seg, set(), "seg run")
+    assert config_diff({"a": {"b": 1}, "out": "x"}, {"a": {"b": 2}, "out": "y"}, {"out"}) == ["a.b"]
+
+
+def test_cli_reports_bad_input(capsys):
+    assert main(["--config", str(DEMO), "--set", "studies.schemes.fixed_lambda=0.3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert main(["--config", "configs/nope.yaml"]) == 2
+    assert "config file not found" in capsys.readouterr().err
