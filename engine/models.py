@@ -135,7 +135,8 @@ class ScribbleGenModel(nn.Module):
     def hint(self, scribbles: np.ndarray) -> torch.Tensor:
         """``B x H x W`` uint8 scribbles -> ``B x 3 x H x W`` conditioning in [0, 1]."""
         rgb = torch.from_numpy(render_scribble(np.asarray(scribbles)))
-        return rgb.permute(0, 3, 1, 2).to(self.device, self.dtype) / 255.0
+        # .contiguous(): a permuted (channels-last) input drags every conv onto a far slower CPU path.
+        return rgb.permute(0, 3, 1, 2).contiguous().to(self.device, self.dtype) / 255.0
 
     def null_hints(self, batch: int, size: tuple[int, int]) -> torch.Tensor:
         """The learned null hint for ``batch`` samples, resized if sampling at another size."""
@@ -146,7 +147,7 @@ class ScribbleGenModel(nn.Module):
 
     def encode_images(self, images: np.ndarray) -> torch.Tensor:
         """``B x H x W x 3`` uint8 -> ``z0`` (VAE latent mean x scaling, or pixels in [-1, 1])."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(self.device, self.dtype)
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().to(self.device, self.dtype)
         x = x / 127.5 - 1.0
         if self.vae is None:
             return x

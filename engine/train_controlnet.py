@@ -96,6 +96,7 @@ class TrainSection:
     threads: int = 0  # CPU threads for torch; 0 = all cores
     mixed_precision: str = "no"  # no | bf16 | fp16 (autocast on GPU)
     gradient_checkpointing: bool = False
+    max_minutes: float = 0.0  # stop (checkpoint + final save) after this wall time; 0 = run all steps
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "save_every", "log_every"):
@@ -277,7 +278,7 @@ def train(cfg: TrainControlNetConfig, resume: bool = False, progress: bool = Tru
     tc = cfg.train
     device = pick_device(tc.device)
     if device.type == "cpu":
-        torch.set_num_threads(tc.threads or os.cpu_count() or 1)
+        torch.set_num_threads(tc.threads or len(os.sched_getaffinity(0)))  # cores we may use, not all cores
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
     if not resume and (latest_checkpoint(ckpt_dir) or (out / FINAL_DIR).exists()):
@@ -314,6 +315,7 @@ def train(cfg: TrainControlNetConfig, resume: bool = False, progress: bool = Tru
     model.train()
     bar = tqdm(total=tc.steps, initial=start, desc="train controlnet", disable=not progress, dynamic_ncols=True)
     acc_loss, acc_n, acc_drop, t0 = 0.0, 0, 0, time.perf_counter()
+    t_start = t0
     with open(log_path, "a") as log:
         for step in range(start, tc.steps):
             gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
@@ -340,7 +342,8 @@ def train(cfg: TrainControlNetConfig, resume: bool = False, progress: bool = Tru
             acc_loss, acc_n, acc_drop = acc_loss + loss.item(), acc_n + 1, acc_drop + dropped
             done = step + 1
             bar.update(1)
-            if done % tc.log_every == 0 or done == tc.steps:
+            out_of_time = tc.max_minutes > 0 and time.perf_counter() - t_start > 60 * tc.max_minutes
+            if done % tc.log_every == 0 or done == tc.steps or out_of_time:
                 rec = {"step": done, "loss": acc_loss / acc_n, "lr": opt.param_groups[0]["lr"],
                        "dropped": acc_drop, "samples": acc_n * tc.batch_size,
                        "seconds": round(time.perf_counter() - t0, 3)}
@@ -348,8 +351,11 @@ def train(cfg: TrainControlNetConfig, resume: bool = False, progress: bool = Tru
                 log.flush()
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
                 acc_loss, acc_n, acc_drop = 0.0, 0, 0
-            if done % tc.save_every == 0 or done == tc.steps:
+            if done % tc.save_every == 0 or done == tc.steps or out_of_time:
                 save_checkpoint(ckpt_dir, done, params, opt, ema, keep=tc.keep_checkpoints)
+            if out_of_time:
+                bar.write(f"train.max_minutes={tc.max_minutes} reached at step {done}/{tc.steps}; --resume continues")
+                break
     bar.close()
     if ema is not None:
         ema.copy_to_params()

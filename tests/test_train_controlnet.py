@@ -122,3 +122,12 @@ def test_shipped_configs_load(name):
     over = ["model.pretrained=/x"] if name == "sd15" else []
     cfg = load_config(TrainControlNetConfig, f"configs/controlnet/{name}.yaml", over)
     assert cfg.train.cond_dropout == 0.1
+
+
+def test_max_minutes_stops_early_and_resume_continues(manifest, tmp_path):
+    train(_cfg(manifest, tmp_path / "t", max_minutes=1e-6), progress=False)
+    assert [p.name for p in (tmp_path / "t" / "checkpoints").iterdir()] == ["step-00000001"]
+    assert (tmp_path / "t" / "final" / "scribblegen.json").is_file()
+    train(_cfg(manifest, tmp_path / "t"), resume=True, progress=False)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "t" / "loss.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
