@@ -173,6 +173,24 @@ def test_killed_actor_is_restarted_and_its_units_retried(ray_session, real: Path
     assert not list((tmp_path / "syn").glob("*.tmp"))
 
 
+def test_bad_input_inside_an_actor_stops_the_run_naming_the_file(ray_session, real: Path, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from engine.manifest import DatasetInfo, write_manifest
+
+    table, info = read_manifest(real)
+    rows = table.to_pylist()
+    for row in rows:  # the copy lives elsewhere: point at the real shards absolutely
+        row["shard"] = str(real.parent / row["shard"]) if row["shard"] else ""
+    rows[0]["source_id"] = "tr999"  # listed in the manifest, absent from its shard
+    bad = write_manifest(rows, tmp_path / "real.parquet", DatasetInfo(info.class_names, "real"))
+    assert pq.read_table(bad).num_rows == len(rows)
+    cfg = _cfg(bad, tmp_path / "syn")
+    cfg.plan.max_sources = None
+    with pytest.raises(BadInputError, match="does not hold source 'tr999'"):
+        run_generate(cfg, factory=standin_factory, progress=False)
+
+
 def test_job_script_reports_bad_input_without_traceback(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "jobs/generate.py", "--set", f"model_dir={tmp_path}/none", "--set", "plan.lambdas=[0.5]"],

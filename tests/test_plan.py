@@ -127,3 +127,10 @@ def test_plan_refuses_synthetic_manifest_and_empty_split(real: Path, tmp_path: P
         build_plan(_cfg(), fake)
     with pytest.raises(BadInputError, match="not found"):
         build_plan(_cfg(), tmp_path / "missing.parquet")
+
+
+def test_plan_refuses_a_manifest_whose_shard_is_missing(tmp_path: Path) -> None:
+    real = make_real_set(tmp_path, n_train=6, n_val=2)
+    (tmp_path / "real-000001.tar").unlink()
+    with pytest.raises(BadInputError, match="real-000001.tar: shard listed in .* is missing"):
+        build_plan(_cfg(), real)

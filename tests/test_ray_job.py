@@ -74,6 +74,9 @@ def test_ray_job_submit_generates_a_verified_set(tmp_path: Path) -> None:
     model = build_model(cfg, read_manifest(real / "manifest.parquet")[1].class_names)
     model.save_pretrained(tmp_path / "controlnet" / "final")
     out = tmp_path / "synthetic"
+    args = ["--config", "configs/generate/tiny.yaml", "--set", f"real_manifest={real / 'manifest.parquet'}",
+            "--set", f"model_dir={tmp_path / 'controlnet'}", "--set", "plan.max_sources=4",
+            "--set", "plan.samples_per_shard=4", "--set", "sampler.num_steps=4", "--set", "ray.num_cpus_per_actor=1"]
 
     # Ray's local-dev token flow (prints the token: captured, never shown).
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
@@ -91,10 +94,7 @@ def test_ray_job_submit_generates_a_verified_set(tmp_path: Path) -> None:
         _wait_for_port(dash, head)
         job = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".",
-             "--", "python", "jobs/generate.py", "--config", "configs/generate/tiny.yaml", "--no-progress",
-             "--set", f"real_manifest={real / 'manifest.parquet'}", "--set", f"model_dir={tmp_path / 'controlnet'}",
-             "--set", f"out_dir={out}", "--set", "plan.max_sources=4", "--set", "plan.samples_per_shard=4",
-             "--set", "sampler.num_steps=4", "--set", "ray.num_cpus_per_actor=1"],
+             "--", "python", "jobs/generate.py", "--no-progress", *args, "--set", f"out_dir={out}"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
         )
         assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-3000:] + job.stderr[-3000:]
@@ -113,3 +113,14 @@ def test_ray_job_submit_generates_a_verified_set(tmp_path: Path) -> None:
     table, info = read_manifest(out / "manifest.parquet")
     assert info.kind == "synthetic" and sorted(set(table["lambda"].to_pylist())) == [0.5, 1.0]
     assert info.extra["compute"]["device"] == "cpu" and info.extra["compute"]["actors"] == 1
+
+    # The same config as a plain script on a private local Ray gives byte-identical shards.
+    local = subprocess.run(
+        [sys.executable, "jobs/generate.py", "--no-progress", *args, "--set", f"out_dir={tmp_path / 'local'}",
+         "--set", "ray.address=local"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert local.returncode == 0, local.stderr[-3000:]
+    local_table, _ = read_manifest(tmp_path / "local/manifest.parquet")
+    assert sorted(zip(local_table["shard"].to_pylist(), local_table["shard_sha256"].to_pylist())) == sorted(
+        zip(table["shard"].to_pylist(), table["shard_sha256"].to_pylist()))

@@ -99,7 +99,7 @@ class SamplerConfig:
 class RayConfig:
     """Where and how wide: the actor pool and its fault tolerance."""
 
-    address: str | None = None  # None: $RAY_ADDRESS, else a running cluster, else a local instance
+    address: str | None = None  # None: $RAY_ADDRESS, else a running cluster, else a local instance; "local": private
     local_num_cpus: int | None = None  # CPUs of a local instance (None: all)
     num_actors: int | None = None  # None: one per GPU, or 1 on CPU
     num_cpus_per_actor: float = 1.0  # also the torch thread count of a CPU actor

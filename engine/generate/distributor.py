@@ -32,16 +32,20 @@ class GenerationError(RuntimeError):
 def connect(address: str | None = None, local_num_cpus: int | None = None) -> str:
     """Join the run's Ray cluster; return ``"existing"``, ``"cluster"`` or ``"local"``.
 
-    Order: an already initialised Ray (tests, notebooks); ``address`` from the config;
-    ``$RAY_ADDRESS`` (``ray job submit`` sets it for its driver) or a cluster started
-    with ``ray start`` on this machine (Ray's ``"auto"``); else a private local
-    instance with the dashboard off, so nothing listens beyond this process tree.
+    Order: an already initialised Ray (tests, notebooks); ``address`` from the config
+    (``"local"`` forces a private instance); ``$RAY_ADDRESS`` (``ray job submit`` sets it
+    for its driver) or a cluster started with ``ray start`` on this machine (Ray's
+    ``"auto"``); else a private local instance with the dashboard off.
     """
     import ray
 
     if ray.is_initialized():
         return "existing"
+    local = dict(address="local", num_cpus=local_num_cpus, include_dashboard=False, dashboard_host="127.0.0.1")
     try:
+        if address == "local":
+            ray.init(**local)
+            return "local"
         if address:
             ray.init(address=address)
             return "cluster"
@@ -49,7 +53,7 @@ def connect(address: str | None = None, local_num_cpus: int | None = None) -> st
             ray.init(address="auto")
             return "cluster"
         except ConnectionError:
-            ray.init(address="local", num_cpus=local_num_cpus, include_dashboard=False, dashboard_host="127.0.0.1")
+            ray.init(**local)
             return "local"
     except (ValueError, ConnectionError) as exc:  # unreachable, or RAY_ADDRESS=http://... (the job API's)
         raise BadInputError(f"Ray address {address or os.environ.get('RAY_ADDRESS')!r}", str(exc)) from None
@@ -114,10 +118,15 @@ class Distributor:
     def pids(self) -> list[int]:
         """Wait until every replica has loaded its model; their process ids."""
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayTaskError
 
         try:
             return ray.get([a.pid.remote() for a in self.actors])
+        except RayTaskError as exc:  # the model folder is bad: say so, like any bad input
+            cause = _cause(exc)
+            if isinstance(cause, BadInputError):
+                raise cause from None
+            raise GenerationError(f"a generation actor failed to start: {exc}") from None
         except RayActorError as exc:
             raise GenerationError(f"a generation actor failed to start: {exc}") from None
 
@@ -190,9 +199,12 @@ class Distributor:
                 on_result(result)
         return results
 
-    def shutdown(self) -> None:
-        """Kill the replicas now (a driver that keeps running must not keep their memory)."""
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Kill the replicas now and wait until they are gone (a driver that keeps running
+        must not keep their memory, and a unit cut short must not write after this)."""
         import ray
 
         for actor in self.actors:
             ray.kill(actor)
+        gone = [actor.pid.remote() for actor in self.actors]  # each fails once its actor is dead
+        ray.wait(gone, num_returns=len(gone), timeout=timeout)

@@ -156,6 +156,10 @@ def read_sources(real_manifest: str | Path, split: str) -> tuple[list[Source], l
     if dupes:
         raise BadInputError(str(real_manifest), f"source id(s) listed twice: {sorted(dupes)[:5]}")
     sources = [Source(r["source_id"], resolve_shard(real_manifest, r["shard"])) for r in rows]
+    missing = sorted({s.shard for s in sources if not Path(s.shard).is_file()})
+    if missing:  # found here, before any actor starts, rather than as a failed unit
+        raise BadInputError(missing[0], f"shard listed in {real_manifest} is missing ({len(missing)} missing in all)",
+                            "restore it or re-run ingest; `python -m engine.verify MANIFEST` lists all problems")
     return sorted(sources, key=lambda s: s.source_id), list(info.class_names)
 
 

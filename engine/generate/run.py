@@ -40,11 +40,11 @@ RUN_FILE = "run.json"
 SUMMARY = "summary.json"
 
 
-def run_identity(cfg: GenerateConfig, plan: Plan) -> dict[str, Any]:
-    """Everything that decides the pixels of the planned shards."""
-    return {"plan": plan.fingerprint(), "model_dir": cfg.model_dir, "sampler": {
-        "num_steps": cfg.sampler.num_steps, "spacing": cfg.sampler.spacing, "dtype": cfg.sampler.dtype},
-        "image_format": cfg.image_format}
+def run_identity(cfg: GenerateConfig, plan: Plan, model_dir: Path) -> dict[str, Any]:
+    """Everything that decides the pixels of the planned shards (batch size does not)."""
+    s = cfg.sampler
+    return {"plan": plan.fingerprint(), "model_dir": str(model_dir), "image_format": cfg.image_format,
+            "sampler": {"num_steps": s.num_steps, "spacing": s.spacing, "dtype": s.dtype, "resolution": s.resolution}}
 
 
 def claim_out_dir(out: Path, identity: dict[str, Any]) -> None:
@@ -71,16 +71,21 @@ def shard_done(out: Path, unit: WorkUnit) -> bool:
     except Exception:  # an unreadable part is simply redone
         return False
     return (
-        [r["key"] for r in rows] == unit.keys
+        sorted(r["key"] for r in rows) == sorted(unit.keys)  # batches group by image size: order may differ
         and all(r["shard_bytes"] == tar.stat().st_size for r in rows)
         and sha256_file(tar) == rows[0]["shard_sha256"]
     )
 
 
+def remove_temp_files(out: Path) -> None:
+    """Delete the ``.tmp`` files of shards, parts and the manifest that were cut short."""
+    for tmp in list(out.glob("*.tmp")) + list((out / PARTS_DIR).glob("*.tmp")):
+        tmp.unlink(missing_ok=True)
+
+
 def resume_scan(out: Path, units: list[WorkUnit]) -> tuple[list[WorkUnit], list[WorkUnit]]:
     """Split units into (done, todo); delete leftovers of unfinished shards."""
-    for tmp in list(out.glob("*.tmp")) + list((out / PARTS_DIR).glob("*.tmp")):
-        tmp.unlink()
+    remove_temp_files(out)
     done, todo = [], []
     for unit in units:
         if shard_done(out, unit):
@@ -130,13 +135,16 @@ def run_generate(
     if not model_dir.is_dir():
         raise BadInputError(str(model_dir), "model folder not found", "train one with jobs/train_controlnet.py first")
     plan = build_plan(cfg.plan, Path(cfg.real_manifest).resolve())
-    claim_out_dir(out, run_identity(cfg, plan))
+    claim_out_dir(out, run_identity(cfg, plan, model_dir))
     save_config(cfg, out / "config.yaml")
     done, todo = resume_scan(out, plan.units)
     new_samples = sum(len(u.items) for u in todo)
     stats: dict[str, Any] = {"samples_this_run": new_samples, "shards_resumed": len(done), "generate_seconds": 0.0}
     if todo:
-        stats.update(_distribute(cfg, plan, todo, model_dir, out, factory, on_result, progress))
+        try:
+            stats.update(_distribute(cfg, plan, todo, model_dir, out, factory, on_result, progress))
+        finally:  # a failed run stops its actors mid-unit: leave whole shards only (rerun resumes)
+            remove_temp_files(out)
     stats["seconds"] = round(time.perf_counter() - t_start, 3)
     parts = [part_path(out, u.shard) for u in plan.units]
     summary = summarize(parts, stats)

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -185,12 +186,19 @@ class ShardGenerator:
         self.resolution = sampler_cfg.resolution
         self.image_format = image_format
         self.cache = SourceCache(source_cache_shards)
-        self.sampler = factory(model_dir, device, sampler_cfg)
+        self.load_error: BadInputError | None = None
+        try:
+            self.sampler = factory(model_dir, device, sampler_cfg)
+        except BadInputError as exc:  # Ray passes only the text of an __init__ error: pid() raises it whole
+            self.load_error = exc
+            return
         if num_threads is not None and device == "cpu" and "torch" in sys.modules:  # a torch sampler: pin its threads
             sys.modules["torch"].set_num_threads(num_threads)
 
     def pid(self) -> int:
-        """The actor's process id (the fault-injection test kills it)."""
+        """The actor's process id (the fault-injection test kills it); raises a model-loading error."""
+        if self.load_error is not None:
+            raise self.load_error
         return os.getpid()
 
     def _sample(self, unit: WorkUnit, batch: list[WorkItem], sources: dict[str, Sample]) -> np.ndarray:
@@ -206,36 +214,51 @@ class ShardGenerator:
             raise RuntimeError(f"sampler returned {out.shape} {out.dtype}, expected {images.shape} uint8")
         return out
 
+    def _write(self, writer: ShardWriter, unit: WorkUnit, batch: list[WorkItem], images: np.ndarray,
+               sources: dict[str, Sample], timings: dict[str, float], steps: int) -> list[dict[str, Any]]:
+        """Tag and write one sampled batch; returns its manifest rows."""
+        rows = []
+        for item, image in zip(batch, images):
+            src = sources[item.source_id]
+            meta = {
+                "source_id": item.source_id,
+                "split": "train",
+                "w": unit.w,
+                "lambda": unit.lam,
+                "seed": item.seed,
+                "classes": present_classes(src.scribble),
+                "model": self.sampler.model_id,
+                "steps": steps,
+                "seconds": timings["batch_seconds"] / len(batch),
+                "timings": timings,
+            }
+            sample = Sample(item.key, image, src.scribble, None, meta)
+            writer.write(sample)
+            rows.append(sample_row(sample))
+        return rows
+
     def run(self, unit: WorkUnit) -> ShardResult:
+        """Sample the unit batch by batch; PNG/JPEG encoding and writing of batch k run in a
+        background thread while batch k+1 is sampled, so the accelerator does not wait on I/O."""
         t0 = time.perf_counter()
         sources = fit_sources(self.cache.get(unit.items), self.resolution)
         load_s = time.perf_counter() - t0
         steps = self.sampler.steps_for(unit.lam)
         rows: list[dict[str, Any]] = []
         sample_s = 0.0
-        with ShardWriter(self.out_dir / unit.shard, self.image_format) as writer:
+        with ShardWriter(self.out_dir / unit.shard, self.image_format) as writer, ThreadPoolExecutor(1) as io:
+            pending: Future | None = None
             for batch in batches(unit.items, sources, self.batch_size):
                 tb = time.perf_counter()
                 images = self._sample(unit, batch, sources)
                 dt = time.perf_counter() - tb
                 sample_s += dt
-                for item, image in zip(batch, images):
-                    src = sources[item.source_id]
-                    meta = {
-                        "source_id": item.source_id,
-                        "split": "train",
-                        "w": unit.w,
-                        "lambda": unit.lam,
-                        "seed": item.seed,
-                        "classes": present_classes(src.scribble),
-                        "model": self.sampler.model_id,
-                        "steps": steps,
-                        "seconds": dt / len(batch),
-                        "timings": {"batch_seconds": dt, "batch_size": len(batch), "source_load_seconds": load_s},
-                    }
-                    sample = Sample(item.key, image, src.scribble, None, meta)
-                    writer.write(sample)
-                    rows.append(sample_row(sample))
+                timings = {"batch_seconds": dt, "batch_size": len(batch), "source_load_seconds": load_s}
+                if pending is not None:
+                    rows += pending.result()
+                pending = io.submit(self._write, writer, unit, batch, images, sources, timings, steps)
+            if pending is not None:
+                rows += pending.result()
             info = writer.close()
         result = ShardResult(
             unit.index, unit.shard, len(rows), unit.w, unit.lam, steps, time.perf_counter() - t0, sample_s, os.getpid()

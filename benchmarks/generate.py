@@ -1,0 +1,228 @@
+"""Generation throughput: the engine against a bare loop calling the same sampler.
+
+CPU (default): the tiny model (configs/controlnet/tiny.yaml, random init) on procedural
+sources. Prints images/s of
+
+- bare: one process, ``sampler.sample`` over pre-decoded, pre-fitted sources in the same
+  batches the engine uses (no reading, encoding or writing: the compute ceiling);
+- engine: ``run_generate`` with Ray actors (read real shards, sample, encode, write shards
+  and manifest parts, merge), measured from when every replica has loaded its model;
+
+then the ratio engine(1 actor) / bare with the same thread count (goal >= 0.9) and the
+scaling 1 -> 2 actors of one thread each.
+
+``--gpu``: the same comparison on one GPU with an SD 1.5-shaped, randomly initialised model
+(UNet + ControlNet + VAE + CLIP text encoder at SD 1.5 sizes, a character-level tokenizer
+written on the fly, since no weights are ever downloaded), 512 px, 50 DDIM steps,
+fp16/bf16, SDPA attention, at λ = 1 and λ = 0.5 (truncate spacing). ``--engine inprocess``
+runs the engine's worker without Ray (for a machine without Ray installed).
+
+    python benchmarks/generate.py                      # CPU, ~ a few minutes on 2 cores
+    python benchmarks/generate.py --gpu --dtype float16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from engine.config import load_config  # noqa: E402
+from engine.generate.config import GenerateConfig, PlanConfig, RayConfig, SamplerConfig  # noqa: E402
+from engine.generate.plan import build_plan  # noqa: E402
+from engine.generate.worker import SourceCache, ShardGenerator, batches, fit_sources, load_sampler  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_sources(root: Path, n: int, size: int) -> Path:
+    """``n`` procedural train sources of ``size`` px through the real ingest job."""
+    from engine.ingest import DEFAULT_CONFIG, IngestConfig, run_ingest
+
+    overrides = [f"out={root}", f"source.procedural.num_train={n}", "source.procedural.num_val=1",
+                 f"source.procedural.size={size}", f"samples_per_shard={max(n, 1)}"]
+    return run_ingest(load_config(IngestConfig, REPO / DEFAULT_CONFIG, overrides))
+
+
+def make_tiny_model(folder: Path, class_names: list[str]) -> Path:
+    from engine.train_controlnet import DEFAULT_CONFIG, TrainControlNetConfig, build_model
+
+    cfg = load_config(TrainControlNetConfig, REPO / DEFAULT_CONFIG)
+    return build_model(cfg, class_names).save_pretrained(folder)
+
+
+def _char_tokenizer():
+    """A CLIP tokenizer over single characters (CLIP's byte alphabet, no merges): SD 1.5's
+    text path at its real shapes (77 tokens, width 768) without downloading a vocabulary."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77), len(vocab)
+
+
+def make_sd15_model(folder: Path, class_names: list[str], resolution: int = 512) -> Path:
+    """SD 1.5-shaped bundle with random weights, saved through the production save_pretrained."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from engine.models import ScribbleGenModel, _controlnet_from_unet
+    from engine.text import ClipTextConditioner
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=resolution // 8, cross_attention_dim=768)  # SD 1.5 defaults
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=resolution,
+    )
+    tokenizer, vocab_size = _char_tokenizer()
+    text = ClipTextConditioner(tokenizer, CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=768,
+                                                                       intermediate_size=3072, num_hidden_layers=12,
+                                                                       num_attention_heads=12, max_position_embeddings=77,
+                                                                       bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+                                                                       pad_token_id=vocab_size - 1)))
+    scheduler = dict(DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   clip_sample=False, set_alpha_to_one=False, steps_offset=1).config)
+    controlnet = _controlnet_from_unet(unet, (16, 32, 96, 256))
+    model = ScribbleGenModel("sd15", unet, controlnet, text, torch.zeros(3, resolution, resolution), scheduler,
+                             class_names, resolution, vae=vae)
+    return model.save_pretrained(folder)
+
+
+def bare_images_per_s(cfg: GenerateConfig, device: str, threads: int | None) -> tuple[float, dict]:
+    """The baseline: same sampler, same batches, one process, nothing but ``sample`` timed."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    sampler = load_sampler(cfg.model_dir, device, cfg.sampler)
+    attention = sorted({type(p).__name__ for p in sampler.model.unet.attn_processors.values()})
+    plan = build_plan(cfg.plan, cfg.real_manifest)
+    cache, work = SourceCache(cfg.source_cache_shards), []
+    for unit in plan.units:  # decode + fit outside the timed region
+        sources = fit_sources(cache.get(unit.items), cfg.sampler.resolution)
+        for batch in batches(unit.items, sources, cfg.sampler.batch_size):
+            src = [sources[it.source_id] for it in batch]
+            work.append((unit, batch, np.stack([s.image for s in src]), np.stack([s.scribble for s in src])))
+    from engine.text import names_for_ids
+
+    n, t0 = 0, time.perf_counter()
+    for unit, batch, images, scribbles in work:
+        names = [names_for_ids(np.unique(s), plan.class_names) for s in scribbles]
+        sampler.sample(images, scribbles, names, unit.w, unit.lam, [it.seed for it in batch])
+        n += len(batch)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return n / seconds, {"samples": n, "seconds": round(seconds, 3), "attention": attention}
+
+
+def engine_images_per_s(cfg: GenerateConfig, mode: str, device: str) -> tuple[float, dict]:
+    """The engine: Ray actors (``mode='ray'``) or its worker in this process (``'inprocess'``)."""
+    if mode == "ray":
+        from engine.generate.run import run_generate
+
+        summary = run_generate(cfg, progress=False)
+        return summary["images_per_s"], {k: summary[k] for k in ("samples", "generate_seconds", "sample_seconds_total", "seconds", "actors")}
+    plan = build_plan(cfg.plan, cfg.real_manifest)
+    gen = ShardGenerator(cfg.model_dir, cfg.out_dir, plan.class_names, cfg.sampler, device=device,
+                         image_format=cfg.image_format, source_cache_shards=cfg.source_cache_shards)
+    t0 = time.perf_counter()
+    n = sum(gen.run(unit).samples for unit in plan.units)
+    seconds = time.perf_counter() - t0
+    return n / seconds, {"samples": n, "seconds": round(seconds, 3)}
+
+
+def config(args: argparse.Namespace, device: str, real: Path, model: Path, out: Path, lam: float, actors: int,
+           cpus: int) -> GenerateConfig:
+    cfg = GenerateConfig(
+        real_manifest=str(real), model_dir=str(model), out_dir=str(out), image_format=args.image_format,
+        plan=PlanConfig(w=[2.0], lambdas=[lam], samples_per_shard=args.batch_size * args.batches_per_shard),
+        sampler=SamplerConfig(num_steps=args.steps, spacing="truncate", dtype=args.dtype, batch_size=args.batch_size,
+                              resolution=args.resolution, device="cuda" if device.startswith("cuda") else "cpu"),
+        ray=RayConfig(num_actors=actors, num_cpus_per_actor=cpus, local_num_cpus=args.ray_cpus),
+    )
+    cfg.validate()
+    return cfg
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", action="store_true", help="SD 1.5-shaped model at 512 px on one GPU")
+    parser.add_argument("--engine", choices=("ray", "inprocess"), default="ray")
+    parser.add_argument("--sources", type=int, default=None, help="train sources (CPU 48, GPU 32)")
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (CPU 10, GPU 50)")
+    parser.add_argument("--batch-size", type=int, default=None, help="(CPU 8, GPU 8)")
+    parser.add_argument("--batches-per-shard", type=int, default=2)
+    parser.add_argument("--resolution", type=int, default=None, help="(CPU 32, GPU 512)")
+    parser.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (CPU float32, GPU float16)")
+    parser.add_argument("--lambdas", type=float, nargs="+", default=None, help="(CPU 1.0, GPU 1.0 0.5)")
+    parser.add_argument("--image-format", default="png")
+    parser.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray instance")
+    parser.add_argument("--repeats", type=int, default=2, help="alternate bare/engine runs this often; best of each")
+    parser.add_argument("--device", default=None, help="override the device (e.g. --gpu --device cpu: a dry run)")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the 1 -> 2 actor scaling run (CPU)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    gpu_defaults = dict(sources=32, steps=50, batch_size=8, resolution=512, dtype="float16", lambdas=[1.0, 0.5])
+    cpu_defaults = dict(sources=48, steps=10, batch_size=8, resolution=32, dtype="float32", lambdas=[1.0])
+    for key, value in (gpu_defaults if args.gpu else cpu_defaults).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    device = args.device or ("cuda" if args.gpu else "cpu")
+    results: dict = {"args": vars(args) | {"json": str(args.json)}, "runs": []}
+    with tempfile.TemporaryDirectory(prefix="bench-gen-") as tmp:
+        root = Path(tmp)
+        t = time.perf_counter()
+        real = make_sources(root / "real", args.sources, args.resolution)
+        from engine.manifest import read_manifest
+
+        names = read_manifest(real)[1].class_names
+        model = (make_sd15_model if args.gpu else make_tiny_model)(root / "model", names)
+        print(f"setup (sources + model build/save): {time.perf_counter() - t:.1f} s", flush=True)
+        if device.startswith("cuda"):  # one-time CUDA/cuDNN start-up (one batch), paid before any timed run
+            warm = config(args, device, real, model, root / "unused", 1.0, 1, 1)
+            warm.plan.max_sources = args.batch_size
+            bare_images_per_s(warm, device, None)
+
+        def record(name: str, ips: float, extra: dict) -> float:
+            results["runs"].append({"run": name, "images_per_s": round(ips, 4), **extra})
+            print(f"{name:<34} {ips:9.3f} img/s  {extra}", flush=True)
+            return ips
+
+        threads = None if args.gpu else 2
+        cpus = 2 if not args.gpu else 1
+        for lam in args.lambdas:  # bare and engine alternate, best of ``repeats`` each (shared, noisy machines)
+            bare = eng = 0.0
+            for r in range(args.repeats):
+                bare = max(bare, record(f"bare   λ={lam:g} ({threads or device} thr) #{r}", *bare_images_per_s(
+                    config(args, device, real, model, root / "unused", lam, 1, 2), device, threads)))
+                eng = max(eng, record(f"engine λ={lam:g} 1 actor x {cpus} cpu #{r}", *engine_images_per_s(
+                    config(args, device, real, model, root / f"e1-{lam}-{r}", lam, 1, cpus), args.engine, device)))
+            results[f"ratio_engine_over_bare_l{lam:g}"] = round(eng / bare, 4)
+            print(f"  ratio engine / bare (λ={lam:g}, best of {args.repeats}): {eng / bare:.3f}  (goal >= 0.9)", flush=True)
+        if not args.gpu and not args.no_scaling and args.engine == "ray":
+            lam = args.lambdas[0]
+            one = record("engine 1 actor x 1 cpu", *engine_images_per_s(
+                config(args, device, real, model, root / "s1", lam, 1, 1), "ray", device))
+            two = record("engine 2 actors x 1 cpu", *engine_images_per_s(
+                config(args, device, real, model, root / "s2", lam, 2, 1), "ray", device))
+            results["scaling_2_over_1_actors"] = round(two / one, 4)
+            print(f"  scaling 1 -> 2 actors: {two / one:.2f}x", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
