@@ -3,7 +3,9 @@
 Local:    python jobs/generate.py --config configs/generate/tiny.yaml
 Cluster:  ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
               python jobs/generate.py --config configs/generate/tiny.yaml --set out_dir=/abs/path ...
-(under ``ray job submit`` the job runs in an uploaded copy of the repo: give absolute paths.)
+(under ``ray job submit`` the job runs in an uploaded copy of the repo: give absolute paths;
+with Ray's token auth on -- a head started while ~/.ray/auth_token exists -- export
+RAY_AUTH_MODE=token for the `ray job` CLI too.)
 Rerunning the same command resumes: finished, verified shards are kept.
 """
 
