@@ -277,7 +277,7 @@ def plot_lines(series: dict[str, list[tuple[float, float, float]]], title: str, 
     if baseline is not None:
         ax.axhline(baseline[0], color="0.4", linestyle="--", label="real only")
         if baseline[1] > 0:
-            ax.axhspan(baseline[0] - baseline[1], baseline[0] + baseline[1], color="0.5", alpha=0.15)
+            ax.axhspan(baseline[0] - baseline[1], baseline[0] + baseline[1], color="0.5", alpha=0.1, lw=0)
     if log_x:
         ax.set_xscale("log")
     ax.set_xticks(xs_all)
@@ -298,7 +298,8 @@ def plot_bars(labels: list[str], values: list[list[float]], title: str, ylabel: 
     for i, v in enumerate(values):
         if len(v) > 1:
             ax.plot([i] * len(v), v, "k.", alpha=0.6)
-        ax.annotate(f"{means[i]:.2f}", (i, means[i]), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=9)
+        top = max([means[i] + stds[i]] + v)  # above the error bar and the seed dots
+        ax.annotate(f"{means[i]:.2f}", (i, top), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=9)
     ax.set_xticks(x)
     ax.set_xticklabels(labels)
     hi = max([m + s for m, s in zip(means, stds)] + [max(v) for v in values if v] + [1e-6])
@@ -508,7 +509,8 @@ def section_sweep(page: Page, run: RunData, study: str, axis: str) -> None:
     rows = [[fmt_g(x), fmt_pm(v), str(len(v)), fmt_num(fid.get(x), 3)] for x, v in sorted(by.items())]
     page.table(Table([sym, "mIoU (%)", "seeds", "FID"], rows))
     if by:
-        series = {"fixed": [(x, *_mean_std(100 * m for m in v)) for x, v in by.items()]}
+        label = f"fixed, {other_sym} = {', '.join(map(fmt_g, fixed_other))}"
+        series = {label: [(x, *_mean_std(100 * m for m in v)) for x, v in by.items()]}
         name = "miou_vs_w.png" if axis == "w" else "miou_vs_lambda.png"
         page.img(plot_lines(series, f"Downstream mIoU vs {sym}", "guidance scale w (log scale)" if axis == "w" else "encode ratio λ",
                             "mIoU (%)", run.out_dir / name, baseline=base, log_x=axis == "w"), f"mIoU vs {sym}")
@@ -557,7 +559,7 @@ def section_controlnet(page: Page, run: RunData) -> None:
     if not lines:
         return
     page.h("ControlNet training")
-    fig, ax = _axes("ControlNet training loss (ε-prediction MSE)", "step", "loss")
+    fig, ax = _axes("ControlNet training loss (ε-prediction MSE)", "step", "loss", legend=False)
     ax.plot([x["step"] for x in lines], [x["loss"] for x in lines])
     ax.set_yscale("log")
     page.p(f"{lines[-1]['step']} steps in {fmt_num(lines[-1]['seconds'], 1)} s; final logged loss {lines[-1]['loss']:.4f}.")
