@@ -284,6 +284,15 @@ def config_diff(saved: dict[str, Any], current: dict[str, Any], ignore: set[str]
     return diff
 
 
+# Keys that change how a job runs, not what it computes: a finished output stays reusable.
+RUN_ONLY = {
+    "ingest": {"out", "overwrite", "workers"},
+    "controlnet": {"out", "data.manifest", "train.threads", "train.device", "train.save_every",
+                   "train.keep_checkpoints", "train.log_every"},
+    "seg": {"data.workers", "train.device", "train.log_every", "train.checkpoint_every", "train.eval_batch_size"},
+}
+
+
 def check_reuse(saved_file: Path, current: Any, ignore: set[str], what: str) -> None:
     """Refuse to reuse an output made with another config; name the differing keys."""
     if not saved_file.is_file():
@@ -329,7 +338,7 @@ def stage_ingest(cfg: SweepConfig, out: Path, info: dict[str, Any]) -> Path:
     ing = copy.deepcopy(cfg.ingest)
     ing.out = str(out / "real")
     manifest = Path(ing.out) / MANIFEST
-    check_reuse(Path(ing.out) / CONFIG_COPY, ing, {"out", "overwrite"}, "real set")
+    check_reuse(Path(ing.out) / CONFIG_COPY, ing, RUN_ONLY["ingest"], "real set")
     if manifest.is_file():
         info["reused"] = True
     else:
@@ -355,7 +364,7 @@ def stage_controlnet(cfg: SweepConfig, out: Path, real_manifest: Path, info: dic
     cn.out = str(out / "controlnet")
     cn.data.manifest = str(real_manifest)
     final = Path(cn.out) / FINAL_DIR
-    check_reuse(Path(cn.out) / "config.yaml", cn, {"out", "data.manifest"}, "ControlNet")
+    check_reuse(Path(cn.out) / "config.yaml", cn, RUN_ONLY["controlnet"], "ControlNet")
     if final.is_dir():
         info["reused"] = True
         return final
@@ -475,7 +484,7 @@ def stage_seg(cfg: SweepConfig, out: Path, real_manifest: Path, cells: dict[str,
         seg = seg_config_for(cfg, run)
         folder = out / "seg" / run.name
         manifests = [str(real_manifest)] + [str(cells[c]) for c in run.cells]
-        check_reuse(folder / "config.yaml", seg, set(), "seg run")
+        check_reuse(folder / "config.yaml", seg, RUN_ONLY["seg"], "seg run")
         summary_file = folder / "summary.json"
         if summary_file.is_file():
             summary = json.loads(summary_file.read_text())

@@ -9,7 +9,7 @@ import yaml
 
 from engine.errors import BadInputError
 from engine.sweep import (
-    FAST_OVERLAY, REPO, SweepConfig, cell_name, check_reuse, config_diff, load_sweep_config, main, plan_seg_runs,
+    FAST_OVERLAY, REPO, RUN_ONLY, SweepConfig, cell_name, check_reuse, config_diff, load_sweep_config, main, plan_seg_runs,
     resolve_bases,
 )
 from engine.config import from_dict, save_config
@@ -106,6 +106,9 @@ def test_reuse_refused_when_config_changed(tmp_path):
     with pytest.raises(BadInputError, match=r"differs in optim\.lr, train\.steps"):
         check_reuse(tmp_path / "config.yaml", cfg.seg, set(), "seg run")
     assert config_diff({"a": {"b": 1}, "out": "x"}, {"a": {"b": 2}, "out": "y"}, {"out"}) == ["a.b"]
+    save_config(cfg.controlnet, tmp_path / "cn.yaml")
+    cfg.controlnet.train.threads, cfg.controlnet.out = 7, "elsewhere"  # how it runs, not what it computes
+    check_reuse(tmp_path / "cn.yaml", cfg.controlnet, RUN_ONLY["controlnet"], "ControlNet")
 
 
 def test_cli_reports_bad_input(capsys):
