@@ -121,14 +121,20 @@ def _decode_png(data: bytes, mode: str) -> np.ndarray:
         return np.asarray(img.convert(mode) if img.mode != mode else img).copy()
 
 
+def missing_members(record: dict[str, Any]) -> list[str]:
+    """Required members a raw record lacks: ``image`` (png or jpg), ``scribble.png``, ``json``."""
+    present = {"image": any(e in record for e in IMAGE_EXTS), "scribble.png": "scribble.png" in record, "json": "json" in record}
+    return [name for name, ok in present.items() if not ok]
+
+
 def decode_sample(record: dict[str, Any], with_mask: bool = True) -> Sample:
     """Inverse of :func:`encode_sample` for a raw WebDataset record (bytes values)."""
     key = record["__key__"]
     where = f"{record.get('__url__', 'shard')}:{key}"
-    image_bytes = next((record[e] for e in IMAGE_EXTS if e in record), None)
-    if image_bytes is None or "scribble.png" not in record or "json" not in record:
-        missing = [m for m in ("image", "scribble.png", "json") if (m == "image" and image_bytes is None) or (m != "image" and m not in record)]
+    missing = missing_members(record)
+    if missing:
         raise BadInputError(where, f"sample is missing member(s) {missing}", "the shard is incomplete; re-create it")
+    image_bytes = next(record[e] for e in IMAGE_EXTS if e in record)
     try:
         image = _decode_png(image_bytes, "RGB")
         scribble = _decode_png(record["scribble.png"], "L")

@@ -1,8 +1,9 @@
 """Check a manifest against its shards: ``python -m engine.verify MANIFEST``.
 
 Checks: every listed shard exists with the recorded byte size and SHA-256, holds
-exactly the keys the manifest lists for it (no missing, no extra, no duplicates), and
-no ``.tar`` in the manifest's folder is left out of the manifest. Exit status 0 when the
+exactly the keys the manifest lists for it (no missing, no extra, no duplicates), each
+with its image, ``scribble.png`` and ``json`` members (a shard written incomplete has a
+matching checksum), and no ``.tar`` in the manifest's folder is left out of the manifest. Exit status 0 when the
 manifest verifies, 1 otherwise; every problem is printed naming the file.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from engine.errors import BadInputError
 from engine.manifest import read_manifest, resolve_shard
-from engine.shards import iter_records, sha256_file
+from engine.shards import iter_records, missing_members, sha256_file
 
 
 @dataclass
@@ -73,8 +74,13 @@ def _verify_shard(shard: str, rows: list[dict], checksums: bool) -> list[str]:
         problems.append(f"{shard}: size {size} bytes, manifest says {expected['shard_bytes']}")
     if checksums and sha256_file(file) != expected["shard_sha256"]:
         problems.append(f"{shard}: SHA-256 does not match the manifest")
+    keys = []
     try:
-        keys = [r["__key__"] for r in iter_records(file)]
+        for record in iter_records(file):
+            keys.append(record["__key__"])
+            missing = missing_members(record)
+            if missing:
+                problems.append(f"{shard}:{record['__key__']}: sample is missing member(s) {missing}")
     except BadInputError as exc:
         return problems + [str(exc)]
     want = {r["key"] for r in rows}
