@@ -395,10 +395,12 @@ def section_overview(page: Page, run: RunData) -> None:
     if stages:
         rows = []
         for name, info in stages.items():
-            notes = ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("seconds", "images"))
-            rows.append([name, fmt_num(info.get("seconds"), 1), str(info.get("images", "–")), notes])
-        page.table(Table(["stage", "wall s (this run)", "images", "notes"], rows,
-                         "Stages of the last invocation (reused = finished earlier and skipped)."))
+            notes = ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("seconds", "cpu_seconds", "images"))
+            rows.append([name, fmt_num(info.get("seconds"), 1), fmt_num(info.get("cpu_seconds"), 1),
+                         str(info.get("images", "–")), notes])
+        page.table(Table(["stage", "wall s", "driver CPU s", "images", "notes"], rows,
+                         "Stages of the last invocation (reused = finished earlier and skipped). Driver CPU s is the "
+                         "main process only (Ray actors excluded)."))
 
 
 def section_compute(page: Page, run: RunData) -> None:
@@ -578,20 +580,26 @@ def section_samples(page: Page, run: RunData, count: int, seed_index: int) -> No
         page.img(sample_grid(run, sid, run.out_dir / f"samples_{sid}.png", seed_index), f"samples of {sid}")
 
 
-def build_report(root: str | Path, report_dir: str = "report") -> Path:
+def build_report(root: str | Path, report_dir: str = "report", progress: bool = False) -> Path:
     """Write ``index.md``, ``index.html`` and the PNGs into ``root/report_dir``; return index.md."""
+    from tqdm import tqdm
+
     run = load_run(root, report_dir)
     cfg = run.record.get("config", {}).get("report", {})
     page = Page(f"ScribbleGen: {run.record.get('title') or run.record.get('name', 'sweep')}")
-    section_overview(page, run)
-    section_fid(page, run)
-    section_sweep(page, run, "w_sweep", "w")
-    section_sweep(page, run, "lambda_sweep", "lambda")
-    section_schemes(page, run)
-    section_samples(page, run, int(cfg.get("grid_sources", 3)), int(cfg.get("seed_index", 0)))
-    section_compute(page, run)
-    section_controlnet(page, run)
-    section_seg_runs(page, run)
+    sections = [
+        lambda: section_overview(page, run),
+        lambda: section_fid(page, run),
+        lambda: section_sweep(page, run, "w_sweep", "w"),
+        lambda: section_sweep(page, run, "lambda_sweep", "lambda"),
+        lambda: section_schemes(page, run),
+        lambda: section_samples(page, run, int(cfg.get("grid_sources", 3)), int(cfg.get("seed_index", 0))),
+        lambda: section_compute(page, run),
+        lambda: section_controlnet(page, run),
+        lambda: section_seg_runs(page, run),
+    ]
+    for section in tqdm(sections, desc="report", unit="section", disable=not progress):
+        section()
     out = run.out_dir
     for name, text in (("index.md", page.markdown()), ("index.html", page.html())):
         tmp = out / (name + ".tmp")

@@ -319,9 +319,12 @@ class Stages:
         self.index += 1
         print(f"\n==> [{self.index}/{self.total}] {title}", flush=True)
         info: dict[str, Any] = {}
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         yield info
         info["seconds"] = round(time.perf_counter() - t0, 3)
+        # CPU time of this process (not of Ray actors): with one thread it is close to the
+        # wall time the stage would take on an otherwise idle machine.
+        info["cpu_seconds"] = round(time.process_time() - c0, 3)
         self.record["stages"][name] = info
         self.save()
         print(f"    {name}: {info['seconds']:.1f} s" + (" (reused)" if info.get("reused") else ""), flush=True)
@@ -574,7 +577,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
     with stages.stage("report", f"report -> {report_dir}") as info:
         record["wall_seconds"] = round(time.perf_counter() - t_start, 3)
         save()
-        index = build_report(out, cfg.report.dir)
+        index = build_report(out, cfg.report.dir, progress=True)
     record["wall_seconds"] = round(time.perf_counter() - t_start, 3)
     record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     save()
