@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,15 @@ from engine.shards import UNLABELLED
 from seg.batches import to_tensor
 from seg.metrics import SegMetrics
 from seg.stream import EpochDataset, ShardGroup
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A seg.train checkpoint, unpickled with ``weights_only=True`` (tensors and plain data
+    only, so a planted file cannot run code); any unreadable file is a bad input."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+        raise BadInputError(str(path), f"cannot read checkpoint: {str(exc).splitlines()[0]}") from None
 
 
 def pad_collate(items: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,10 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     args = parser.parse_args(argv)
     try:
-        try:
-            ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError) as exc:
-            raise BadInputError(args.checkpoint, f"cannot read checkpoint: {exc}") from None
+        ckpt = read_checkpoint(args.checkpoint)
         index = index_manifests(args.shards, val_split=args.split)
         model_cfg = from_dict(ModelConfig, {**ckpt["config"]["model"], "backbone_weights": ""}, "checkpoint model config")
         model = build_model(model_cfg, len(ckpt["class_names"]))

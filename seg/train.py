@@ -31,7 +31,7 @@ from tqdm import tqdm
 from engine.config import add_config_args, load_config, save_config, to_dict
 from engine.errors import BadInputError
 from seg.batches import AugmentConfig, MixedBatches
-from seg.evaluate import evaluate
+from seg.evaluate import evaluate, read_checkpoint
 from seg.loss import partial_cross_entropy
 from seg.models import ModelConfig, build_model
 from seg.schemes import SchemeConfig
@@ -198,7 +198,7 @@ def train(cfg: SegConfig, manifests: list[str], out: str | Path, resume: bool = 
     opt = _optimizer(model, cfg.optim)
     start_step, lam_counts, best = 0, Counter(), float("-inf")
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(ckpt_path)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         start_step, best = ckpt["step"], ckpt["best_miou"]
