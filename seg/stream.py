@@ -31,6 +31,30 @@ from engine.shards import Sample, decode_sample
 from seg.schemes import lam_key
 
 
+class StreamError(BadInputError):
+    """A damaged shard met while streaming, in a form that survives DataLoader workers.
+
+    torch re-raises a worker's exception in the main process as ``type(exc)(text)``,
+    ``text`` being the worker's formatted traceback. :class:`BadInputError` needs two
+    arguments, so torch would raise a bare ``RuntimeError`` and the CLI would print a
+    traceback; this subclass also accepts that one text and keeps its last line, which
+    is the original message (``what: problem (hint)``).
+    """
+
+    def __init__(self, what: str, problem: str = "", hint: str = "") -> None:
+        if not problem:  # rebuilt by torch from a worker's traceback
+            last = what.rstrip().splitlines()[-1]
+            what, _, problem = last.partition(": ")[2].partition(": ")
+        super().__init__(what, problem, hint)
+
+
+def _bad_tar(exn: Exception) -> bool:
+    """webdataset handler: an unreadable or missing shard stops the stream, naming it."""
+    url = exn.args[-1] if exn.args and isinstance(exn.args[-1], str) else "shard"
+    raise StreamError(url, f"not a readable tar shard: {exn.args[0] if exn.args else exn!r}",
+                      "check it with `python -m engine.verify MANIFEST` and re-create it")
+
+
 @dataclass
 class ShardGroup:
     """A set of samples to stream: shard URL -> keys to keep from that shard."""
@@ -97,6 +121,7 @@ def index_manifests(
             if status != "ok":
                 continue
             rows.append((resolve_shard(path, shard), key, source, split, lam_key(lam or 0.0)))
+        _check_shards_exist(path, {r[0] for r in rows})
     if not class_names:
         raise BadInputError(", ".join(map(str, paths)), "no manifest records class names", "re-create the real manifest with ingest")
     real_sources = [r[2] for r in rows if r[4] == 0.0 and r[3] == train_split]
@@ -114,6 +139,14 @@ def index_manifests(
     return index
 
 
+def _check_shards_exist(manifest: str | Path, urls: set[str]) -> None:
+    """Fail before training, not in a loader worker hours later, when a listed local shard is gone."""
+    missing = sorted(u for u in urls if "://" not in u and not Path(u).is_file())
+    if missing:
+        raise BadInputError(missing[0], f"shard listed in {manifest} is missing ({len(missing)} missing in all)",
+                            "restore it, or re-create the set; `python -m engine.verify MANIFEST` lists all problems")
+
+
 def _keep(group: ShardGroup):
     def pred(record: dict[str, Any]) -> bool:
         return record["__key__"] in group.allowed.get(record["__url__"], ())
@@ -123,7 +156,10 @@ def _keep(group: ShardGroup):
 
 def _decoder(with_mask: bool):
     def decode(record: dict[str, Any]) -> Sample:
-        return decode_sample(record, with_mask=with_mask)
+        try:
+            return decode_sample(record, with_mask=with_mask)
+        except BadInputError as exc:
+            raise StreamError(exc.what, exc.problem, exc.hint) from None
 
     return decode
 
@@ -151,7 +187,7 @@ def one_pass(
     stages: list[Any] = [wds.SimpleShardList(group.urls, seed=seed * 100_003 + epoch if shuffle_buffer else None)]
     if by_shard:
         stages += splitters
-    stages += [wds.tarfile_to_samples(), wds.select(_keep(group))]
+    stages += [wds.tarfile_to_samples(handler=_bad_tar), wds.select(_keep(group))]
     if split and not by_shard:
         stages += splitters
     if shuffle_buffer:
@@ -176,7 +212,7 @@ def endless(group: ShardGroup, seed: int, shuffle_buffer: int = 256) -> Iterator
             yielded = True
             yield sample
         if not yielded:
-            raise BadInputError(", ".join(group.urls[:3]), "no sample of this group could be read from its shards",
+            raise StreamError(", ".join(group.urls[:3]), "no sample of this group could be read from its shards",
                                 "the manifest and shards disagree; re-create them or run `python -m engine.verify`")
 
 

@@ -230,33 +230,35 @@ def train(cfg: SegConfig, manifests: list[str], out: str | Path, resume: bool = 
     t0 = time.perf_counter()
     window: dict[str, list] = {"loss": [], "lam": []}
     bar = tqdm(total=cfg.train.steps, initial=start_step, desc=f"seg {cfg.scheme.name}", disable=not main_rank, dynamic_ncols=True)
-    net.train()
-    for batch in loader:
-        step = batch["step"]
-        lr = _set_poly_lr(opt, step, cfg.train.steps, cfg.optim.poly_power)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.amp and device.type == "cuda"):
-            logits = net(batch["image"].to(device, non_blocking=True, memory_format=fmt))
-        loss = partial_cross_entropy(logits.float(), batch["scribble"].to(device, non_blocking=True))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        lams = batch["lam"].tolist()
-        lam_counts.update(lams)
-        window["loss"].append(loss.item())
-        window["lam"] += lams
-        done = step + 1
-        bar.update(1)
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            mean_loss = sum(window["loss"]) / len(window["loss"])
-            bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}")
-            if log:
-                log.write({"step": done, "loss": mean_loss, "lr": lr, "progress": step / cfg.train.steps, **_lam_stats(window["lam"])})
-            window = {"loss": [], "lam": []}
-        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps:
-            run_eval(done)
-        if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
-            save(done)
-    bar.close()
+    try:  # close the bar however the loop ends, so an error message gets a line of its own
+        net.train()
+        for batch in loader:
+            step = batch["step"]
+            lr = _set_poly_lr(opt, step, cfg.train.steps, cfg.optim.poly_power)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.amp and device.type == "cuda"):
+                logits = net(batch["image"].to(device, non_blocking=True, memory_format=fmt))
+            loss = partial_cross_entropy(logits.float(), batch["scribble"].to(device, non_blocking=True))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            lams = batch["lam"].tolist()
+            lam_counts.update(lams)
+            window["loss"].append(loss.item())
+            window["lam"] += lams
+            done = step + 1
+            bar.update(1)
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                mean_loss = sum(window["loss"]) / len(window["loss"])
+                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}")
+                if log:
+                    log.write({"step": done, "loss": mean_loss, "lr": lr, "progress": step / cfg.train.steps, **_lam_stats(window["lam"])})
+                window = {"loss": [], "lam": []}
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps:
+                run_eval(done)
+            if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
+                save(done)
+    finally:
+        bar.close()
     final = run_eval(cfg.train.steps)
     save(cfg.train.steps)
     summary = {
