@@ -52,6 +52,8 @@ class AdaptiveConfig:
     def validate(self) -> None:
         if self.schedule not in SCHEDULES:
             raise BadInputError(f"scheme.adaptive.schedule={self.schedule!r}", f"unknown schedule; choose one of {list(SCHEDULES)}")
+        if self.lam_min is not None and not 0.0 <= self.lam_min <= 1.0:
+            raise BadInputError(f"scheme.adaptive.lam_min={self.lam_min}", "must be null or in [0, 1]")
         if not 0.0 < self.ramp_fraction <= 1.0:
             raise BadInputError(f"scheme.adaptive.ramp_fraction={self.ramp_fraction}", "must be in (0, 1]")
         if self.epochs <= 0:
@@ -72,6 +74,8 @@ class SchemeConfig:
     def validate(self) -> None:
         if self.name not in SCHEMES:
             raise BadInputError(f"scheme {self.name!r}", f"unknown scheme; choose one of {list(SCHEMES)}")
+        if self.fixed_lambda is not None and not 0.0 < self.fixed_lambda <= 1.0:
+            raise BadInputError(f"scheme.fixed_lambda={self.fixed_lambda}", "encode ratios lie in (0, 1]")
         if not 0.0 <= self.synth_fraction <= 1.0:
             raise BadInputError(f"scheme.synth_fraction={self.synth_fraction}", "must be in [0, 1]")
         self.adaptive.validate()
