@@ -30,12 +30,14 @@ class GenerationError(RuntimeError):
 
 
 def connect(address: str | None = None, local_num_cpus: int | None = None) -> str:
-    """Join the run's Ray cluster; return ``"existing"``, ``"cluster"`` or ``"local"``.
+    """Join the run's Ray cluster; return ``"existing"``, ``"cluster"``, ``"local"`` or ``"default"``.
 
     Order: an already initialised Ray (tests, notebooks); ``address`` from the config
-    (``"local"`` forces a private instance); ``$RAY_ADDRESS`` (``ray job submit`` sets it
-    for its driver) or a cluster started with ``ray start`` on this machine (Ray's
-    ``"auto"``); else a private local instance with the dashboard off.
+    (``"local"`` forces a private instance); else Ray's default (``"default"``):
+    ``$RAY_ADDRESS`` (``ray job submit`` sets it for its driver), or the cluster of the
+    last ``ray start`` on this machine, or a new private instance with the dashboard off.
+    Never Ray's ``"auto"``: it joins *any* Ray instance it finds running on the machine,
+    such as another program's private one, whose exit then kills this run's actors.
     """
     import ray
 
@@ -49,12 +51,8 @@ def connect(address: str | None = None, local_num_cpus: int | None = None) -> st
         if address:
             ray.init(address=address)
             return "cluster"
-        try:
-            ray.init(address="auto")
-            return "cluster"
-        except ConnectionError:
-            ray.init(**local)
-            return "local"
+        ray.init(**{**local, "address": None})
+        return "default"
     except (ValueError, ConnectionError) as exc:  # unreachable, or RAY_ADDRESS=http://... (the job API's)
         raise BadInputError(f"Ray address {address or os.environ.get('RAY_ADDRESS')!r}", str(exc)) from None
 
