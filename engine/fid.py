@@ -45,7 +45,7 @@ class FIDConfig:
     reference_split: str = "train"  # real images compared against (the generator's sources)
     max_reference: int | None = None  # cap on real images (first N by key); None = all
     batch_size: int = 64
-    device: str = "cpu"
+    device: str = "auto"  # auto: cuda when available, else cpu
 
     def validate(self) -> None:
         if self.feature not in FEATURES:
@@ -57,6 +57,11 @@ class FIDConfig:
             raise BadInputError(f"fid.num_features={self.num_features}", "must be an even number >= 2")
         if self.batch_size < 1:
             raise BadInputError(f"fid.batch_size={self.batch_size}", "must be >= 1")
+
+    def torch_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
 
     def describe(self) -> dict[str, object]:
         """What decides the numbers (a cached score is reused only under the same description)."""
@@ -112,7 +117,7 @@ def build_metric(cfg: FIDConfig):
         metric = FrechetInceptionDistance(feature=feature, reset_real_features=False, normalize=True, **kwargs)
     except ModuleNotFoundError as exc:
         raise BadInputError("fid.feature=inception", str(exc).splitlines()[0], "pip install torch-fidelity") from None
-    return metric.to(cfg.device)
+    return metric.to(cfg.torch_device())
 
 
 def fit_square(image: np.ndarray, size: int) -> np.ndarray:
@@ -156,12 +161,13 @@ class FIDScorer:
     def __init__(self, cfg: FIDConfig, size: int) -> None:
         self.cfg = cfg
         self.size = size
+        self.device = cfg.torch_device()
         self.metric = build_metric(cfg)
         self.reference_samples = 0
 
     def set_reference(self, images: Iterable[np.ndarray]) -> int:
         for x in _batches(images, self.size, self.cfg.batch_size):
-            self.metric.update(x.to(self.cfg.device), real=True)
+            self.metric.update(x.to(self.device), real=True)
             self.reference_samples += len(x)
         if self.reference_samples < 2:
             raise BadInputError("FID reference", f"has {self.reference_samples} image(s); FID needs at least 2")
@@ -171,7 +177,7 @@ class FIDScorer:
         """(FID, number of images) of one synthetic set."""
         n = 0
         for x in _batches(images, self.size, self.cfg.batch_size):
-            self.metric.update(x.to(self.cfg.device), real=False)
+            self.metric.update(x.to(self.device), real=False)
             n += len(x)
         if n < 2:
             raise BadInputError("synthetic set", f"has {n} image(s); FID needs at least 2")

@@ -123,7 +123,7 @@ class Page:
             elif kind == "img":
                 body.append(f'<figure><img src="{e(item[0])}" alt="{e(item[1])}"><figcaption>{e(item[1])}</figcaption></figure>')
             else:
-                cap = f"<caption>{e(item.caption)}</caption>" if item.caption else ""
+                cap = f"<caption>{_inline_code(e(item.caption))}</caption>" if item.caption else ""
                 head = "".join(f"<th>{e(h)}</th>" for h in item.header)
                 rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in item.rows)
                 body.append(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
