@@ -9,7 +9,9 @@ sources. Prints images/s of
   and manifest parts, merge), measured from when every replica has loaded its model;
 
 then the ratio engine(1 actor) / bare with the same thread count (goal >= 0.9) and the
-scaling 1 -> 2 actors of one thread each.
+scaling 1 -> 2 actors of one thread each. ``sample_seconds_total`` / ``generate_seconds`` of an
+engine run is the share of its wall time spent inside the sampler: the engine's own
+overhead, robust to the noise of a shared machine.
 
 ``--gpu``: the same comparison on one GPU with an SD 1.5-shaped, randomly initialised model
 (UNet + ControlNet + VAE + CLIP text encoder at SD 1.5 sizes, a character-level tokenizer
@@ -169,6 +171,9 @@ def main() -> int:
     parser.add_argument("--lambdas", type=float, nargs="+", default=None, help="(CPU 1.0, GPU 1.0 0.5)")
     parser.add_argument("--image-format", default="png")
     parser.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray instance")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU: torch threads of the bare loop = CPUs of the engine's actor (default 1: on a shared, "
+                             "loaded machine 2 OpenMP threads on 2 cores can run several times slower than 1)")
     parser.add_argument("--repeats", type=int, default=2, help="alternate bare/engine runs this often; best of each")
     parser.add_argument("--device", default=None, help="override the device (e.g. --gpu --device cpu: a dry run)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the 1 -> 2 actor scaling run (CPU)")
@@ -200,13 +205,13 @@ def main() -> int:
             print(f"{name:<34} {ips:9.3f} img/s  {extra}", flush=True)
             return ips
 
-        threads = None if args.gpu else 2
-        cpus = 2 if not args.gpu else 1
+        threads = None if args.gpu else args.threads
+        cpus = 1 if args.gpu else args.threads
         for lam in args.lambdas:  # bare and engine alternate, best of ``repeats`` each (shared, noisy machines)
             bare = eng = 0.0
             for r in range(args.repeats):
                 bare = max(bare, record(f"bare   λ={lam:g} ({threads or device} thr) #{r}", *bare_images_per_s(
-                    config(args, device, real, model, root / "unused", lam, 1, 2), device, threads)))
+                    config(args, device, real, model, root / "unused", lam, 1, cpus), device, threads)))
                 eng = max(eng, record(f"engine λ={lam:g} 1 actor x {cpus} cpu #{r}", *engine_images_per_s(
                     config(args, device, real, model, root / f"e1-{lam}-{r}", lam, 1, cpus), args.engine, device)))
             results[f"ratio_engine_over_bare_l{lam:g}"] = round(eng / bare, 4)
