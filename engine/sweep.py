@@ -373,8 +373,11 @@ def stage_controlnet(cfg: SweepConfig, out: Path, real_manifest: Path, info: dic
         return final
     resume = latest_checkpoint(Path(cn.out) / "checkpoints") is not None
     info["resumed"] = resume
-    info["steps"] = cn.train.steps
-    return Path(train(cn, resume=resume))
+    final = Path(train(cn, resume=resume))
+    log = (Path(cn.out) / "loss.jsonl").read_text().splitlines()
+    done = json.loads(log[-1])["step"] if log else 0
+    info["steps"] = f"{done}/{cn.train.steps}" + (" (time box)" if done < cn.train.steps else "")
+    return final
 
 
 @contextmanager
