@@ -22,9 +22,10 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -215,9 +216,10 @@ class ScribbleGenModel(nn.Module):
         kind = meta.get("kind")
         if kind not in KINDS:
             raise BadInputError(str(meta_path), f"unknown model kind {kind!r}")
-        parts = _load_parts(folder, kind, torch_dtype, need_controlnet=True)
-        _require(folder, NULL_HINT_FILE)
-        null_hint = load_file(folder / NULL_HINT_FILE)["null_hint"]
+        with _unreadable_is_bad_input(folder):
+            parts = _load_parts(folder, kind, torch_dtype, need_controlnet=True)
+            _require(folder, NULL_HINT_FILE)
+            null_hint = load_file(folder / NULL_HINT_FILE)["null_hint"]
         model = cls(kind=kind, null_hint=null_hint, class_names=meta["class_names"],
                     resolution=meta["resolution"], model_id=meta.get("model_id"), **parts)
         return model.to(torch_dtype) if torch_dtype is not None else model
@@ -244,6 +246,19 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def _unreadable_is_bad_input(folder: Path) -> Iterator[None]:
+    """diffusers/transformers raise OSError for a part they cannot load (weights present only as
+    pickled ``.bin``, truncated files), safetensors its own error: both are the user's input."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        raise BadInputError(str(folder), f"cannot load the model: {str(exc).splitlines()[0]}",
+                            "weights must be whole .safetensors files (pickled .bin weights are never read)") from None
 
 
 def _require(folder: Path, part: str, what: str = "") -> None:
@@ -325,7 +340,8 @@ def from_stable_diffusion(folder: str | Path, class_names: Sequence[str], resolu
     if not folder.is_dir():
         raise BadInputError(str(folder), "Stable Diffusion folder not found",
                             "download SD 1.5 in diffusers layout yourself and pass its local path")
-    parts = _load_parts(folder, "sd15", torch_dtype, need_controlnet=False)
+    with _unreadable_is_bad_input(folder):
+        parts = _load_parts(folder, "sd15", torch_dtype, need_controlnet=False)
     # SD's latents are not confined to [-1, 1]: never clip the predicted x0 (SD's own config says so too).
     parts["scheduler_config"]["clip_sample"] = False
     if parts["controlnet"] is None:
