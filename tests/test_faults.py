@@ -265,17 +265,33 @@ def test_bad_input_in_an_actor_stops_the_run_without_half_outputs(ray_session, t
     assert_whole_tars(out)
 
 
-def test_generate_cli_names_a_folder_that_is_not_a_model(ray_session, real: Path, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("broken", ["empty_folder", "pickled_weights"])
+def test_generate_cli_names_a_model_folder_the_actors_cannot_load(
+    ray_session, real: Path, tiny_model: Path, tmp_path: Path, capsys, broken: str
+) -> None:
+    """The model is loaded inside each actor; its BadInputError still reaches the CLI: exit 2, one line."""
+    import shutil
+
+    import torch
+
     from jobs.generate import main
 
-    (tmp_path / "model").mkdir()
-    argv = ["--set", f"real_manifest={real}", "--set", f"model_dir={tmp_path / 'model'}",
-            "--set", f"out_dir={tmp_path / 'syn'}", "--set", "ray.num_actors=1", "--set", "ray.num_cpus_per_actor=1",
-            "--no-progress"]
+    model = tmp_path / "model"
+    if broken == "empty_folder":
+        model.mkdir()
+        message = "not a ScribbleGen model folder"
+    else:
+        shutil.copytree(tiny_model, model)
+        (model / "unet/diffusion_pytorch_model.safetensors").unlink()
+        torch.save({}, model / "unet/diffusion_pytorch_model.bin")
+        message = "cannot load the model"
+    argv = ["--set", f"real_manifest={real}", "--set", f"model_dir={model}", "--set", f"out_dir={tmp_path / 'syn'}",
+            "--set", "ray.num_actors=1", "--set", "ray.num_cpus_per_actor=1", "--no-progress"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert f"error: {tmp_path / 'model'}: not a ScribbleGen model folder" in err
+    assert f"error: {model}: {message}" in err
+    assert not list((tmp_path / "syn").glob("*.tar")) and not (tmp_path / "syn" / "manifest.parquet").exists()
 
 
 # ---------------------------------------------------------------------------- driver kills -------
