@@ -12,16 +12,20 @@ Resume: a shard counts as done when its ``.tar`` and its part both exist and the
 keys, byte size and SHA-256 match the file; everything else of the plan is (re)done,
 ``*.tmp`` leftovers and shards without a part are deleted first. ``run.json`` pins the
 plan fingerprint, model and sampler settings: rerunning into a folder made with other
-settings is refused instead of silently mixing two generations.
+settings is refused instead of silently mixing two generations. ``.lock`` is held (flock)
+for the whole run, so a second driver on the same folder is refused too; the kernel drops
+it when the driver dies, so a killed run never blocks its rerun.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pyarrow.parquet as pq
 from tqdm import tqdm
@@ -38,6 +42,7 @@ from engine.shards import sha256_file
 MANIFEST = "manifest.parquet"
 RUN_FILE = "run.json"
 SUMMARY = "summary.json"
+LOCK_FILE = ".lock"
 
 
 def run_identity(cfg: GenerateConfig, plan: Plan, model_dir: Path) -> dict[str, Any]:
@@ -45,6 +50,23 @@ def run_identity(cfg: GenerateConfig, plan: Plan, model_dir: Path) -> dict[str, 
     s = cfg.sampler
     return {"plan": plan.fingerprint(), "model_dir": str(model_dir), "image_format": cfg.image_format,
             "sampler": {"num_steps": s.num_steps, "spacing": s.spacing, "dtype": s.dtype, "resolution": s.resolution}}
+
+
+@contextmanager
+def exclusive_out_dir(out: Path) -> Iterator[None]:
+    """Hold ``out/.lock`` while the block runs; refuse if another driver holds it.
+
+    Two drivers on one folder would delete each other's unfinished shards on resume and
+    merge manifests whose checksums the other run has just made stale.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BadInputError(str(out), "another generate run is writing to this folder",
+                                "wait for it to finish (a rerun resumes), or choose another out_dir") from None
+        yield
 
 
 def claim_out_dir(out: Path, identity: dict[str, Any]) -> None:
@@ -135,24 +157,25 @@ def run_generate(
     if not model_dir.is_dir():
         raise BadInputError(str(model_dir), "model folder not found", "train one with jobs/train_controlnet.py first")
     plan = build_plan(cfg.plan, Path(cfg.real_manifest).resolve())
-    claim_out_dir(out, run_identity(cfg, plan, model_dir))
-    save_config(cfg, out / "config.yaml")
-    done, todo = resume_scan(out, plan.units)
-    new_samples = sum(len(u.items) for u in todo)
-    stats: dict[str, Any] = {"samples_this_run": new_samples, "shards_resumed": len(done), "generate_seconds": 0.0}
-    if todo:
-        try:
-            stats.update(_distribute(cfg, plan, todo, model_dir, out, factory, on_result, progress))
-        finally:  # a failed run stops its actors mid-unit: leave whole shards only (rerun resumes)
-            remove_temp_files(out)
-    stats["seconds"] = round(time.perf_counter() - t_start, 3)
-    parts = [part_path(out, u.shard) for u in plan.units]
-    summary = summarize(parts, stats)
-    info = DatasetInfo(plan.class_names, "synthetic", {
-        "config": to_dict(cfg), "plan": plan.summary(), "compute": summary, "shard_stats": _shard_stats(parts)})
-    merge_parts(parts, out / MANIFEST, info)
-    (out / SUMMARY).write_text(json.dumps(summary, indent=1))
-    return summary
+    with exclusive_out_dir(out):
+        claim_out_dir(out, run_identity(cfg, plan, model_dir))
+        save_config(cfg, out / "config.yaml")
+        done, todo = resume_scan(out, plan.units)
+        new_samples = sum(len(u.items) for u in todo)
+        stats: dict[str, Any] = {"samples_this_run": new_samples, "shards_resumed": len(done), "generate_seconds": 0.0}
+        if todo:
+            try:
+                stats.update(_distribute(cfg, plan, todo, model_dir, out, factory, on_result, progress))
+            finally:  # a failed run stops its actors mid-unit: leave whole shards only (rerun resumes)
+                remove_temp_files(out)
+        stats["seconds"] = round(time.perf_counter() - t_start, 3)
+        parts = [part_path(out, u.shard) for u in plan.units]
+        summary = summarize(parts, stats)
+        info = DatasetInfo(plan.class_names, "synthetic", {
+            "config": to_dict(cfg), "plan": plan.summary(), "compute": summary, "shard_stats": _shard_stats(parts)})
+        merge_parts(parts, out / MANIFEST, info)
+        (out / SUMMARY).write_text(json.dumps(summary, indent=1))
+        return summary
 
 
 def _distribute(
