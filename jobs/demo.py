@@ -5,8 +5,13 @@ Runs the embedded default end to end (ingest -> ControlNet -> Ray generation ove
 rerunning resumes. ``--fast`` is a smoke-sized budget; see :mod:`engine.sweep`.
 """
 
+import os
 import sys
 from pathlib import Path
+
+# Sleeping (not spinning) OpenMP waits, before torch loads: on a small or shared CPU a
+# spinning thread pool makes torch steps many times slower (see jobs/train_controlnet.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 if __package__ in (None, ""):
     # Run as a file: make the repo root importable in case the package is not pip-installed.
