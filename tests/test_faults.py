@@ -215,29 +215,32 @@ def test_actor_killed_without_restarts_fails_the_run_and_a_rerun_resumes(
 
 
 def test_random_actor_kills_during_one_run(ray_session, real: Path, tmp_path: Path) -> None:
-    """Seeded chaos: after a finished shard, with probability 0.4, SIGKILL a random live actor (3 kills at most)."""
+    """Seeded chaos: after 3 randomly chosen finished shards, SIGKILL a randomly chosen actor
+    (busy with its next units); Ray restarts it, its units are redone, the run finishes."""
     out = tmp_path / "syn"
     cfg = _cfg(real, out, num_actors=2, max_restarts=20, unit_retries=10)
-    cfg.plan.samples_per_shard = 2  # 12 shards: many kill opportunities
+    cfg.plan.samples_per_shard = 2  # 12 shards
     rng = random.Random(1234)
+    kill_after = set(rng.sample(range(1, 10), 3))  # which finished shards (1-based) trigger a kill
     pids: set[int] = set()
+    results: list[int] = []
     kills: list[int] = []
 
     def chaos(result) -> None:
         pids.add(result.pid)
-        if len(kills) < 3 and rng.random() < 0.4:
+        results.append(result.pid)
+        if len(results) in kill_after:
             victim = rng.choice(sorted(pids))
             pids.discard(victim)
-            try:
-                os.kill(victim, signal.SIGKILL)
-                kills.append(victim)
-            except ProcessLookupError:
-                pass
+            os.kill(victim, signal.SIGKILL)
+            kills.append(victim)
 
     factory = functools.partial(gen_fixtures.standin_factory, delay=0.05)
     summary = run_generate(cfg, factory=factory, on_result=chaos, progress=False)
-    assert len(kills) >= 2 and summary["actor_deaths"] >= 1
+    assert len(kills) == 3 and summary["actor_deaths"] >= 2 and summary["unit_failures"] >= 2
     assert_complete(out, _planned(cfg), _sources(real))
+    print(f"\nchaos: killed after shards {sorted(kill_after)}: {summary['actor_deaths']} actor deaths, "
+          f"{summary['unit_failures']} unit attempts lost, all {len(_planned(cfg))} samples once")
 
 
 def test_bad_input_in_an_actor_stops_the_run_without_half_outputs(ray_session, tmp_path: Path) -> None:
@@ -405,7 +408,7 @@ def test_driver_killed_at_three_points_then_the_same_command_resumes(
     out = tmp_path / "syn"
     args = ["--set", f"real_manifest={real}", "--set", f"model_dir={tiny_model}", "--set", f"out_dir={out}",
             "--set", "plan.samples_per_source=2", "--set", "plan.samples_per_shard=2",
-            "--set", "sampler.num_steps=20", "--set", "sampler.resolution=8", "--set", "sampler.batch_size=1",
+            "--set", "sampler.num_steps=12", "--set", "sampler.resolution=8", "--set", "sampler.batch_size=1",
             "--set", "ray.local_num_cpus=2", "--set", "ray.num_actors=2", "--set", "ray.num_cpus_per_actor=1",
             "--no-progress"]
     cfg = GenerateConfig(real_manifest=str(real), out_dir=str(out),
