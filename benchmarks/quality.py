@@ -91,9 +91,9 @@ class JudgeFCN(nn.Module):
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
-        self.e1, self.e2, self.e3 = _block(3, 32), _block(32, 64, 2), _block(64, 128, 2)
-        self.d2, self.d1 = _block(128 + 64, 64), _block(64 + 32, 32)
-        self.head = nn.Conv2d(32, num_classes, 1)
+        self.e1, self.e2, self.e3 = _block(3, 16), _block(16, 32, 2), _block(32, 64, 2)
+        self.d2, self.d1 = _block(64 + 32, 32), _block(32 + 16, 16)
+        self.head = nn.Conv2d(16, num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up = lambda t, ref: nn.functional.interpolate(t, size=ref.shape[-2:], mode="bilinear", align_corners=False)  # noqa: E731
@@ -111,7 +111,7 @@ def _to_input(images: np.ndarray) -> torch.Tensor:
 def train_judge(images: np.ndarray, masks: np.ndarray, num_classes: int, seconds: float, seed: int = 0) -> JudgeFCN:
     torch.manual_seed(seed)
     net = JudgeFCN(num_classes)
-    opt = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(net.parameters(), 3e-3, weight_decay=1e-4)
     rng = np.random.default_rng(seed)
     t0, step = time.perf_counter(), 0
     while time.perf_counter() - t0 < seconds:
@@ -132,6 +132,13 @@ def train_judge(images: np.ndarray, masks: np.ndarray, num_classes: int, seconds
 @torch.no_grad()
 def predict(net: JudgeFCN, images: np.ndarray) -> np.ndarray:
     return np.concatenate([net(_to_input(images[i:i + 64])).argmax(1).numpy() for i in range(0, len(images), 64)])
+
+
+def fg_iou(pred: np.ndarray, target: np.ndarray) -> float:
+    """IoU of "any object" (class > 0) between prediction and mask: shape placement, class-blind."""
+    keep = target != UNLABELLED
+    p, t = (pred > 0) & keep, (target > 0) & keep
+    return float((p & t).sum() / max(1, (p | t).sum()))
 
 
 def miou_acc(pred: np.ndarray, target: np.ndarray, num_classes: int) -> tuple[float, float]:
@@ -195,7 +202,7 @@ def main() -> int:
     p.add_argument("--lam", type=float, nargs="+", default=[1.0, 0.5])
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
     p.add_argument("--batch", type=int, default=50, help="sampler batch size")
-    p.add_argument("--judge-seconds", type=float, default=90)
+    p.add_argument("--judge-seconds", type=float, default=150)
     p.add_argument("--inception", help="local FID-Inception weights (torch-fidelity format); default random conv")
     p.add_argument("--threads", type=int, default=0)
     a = p.parse_args()
@@ -231,13 +238,14 @@ def main() -> int:
         mm, macc = miou_acc(pred, va_mask[mismatch], k)
         ref = tr_img if name == "real val" else va_img
         rows.append({"set": name, "miou": m, "acc": acc, "mismatched_miou": mm, "mismatched_acc": macc,
+                     "fg_iou": fg_iou(pred, va_mask), "mismatched_fg_iou": fg_iou(pred, va_mask[mismatch]),
                      "fid": fid(ref, images, a.inception), "s_per_img": seconds})
         r = rows[-1]
-        print(f"{name:>16} | {r['miou']:.3f} {r['acc']:.3f} | {r['mismatched_miou']:.3f} {r['mismatched_acc']:.3f}"
-              f" | {r['fid']:9.2f} | {seconds:.3f}", flush=True)
+        print(f"{name:>16} | {r['miou']:.3f} {r['fg_iou']:.3f} {r['acc']:.3f} | {r['mismatched_miou']:.3f} "
+              f"{r['mismatched_fg_iou']:.3f} {r['mismatched_acc']:.3f} | {r['fid']:9.3f} | {seconds:.3f}", flush=True)
 
     print(f"model {model.model_id} ({size} px), {len(va_img)} val sources, {a.steps} DDIM steps")
-    print(f"{'set':>16} | mIoU  acc   | mism. mIoU acc | FID       | s/img")
+    print(f"{'set':>16} | source mask: mIoU fgIoU acc | mismatched: mIoU fgIoU acc | FID | s/img")
     score("real val", va_img)
     sampler = ScribbleSampler(model, num_steps=a.steps)
     names = [names_for_ids(np.unique(s).tolist(), class_names) for s in va_scr]
