@@ -8,8 +8,12 @@ by the end-to-end tests.
 from __future__ import annotations
 
 import math
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
+from typing import Iterator
 
 import numpy as np
 
@@ -68,3 +72,22 @@ def expected_standin(image: np.ndarray, lam: float, seed: int) -> np.ndarray:
 
 def standin_factory(model_dir: str, device: str, cfg: SamplerConfig, delay: float = 0.0) -> StandInSampler:
     return StandInSampler(delay)
+
+
+@contextmanager
+def local_ray(*by_value: ModuleType) -> Iterator[object]:
+    """A private 2-CPU Ray for a test module; ``by_value`` test modules are shipped to actors.
+
+    Actors cannot import modules under tests/, so this module (and any other test module whose
+    functions run inside actors) is pickled by value.
+    """
+    import ray
+    from ray import cloudpickle
+
+    for module in (sys.modules[__name__], *by_value):
+        cloudpickle.register_pickle_by_value(module)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -50,21 +50,15 @@ from engine.generate.run import run_generate
 from engine.manifest import read_manifest
 from engine.shards import iter_records, read_shard
 from engine.verify import verify_manifest
-from gen_fixtures import StandInSampler, expected_standin, make_real_set
+from gen_fixtures import StandInSampler, expected_standin, local_ray, make_real_set
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def ray_session():
-    import ray
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(gen_fixtures)  # actors cannot import tests/ modules
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # nor the fault factory below
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    with local_ray(sys.modules[__name__]) as ray:  # the fault factories below run inside actors
+        yield ray
 
 
 @pytest.fixture(scope="module")

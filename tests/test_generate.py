@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import gen_fixtures
 from engine.errors import BadInputError
 from engine.generate.config import GenerateConfig, PlanConfig, RayConfig, SamplerConfig
 from engine.generate.plan import build_plan
@@ -26,20 +25,15 @@ from engine.generate.worker import ShardGenerator, batches, part_path
 from engine.manifest import read_manifest
 from engine.shards import read_shard
 from engine.verify import verify_manifest
-from gen_fixtures import CLASS_NAMES, expected_standin, make_real_set, standin_factory
+from gen_fixtures import CLASS_NAMES, expected_standin, local_ray, make_real_set, standin_factory
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def ray_session():
-    import ray
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(gen_fixtures)  # actors cannot import tests/ modules
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    with local_ray() as ray:
+        yield ray
 
 
 @pytest.fixture(scope="module")
