@@ -148,7 +148,7 @@ class ScribbleGenModel(nn.Module):
 
     def encode_images(self, images: np.ndarray) -> torch.Tensor:
         """``B x H x W x 3`` uint8 -> ``z0`` (VAE latent mean x scaling, or pixels in [-1, 1])."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().to(self.device, self.dtype)
+        x = torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).contiguous().to(self.device, self.dtype)
         x = x / 127.5 - 1.0
         if self.vae is None:
             return x
