@@ -426,6 +426,8 @@ def test_driver_killed_at_three_points_then_the_same_command_resumes(
     started = time.time()
 
     def fresh_tmp() -> bool:  # a .tmp this run is writing (the first kill's leftovers are deleted on resume)
+        if log.read_text().count("Started a local Ray instance") < 2:
+            return False  # this driver's own Ray is not up yet: a .tmp now could only be a straggler's
         for tmp in out.glob("*.tar.tmp"):
             try:
                 if tmp.stat().st_mtime >= started:
@@ -456,7 +458,9 @@ def test_driver_killed_at_three_points_then_the_same_command_resumes(
     summary = __import__("json").loads((out / "summary.json").read_text())
     assert summary["shards_resumed"] == n_shards and summary["samples_this_run"] == 0
     text = log.read_text()
-    assert text.count("Started a local Ray instance") == 3 and "Connecting to existing Ray cluster" not in text
+    # Drivers 1 and 2 each started their own Ray; driver 3 does only when the killed drivers'
+    # straggling actors (alive ~2 s after their driver) left it shards to generate.
+    assert text.count("Started a local Ray instance") >= 2 and "Connecting to existing Ray cluster" not in text
     models = set(read_manifest(out / "manifest.parquet")[0]["model"].to_pylist())
     assert len(models) == 1  # one model id in every shard, whichever run wrote it
     print(f"\ndriver kills: k={k} -> {done_1} shards kept; .tmp at kill {tmp_seen} -> {done_2} kept; "
