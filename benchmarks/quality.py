@@ -5,7 +5,7 @@ Pipeline (all on CPU, reusing what already exists under ``--out``):
 1. real data: the built-in procedural set, ingested with ``jobs/ingest.py`` (64 px shards);
 2. the tiny ScribbleGen model trained with ``configs/controlnet/tiny.yaml`` (its own
    ``train.max_minutes`` budget unless ``--minutes`` overrides it), or ``--model DIR``;
-3. a judge segmenter (small FCN) trained on REAL train images with their full masks;
+3. a judge segmenter (seg's tiny DeepLabV3+) trained on REAL train images with their full masks;
 4. synthetic images for the val sources at each (w, λ), N DDIM steps, seed = source index.
 
 Reported per (w, λ):
@@ -14,11 +14,11 @@ Reported per (w, λ):
   against the SOURCE mask, next to the same score against a MISMATCHED mask (another
   source's, a fixed derangement). "matched > mismatched" means the image follows its
   scribble; the real val images give the ceiling, mismatched the chance level;
-- FID (torchmetrics ``FrechetInceptionDistance``) between real val images and the synthetic
-  ones, with an offline feature extractor: a fixed, seeded random-init conv net
-  (``--inception PATH`` uses real FID-Inception weights instead, via torchmetrics'
-  ``feature_extractor_weights_path``; needs torch-fidelity). Lower is better; with
-  guidance working it falls from w = 1 to w ~ 2-3. "real train" is the floor.
+- FID (``engine.fid``: torchmetrics ``FrechetInceptionDistance``) between the real val
+  sources and the synthetic images, with the same offline random-feature extractor as the
+  demo's FID (``--inception PATH`` uses local FID-Inception weights instead; needs
+  torch-fidelity). Lower is better; with guidance working it falls from w = 1 to w ~ 2-3.
+  "real val" (against real train) is the floor.
 
     python benchmarks/quality.py                         # ~10-15 min on 2 cores
     python benchmarks/quality.py --model runs/tiny/controlnet --out runs/quality
@@ -42,12 +42,16 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from engine.config import load_config  # noqa: E402
+from engine.fid import FIDConfig, FIDScorer  # noqa: E402
 from engine.manifest import read_manifest, resolve_shard  # noqa: E402
 from engine.models import FINAL_DIR, ScribbleGenModel  # noqa: E402
 from engine.sampler import ScribbleSampler  # noqa: E402
 from engine.shards import UNLABELLED, read_shard  # noqa: E402
 from engine.text import names_for_ids  # noqa: E402
 from engine.train_controlnet import TrainControlNetConfig, fit_to, train  # noqa: E402
+from seg.batches import to_tensor  # noqa: E402
+from seg.metrics import SegMetrics  # noqa: E402
+from seg.models import ModelConfig, build_model  # noqa: E402
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -81,36 +85,14 @@ def load_split(manifest: Path, split: str, size: int, limit: int | None = None):
 
 
 # -- judge segmenter --------------------------------------------------------------------------
-def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                         nn.Conv2d(cout, cout, 3, 1, 1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
-class JudgeFCN(nn.Module):
-    """Small U-shaped FCN; only a measuring instrument, trained on real full masks."""
-
-    def __init__(self, num_classes: int) -> None:
-        super().__init__()
-        self.e1, self.e2, self.e3 = _block(3, 16), _block(16, 32, 2), _block(32, 64, 2)
-        self.d2, self.d1 = _block(64 + 32, 32), _block(32 + 16, 16)
-        self.head = nn.Conv2d(16, num_classes, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        up = lambda t, ref: nn.functional.interpolate(t, size=ref.shape[-2:], mode="bilinear", align_corners=False)  # noqa: E731
-        e1 = self.e1(x)
-        e2 = self.e2(e1)
-        e3 = self.e3(e2)
-        d2 = self.d2(torch.cat([up(e3, e2), e2], 1))
-        return self.head(self.d1(torch.cat([up(d2, e1), e1], 1)))
-
-
 def _to_input(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().float() / 127.5 - 1
+    return torch.stack([to_tensor(img) for img in images])
 
 
-def train_judge(images: np.ndarray, masks: np.ndarray, num_classes: int, seconds: float, seed: int = 0) -> JudgeFCN:
+def train_judge(images: np.ndarray, masks: np.ndarray, num_classes: int, seconds: float, seed: int = 0) -> nn.Module:
+    """seg's tiny DeepLabV3+ trained on REAL images with FULL masks: only a measuring instrument."""
     torch.manual_seed(seed)
-    net = JudgeFCN(num_classes)
+    net = build_model(ModelConfig(), num_classes)
     opt = torch.optim.AdamW(net.parameters(), 3e-3, weight_decay=1e-4)
     rng = np.random.default_rng(seed)
     t0, step = time.perf_counter(), 0
@@ -130,7 +112,7 @@ def train_judge(images: np.ndarray, masks: np.ndarray, num_classes: int, seconds
 
 
 @torch.no_grad()
-def predict(net: JudgeFCN, images: np.ndarray) -> np.ndarray:
+def predict(net: nn.Module, images: np.ndarray) -> np.ndarray:
     return np.concatenate([net(_to_input(images[i:i + 64])).argmax(1).numpy() for i in range(0, len(images), 64)])
 
 
@@ -142,51 +124,21 @@ def fg_iou(pred: np.ndarray, target: np.ndarray) -> float:
 
 
 def miou_acc(pred: np.ndarray, target: np.ndarray, num_classes: int) -> tuple[float, float]:
-    """Dataset-level mIoU (classes present in target or prediction) and pixel accuracy."""
-    keep = target != UNLABELLED
-    conf = np.bincount(num_classes * target[keep].astype(int) + pred[keep], minlength=num_classes**2)
-    conf = conf.reshape(num_classes, num_classes)
-    inter = np.diag(conf)
-    union = conf.sum(0) + conf.sum(1) - inter
-    return float(np.mean(inter[union > 0] / union[union > 0])), float(inter.sum() / max(1, conf.sum()))
+    """Dataset-level mIoU and pixel accuracy, as seg reports them (seg.metrics.SegMetrics)."""
+    metrics = SegMetrics(num_classes)
+    metrics.update(torch.from_numpy(pred), torch.from_numpy(target))
+    out = metrics.compute()
+    return out["miou"], out["pixel_acc"]
 
 
 # -- FID --------------------------------------------------------------------------------------
-class RandomConvFeatures(nn.Module):
-    """Fixed random-init conv features (mean + std pooled): an offline stand-in for Inception."""
-
-    num_features = 256
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.net = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
-                                 nn.Conv2d(64, 128, 3, 2, 1), nn.ReLU())
-        for m in self.net:
-            if isinstance(m, nn.Conv2d):
-                m.weight.data = torch.randn(m.weight.shape, generator=g) * (2.0 / m.weight[0].numel()) ** 0.5
-                m.bias.data.zero_()
-        self.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.net(x.float() / 127.5 - 1)
-        return torch.cat([f.mean((2, 3)), f.std((2, 3))], 1)
-
-
-def fid(real: np.ndarray, fake: np.ndarray, inception: str | None) -> float:
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    if inception:
-        metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=inception)
-        prep = lambda a: nn.functional.interpolate(torch.from_numpy(a).permute(0, 3, 1, 2).float(),  # noqa: E731
-                                                   size=(299, 299), mode="bilinear").clamp(0, 255).byte()
-    else:
-        metric = FrechetInceptionDistance(feature=RandomConvFeatures(), input_img_size=(3,) + real.shape[1:3])
-        prep = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # noqa: E731
-    for arr, is_real in ((real, True), (fake, False)):
-        for i in range(0, len(arr), 100):
-            metric.update(prep(arr[i:i + 100]), real=is_real)
-    return float(metric.compute())
+def fid_scorer(reference: np.ndarray, inception: str | None) -> FIDScorer:
+    """engine.fid's scorer (random features offline, or local Inception weights) on ``reference``."""
+    cfg = FIDConfig(feature="inception", inception_weights=inception) if inception else FIDConfig()
+    cfg.validate()
+    scorer = FIDScorer(cfg, reference.shape[1])
+    scorer.set_reference(reference)
+    return scorer
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -231,15 +183,17 @@ def main() -> int:
     mismatch = np.roll(np.arange(len(va_img)), 1)  # derangement: each image vs its neighbour's mask
 
     rows = []
+    # Real val is scored against real train (the floor); synthetic sets against their real sources.
+    fid_train, fid_val = fid_scorer(tr_img, a.inception), fid_scorer(va_img, a.inception)
 
     def score(name: str, images: np.ndarray, seconds: float = 0.0) -> None:
         pred = predict(judge, images)
         m, acc = miou_acc(pred, va_mask, k)
         mm, macc = miou_acc(pred, va_mask[mismatch], k)
-        ref = tr_img if name == "real val" else va_img
+        scorer = fid_train if name == "real val" else fid_val
         rows.append({"set": name, "miou": m, "acc": acc, "mismatched_miou": mm, "mismatched_acc": macc,
                      "fg_iou": fg_iou(pred, va_mask), "mismatched_fg_iou": fg_iou(pred, va_mask[mismatch]),
-                     "fid": fid(ref, images, a.inception), "s_per_img": seconds})
+                     "fid": scorer.score(images)[0], "s_per_img": seconds})
         r = rows[-1]
         print(f"{name:>16} | {r['miou']:.3f} {r['fg_iou']:.3f} {r['acc']:.3f} | {r['mismatched_miou']:.3f} "
               f"{r['mismatched_fg_iou']:.3f} {r['mismatched_acc']:.3f} | {r['fid']:9.3f} | {seconds:.3f}", flush=True)

@@ -38,6 +38,8 @@ BUNDLE_FILE = "scribblegen.json"
 NULL_HINT_FILE = "null_hint.safetensors"
 KINDS = ("tiny", "sd15")
 FINAL_DIR = "final"  # where a training run puts its finished bundle
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+CONTROL_INITS = ("zero", "random")
 
 
 @dataclass
@@ -54,6 +56,15 @@ class TinyArch:
     conditioning_channels: int = 16
     text_tokens: int = 8
     beta_schedule: str = "linear"
+    # What the denoiser predicts. "v_prediction" (Salimans & Ho 2022) behaves like
+    # x0-prediction at high noise, where the scribble decides the layout, so a model
+    # trained for minutes already places shapes; "epsilon" is SD 1.5's choice.
+    prediction_type: str = "epsilon"
+    # ControlNet's zero convolutions (hint embedding output, residual 1x1s) protect a
+    # PRETRAINED denoiser from the untrained branch. A from-scratch denoiser has nothing to
+    # protect, and a zero start makes the hint's first gradients vanish (the two zero
+    # layers block each other), so "random" draws them with PyTorch's default init instead.
+    control_init: str = "zero"
 
     def validate(self) -> None:
         n = len(self.block_out_channels)
@@ -63,16 +74,20 @@ class TinyArch:
             )
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise BadInputError("model.tiny.norm_num_groups", "must divide every block_out_channels entry")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise BadInputError(f"model.tiny.prediction_type={self.prediction_type!r}", f"must be one of {PREDICTION_TYPES}")
+        if self.control_init not in CONTROL_INITS:
+            raise BadInputError(f"model.tiny.control_init={self.control_init!r}", f"must be one of {CONTROL_INITS}")
 
 
-def _scheduler_config(beta_schedule: str) -> dict[str, Any]:
+def _scheduler_config(beta_schedule: str, prediction_type: str) -> dict[str, Any]:
     """DDIM config for the tiny pixel model: x0 clipping keeps pixels in range (clip_sample)."""
     from diffusers import DDIMScheduler
 
     return dict(
         DDIMScheduler(
             num_train_timesteps=1000, beta_schedule=beta_schedule, clip_sample=True, set_alpha_to_one=True,
-            steps_offset=0, prediction_type="epsilon",
+            steps_offset=0, prediction_type=prediction_type,
         ).config
     )
 
@@ -162,8 +177,9 @@ class ScribbleGenModel(nn.Module):
         x = ((z.float().clamp(-1, 1) + 1) * 127.5).round()
         return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
-    def predict_noise(self, z: torch.Tensor, t: torch.Tensor, hint: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """ε(z_t, hint, text): ControlNet residuals injected into the denoiser."""
+    def predict(self, z: torch.Tensor, t: torch.Tensor, hint: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The denoiser's output at ``z_t`` (ε or v, as ``scheduler_config['prediction_type']``
+        says), with the ControlNet residuals of ``hint`` injected."""
         down, mid = self.controlnet(z, t, encoder_hidden_states=text, controlnet_cond=hint, return_dict=False)
         return self.unet(
             z, t, encoder_hidden_states=text, down_block_additional_residuals=down,
@@ -327,9 +343,14 @@ def build_tiny(arch: TinyArch, class_names: Sequence[str], resolution: int, seed
     # Pixel space: the hint is already at the UNet's resolution, so the conditioning
     # embedding must not downsample -> a single-entry channel list.
     controlnet = _controlnet_from_unet(unet, (arch.conditioning_channels,))
+    if arch.control_init == "random":
+        zero_layers = [controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks,
+                       controlnet.controlnet_mid_block]
+        for layer in zero_layers:
+            layer.reset_parameters()
     text = ClassTokenEncoder(list(class_names), dim=arch.cross_attention_dim, max_tokens=arch.text_tokens)
     null_hint = torch.zeros(3, resolution, resolution)
-    return ScribbleGenModel("tiny", unet, controlnet, text, null_hint, _scheduler_config(arch.beta_schedule),
+    return ScribbleGenModel("tiny", unet, controlnet, text, null_hint, _scheduler_config(arch.beta_schedule, arch.prediction_type),
                             class_names, resolution)
 
 

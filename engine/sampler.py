@@ -47,6 +47,9 @@ class ScribbleSampler:
 
         if spacing not in SPACINGS:
             raise BadInputError(f"spacing {spacing!r}", f"must be one of {SPACINGS}")
+        if model.scheduler_config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
+            raise BadInputError(f"model {model.model_id}", f"prediction_type "
+                                f"{model.scheduler_config['prediction_type']!r} is not supported (epsilon or v_prediction)")
         if int(num_steps) < 1:
             raise BadInputError(f"num_steps={num_steps}", "must be >= 1")
         self.model = model.to(device=device, dtype=dtype).eval()
@@ -113,17 +116,26 @@ class ScribbleSampler:
         out = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
         return torch.stack(out).to(self.device, self.dtype)
 
+    def _as_eps(self, out: torch.Tensor, z: torch.Tensor, t: int) -> torch.Tensor:
+        """The denoiser's output as ε. A v-prediction ``v = √ᾱ ε − √(1−ᾱ) x0`` gives
+        ``ε = √ᾱ v + √(1−ᾱ) z``: affine in ``v`` for a fixed ``z``, so guiding the converted ε
+        is the same as guiding v, and DESIGN.md's ε formula holds for either model."""
+        if self.scheduler.config.prediction_type == "epsilon":
+            return out
+        a = self._alpha(t).to(out.device, out.dtype)
+        return a.sqrt() * out + (1 - a).sqrt() * z
+
     def _guided_eps(self, z: torch.Tensor, t: int, hint: torch.Tensor, null_hint: torch.Tensor,
                     text: torch.Tensor, null_text: torch.Tensor, w: float) -> torch.Tensor:
         tt = torch.full((z.shape[0],), t, device=self.device, dtype=torch.long)
         if w == 1.0:
-            return self.model.predict_noise(z, tt, hint, text)
+            return self._as_eps(self.model.predict(z, tt, hint, text), z, t)
         if w == 0.0:
-            return self.model.predict_noise(z, tt, null_hint, null_text)
-        both = self.model.predict_noise(
+            return self._as_eps(self.model.predict(z, tt, null_hint, null_text), z, t)
+        both = self.model.predict(
             torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([null_hint, hint]), torch.cat([null_text, text])
         )
-        eps_null, eps_cond = both.chunk(2)
+        eps_null, eps_cond = self._as_eps(both, torch.cat([z, z]), t).chunk(2)
         return eps_null + w * (eps_cond - eps_null)
 
     @torch.no_grad()

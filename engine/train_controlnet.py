@@ -9,7 +9,8 @@ What is trained:
   denoise), so ``train.train_denoiser: true`` trains the UNet and the class-token table
   jointly with the ControlNet and null hint. Everything else is identical.
 
-Loss: standard ε-prediction MSE at a uniformly drawn timestep. With probability
+Loss: MSE against the model's target (ε, or v for ``prediction_type: v_prediction``) at a
+uniformly drawn timestep, optionally Min-SNR-γ weighted (``train.snr_gamma``). With probability
 ``train.cond_dropout`` (0.1) a sample's scribble hint is replaced by the learned null hint
 and (``train.drop_prompt``) its prompt by the null prompt, so the same network learns the
 unconditional branch used by classifier-free guidance. Augmentation: random horizontal
@@ -86,6 +87,7 @@ class TrainSection:
     grad_clip: float = 1.0
     cond_dropout: float = 0.1
     drop_prompt: bool = True  # drop the prompt together with the hint
+    snr_gamma: float = 0.0  # Min-SNR-γ loss weighting (e.g. 5); 0 = plain MSE
     train_denoiser: bool = True  # tiny: yes (from scratch); sd15: no (frozen UNet)
     ema_decay: float = 0.0  # 0 = no EMA
     save_every: int = 200
@@ -104,6 +106,8 @@ class TrainSection:
                 raise BadInputError(f"train.{name}={getattr(self, name)}", "must be >= 1")
         if not 0.0 <= self.cond_dropout < 1.0:
             raise BadInputError(f"train.cond_dropout={self.cond_dropout}", "must be in [0, 1)")
+        if self.snr_gamma < 0:
+            raise BadInputError(f"train.snr_gamma={self.snr_gamma}", "must be >= 0 (0 disables Min-SNR weighting)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise BadInputError(f"train.ema_decay={self.ema_decay}", "must be in [0, 1) (0 disables EMA)")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -218,8 +222,9 @@ def apply_dropout(hint: torch.Tensor, text: torch.Tensor, null_hint: torch.Tenso
 
 def loss_on_batch(model: ScribbleGenModel, scheduler, images: np.ndarray, scribbles: np.ndarray,
                   names: list[list[str]], p_drop: float, drop_prompt: bool,
-                  gen: torch.Generator) -> tuple[torch.Tensor, int]:
-    """ε-prediction MSE on one batch; returns (loss, number of dropped samples)."""
+                  gen: torch.Generator, snr_gamma: float = 0.0) -> tuple[torch.Tensor, int]:
+    """Denoising MSE (ε or v target, per the model's scheduler) on one batch; returns
+    (loss, number of dropped samples)."""
     b = len(names)
     z0 = model.encode_images(images)
     noise = torch.randn(z0.shape, generator=gen).to(z0.device, z0.dtype)
@@ -231,8 +236,29 @@ def loss_on_batch(model: ScribbleGenModel, scheduler, images: np.ndarray, scribb
         null_text = model.text.null(b)
     null_hint = model.null_hints(b, images.shape[1:3])
     hint, text = apply_dropout(model.hint(scribbles), text, null_hint, null_text, drop, drop_prompt)
-    eps = model.predict_noise(zt, t, hint, text.to(zt.dtype))
-    return torch.nn.functional.mse_loss(eps.float(), noise.float()), int(drop.sum())
+    out = model.predict(zt, t, hint, text.to(zt.dtype)).float()
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(z0, noise, t).float()
+    else:
+        target = noise.float()
+    per_sample = (out - target).pow(2).mean(dim=(1, 2, 3))
+    return (per_sample * loss_weights(scheduler, t, snr_gamma)).mean(), int(drop.sum())
+
+
+def loss_weights(scheduler, t: torch.Tensor, snr_gamma: float) -> torch.Tensor:
+    """Per-sample loss weights: 1, or Min-SNR-γ (Hang et al. 2023) when ``snr_gamma > 0``.
+
+    Min-SNR caps the weight of the nearly-clean timesteps, whose easy targets otherwise
+    dominate the gradient; the diffusers training scripts use the same rule:
+    ``min(SNR, γ) / SNR`` for ε-prediction, ``min(SNR, γ) / (SNR + 1)`` for v-prediction.
+    """
+    if snr_gamma <= 0:
+        return torch.ones(t.shape, device=t.device)
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, t)
+    capped = snr.clamp(max=snr_gamma)
+    return capped / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else capped / snr
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -328,7 +354,7 @@ def train(cfg: TrainControlNetConfig, resume: bool = False, progress: bool = Tru
                 scribbles = np.where(flip[:, None, None], scribbles[:, :, ::-1], scribbles)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 loss, dropped = loss_on_batch(model, noise_sched, images, scribbles, names,
-                                              tc.cond_dropout, tc.drop_prompt, gen)
+                                              tc.cond_dropout, tc.drop_prompt, gen, tc.snr_gamma)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,10 @@ MICRO = TinyArch(
 )
 
 
-def micro_model(resolution: int = 16, seed: int = 0) -> ScribbleGenModel:
-    """A tiny-kind model small enough to sample in milliseconds, with a non-trivial null hint."""
-    model = build_tiny(MICRO, CLASSES, resolution, seed=seed)
+def micro_model(resolution: int = 16, seed: int = 0, **arch: object) -> ScribbleGenModel:
+    """A tiny-kind model small enough to sample in milliseconds, with a non-trivial null hint
+    (``arch`` overrides fields of :data:`MICRO`, e.g. ``prediction_type``)."""
+    model = build_tiny(replace(MICRO, **arch), CLASSES, resolution, seed=seed)
     with torch.no_grad():
         model.null_hint.copy_(torch.rand(model.null_hint.shape, generator=torch.Generator().manual_seed(seed)))
         # Non-zero ControlNet output layers, so the hint really changes the prediction.

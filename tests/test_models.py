@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ def _eps(model, images, scribbles, names, seed=0):
         z0 = model.encode_images(images)
         z = z0 + torch.randn(z0.shape, generator=g)
         t = torch.tensor([500] * len(names))
-        return model.predict_noise(z, t, model.hint(scribbles), model.text.encode(names))
+        return model.predict(z, t, model.hint(scribbles), model.text.encode(names))
 
 
 def test_prompt_and_names():
@@ -117,3 +118,32 @@ def test_sd_stack_missing_part_is_named(tmp_path):
     shutil.rmtree(base / "vae")
     with pytest.raises(BadInputError, match="vae"):
         from_stable_diffusion(base, CLASSES)
+
+
+def _zero_conv_layers(model):
+    cn = model.controlnet
+    return [cn.controlnet_cond_embedding.conv_out, *cn.controlnet_down_blocks, cn.controlnet_mid_block]
+
+
+def test_control_init_zero_vs_random():
+    """ControlNet's zero start: a fresh model ignores the hint; control_init=random does not."""
+    images, scribbles, names = sources(2)
+    other = np.where(scribbles == 255, 1, 255).astype(np.uint8)  # a different scribble, same names
+    zero = build_tiny(MICRO, CLASSES, 16, seed=0).eval()
+    assert all(layer.weight.abs().sum() == 0 for layer in _zero_conv_layers(zero))
+    torch.testing.assert_close(_eps(zero, images, scribbles, names), _eps(zero, images, other, names))
+    rand = build_tiny(replace(MICRO, control_init="random"), CLASSES, 16, seed=0).eval()
+    assert all(layer.weight.abs().sum() > 0 for layer in _zero_conv_layers(rand))
+    assert (_eps(rand, images, scribbles, names) - _eps(rand, images, other, names)).abs().max() > 1e-3
+    again = build_tiny(replace(MICRO, control_init="random"), CLASSES, 16, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(rand.state_dict().values(), again.state_dict().values()))
+
+
+def test_prediction_type_saved_and_validated(tmp_path):
+    model = micro_model(prediction_type="v_prediction")
+    model.save_pretrained(tmp_path / "m")
+    assert ScribbleGenModel.from_pretrained(tmp_path / "m").scheduler_config["prediction_type"] == "v_prediction"
+    with pytest.raises(BadInputError, match="prediction_type"):
+        build_tiny(replace(MICRO, prediction_type="sample"), CLASSES, 16)
+    with pytest.raises(BadInputError, match="control_init"):
+        build_tiny(replace(MICRO, control_init="ones"), CLASSES, 16)
