@@ -3,8 +3,8 @@
 Pipeline (all on CPU, reusing what already exists under ``--out``):
 
 1. real data: the built-in procedural set, ingested with ``jobs/ingest.py`` (64 px shards);
-2. the tiny ScribbleGen model trained with ``configs/controlnet/tiny.yaml`` (its own
-   ``train.max_minutes`` budget unless ``--minutes`` overrides it), or ``--model DIR``;
+2. the tiny ScribbleGen model trained with ``configs/controlnet/tiny.yaml`` (its default
+   budget, 3000 steps; ``--minutes`` time-boxes it instead), or ``--model DIR``;
 3. a judge segmenter (seg's tiny DeepLabV3+) trained on REAL train images with their full masks;
 4. synthetic images for the val sources at each (w, λ), N DDIM steps, seed = source index.
 
@@ -20,7 +20,7 @@ Reported per (w, λ):
   torch-fidelity). Lower is better; with guidance working it falls from w = 1 to w ~ 2-3.
   "real val" (against real train) is the floor.
 
-    python benchmarks/quality.py                         # ~10-15 min on 2 cores
+    python benchmarks/quality.py                         # ~30 min on 2 cores (20 of them training)
     python benchmarks/quality.py --model runs/tiny/controlnet --out runs/quality
 """
 
