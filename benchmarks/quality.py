@@ -20,7 +20,7 @@ Reported per (w, λ):
   torch-fidelity). Lower is better; with guidance working it falls from w = 1 to w ~ 2-3.
   "real val" (against real train) is the floor.
 
-    python benchmarks/quality.py                         # ~30 min on 2 cores (20 of them training)
+    python benchmarks/quality.py                         # ~40 min on 2 cores (most of it training)
     python benchmarks/quality.py --model runs/tiny/controlnet --out runs/quality
 """
 
