@@ -322,6 +322,13 @@ def _controlnet_from_unet(unet: nn.Module, conditioning_channels: tuple[int, ...
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels)
 
 
+def controlnet_zero_layers(controlnet: nn.Module) -> list[nn.Module]:
+    """ControlNet's zero-initialised convolutions: the hint embedding's output conv and the
+    1x1 convs that turn each down-block / mid-block output into a residual."""
+    return [controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks,
+            controlnet.controlnet_mid_block]
+
+
 def build_tiny(arch: TinyArch, class_names: Sequence[str], resolution: int, seed: int = 0) -> ScribbleGenModel:
     """The embedded default, randomly initialised from ``arch`` (deterministic in ``seed``)."""
     from diffusers import UNet2DConditionModel
@@ -344,9 +351,7 @@ def build_tiny(arch: TinyArch, class_names: Sequence[str], resolution: int, seed
     # embedding must not downsample -> a single-entry channel list.
     controlnet = _controlnet_from_unet(unet, (arch.conditioning_channels,))
     if arch.control_init == "random":
-        zero_layers = [controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks,
-                       controlnet.controlnet_mid_block]
-        for layer in zero_layers:
+        for layer in controlnet_zero_layers(controlnet):
             layer.reset_parameters()
     text = ClassTokenEncoder(list(class_names), dim=arch.cross_attention_dim, max_tokens=arch.text_tokens)
     null_hint = torch.zeros(3, resolution, resolution)

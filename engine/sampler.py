@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from engine.errors import BadInputError
-from engine.models import ScribbleGenModel
+from engine.models import PREDICTION_TYPES, ScribbleGenModel
 
 SPACINGS = ("truncate", "paper")
 
@@ -47,9 +47,9 @@ class ScribbleSampler:
 
         if spacing not in SPACINGS:
             raise BadInputError(f"spacing {spacing!r}", f"must be one of {SPACINGS}")
-        if model.scheduler_config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
+        if model.scheduler_config.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
             raise BadInputError(f"model {model.model_id}", f"prediction_type "
-                                f"{model.scheduler_config['prediction_type']!r} is not supported (epsilon or v_prediction)")
+                                f"{model.scheduler_config['prediction_type']!r} is not supported (one of {PREDICTION_TYPES})")
         if int(num_steps) < 1:
             raise BadInputError(f"num_steps={num_steps}", "must be >= 1")
         self.model = model.to(device=device, dtype=dtype).eval()
@@ -132,10 +132,9 @@ class ScribbleSampler:
             return self._as_eps(self.model.predict(z, tt, hint, text), z, t)
         if w == 0.0:
             return self._as_eps(self.model.predict(z, tt, null_hint, null_text), z, t)
-        both = self.model.predict(
-            torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([null_hint, hint]), torch.cat([null_text, text])
-        )
-        eps_null, eps_cond = self._as_eps(both, torch.cat([z, z]), t).chunk(2)
+        zz = torch.cat([z, z])
+        both = self.model.predict(zz, torch.cat([tt, tt]), torch.cat([null_hint, hint]), torch.cat([null_text, text]))
+        eps_null, eps_cond = self._as_eps(both, zz, t).chunk(2)
         return eps_null + w * (eps_cond - eps_null)
 
     @torch.no_grad()

@@ -10,7 +10,7 @@ import torch
 from cn_fixtures import CLASSES, MICRO, micro_model, sources, write_sd_stack
 
 from engine.errors import BadInputError
-from engine.models import ScribbleGenModel, build_tiny, from_stable_diffusion
+from engine.models import ScribbleGenModel, build_tiny, controlnet_zero_layers, from_stable_diffusion
 from engine.text import ClassTokenEncoder, names_for_ids, prompt_for
 
 
@@ -120,20 +120,15 @@ def test_sd_stack_missing_part_is_named(tmp_path):
         from_stable_diffusion(base, CLASSES)
 
 
-def _zero_conv_layers(model):
-    cn = model.controlnet
-    return [cn.controlnet_cond_embedding.conv_out, *cn.controlnet_down_blocks, cn.controlnet_mid_block]
-
-
 def test_control_init_zero_vs_random():
     """ControlNet's zero start: a fresh model ignores the hint; control_init=random does not."""
     images, scribbles, names = sources(2)
     other = np.where(scribbles == 255, 1, 255).astype(np.uint8)  # a different scribble, same names
     zero = build_tiny(MICRO, CLASSES, 16, seed=0).eval()
-    assert all(layer.weight.abs().sum() == 0 for layer in _zero_conv_layers(zero))
+    assert all(layer.weight.abs().sum() == 0 for layer in controlnet_zero_layers(zero.controlnet))
     torch.testing.assert_close(_eps(zero, images, scribbles, names), _eps(zero, images, other, names))
     rand = build_tiny(replace(MICRO, control_init="random"), CLASSES, 16, seed=0).eval()
-    assert all(layer.weight.abs().sum() > 0 for layer in _zero_conv_layers(rand))
+    assert all(layer.weight.abs().sum() > 0 for layer in controlnet_zero_layers(rand.controlnet))
     assert (_eps(rand, images, scribbles, names) - _eps(rand, images, other, names)).abs().max() > 1e-3
     again = build_tiny(replace(MICRO, control_init="random"), CLASSES, 16, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(rand.state_dict().values(), again.state_dict().values()))
