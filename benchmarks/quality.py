@@ -5,15 +5,16 @@ Pipeline (all on CPU, reusing what already exists under ``--out``):
 1. real data: the built-in procedural set, ingested with ``jobs/ingest.py`` (64 px shards);
 2. the tiny ScribbleGen model trained with ``configs/controlnet/tiny.yaml`` (its default
    budget, 3000 steps; ``--minutes`` time-boxes it instead), or ``--model DIR``;
-3. a judge segmenter (seg's tiny DeepLabV3+) trained on REAL train images with their full masks;
+3. the judge (``seg.judge``: seg's tiny DeepLabV3+) trained on REAL train images with their full masks;
 4. synthetic images for the val sources at each (w, λ), N DDIM steps, seed = source index.
 
 Reported per (w, λ):
 
-- agreement: mIoU / pixel accuracy of the judge's prediction on the synthetic image
-  against the SOURCE mask, next to the same score against a MISMATCHED mask (another
-  source's, a fixed derangement). "matched > mismatched" means the image follows its
-  scribble; the real val images give the ceiling, mismatched the chance level;
+- agreement (``seg.judge.score``): mIoU / fg IoU / pixel accuracy of the judge's prediction
+  on the synthetic image against the SOURCE mask, next to the same score against a
+  MISMATCHED mask (another source's, ``seg.judge.derangement``). "matched > mismatched"
+  means the image follows its scribble; the real val images give the ceiling, mismatched
+  the chance level;
 - FID (``engine.fid``: torchmetrics ``FrechetInceptionDistance``) between the real val
   sources and the synthetic images, with the same offline random-feature extractor as the
   demo's FID (``--inception PATH`` uses local FID-Inception weights instead; needs
@@ -31,6 +32,7 @@ import json
 import os
 import sys
 import time
+from itertools import islice
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see jobs/train_controlnet.py
@@ -39,19 +41,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 from engine.config import load_config  # noqa: E402
 from engine.fid import FIDConfig, FIDScorer  # noqa: E402
-from engine.manifest import read_manifest, resolve_shard  # noqa: E402
+from engine.manifest import read_manifest  # noqa: E402
 from engine.models import FINAL_DIR, ScribbleGenModel  # noqa: E402
 from engine.sampler import ScribbleSampler  # noqa: E402
-from engine.shards import UNLABELLED, read_shard  # noqa: E402
 from engine.text import names_for_ids  # noqa: E402
-from engine.train_controlnet import TrainControlNetConfig, fit_to, train  # noqa: E402
-from seg.batches import to_tensor  # noqa: E402
-from seg.metrics import SegMetrics  # noqa: E402
-from seg.models import ModelConfig, build_model  # noqa: E402
+from engine.train_controlnet import TrainControlNetConfig, train  # noqa: E402
+from seg.judge import JudgeConfig, fitted, manifest_samples, score, train_judge  # noqa: E402
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -67,68 +65,10 @@ def ensure_real(out: Path, num_train: int) -> Path:
 
 
 def load_split(manifest: Path, split: str, size: int, limit: int | None = None):
-    """(images, scribbles, masks) of a split, fitted to ``size`` like the trainer does."""
-    table, info = read_manifest(manifest)
-    shards = sorted({r["shard"] for r in table.to_pylist() if r["split"] == split and r["status"] == "ok"})
-    images, scribbles, masks = [], [], []
-    for shard in shards:
-        for s in read_shard(resolve_shard(manifest, shard)):
-            if s.meta.get("split") != split:
-                continue
-            img, scr = fit_to(s.image, s.scribble, size)
-            masks.append(fit_to(s.image, s.mask, size)[1])
-            images.append(img)
-            scribbles.append(scr)
-            if limit and len(images) >= limit:
-                return np.stack(images), np.stack(scribbles), np.stack(masks), info.class_names
-    return np.stack(images), np.stack(scribbles), np.stack(masks), info.class_names
-
-
-# -- judge segmenter --------------------------------------------------------------------------
-def _to_input(images: np.ndarray) -> torch.Tensor:
-    return torch.stack([to_tensor(img) for img in images])
-
-
-def train_judge(images: np.ndarray, masks: np.ndarray, num_classes: int, seconds: float, seed: int = 0) -> nn.Module:
-    """seg's tiny DeepLabV3+ trained on REAL images with FULL masks: only a measuring instrument."""
-    torch.manual_seed(seed)
-    net = build_model(ModelConfig(), num_classes)
-    opt = torch.optim.AdamW(net.parameters(), 3e-3, weight_decay=1e-4)
-    rng = np.random.default_rng(seed)
-    t0, step = time.perf_counter(), 0
-    while time.perf_counter() - t0 < seconds:
-        idx = rng.integers(0, len(images), 32)
-        x, y = images[idx], masks[idx]
-        flip = rng.random(len(idx)) < 0.5
-        x = np.where(flip[:, None, None, None], x[:, :, ::-1], x)
-        y = np.where(flip[:, None, None], y[:, :, ::-1], y)
-        loss = nn.functional.cross_entropy(net(_to_input(x)), torch.from_numpy(y).long(), ignore_index=UNLABELLED)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        step += 1
-    print(f"judge: {step} steps in {seconds:.0f} s, last loss {loss.item():.3f}")
-    return net.eval()
-
-
-@torch.no_grad()
-def predict(net: nn.Module, images: np.ndarray) -> np.ndarray:
-    return np.concatenate([net(_to_input(images[i:i + 64])).argmax(1).numpy() for i in range(0, len(images), 64)])
-
-
-def fg_iou(pred: np.ndarray, target: np.ndarray) -> float:
-    """IoU of "any object" (class > 0) between prediction and mask: shape placement, class-blind."""
-    keep = target != UNLABELLED
-    p, t = (pred > 0) & keep, (target > 0) & keep
-    return float((p & t).sum() / max(1, (p | t).sum()))
-
-
-def miou_acc(pred: np.ndarray, target: np.ndarray, num_classes: int) -> tuple[float, float]:
-    """Dataset-level mIoU and pixel accuracy, as seg reports them (seg.metrics.SegMetrics)."""
-    metrics = SegMetrics(num_classes)
-    metrics.update(torch.from_numpy(pred), torch.from_numpy(target))
-    out = metrics.compute()
-    return out["miou"], out["pixel_acc"]
+    """(images, scribbles, masks, class names) of a split, fitted to ``size`` like the trainer does."""
+    samples = [fitted(s, size) for s in islice(manifest_samples(manifest, lambda r: r["split"] == split), limit)]
+    return (np.stack([s.image for s in samples]), np.stack([s.scribble for s in samples]),
+            np.stack([s.mask for s in samples]), read_manifest(manifest)[1].class_names)
 
 
 # -- FID --------------------------------------------------------------------------------------
@@ -154,7 +94,8 @@ def main() -> int:
     p.add_argument("--lam", type=float, nargs="+", default=[1.0, 0.5])
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
     p.add_argument("--batch", type=int, default=50, help="sampler batch size")
-    p.add_argument("--judge-seconds", type=float, default=150)
+    p.add_argument("--judge-steps", type=int, default=1500,
+                   help="judge training steps (seg.judge; more than the sweep's default: the train split is larger)")
     p.add_argument("--inception", help="local FID-Inception weights (torch-fidelity format); default random conv")
     p.add_argument("--threads", type=int, default=0)
     a = p.parse_args()
@@ -179,28 +120,25 @@ def main() -> int:
     tr_img, _, tr_mask, class_names = load_split(manifest, "train", size)
     va_img, va_scr, va_mask, _ = load_split(manifest, "val", size, a.num_val)
     k = len(class_names)
-    judge = train_judge(tr_img, tr_mask, k, a.judge_seconds)
-    mismatch = np.roll(np.arange(len(va_img)), 1)  # derangement: each image vs its neighbour's mask
+    t0 = time.perf_counter()
+    judge = train_judge(tr_img, tr_mask, k, JudgeConfig(steps=a.judge_steps))
+    print(f"judge: {a.judge_steps} steps in {time.perf_counter() - t0:.0f} s")
 
     rows = []
     # Real val is scored against real train (the floor); synthetic sets against their real sources.
     fid_train, fid_val = fid_scorer(tr_img, a.inception), fid_scorer(va_img, a.inception)
 
-    def score(name: str, images: np.ndarray, seconds: float = 0.0) -> None:
-        pred = predict(judge, images)
-        m, acc = miou_acc(pred, va_mask, k)
-        mm, macc = miou_acc(pred, va_mask[mismatch], k)
+    def report(name: str, images: np.ndarray, seconds: float = 0.0) -> None:
         scorer = fid_train if name == "real val" else fid_val
-        rows.append({"set": name, "miou": m, "acc": acc, "mismatched_miou": mm, "mismatched_acc": macc,
-                     "fg_iou": fg_iou(pred, va_mask), "mismatched_fg_iou": fg_iou(pred, va_mask[mismatch]),
-                     "fid": scorer.score(images)[0], "s_per_img": seconds})
-        r = rows[-1]
-        print(f"{name:>16} | {r['miou']:.3f} {r['fg_iou']:.3f} {r['acc']:.3f} | {r['mismatched_miou']:.3f} "
-              f"{r['mismatched_fg_iou']:.3f} {r['mismatched_acc']:.3f} | {r['fid']:9.3f} | {seconds:.3f}", flush=True)
+        r = {"set": name, **score(judge, images, va_mask, k), "fid": scorer.score(images)[0], "s_per_img": seconds}
+        rows.append(r)
+        print(f"{name:>16} | {r['judge_miou']:.3f} {r['fg_iou']:.3f} {r['pixel_acc']:.3f} | "
+              f"{r['judge_miou_mismatched']:.3f} {r['fg_iou_mismatched']:.3f} {r['pixel_acc_mismatched']:.3f} | "
+              f"{r['fid']:9.3f} | {seconds:.3f}", flush=True)
 
     print(f"model {model.model_id} ({size} px), {len(va_img)} val sources, {a.steps} DDIM steps")
     print(f"{'set':>16} | source mask: mIoU fgIoU acc | mismatched: mIoU fgIoU acc | FID | s/img")
-    score("real val", va_img)
+    report("real val", va_img)
     sampler = ScribbleSampler(model, num_steps=a.steps)
     names = [names_for_ids(np.unique(s).tolist(), class_names) for s in va_scr]
     n = len(va_img)
@@ -211,7 +149,7 @@ def main() -> int:
                 sampler.sample(va_img[i:j], va_scr[i:j], names[i:j], w, lam, list(range(i, j)))
                 for i in range(0, n, a.batch) for j in [min(n, i + a.batch)]
             ])
-            score(f"w={w:g} lam={lam:g}", fake, (time.perf_counter() - t0) / len(fake))
+            report(f"w={w:g} lam={lam:g}", fake, (time.perf_counter() - t0) / len(fake))
     (out / "results.json").write_text(json.dumps({"model": model.model_id, "rows": rows}, indent=2))
     print(f"wrote {out / 'results.json'}")
     return 0

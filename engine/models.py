@@ -206,7 +206,7 @@ class ScribbleGenModel(nn.Module):
                 self.text.save_pretrained(tmp)
             DDIMScheduler.from_config(self.scheduler_config).save_pretrained(tmp / "scheduler")
             save_file({"null_hint": self.null_hint.detach().float().cpu().contiguous()}, tmp / NULL_HINT_FILE)
-            self.model_id = f"{self.kind}-{_weights_digest(tmp)}"
+            self.model_id = f"{self.kind}-{weights_digest(tmp)}"
             meta = {"kind": self.kind, "class_names": self.class_names, "resolution": self.resolution,
                     "model_id": self.model_id, "format": 1}
             (tmp / BUNDLE_FILE).write_text(json.dumps(meta, indent=2))
@@ -241,15 +241,16 @@ class ScribbleGenModel(nn.Module):
         return model.to(torch_dtype) if torch_dtype is not None else model
 
 
-def _weights_digest(folder: Path) -> str:
-    """Short content hash of all weight files: the model id recorded in every synthetic sample."""
+def weights_digest(folder: Path, length: int = 12) -> str:
+    """Content hash of all weight files (first ``length`` hex digits): the short form is the
+    model id recorded in every synthetic sample."""
     h = hashlib.sha256()
     for path in sorted(folder.rglob("*.safetensors")):
         h.update(path.relative_to(folder).as_posix().encode())
         with open(path, "rb") as fh:
             while block := fh.read(1 << 20):
                 h.update(block)
-    return h.hexdigest()[:12]
+    return h.hexdigest()[:length]
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -329,24 +330,44 @@ def controlnet_zero_layers(controlnet: nn.Module) -> list[nn.Module]:
             controlnet.controlnet_mid_block]
 
 
-def build_tiny(arch: TinyArch, class_names: Sequence[str], resolution: int, seed: int = 0) -> ScribbleGenModel:
-    """The embedded default, randomly initialised from ``arch`` (deterministic in ``seed``)."""
-    from diffusers import UNet2DConditionModel
+def initial_null_hint(resolution: int, seed: int = 0) -> torch.Tensor:
+    """The learned null hint's starting value: ``randn`` as in the paper's code. Zeros would
+    be the rendering of an all-unlabelled scribble, i.e. a real (empty) hint."""
+    return torch.randn(3, resolution, resolution, generator=torch.Generator().manual_seed(seed))
 
-    from engine.text import ClassTokenEncoder
+
+def tiny_denoiser(arch: TinyArch, resolution: int, seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    """A randomly initialised tiny pixel-space UNet and its class-token text encoder (no
+    class names yet: see :func:`build_tiny`), deterministic in ``seed``."""
+    from diffusers import UNet2DConditionModel
 
     arch.validate()
     multiple = 2 ** (len(arch.block_out_channels) - 1)
     if resolution % multiple:
         raise BadInputError(f"model.resolution={resolution}", f"must be a multiple of {multiple} for this UNet")
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=resolution, in_channels=3, out_channels=3,
         block_out_channels=tuple(arch.block_out_channels), down_block_types=tuple(arch.down_block_types),
         up_block_types=tuple(arch.up_block_types), layers_per_block=arch.layers_per_block,
         cross_attention_dim=arch.cross_attention_dim, attention_head_dim=arch.attention_head_dim,
         norm_num_groups=arch.norm_num_groups,
     )
+
+
+def tiny_scheduler_config(arch: TinyArch) -> dict[str, Any]:
+    """The DDIM config of a tiny model built from ``arch``."""
+    return _scheduler_config(arch.beta_schedule, arch.prediction_type)
+
+
+def build_tiny(arch: TinyArch, class_names: Sequence[str], resolution: int, seed: int = 0) -> ScribbleGenModel:
+    """A tiny model trained from nothing: denoiser, text table and ControlNet all randomly
+    initialised from ``arch`` (deterministic in ``seed``). The embedded default starts
+    from the pretrained base instead (:func:`from_base`); this path remains for tests and
+    for studying what pretraining buys."""
+    from engine.text import ClassTokenEncoder
+
+    unet = tiny_denoiser(arch, resolution, seed)
     # Pixel space: the hint is already at the UNet's resolution, so the conditioning
     # embedding must not downsample -> a single-entry channel list.
     controlnet = _controlnet_from_unet(unet, (arch.conditioning_channels,))
@@ -354,23 +375,57 @@ def build_tiny(arch: TinyArch, class_names: Sequence[str], resolution: int, seed
         for layer in controlnet_zero_layers(controlnet):
             layer.reset_parameters()
     text = ClassTokenEncoder(list(class_names), dim=arch.cross_attention_dim, max_tokens=arch.text_tokens)
-    null_hint = torch.zeros(3, resolution, resolution)
-    return ScribbleGenModel("tiny", unet, controlnet, text, null_hint, _scheduler_config(arch.beta_schedule, arch.prediction_type),
-                            class_names, resolution)
+    return ScribbleGenModel("tiny", unet, controlnet, text, initial_null_hint(resolution, seed),
+                            tiny_scheduler_config(arch), class_names, resolution)
+
+
+# Where the shipped pretrained tiny base lives (jobs/pretrain_base.py made it); configs say
+# ``pretrained: builtin`` for it.
+BUILTIN = "builtin"
+BUILTIN_BASE = Path(__file__).resolve().parent / "assets" / "tiny-base"
+BASE_FILE = "base.json"  # provenance of a pretrained base: config, command, steps, digest
+
+
+def resolve_pretrained(folder: str | Path) -> Path:
+    """``builtin`` is the shipped tiny base; anything else is a local folder path."""
+    return BUILTIN_BASE if str(folder) == BUILTIN else Path(folder)
+
+
+def from_base(folder: str | Path, kind: str, class_names: Sequence[str], resolution: int,
+              conditioning_channels: Sequence[int], seed: int = 0,
+              torch_dtype: torch.dtype | None = None) -> ScribbleGenModel:
+    """The paper's starting point: a PRETRAINED denoiser (SD 1.5, or the shipped tiny base)
+    loaded with the diffusers ``from_pretrained`` calls, plus a ControlNet copied from its
+    UNet with zero convolutions (``ControlNetModel.from_unet``) and a randn null hint.
+
+    ``conditioning_channels`` shapes the hint embedding: SD 1.5's downsamples 512-px hints
+    8x to the latent grid (16, 32, 96, 256); the pixel-space tiny base needs none (one entry).
+    """
+    folder = resolve_pretrained(folder)
+    if not folder.is_dir():
+        raise BadInputError(str(folder), "pretrained model folder not found",
+                            "download SD 1.5 in diffusers layout yourself and pass its local path" if kind == "sd15"
+                            else "use model.pretrained=builtin, or a folder written by jobs/pretrain_base.py")
+    with _unreadable_is_bad_input(folder):
+        parts = _load_parts(folder, kind, torch_dtype, need_controlnet=False)
+    if kind == "sd15":
+        # SD's latents are not confined to [-1, 1]: never clip the predicted x0 (SD's own config says so too).
+        parts["scheduler_config"]["clip_sample"] = False
+    else:
+        known = list(parts["text"].config.class_names)
+        if known != list(class_names):
+            raise BadInputError(str(folder), f"the base knows classes {known}, the data has {list(class_names)}",
+                                "pretrain a base on this data's classes (jobs/pretrain_base.py), or set model.pretrained: null")
+        if resolution % 2 ** (len(parts["unet"].config.block_out_channels) - 1):
+            raise BadInputError(f"model.resolution={resolution}", "is not a multiple of the base UNet's downsampling")
+    if parts["controlnet"] is None:
+        torch.manual_seed(seed)
+        parts["controlnet"] = _controlnet_from_unet(parts["unet"], tuple(conditioning_channels))
+    return ScribbleGenModel(kind, null_hint=initial_null_hint(resolution, seed), class_names=class_names,
+                            resolution=resolution, **parts)
 
 
 def from_stable_diffusion(folder: str | Path, class_names: Sequence[str], resolution: int = 512,
                           torch_dtype: torch.dtype | None = None) -> ScribbleGenModel:
     """The paper setup from a local SD 1.5 diffusers folder; ControlNet from ``controlnet/`` or the UNet."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise BadInputError(str(folder), "Stable Diffusion folder not found",
-                            "download SD 1.5 in diffusers layout yourself and pass its local path")
-    with _unreadable_is_bad_input(folder):
-        parts = _load_parts(folder, "sd15", torch_dtype, need_controlnet=False)
-    # SD's latents are not confined to [-1, 1]: never clip the predicted x0 (SD's own config says so too).
-    parts["scheduler_config"]["clip_sample"] = False
-    if parts["controlnet"] is None:
-        parts["controlnet"] = _controlnet_from_unet(parts["unet"], (16, 32, 96, 256))
-    null_hint = torch.zeros(3, resolution, resolution)
-    return ScribbleGenModel("sd15", null_hint=null_hint, class_names=class_names, resolution=resolution, **parts)
+    return from_base(folder, "sd15", class_names, resolution, (16, 32, 96, 256), torch_dtype=torch_dtype)

@@ -7,11 +7,14 @@ fabricated files. Inputs (paths relative to the run folder):
 - ``<report dir>/sweep.json``: the sweep record (grid, cells, seg runs, stage timings);
 - each cell's ``manifest.parquet`` (the ``seconds`` column: cost per sample) and
   ``summary.json`` (generation totals, images/s);
-- ``fid.json``; each seg run's ``summary.json``; the ControlNet's ``loss.jsonl``;
+- ``fid.json`` and ``judge.json`` (either may be absent); each seg run's ``summary.json``;
+  the ControlNet's ``loss.jsonl``;
 - the real manifest and the synthetic shards, for the sample grids.
 
 Figures have fixed pixel sizes (no tight bounding box), see :data:`PLOT_PX` and
-:func:`grid_px`.
+:func:`grid_px`. Sample grid tiles are :data:`TILE_PX` pixels: a 32 px sample is drawn
+4x with nearest-neighbour, its scribble over it, so a person can see whether the
+generated shapes sit where the strokes are.
 """
 
 from __future__ import annotations
@@ -31,12 +34,16 @@ import numpy as np
 from engine.errors import BadInputError
 from engine.manifest import read_manifest, resolve_shard
 from engine.render import render_scribble
-from engine.shards import Sample, decode_sample, iter_records
+from engine.shards import UNLABELLED, Sample, decode_sample, iter_records
 
 DPI = 100
 PLOT_IN = (7.2, 4.2)
 PLOT_PX = (round(PLOT_IN[0] * DPI), round(PLOT_IN[1] * DPI))  # (width, height) of every plot
-GRID_CELL_IN, GRID_LEFT_IN, GRID_TOP_IN, GRID_PAD_IN = 1.2, 0.75, 0.75, 0.08
+TILE_PX = 128  # side of a sample grid tile in pixels (the axes; the grid cell adds a margin)
+GRID_MARGIN_IN = 0.04  # around each tile
+GRID_CELL_IN = TILE_PX / DPI + 2 * GRID_MARGIN_IN
+GRID_LEFT_IN, GRID_TOP_IN, GRID_PAD_IN = 0.75, 0.75, 0.08
+OVERLAY_ALPHA = 0.6  # scribble strokes drawn over a sample: the image stays visible beneath them
 
 
 def grid_px(rows: int, cols: int) -> tuple[int, int]:
@@ -153,6 +160,7 @@ class CellData:
     steps: int
     summary: dict[str, Any]
     fid: float | None = None
+    judge: dict[str, Any] | None = None  # the cell's entry of judge.json
 
 
 @dataclass
@@ -178,6 +186,7 @@ class RunData:
     cells: list[CellData]
     seg: list[SegData]
     fid: dict[str, Any]
+    judge: dict[str, Any]
 
     @property
     def ws(self) -> list[float]:
@@ -202,6 +211,7 @@ def load_run(root: str | Path, report_dir: str = "report") -> RunData:
     if record is None:
         raise BadInputError(str(root / report_dir / "sweep.json"), "sweep record not found", "run the sweep (python -m jobs.sweep) first")
     fid = _read_json(root / "fid.json") or {"cells": {}}
+    judge = _read_json(root / "judge.json") or {"cells": {}}
     cells = []
     for c in record.get("cells", []):
         manifest = root / c["manifest"]
@@ -213,10 +223,10 @@ def load_run(root: str | Path, report_dir: str = "report") -> RunData:
         steps = max(table.column("steps").to_pylist() or [0])
         summary = _read_json(manifest.parent / "summary.json") or {}
         cells.append(CellData(c["name"], float(c["w"]), float(c["lambda"]), manifest, seconds, int(steps or 0), summary,
-                              fid["cells"].get(c["name"], {}).get("fid")))
+                              fid["cells"].get(c["name"], {}).get("fid"), judge["cells"].get(c["name"])))
     seg = [SegData(r["name"], r["scheme"], r["w"], list(r["lambdas"]), int(r["seed"]), list(r["studies"]),
                    _read_json(root / r["dir"] / "summary.json")) for r in record.get("seg_runs", [])]
-    return RunData(root, root / report_dir, record, cells, seg, fid)
+    return RunData(root, root / report_dir, record, cells, seg, fid, judge)
 
 
 def read_sample(manifest: Path, key: str) -> Sample:
@@ -307,8 +317,25 @@ def plot_bars(labels: list[str], values: list[list[float]], title: str, ylabel: 
     return _save(fig, path)
 
 
+def overlay_scribble(image: np.ndarray, scribble: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """``image`` with the scribble's class colours (:func:`render_scribble`) blended in at its
+    labelled pixels; unlabelled (255) pixels keep the image."""
+    blend = np.rint(alpha * render_scribble(scribble) + (1.0 - alpha) * image)
+    return np.where((scribble != UNLABELLED)[..., None], blend, image).astype(np.uint8)
+
+
+def upscale(picture: np.ndarray, side: int = TILE_PX) -> np.ndarray:
+    """``picture`` repeated by the whole factor that makes it at least ``side`` pixels (nearest neighbour)."""
+    factor = max(1, -(-side // max(picture.shape[:2])))
+    return picture.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
 def sample_grid(run: RunData, source_id: str, path: Path, seed_index: int = 0) -> str:
-    """Rows λ, columns w; the source image and its rendered scribble in the first two columns."""
+    """Rows λ, columns w; the source image and its rendered scribble in the first two columns.
+
+    Every image tile shows its sample's scribble over it (:func:`overlay_scribble`), all
+    tiles upscaled to :data:`TILE_PX` (:func:`upscale`).
+    """
     from engine.train_controlnet import fit_to
 
     plt = _plt()
@@ -319,12 +346,14 @@ def sample_grid(run: RunData, source_id: str, path: Path, seed_index: int = 0) -
     fw, fh = width / DPI, height / DPI
 
     def axes_at(r: int, c: int):
-        left = (GRID_LEFT_IN + c * GRID_CELL_IN + 0.04) / fw
-        bottom = 1 - (GRID_TOP_IN + (r + 1) * GRID_CELL_IN - 0.04) / fh
-        ax = fig.add_axes((left, bottom, (GRID_CELL_IN - 0.08) / fw, (GRID_CELL_IN - 0.08) / fh))
-        ax.set_xticks([])
-        ax.set_yticks([])
+        left = (GRID_LEFT_IN + c * GRID_CELL_IN + GRID_MARGIN_IN) / fw
+        bottom = 1 - (GRID_TOP_IN + (r + 1) * GRID_CELL_IN - GRID_MARGIN_IN) / fh
+        ax = fig.add_axes((left, bottom, TILE_PX / DPI / fw, TILE_PX / DPI / fh))
+        ax.set_axis_off()  # no frame: it would cover the tile's outer pixels
         return ax
+
+    def show(ax, picture: np.ndarray) -> None:
+        ax.imshow(upscale(picture), interpolation="nearest")
 
     size = None
     for r, lam in enumerate(lams):
@@ -335,17 +364,17 @@ def sample_grid(run: RunData, source_id: str, path: Path, seed_index: int = 0) -
             if key is None:
                 ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes, color="0.5")
                 continue
-            img = read_sample(cell.manifest, key).image
-            size = img.shape[0]
-            ax.imshow(img, interpolation="nearest")
+            sample = read_sample(cell.manifest, key)
+            size = sample.image.shape[0]
+            show(ax, overlay_scribble(sample.image, sample.scribble))
             if r == 0:
                 ax.set_title(f"w = {fmt_g(w)}", fontsize=10)
         fig.text(0.1 / fw, 1 - (GRID_TOP_IN + (r + 0.5) * GRID_CELL_IN) / fh, f"λ = {fmt_g(lam)}", va="center", fontsize=10)
     src = read_sample(run.root / run.record["real_manifest"], source_id)
     image, scribble = (src.image, src.scribble) if size is None else fit_to(src.image, src.scribble, size)
-    for c, (pic, title) in enumerate([(image, "source"), (render_scribble(scribble), "scribble")]):
+    for c, (pic, title) in enumerate([(overlay_scribble(image, scribble), "source"), (render_scribble(scribble), "scribble")]):
         ax = axes_at(0, c)
-        ax.imshow(pic, interpolation="nearest")
+        show(ax, pic)
         ax.set_title(title, fontsize=10)
     fig.text(0.5, 1 - 0.2 / fh, source_id, ha="center", va="center", fontsize=11, weight="bold")
     return _save(fig, path)
@@ -417,9 +446,10 @@ def section_compute(page: Page, run: RunData) -> None:
     if run.cells:
         totals.append(["generation (all cells)", fmt_num(gen_s, 1), str(gen_n),
                        f"{fmt_num(gen_n / gen_s if gen_s else 0, 3)} images/s incl. overhead"])
-    fid_s = sum(c.get("seconds", 0.0) for c in run.fid.get("cells", {}).values())
-    if fid_s:
-        totals.append(["FID", fmt_num(fid_s, 1), str(sum(c.get("samples", 0) for c in run.fid["cells"].values())), ""])
+    for name, scores in (("FID", run.fid), ("judge", run.judge)):
+        seconds = sum(c.get("seconds", 0.0) for c in scores["cells"].values())
+        if seconds:
+            totals.append([name, fmt_num(seconds, 1), str(sum(c.get("samples", 0) for c in scores["cells"].values())), ""])
     seg_done = [r for r in run.seg if r.summary]
     if seg_done:
         totals.append(["segmentation training", fmt_num(sum(r.summary["seconds"] for r in seg_done), 1), "–",
@@ -478,13 +508,42 @@ def section_fid(page: Page, run: RunData) -> None:
     page.table(Table(["FID"] + [f"w = {fmt_g(w)}" for w in run.ws], rows))
     d = run.out_dir
     if len(run.ws) > 1:
-        series = {f"λ = {fmt_g(lam)}": [(c.w, c.fid, 0.0) for c in cells if c.lam == lam] for lam in run.lambdas}
-        page.img(plot_lines(series, "FID vs guidance scale w", "guidance scale w (log scale)", "FID", d / "fid_vs_w.png",
-                            legend_title="encode ratio", log_x=True), "FID vs w")
+        page.img(plot_vs_w(run, cells, lambda c: c.fid, "FID", "FID", d / "fid_vs_w.png"), "FID vs w")
     if len(run.lambdas) > 1:
         series = {f"w = {fmt_g(w)}": [(c.lam, c.fid, 0.0) for c in cells if c.w == w] for w in run.ws}
         page.img(plot_lines(series, "FID vs encode ratio λ", "encode ratio λ", "FID", d / "fid_vs_lambda.png",
                             legend_title="guidance"), "FID vs λ")
+
+
+def plot_vs_w(run: RunData, cells: Sequence[CellData], value, name: str, ylabel: str, path: Path) -> str:
+    """``value(cell)`` against the guidance scale w, one line per λ."""
+    series = {f"λ = {fmt_g(lam)}": [(c.w, value(c), 0.0) for c in cells if c.lam == lam] for lam in run.lambdas}
+    return plot_lines({k: v for k, v in series.items() if v}, f"{name} vs guidance scale w", "guidance scale w (log scale)",
+                      ylabel, path, legend_title="encode ratio", log_x=True)
+
+
+def section_judge(page: Page, run: RunData) -> None:
+    cells = sorted((c for c in run.cells if c.judge), key=lambda c: (c.w, c.lam))
+    if not cells:
+        return
+    setup, real = run.judge.get("setup", {}), run.judge.get("real")
+    page.h("Judge: do the images follow their scribbles?")
+    page.p(f"A segmenter (`seg.judge`: seg's tiny DeepLabV3+, {setup.get('steps', '?')} steps) trained on real "
+           f"`{setup.get('split', 'val')}` images with their full masks segments every synthetic image. Its mIoU against "
+           "the mask of the image's own source is compared with its mIoU against another source's mask (the chance "
+           "level); the margin (own − mismatched, mIoU points) is high when the generated objects sit where the "
+           "scribble put them, with its classes. fg IoU is the class-blind version (object vs background)."
+           + (f" Ceiling: on {real['samples']} held-out real images the judge scores {fmt_miou(real['judge_miou'])} % "
+              f"(mismatched {fmt_miou(real['judge_miou_mismatched'])} %)." if real else ""))
+    rows = [[c.name, fmt_g(c.w), fmt_g(c.lam), fmt_num(c.fid, 3), fmt_miou(j["judge_miou"]),
+             fmt_miou(j["judge_miou_mismatched"]), fmt_miou(j["judge_margin"]), fmt_miou(j["fg_iou"]),
+             fmt_miou(j["fg_iou_mismatched"]), str(j["samples"])] for c in cells for j in [c.judge]]
+    page.table(Table(["cell", "w", "λ", "FID", "judge mIoU (%)", "mismatched (%)", "margin (pts)", "fg IoU (%)",
+                      "fg IoU mismatched (%)", "samples"], rows, "Per (w, λ) cell: FID (lower = closer to real) beside "
+                     "the judge's agreement (higher margin = follows the scribble better)."))
+    if len(run.ws) > 1:
+        page.img(plot_vs_w(run, cells, lambda c: 100 * c.judge["judge_margin"], "Judge margin",
+                           "own − mismatched mIoU (points)", run.out_dir / "judge_margin_vs_w.png"), "judge margin vs w")
 
 
 def _baseline(run: RunData) -> tuple[float, float] | None:
@@ -575,6 +634,8 @@ def section_samples(page: Page, run: RunData, count: int, seed_index: int) -> No
     page.h("Samples")
     page.p("Each grid: the real source image and its scribble (rendered by `engine.render.render_scribble`: white = "
            "background strokes, black = unlabelled), then one synthetic sample per (w, λ), all from the same seed index. "
+           f"Every image is enlarged without smoothing (nearest neighbour, {TILE_PX} px tiles) and shows its scribble "
+           f"over it at {OVERLAY_ALPHA:.0%} opacity in the scribble's colours; unlabelled pixels show the image. "
            "Small λ stays close to the source; large λ and large w move away from it.")
     for sid in sources:
         page.img(sample_grid(run, sid, run.out_dir / f"samples_{sid}.png", seed_index), f"samples of {sid}")
@@ -590,6 +651,7 @@ def build_report(root: str | Path, report_dir: str = "report", progress: bool = 
     sections = [
         lambda: section_overview(page, run),
         lambda: section_fid(page, run),
+        lambda: section_judge(page, run),
         lambda: section_sweep(page, run, "w_sweep", "w"),
         lambda: section_sweep(page, run, "lambda_sweep", "lambda"),
         lambda: section_schemes(page, run),

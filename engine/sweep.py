@@ -1,4 +1,4 @@
-"""The paper's experiments end to end: ingest -> ControlNet -> (w, λ) grid -> FID -> seg -> report.
+"""The paper's experiments end to end: ingest -> ControlNet -> (w, λ) grid -> FID, judge -> seg -> report.
 
 One code path runs the demo and every sweep: a sweep config (``configs/demo/*.yaml``,
 ``configs/sweeps/*.yaml``) names the (w, λ) grid to generate, the segmentation studies
@@ -11,6 +11,7 @@ Run folder (``out``)::
     controlnet/final/ ...                ControlNet (skipped when ``model_dir`` is given)
     synthetic/w2p00-l0p50/ ...           one generation per (w, λ) cell, Ray actors
     fid.json                             FID of every cell against the real images
+    judge.json                           scribble agreement of every cell (seg.judge, trained on real val)
     seg/<run>/summary.json ...           one seg training per (scheme, w, λ set, seed)
     <report.dir>/sweep.json, index.md, index.html, *.png
 
@@ -40,6 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import yaml
 
 from engine.config import apply_overrides, from_dict, load_yaml, to_dict
@@ -49,13 +51,17 @@ from engine.generate import GenerateConfig, PlanConfig
 from engine.generate.plan import shard_prefix
 from engine.ingest import IngestConfig
 from engine.manifest import read_manifest
+from engine.shards import Sample
 from engine.train_controlnet import TrainControlNetConfig
+from seg.judge import Agreement, JudgeConfig, chunks, derangement, fitted, judge_on_real, manifest_samples, predict
 from seg.schemes import SCHEMES
 from seg.train import SegConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RECORD = "sweep.json"
 FID_FILE = "fid.json"
+JUDGE_FILE = "judge.json"
+JUDGE_SPLIT = "val"  # never a generation source: the judge is an instrument, like FID's feature net
 
 
 # -- config ----------------------------------------------------------------------------------
@@ -131,6 +137,7 @@ class SweepConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     grid: GridConfig = field(default_factory=GridConfig)
     fid: FIDConfig = field(default_factory=FIDConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     seg: SegConfig = field(default_factory=SegConfig)
     studies: StudiesConfig = field(default_factory=StudiesConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
@@ -448,20 +455,11 @@ def stage_fid(cfg: SweepConfig, out: Path, real_manifest: Path, cells: dict[str,
     from tqdm import tqdm
 
     path = out / FID_FILE
-    describe = {**cfg.fid.describe(), "reference": str(real_manifest), "split": cfg.fid.reference_split,
-                "max_reference": cfg.fid.max_reference}
-    cache = json.loads(path.read_text()) if path.is_file() else {}
-    if cache.get("setup") != describe:
-        cache = {"setup": describe, "cells": {}}
-    todo = {}
-    for name, manifest in cells.items():
-        table, meta = read_manifest(manifest)
-        fingerprint = meta.extra.get("plan", {}).get("fingerprint")
-        if cache["cells"].get(name, {}).get("fingerprint") != fingerprint:
-            todo[name] = (manifest, table, fingerprint)
-    info.update(cells=len(cells), cells_reused=len(cells) - len(todo), images=0)
+    setup = {**cfg.fid.describe(), "reference": str(real_manifest), "split": cfg.fid.reference_split,
+             "max_reference": cfg.fid.max_reference}
+    cache, todo = cell_cache(path, setup, cells, info)
     if todo:
-        size = int(next(iter(todo.values()))[1].column("height")[0].as_py())
+        size = _size_of(todo)
         scorer = FIDScorer(cfg.fid, size)
         t0 = time.perf_counter()
         n_ref = scorer.set_reference(manifest_images(real_manifest, cfg.fid.reference_split, cfg.fid.max_reference))
@@ -469,14 +467,113 @@ def stage_fid(cfg: SweepConfig, out: Path, real_manifest: Path, cells: dict[str,
         for name, (manifest, table, fingerprint) in tqdm(todo.items(), desc="fid", unit="cell"):
             t0 = time.perf_counter()
             value, n = scorer.score(manifest_images(manifest))
-            row = table.slice(0, 1).to_pylist()[0]
-            cache["cells"][name] = {"w": row["w"], "lambda": row["lambda"], "fid": value, "samples": n,
-                                    "reference_samples": n_ref, "size": size, "fingerprint": fingerprint,
-                                    "seconds": round(time.perf_counter() - t0 + ref_seconds / len(todo), 3)}
+            cache["cells"][name] = cell_entry(table, fingerprint, time.perf_counter() - t0 + ref_seconds / len(todo),
+                                              fid=value, samples=n, reference_samples=n_ref, size=size)
             info["images"] += n
             _write_json(path, cache)
     _write_json(path, cache)
     return cache
+
+
+def cell_cache(path: Path, setup: dict[str, Any], cells: dict[str, Path], info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, tuple]]:
+    """A per-cell score file (``fid.json``, ``judge.json``) and the cells it must (re)score.
+
+    A cell's score is reused while the file's ``setup`` (what decides the numbers) is
+    today's and the cell's generation plan fingerprint is the one scored; else the cell
+    is redone (a changed setup empties the file). Todo: name -> (manifest, table, fingerprint).
+    """
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    if cache.get("setup") != setup:
+        cache = {"setup": setup, "cells": {}}
+    todo = {}
+    for name, manifest in cells.items():
+        table, meta = read_manifest(manifest)
+        fingerprint = meta.extra.get("plan", {}).get("fingerprint")
+        if cache["cells"].get(name, {}).get("fingerprint") != fingerprint:
+            todo[name] = (manifest, table, fingerprint)
+    info.update(cells=len(cells), cells_reused=len(cells) - len(todo), images=0)
+    return cache, todo
+
+
+def cell_entry(table, fingerprint: str | None, seconds: float, **scores: Any) -> dict[str, Any]:
+    """One cell's record in a score file: its (w, λ), the scores, the plan fingerprint scored, time."""
+    row = table.slice(0, 1).to_pylist()[0]
+    return {"w": row["w"], "lambda": row["lambda"], **scores, "fingerprint": fingerprint, "seconds": round(seconds, 3)}
+
+
+def _size_of(todo: dict[str, tuple]) -> int:
+    """Side of the synthetic images (all cells share the generator's resolution)."""
+    return int(next(iter(todo.values()))[1].column("height")[0].as_py())
+
+
+def stage_judge(cfg: SweepConfig, out: Path, real_manifest: Path, cells: dict[str, Path], info: dict[str, Any]) -> dict[str, Any]:
+    """Scribble agreement of every cell (``seg.judge``); cached per cell in ``judge.json``.
+
+    The judge is trained once on the first ``1 - judge.holdout`` of the real val split
+    with its full masks and scored on the rest (the ceiling, ``real``); each synthetic
+    sample is then scored against its source's full mask and a mismatched source's.
+    Without the masks this needs, the stage records why it was skipped and goes on.
+    """
+    path = out / JUDGE_FILE
+    setup = {**cfg.judge.describe(), "reference": str(real_manifest), "split": JUDGE_SPLIT}
+    cache, todo = cell_cache(path, setup, cells, info)
+    if not todo:
+        return cache
+    size = _size_of(todo)
+    val = sorted(_masked(real_manifest, lambda r: r["split"] == JUDGE_SPLIT, size), key=lambda s: s.key)
+    sources = {name: set(table.column("source_id").to_pylist()) for name, (_, table, _) in todo.items()}
+    needed = set().union(*sources.values())
+    masks = {s.meta.get("source_id", s.key): s.mask for s in _masked(real_manifest, lambda r: r["source_id"] in needed, size)}
+    skip = _judge_skip(len(val), {name: len(ids & set(masks)) for name, ids in sources.items()})
+    if skip:
+        info["skipped"] = skip
+        print(f"    judge skipped: {skip}", flush=True)
+        return cache
+    k = len(read_manifest(real_manifest)[1].class_names)
+    t0 = time.perf_counter()
+    judge, cache["real"] = judge_on_real(np.stack([s.image for s in val]), np.stack([s.mask for s in val]), k, cfg.judge)
+    train_seconds = time.perf_counter() - t0
+    for name, (manifest, table, fingerprint) in todo.items():
+        t0 = time.perf_counter()
+        scores = score_cell(judge, manifest, masks, k, cfg.judge.batch_size)
+        cache["cells"][name] = cell_entry(table, fingerprint, time.perf_counter() - t0 + train_seconds / len(todo), **scores)
+        info["images"] += scores["samples"]
+        print(f"    judge {name}: mIoU {scores['judge_miou']:.3f} vs mismatched {scores['judge_miou_mismatched']:.3f}",
+              flush=True)
+        _write_json(path, cache)
+    return cache
+
+
+def _judge_skip(val_images: int, sources_with_mask: dict[str, int]) -> str | None:
+    """Why the judge cannot run on these data (masks missing), or None."""
+    if not val_images:
+        return f"the real manifest has no '{JUDGE_SPLIT}' images with full masks (mask.png) to train the judge on"
+    few = sorted(name for name, n in sources_with_mask.items() if n < 2)
+    if few:
+        return f"cell(s) {', '.join(few)} have fewer than 2 generation sources with a full mask in the real manifest"
+    return None
+
+
+def _masked(manifest: Path, keep, size: int) -> Iterator[Sample]:
+    """The fitted samples of ``manifest`` that ``keep`` accepts and that have a full mask, streamed."""
+    return (fitted(s, size) for s in manifest_samples(manifest, keep) if s.mask is not None)
+
+
+def score_cell(judge, manifest: Path, masks: dict[str, np.ndarray], num_classes: int, batch_size: int) -> dict[str, Any]:
+    """Agreement of one cell's samples with their sources' masks vs a mismatched source's.
+
+    Sources are paired by :func:`seg.judge.derangement` over the cell's sorted source ids
+    that have a mask (samples of the others are not scored); streamed in batches.
+    """
+    table, _ = read_manifest(manifest)
+    sources = sorted(set(table.column("source_id").to_pylist()) & set(masks))
+    other = dict(zip(sources, (sources[j] for j in derangement(len(sources)))))
+    result = Agreement(num_classes)
+    for batch in chunks(manifest_samples(manifest, lambda r: r["source_id"] in other, with_mask=False), batch_size):
+        ids = [s.meta["source_id"] for s in batch]
+        result.update(predict(judge, np.stack([s.image for s in batch])), np.stack([masks[i] for i in ids]),
+                      np.stack([masks[other[i]] for i in ids]))
+    return result.compute()
 
 
 def stage_seg(cfg: SweepConfig, out: Path, real_manifest: Path, cells: dict[str, Path], runs: list[SegRun],
@@ -560,7 +657,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
     record = new_record(cfg, runs)
     save = lambda: _write_json(report_dir / RECORD, record)  # noqa: E731
     stages = Stages(record, save)
-    stages.total = 4 + bool(cfg.fid.enabled) + bool(runs)
+    stages.total = 4 + bool(cfg.fid.enabled) + bool(cfg.judge.enabled) + bool(runs)
     with stages.stage("ingest", f"ingest real data -> {out / 'real'}") as info:
         real = stage_ingest(cfg, out, info)
     with stages.stage("controlnet", f"train ControlNet -> {out / 'controlnet'}") as info:
@@ -573,6 +670,10 @@ def run_sweep(cfg: SweepConfig) -> Path:
         with stages.stage("fid", f"FID of {n_cells} cell(s) ({cfg.fid.feature} features) -> {out / FID_FILE}") as info, \
                 torch_threads(cfg.threads):
             stage_fid(cfg, out, real, cells, info)
+    if cfg.judge.enabled:
+        with stages.stage("judge", f"judge agreement of {n_cells} cell(s) ({cfg.judge.steps} steps on real "
+                                   f"{JUDGE_SPLIT}) -> {out / JUDGE_FILE}") as info, torch_threads(cfg.threads):
+            stage_judge(cfg, out, real, cells, info)
     if runs:
         with stages.stage("seg", f"train {len(runs)} segmentation model(s) -> {out / 'seg'}") as info, \
                 torch_threads(cfg.threads):

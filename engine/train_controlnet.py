@@ -4,10 +4,13 @@ What is trained:
 
 - ``model.kind = sd15`` (paper): the SD 1.5 UNet, VAE and CLIP text encoder stay frozen;
   the ControlNet (initialised from the UNet) and the learned null hint are trained.
-- ``model.kind = tiny`` (embedded default): the denoiser is built from scratch, and a
-  randomly initialised denoiser cannot usefully be frozen (it would never learn to
-  denoise), so ``train.train_denoiser: true`` trains the UNet and the class-token table
-  jointly with the ControlNet and null hint. Everything else is identical.
+- ``model.kind = tiny`` with ``model.pretrained: builtin`` (embedded default): the same
+  recipe on the shipped tiny base (``jobs/pretrain_base.py``), the miniature of SD 1.5:
+  base UNet and class-token text frozen, ControlNet from the UNet with zero convolutions.
+- ``model.kind = tiny`` with ``model.pretrained: null``: everything built from scratch
+  from ``model.tiny``; a randomly initialised denoiser cannot usefully be frozen (it would
+  never learn to denoise), so ``train.train_denoiser: true`` trains the UNet and the
+  class-token table jointly with the ControlNet and null hint.
 
 Loss: MSE against the model's target (ε, or v for ``prediction_type: v_prediction``) at a
 uniformly drawn timestep, optionally Min-SNR-γ weighted (``train.snr_gamma``). With probability
@@ -42,7 +45,7 @@ from PIL import Image
 from engine.config import add_config_args, load_config, save_config
 from engine.errors import BadInputError
 from engine.manifest import read_manifest, resolve_shard
-from engine.models import FINAL_DIR, TinyArch, ScribbleGenModel, build_tiny, from_stable_diffusion
+from engine.models import FINAL_DIR, TinyArch, ScribbleGenModel, build_tiny, from_base, from_stable_diffusion
 from engine.shards import read_shard
 from engine.text import names_for_ids
 from engine.train_state import EMA, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -52,11 +55,14 @@ DEFAULT_CONFIG = "configs/controlnet/tiny.yaml"
 
 @dataclass
 class ModelSection:
-    kind: str = "tiny"  # "tiny" (built from `tiny`) or "sd15" (local folder in `pretrained`)
-    pretrained: str | None = None  # SD 1.5 diffusers folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/)
+    kind: str = "tiny"  # "tiny" (pixel space, class tokens) or "sd15" (latent space, CLIP)
+    # The pretrained denoiser: SD 1.5 diffusers folder (unet/ vae/ text_encoder/ tokenizer/
+    # scheduler/) for sd15; for tiny "builtin" (the shipped base), a jobs/pretrain_base.py
+    # bundle, or null to build everything from scratch from `tiny`.
+    pretrained: str | None = None
     resolution: int = 32
-    seed: int = 0  # init seed of the tiny model
-    tiny: TinyArch = field(default_factory=TinyArch)
+    seed: int = 0  # init seed (ControlNet copy, null hint; the whole tiny model from scratch)
+    tiny: TinyArch = field(default_factory=TinyArch)  # from scratch: all of it; on a base: conditioning_channels
 
     def validate(self) -> None:
         if self.kind not in ("tiny", "sd15"):
@@ -226,23 +232,31 @@ def loss_on_batch(model: ScribbleGenModel, scheduler, images: np.ndarray, scribb
     """Denoising MSE (ε or v target, per the model's scheduler) on one batch; returns
     (loss, number of dropped samples)."""
     b = len(names)
-    z0 = model.encode_images(images)
-    noise = torch.randn(z0.shape, generator=gen).to(z0.device, z0.dtype)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen).to(z0.device)
-    zt = scheduler.add_noise(z0, noise, t)
+    zt, t, target = noised_and_target(scheduler, model.encode_images(images), gen)
     drop = dropout_mask(b, p_drop, gen)
     with torch.set_grad_enabled(any(p.requires_grad for p in model.text.parameters())):
         text = model.text.encode(names)
         null_text = model.text.null(b)
     null_hint = model.null_hints(b, images.shape[1:3])
     hint, text = apply_dropout(model.hint(scribbles), text, null_hint, null_text, drop, drop_prompt)
-    out = model.predict(zt, t, hint, text.to(zt.dtype)).float()
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(z0, noise, t).float()
-    else:
-        target = noise.float()
-    per_sample = (out - target).pow(2).mean(dim=(1, 2, 3))
-    return (per_sample * loss_weights(scheduler, t, snr_gamma)).mean(), int(drop.sum())
+    out = model.predict(zt, t, hint, text.to(zt.dtype))
+    return denoising_loss(scheduler, out, target, t, snr_gamma), int(drop.sum())
+
+
+def noised_and_target(scheduler, z0: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(z_t, t, target)`` for a uniformly drawn timestep per sample: the forward diffusion
+    of ``z0`` and what the model must predict there (ε, or v for ``v_prediction``)."""
+    noise = torch.randn(z0.shape, generator=gen).to(z0.device, z0.dtype)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), generator=gen).to(z0.device)
+    zt = scheduler.add_noise(z0, noise, t)
+    target = scheduler.get_velocity(z0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+    return zt, t, target
+
+
+def denoising_loss(scheduler, out: torch.Tensor, target: torch.Tensor, t: torch.Tensor, snr_gamma: float) -> torch.Tensor:
+    """Per-sample MSE (float32), optionally Min-SNR-γ weighted, averaged over the batch."""
+    per_sample = (out.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+    return (per_sample * loss_weights(scheduler, t, snr_gamma)).mean()
 
 
 def loss_weights(scheduler, t: torch.Tensor, snr_gamma: float) -> torch.Tensor:
@@ -272,9 +286,11 @@ def pick_device(name: str) -> torch.device:
 
 def build_model(cfg: TrainControlNetConfig, class_names: Sequence[str]) -> ScribbleGenModel:
     m = cfg.model
-    if m.kind == "tiny":
+    if m.kind == "tiny" and not m.pretrained:
         return build_tiny(m.tiny, class_names, m.resolution, seed=m.seed)
-    return from_stable_diffusion(m.pretrained, class_names, m.resolution)
+    if m.kind == "sd15":
+        return from_stable_diffusion(m.pretrained, class_names, m.resolution)
+    return from_base(m.pretrained, m.kind, class_names, m.resolution, (m.tiny.conditioning_channels,), seed=m.seed)
 
 
 def trainable_params(model: ScribbleGenModel, train_denoiser: bool) -> dict[str, torch.nn.Parameter]:
@@ -289,7 +305,31 @@ def trainable_params(model: ScribbleGenModel, train_denoiser: bool) -> dict[str,
     return {k: p for k, p in model.named_parameters() if p.requires_grad}
 
 
-def _trim_log(path: Path, step: int) -> None:
+class StepBudget:
+    """How many steps a run will actually do: ``steps``, or fewer when the time box
+    ``max_minutes`` ends it first. ``total`` is the honest progress-bar length: once a few
+    steps are timed it becomes the projected step count at the time box."""
+
+    def __init__(self, steps: int, max_minutes: float, start: int = 0, clock=time.perf_counter) -> None:
+        self.steps, self.limit, self.start, self.clock = steps, 60.0 * max_minutes, start, clock
+        self.t0 = clock()
+        self.total = steps
+
+    def step_done(self, done: int) -> bool:
+        """Record that ``done`` steps are complete; True when the time box is spent."""
+        if self.limit <= 0:
+            return False
+        elapsed = self.clock() - self.t0
+        if elapsed > self.limit:
+            self.total = done
+            return True
+        if done - self.start >= 3:
+            per_step = elapsed / (done - self.start)
+            self.total = min(self.steps, done + int((self.limit - elapsed) / per_step))
+        return False
+
+
+def trim_log(path: Path, step: int) -> None:
     """On resume, drop log lines written after the checkpoint (they will be re-run)."""
     if path.is_file():
         keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
@@ -332,16 +372,16 @@ def train(cfg: TrainControlNetConfig, resume: bool = False, progress: bool = Tru
     ckpt = latest_checkpoint(ckpt_dir) if resume else None
     if ckpt is not None:
         start = load_checkpoint(ckpt, params, opt, ema)
-        _trim_log(log_path, start)
+        trim_log(log_path, start)
     elif log_path.exists():
         log_path.unlink()
 
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.mixed_precision)
     scaler = torch.amp.GradScaler(enabled=amp is torch.float16 and device.type == "cuda")
     model.train()
-    bar = tqdm(total=tc.steps, initial=start, desc="train controlnet", disable=not progress, dynamic_ncols=True)
+    budget = StepBudget(tc.steps, tc.max_minutes, start)
+    bar = tqdm(total=budget.total, initial=start, desc="train controlnet", disable=not progress, dynamic_ncols=True)
     acc_loss, acc_n, acc_drop, t0 = 0.0, 0, 0, time.perf_counter()
-    t_start = t0
     with open(log_path, "a") as log:
         for step in range(start, tc.steps):
             gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
@@ -367,8 +407,10 @@ def train(cfg: TrainControlNetConfig, resume: bool = False, progress: bool = Tru
                 raise RuntimeError(f"loss became {loss.item()} at step {step}; lower train.lr")
             acc_loss, acc_n, acc_drop = acc_loss + loss.item(), acc_n + 1, acc_drop + dropped
             done = step + 1
+            out_of_time = budget.step_done(done)
+            if bar.total != budget.total:
+                bar.total = budget.total
             bar.update(1)
-            out_of_time = tc.max_minutes > 0 and time.perf_counter() - t_start > 60 * tc.max_minutes
             if done % tc.log_every == 0 or done == tc.steps or out_of_time:
                 rec = {"step": done, "loss": acc_loss / acc_n, "lr": opt.param_groups[0]["lr"],
                        "dropped": acc_drop, "samples": acc_n * tc.batch_size,

@@ -30,6 +30,7 @@ class ModelConfig:
     name: str = "tiny"
     width: int = 16  # tiny only: channels of the first stage (doubling per stage)
     output_stride: int = 8
+    stem_pool: bool = True  # tiny only: false drops the stem's max-pool (halves every stride; small images)
     aspp_channels: int = 64
     aspp_rates: list[int] = field(default_factory=lambda: [2, 4, 6])
     backbone_weights: str = ""
@@ -93,14 +94,17 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """ResNet feature extractor returning (layer1, layer4) features; torchvision key names, no fc."""
 
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], width: int = 64, output_stride: int = 16) -> None:
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], width: int = 64,
+                 output_stride: int = 16, stem_pool: bool = True) -> None:
         super().__init__()
         dilate = {16: (False, False, True), 8: (False, True, True)}[output_stride]
         self.inplanes, self.dilation = width, 1
         self.conv1 = nn.Conv2d(3, width, 7, 2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, padding=1)
+        # Without the stem's max-pool every stride halves (output_stride 8 -> 4): for 32-px
+        # images, whose objects are a few px wide, the deep features stay 8x8 instead of 4x4.
+        self.maxpool = nn.MaxPool2d(3, 2, padding=1) if stem_pool else nn.Identity()
         self.layer1 = self._make_layer(block, width, layers[0])
         self.layer2 = self._make_layer(block, width * 2, layers[1], 2, dilate[0])
         self.layer3 = self._make_layer(block, width * 4, layers[2], 2, dilate[1])
@@ -201,7 +205,7 @@ def load_backbone_weights(backbone: ResNet, path: str | Path) -> None:
 def build_model(cfg: ModelConfig, num_classes: int) -> DeepLabV3Plus:
     """The configured network with ``num_classes`` outputs (weights loaded when given)."""
     if cfg.name == "tiny":
-        backbone = ResNet(BasicBlock, [1, 1, 1, 1], width=cfg.width, output_stride=cfg.output_stride)
+        backbone = ResNet(BasicBlock, [1, 1, 1, 1], width=cfg.width, output_stride=cfg.output_stride, stem_pool=cfg.stem_pool)
     else:
         layers = [3, 4, 6, 3] if cfg.name.endswith("resnet50") else [3, 4, 23, 3]
         backbone = ResNet(Bottleneck, layers, width=64, output_stride=cfg.output_stride)

@@ -37,8 +37,8 @@ def test_demo_fast_end_to_end_and_resume(tmp_path):
     out = tmp_path / "demo"
     first = _demo(out)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    for n, title in enumerate(["ingest", "train ControlNet", "generate", "FID", "train 4 segmentation", "report"], 1):
-        assert f"==> [{n}/6] {title}" in first.stdout  # a header per stage, in order
+    for n, title in enumerate(["ingest", "train ControlNet", "generate", "FID", "judge", "train 4 segmentation", "report"], 1):
+        assert f"==> [{n}/7] {title}" in first.stdout  # a header per stage, in order
     report = out / "report"
     md = (report / "index.md").read_text()
     assert (report / "index.html").is_file()
@@ -47,7 +47,7 @@ def test_demo_fast_end_to_end_and_resume(tmp_path):
             assert im.size == PLOT_PX
     assert len(list(report.glob("samples_*.png"))) == 2
     record = json.loads((report / "sweep.json").read_text())
-    assert record["wall_seconds"] > 0 and set(record["stages"]) == {"ingest", "controlnet", "generate", "fid", "seg", "report"}
+    assert record["wall_seconds"] > 0 and set(record["stages"]) == {"ingest", "controlnet", "generate", "fid", "judge", "seg", "report"}
 
     manifests = [out / "real" / "manifest.parquet"] + [out / c["manifest"] for c in record["cells"]]
     assert len(manifests) == 5  # real + 2 w x 2 λ
@@ -73,3 +73,4 @@ def test_demo_fast_end_to_end_and_resume(tmp_path):
     assert stages["ingest"]["reused"] and stages["controlnet"]["reused"]
     assert stages["generate"]["cells_reused"] == 4 and stages["generate"]["images_this_run"] == 0
     assert stages["fid"]["cells_reused"] == 4 and stages["seg"]["runs_reused"] == 4
+    assert stages["judge"]["cells_reused"] == 4

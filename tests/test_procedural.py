@@ -41,11 +41,34 @@ def test_all_classes_appear_over_50_scenes(scenes):
     assert in_scribbles == set(range(len(CLASS_NAMES)))
 
 
-def test_scenes_have_1_to_4_objects_and_are_uint8(scenes):
+def test_scenes_have_1_to_2_objects_and_are_uint8(scenes):
     for s in scenes:
-        assert s.image.shape == (64, 64, 3) and s.image.dtype == np.uint8
-        assert s.mask.shape == s.scribble.shape == (64, 64)
-        assert 1 <= len(np.unique(s.mask)) <= 5
+        assert s.image.shape == (32, 32, 3) and s.image.dtype == np.uint8
+        assert s.mask.shape == s.scribble.shape == (32, 32)
+        assert 2 <= len(np.unique(s.mask)) <= 3  # background + 1-2 object classes
+
+
+def test_appearance_is_smooth_no_pixel_scale_texture(scenes):
+    # Inside an object, away from its edges, neighbouring pixels differ by a few grey
+    # levels at most (gradient fills): no noise, stripes, checker or dots for a tiny
+    # generator to spend itself on.
+    from scipy import ndimage
+
+    steps = []
+    for s in scenes:
+        inner = np.zeros_like(s.mask, bool)  # object interiors, away from every edge
+        for c in np.unique(s.mask):
+            inner |= ndimage.binary_erosion(s.mask == c, iterations=2) & (c > 0)
+        img = s.image.astype(int)
+        dx = np.abs(np.diff(img, axis=1)).max(-1)[inner[:, 1:] & inner[:, :-1]]
+        steps.append(dx)
+    steps = np.concatenate(steps)
+    assert np.percentile(steps, 99) <= 12, np.percentile(steps, 99)
+
+
+def test_corpus_split_is_a_disjoint_stream():
+    a, b = make_scene(0, split="corpus"), make_scene(0, split="train")
+    assert not np.array_equal(a.image, b.image)
 
 
 def test_scribble_fraction_agreement_and_background_stroke(scenes):
@@ -55,7 +78,7 @@ def test_scribble_fraction_agreement_and_background_stroke(scenes):
     labelled = np.concatenate([s.scribble[s.scribble != UNLABELLED] for s in scenes])
     truth = np.concatenate([s.mask[s.scribble != UNLABELLED] for s in scenes])
     assert (labelled == truth).mean() >= 0.99
-    assert all((s.scribble == 0).any() for s in scenes), "every scene needs a background stroke"
+    assert sum((s.scribble == 0).any() for s in scenes) >= 0.9 * len(scenes), "scenes need a background stroke"
     # Every visible object class of a scene is scribbled (regions of >= a few px).
     covered = np.mean([set(np.unique(s.mask)) <= set(np.unique(s.scribble)) for s in scenes])
     assert covered >= 0.9

@@ -11,7 +11,11 @@ from PIL import Image
 
 from engine.config import from_dict
 from engine.manifest import DatasetInfo, sample_row, shard_rows, write_manifest
-from engine.report import PLOT_PX, build_report, grid_px
+from engine.render import PALETTE
+from engine.report import (
+    DPI, GRID_LEFT_IN, GRID_TOP_IN, GRID_CELL_IN, GRID_MARGIN_IN, OVERLAY_ALPHA, PLOT_PX, TILE_PX, build_report, grid_px,
+    overlay_scribble, upscale,
+)
 from engine.shards import Sample, ShardWriter, synthetic_key
 from engine.sweep import RECORD, SweepConfig, cell_entries, cell_name, new_record, plan_seg_runs
 
@@ -28,6 +32,13 @@ def seconds_of(w: float, lam: float, i: int) -> float:
 
 def fid_of(w: float, lam: float) -> float:
     return 10 * lam + w
+
+
+def judge_of(w: float, lam: float) -> dict:
+    """Fabricated judge.json entry of a cell (fractions; the report prints percent)."""
+    own, mis = 0.5 + 0.05 * w - 0.2 * lam, 0.2 + 0.01 * w
+    return {"w": w, "lambda": lam, "judge_miou": own, "judge_miou_mismatched": mis, "judge_margin": own - mis,
+            "fg_iou": 0.6 + 0.01 * w, "fg_iou_mismatched": 0.3, "samples": 3, "seconds": 0.25}
 
 
 def miou_of(scheme: str, w: float | None, lam: float | None, seed: int) -> float:
@@ -83,6 +94,9 @@ def fabricate_run(root: Path) -> SweepConfig:
            "cells": {cell_name(w, lam): {"w": w, "lambda": lam, "fid": fid_of(w, lam), "samples": 3, "reference_samples": 3,
                                          "seconds": 0.5} for w in W for lam in LAMS}}
     (root / "fid.json").write_text(json.dumps(fid))
+    judge = {"setup": {"steps": 300, "split": "val"}, "real": {**judge_of(0, 0), "samples": 1},
+             "cells": {cell_name(w, lam): judge_of(w, lam) for w in W for lam in LAMS}}
+    (root / "judge.json").write_text(json.dumps(judge))
     runs = plan_seg_runs(cfg)
     for run in runs:
         miou = miou_of(run.scheme, run.w, run.lambdas[0] if run.lambdas else None, run.seed)
@@ -123,7 +137,8 @@ def _row(md: str, first: str) -> list[str]:
 def test_report_files(report):
     folder, md = report
     names = {"index.md", "index.html", "fid_vs_w.png", "fid_vs_lambda.png", "miou_vs_w.png", "miou_vs_lambda.png",
-             "schemes.png", "cost_by_lambda.png", "controlnet_loss.png", "samples_src-0.png", "samples_src-1.png"}
+             "schemes.png", "cost_by_lambda.png", "controlnet_loss.png", "samples_src-0.png", "samples_src-1.png",
+             "judge_margin_vs_w.png"}
     assert names <= {p.name for p in folder.iterdir()}
     assert not (folder / "samples_src-2.png").exists()  # grid_sources = 2
     html = (folder / "index.html").read_text()
@@ -134,12 +149,40 @@ def test_report_files(report):
 def test_png_sizes(report):
     folder, _ = report
     for name in ("fid_vs_w.png", "fid_vs_lambda.png", "miou_vs_w.png", "miou_vs_lambda.png", "schemes.png",
-                 "cost_by_lambda.png", "controlnet_loss.png"):
+                 "cost_by_lambda.png", "controlnet_loss.png", "judge_margin_vs_w.png"):
         with Image.open(folder / name) as im:
             assert im.size == PLOT_PX, name
             assert np.asarray(im.convert("L")).std() > 5, f"{name} looks blank"
     with Image.open(folder / "samples_src-0.png") as im:
         assert im.size == grid_px(len(LAMS), 2 + len(W))  # rows λ; source, scribble, one column per w
+
+
+def test_overlay_and_upscale():
+    rng = np.random.default_rng(0)
+    image, scribble = _image(3, 16), _scribble(16)
+    drawn = scribble != 255
+    for alpha in (1.0, OVERLAY_ALPHA):
+        out = overlay_scribble(image, scribble, alpha)
+        colour = PALETTE[scribble[drawn]].astype(float)
+        assert np.array_equal(out[drawn], np.rint(alpha * colour + (1 - alpha) * image[drawn]).astype(np.uint8))
+        assert np.array_equal(out[~drawn], image[~drawn])  # unlabelled: the image, untouched
+    assert np.array_equal(overlay_scribble(image, scribble, 1.0)[2, 3], [255, 255, 255])  # background stroke: white
+    big = upscale(image)
+    assert big.shape == (TILE_PX, TILE_PX, 3) and np.array_equal(big[::TILE_PX // 16, ::TILE_PX // 16], image)
+    assert np.array_equal(big[8:16, 24:32], np.broadcast_to(image[1, 3], (8, 8, 3)))  # nearest: whole 8 x 8 blocks
+    assert upscale(rng.integers(0, 255, (100, 100, 3))).shape == (200, 200, 3)  # a whole factor, at least TILE_PX
+    assert upscale(np.zeros((300, 300, 3))).shape == (300, 300, 3)
+
+
+def test_grid_tiles_show_upscaled_samples_with_their_scribble(report):
+    """The w = 1.5, λ = 0.5 tile of src-0 in the PNG is the sample, upscaled, with its scribble over it."""
+    folder, _ = report
+    with Image.open(folder / "samples_src-0.png") as im:
+        png = np.asarray(im.convert("RGB"))
+    left = round((GRID_LEFT_IN + 2 * GRID_CELL_IN + GRID_MARGIN_IN) * DPI)  # column 2: the first w
+    top = round((GRID_TOP_IN + GRID_MARGIN_IN) * DPI)  # row 0: the first λ
+    expected = upscale(overlay_scribble(_image(100, 16), _scribble(16)))
+    assert np.array_equal(png[top:top + TILE_PX, left:left + TILE_PX], expected)
 
 
 def test_fid_table(report):
@@ -171,11 +214,34 @@ def test_sweep_tables(report):
     assert f"Real-only baseline: {100 * np.mean(SCHEME_MIOU['real']):.2f} %" in w_part
 
 
-def test_compute_tables(report):
+def test_judge_table(report):
     _, md = report
+    part = md.split("## Judge")[1].split("##")[0]
     for w in W:
         for lam in LAMS:
-            row = _row(md, cell_name(w, lam))
+            j = judge_of(w, lam)
+            assert _row(part, cell_name(w, lam))[1:] == [
+                f"{w:g}", f"{lam:g}", f"{fid_of(w, lam):.3f}", f"{100 * j['judge_miou']:.2f}",
+                f"{100 * j['judge_miou_mismatched']:.2f}", f"{100 * j['judge_margin']:.2f}", f"{100 * j['fg_iou']:.2f}",
+                "30.00", "3"]
+    assert f"scores {100 * judge_of(0, 0)['judge_miou']:.2f} % (mismatched 20.00 %)" in part  # the held-out ceiling
+    assert _row(md, "judge")[1:3] == ["1.0", "12"]  # compute totals: 4 cells x 0.25 s, 3 samples
+
+
+def test_report_without_judge(tmp_path):
+    """Runs from before the judge existed (no judge.json) still get their report."""
+    fabricate_run(tmp_path)
+    (tmp_path / "judge.json").unlink()
+    md = build_report(tmp_path).read_text()
+    assert "## Judge" not in md and "## FID" in md and not (tmp_path / "report" / "judge_margin_vs_w.png").exists()
+
+
+def test_compute_tables(report):
+    _, md = report
+    compute = md.split("## Compute")[1]  # the judge table lists the cells too
+    for w in W:
+        for lam in LAMS:
+            row = _row(compute, cell_name(w, lam))
             assert row[3] == "3" and row[4] == str(int(10 * lam))
             assert row[5] == f"{np.mean([seconds_of(w, lam, i) for i in range(3)]):.4f}"
     cost = md.split("Cost per synthetic image by λ")[1]

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
+import engine.sweep as sweep
 from engine.errors import BadInputError
+from engine.manifest import DatasetInfo, sample_row, shard_rows, write_manifest
+from engine.shards import Sample, ShardWriter
 from engine.sweep import (
-    FAST_OVERLAY, REPO, RUN_ONLY, SweepConfig, cell_name, check_reuse, config_diff, load_sweep_config, main, plan_seg_runs,
-    resolve_bases,
+    FAST_OVERLAY, JUDGE_FILE, REPO, RUN_ONLY, SweepConfig, cell_name, check_reuse, config_diff, load_sweep_config, main,
+    plan_seg_runs, resolve_bases, stage_judge,
 )
 from engine.config import from_dict, save_config
+from seg.judge import derangement
+from seg_fixtures import CLASS_NAMES, make_real, make_scene
+from test_judge import brute_force
 
 DEMO = REPO / "configs" / "demo" / "tiny.yaml"
 # What a VOC + SD 1.5 config needs from the user (local weights); nothing is read at load time.
@@ -56,6 +64,7 @@ def test_shipped_configs_load(path):
     cfg = load_sweep_config(path, PAPER_SETS if "voc" in path.name else [])
     runs = plan_seg_runs(cfg)
     assert runs, f"{path.name} trains no segmentation model"
+    assert cfg.judge.enabled and cfg.judge.steps > 0
     if "voc" in path.name:
         assert cfg.controlnet.model.kind == "sd15" and cfg.ingest.source.kind == "voc"
         assert cfg.generate.sampler.spacing == "paper"
@@ -91,6 +100,7 @@ def test_seg_runs_are_named_by_parameters_and_shared():
     (["studies.schemes.names=[real, best]"], "unknown scheme"),
     (["grid.lambdas=[0.5, 1.5]"], "encode ratios"),
     (["grid.w=[2.0, 2.001]"], "collide"),
+    (["judge.holdout=1.0"], "holdout"),
 ])
 def test_bad_sweep_configs(sets, match):
     with pytest.raises(BadInputError, match=match):
@@ -117,3 +127,82 @@ def test_cli_reports_bad_input(capsys):
     assert err.startswith("error: ") and "Traceback" not in err
     assert main(["--config", "configs/nope.yaml"]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+# -- the judge stage --------------------------------------------------------------------------------
+SOURCES = 6
+
+
+def _write_set(folder: Path, samples: list[Sample], kind: str, fingerprint: str | None = None) -> Path:
+    with ShardWriter(folder / "set-000000.tar") as writer:
+        for sample in samples:
+            writer.write(sample)
+        info = writer.close()
+    rows = shard_rows([sample_row(x) for x in samples], info, folder)
+    extra = {"plan": {"fingerprint": fingerprint}} if fingerprint else {}
+    return write_manifest(rows, folder / "manifest.parquet", DatasetInfo(CLASS_NAMES, kind, extra))
+
+
+def _cell(folder: Path, lam: float, fingerprint: str) -> Path:
+    """A generated cell whose images spell their source's mask (grey level 40 x class), 2 seeds per source."""
+    samples = []
+    for i in range(SOURCES):
+        real = make_scene(i, "train", 16)
+        for seed in (0, 1):
+            image = np.repeat(real.mask[..., None] * 40, 3, axis=2).astype(np.uint8)
+            meta = {"source_id": real.key, "split": "train", "w": 2.0, "lambda": lam, "seed": seed}
+            samples.append(Sample(f"{real.key}__s{seed}", image, real.scribble, None, meta))
+    return _write_set(folder, samples, "synthetic", fingerprint)
+
+
+@pytest.fixture()
+def judge_run(tmp_path):
+    real = make_real(tmp_path, n_train=SOURCES, n_val=10, per_shard=4, size=16)
+    cells = {"a": _cell(tmp_path / "a", 0.5, "fa"), "b": _cell(tmp_path / "b", 1.0, "fb")}
+    return tmp_path, real, cells, from_dict(SweepConfig, {"judge": {"steps": 2, "batch_size": 4}})
+
+
+def test_judge_scores_own_and_mismatched_source_masks(judge_run, monkeypatch):
+    """A judge that reads the mask off the image: own agreement is perfect, mismatched is the next source's mask."""
+    out, real, cells, cfg = judge_run
+    monkeypatch.setattr(sweep, "predict", lambda net, images: images[..., 0] // 40)
+    info: dict = {}
+    cache = stage_judge(cfg, out, real, cells, info)
+    masks = np.stack([make_scene(i, "train", 16).mask for i in range(SOURCES)])
+    expected = brute_force(np.repeat(masks, 2, 0), np.repeat(masks[derangement(SOURCES)], 2, 0), len(CLASS_NAMES))
+    for name in cells:
+        c = cache["cells"][name]
+        assert c["samples"] == 2 * SOURCES and c["judge_miou"] == c["fg_iou"] == 1.0
+        assert (c["judge_miou_mismatched"], c["pixel_acc_mismatched"], c["fg_iou_mismatched"]) == pytest.approx(expected)
+        assert c["judge_margin"] == pytest.approx(1.0 - expected[0])
+    assert cache["cells"]["b"]["lambda"] == 1.0 and cache["real"]["samples"] == 2  # 20 % of 10 val images
+    assert json.loads((out / JUDGE_FILE).read_text()) == cache and info["images"] == 4 * SOURCES
+
+
+def test_judge_cache_is_reused_per_cell(judge_run, monkeypatch):
+    out, real, cells, cfg = judge_run
+    first = stage_judge(cfg, out, real, cells, {})
+    trained, scored = [], []
+    real_judge, real_score = sweep.judge_on_real, sweep.score_cell
+    monkeypatch.setattr(sweep, "judge_on_real", lambda *a: trained.append(1) or real_judge(*a))
+    monkeypatch.setattr(sweep, "score_cell", lambda judge, manifest, *a: scored.append(manifest) or real_score(judge, manifest, *a))
+    info: dict = {}
+    assert stage_judge(cfg, out, real, cells, info) == first and not trained and not scored
+    assert info["cells_reused"] == 2
+    _cell(out / "b", 1.0, "fb-regenerated")  # a cell generated again: only it is scored again
+    again = stage_judge(cfg, out, real, cells, info)
+    assert trained == [1] and scored == [cells["b"]] and again["cells"]["a"] == first["cells"]["a"]
+    assert again["cells"]["b"]["fingerprint"] == "fb-regenerated"
+    assert again["cells"]["b"]["judge_miou"] == first["cells"]["b"]["judge_miou"]  # same judge: deterministic
+    cfg.judge.steps = 3  # another judge: every cell again
+    stage_judge(cfg, out, real, cells, info)
+    assert info["cells_reused"] == 0 and len(scored) == 3
+
+
+def test_judge_skips_without_masks(judge_run):
+    out, _, cells, cfg = judge_run
+    scenes = [make_scene(i, split, 16) for split, n in (("train", SOURCES), ("val", 4)) for i in range(n)]
+    bare = _write_set(out / "bare", [Sample(s.key, s.image, s.scribble, None, s.meta) for s in scenes], "real")
+    info: dict = {}
+    stage_judge(cfg, out, bare, cells, info)
+    assert "no 'val' images with full masks" in info["skipped"] and not (out / JUDGE_FILE).exists()

@@ -159,3 +159,19 @@ def test_v_prediction_trains_to_the_velocity_target(manifest, tmp_path):
     assert model.scheduler_config["prediction_type"] == "v_prediction"
     log = [json.loads(x)["loss"] for x in (tmp_path / "v" / "loss.jsonl").read_text().splitlines()]
     assert np.mean(log[-5:]) < 0.7 * np.mean(log[:5])
+
+
+def test_step_budget_projects_the_steps_a_time_box_allows():
+    from engine.train_controlnet import StepBudget
+
+    now = [0.0]
+    budget = StepBudget(steps=3000, max_minutes=1.0, clock=lambda: now[0])
+    assert budget.total == 3000  # nothing timed yet
+    for done in range(1, 4):  # 2 s per step -> 30 steps fit in 60 s
+        now[0] = 2.0 * done
+        assert not budget.step_done(done)
+    assert budget.total == 30
+    now[0] = 61.0
+    assert budget.step_done(29) and budget.total == 29  # the box ended it: the bar ends full
+    untimed = StepBudget(steps=50, max_minutes=0.0, clock=lambda: now[0])
+    assert not untimed.step_done(10) and untimed.total == 50

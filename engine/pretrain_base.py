@@ -1,0 +1,279 @@
+"""Pretrain the tiny base denoiser: the embedded default's analog of Stable Diffusion 1.5.
+
+The paper's generator knows the world before it sees a scribble: SD 1.5 was pretrained on
+web images with captions, and only the ControlNet is trained on (image, scribble) pairs.
+This job makes the miniature of that: a tiny pixel-space ``UNet2DConditionModel`` with
+its class-token text encoder, trained to denoise a large built-in corpus that is disjoint
+from the labelled sets (the procedural ``corpus`` split) and that carries image-level
+captions only -- the names of the classes present, like a web caption. Captions are
+dropped with probability ``train.caption_dropout`` (SD 1.5's unconditional training).
+
+Run it once (``python -m jobs.pretrain_base``); the result ships inside the package at
+``engine/assets/tiny-base`` (``model.pretrained: builtin`` in the configs) with
+``base.json`` recording its config, the command, the step count and its weights digest.
+
+Deterministic and resumable: the corpus is a pure function of ``corpus.seed``, the batch
+of step ``s`` is a per-epoch seeded permutation, and all noise comes from a generator
+seeded with ``(seed, s)``, so ``--resume`` after a kill replays an uninterrupted run.
+Outputs in ``out``: ``checkpoints/``, ``loss.jsonl``, ``config.yaml``, ``samples.png``
+(a grid from the final weights) and the bundle in ``final/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.config import add_config_args, load_config, save_config, to_dict
+from engine.data.procedural import CLASS_NAMES, make_scene
+from engine.errors import BadInputError
+from engine.models import BASE_FILE, FINAL_DIR, TinyArch, _replace_dir, tiny_denoiser, tiny_scheduler_config, weights_digest
+from engine.text import ClassTokenEncoder, names_for_ids
+from engine.train_controlnet import denoising_loss, noised_and_target, pick_device, trim_log
+from engine.train_state import EMA, latest_checkpoint, load_checkpoint, save_checkpoint
+
+DEFAULT_CONFIG = "configs/base/tiny.yaml"
+EXPORT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class CorpusSection:
+    """The pretraining corpus: ``num_images`` procedural ``corpus``-split scenes."""
+
+    num_images: int = 20000
+    size: int = 32
+    seed: int = 0
+    workers: int = 2  # processes that render the corpus once at start
+
+    def validate(self) -> None:
+        if self.num_images < 1 or self.workers < 1:
+            raise BadInputError("corpus", "num_images and workers must be >= 1")
+
+
+@dataclass
+class BaseTrainSection:
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    caption_dropout: float = 0.1  # share of captions replaced by the null prompt
+    ema_decay: float = 0.999  # the exported weights are the EMA (0 = raw weights)
+    save_every: int = 250
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0  # 0 = every core this process may use
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise BadInputError(f"train.{name}={getattr(self, name)}", "must be >= 1")
+        if not 0.0 <= self.caption_dropout < 1.0 or not 0.0 <= self.ema_decay < 1.0:
+            raise BadInputError("train.caption_dropout / train.ema_decay", "must be in [0, 1)")
+
+
+@dataclass
+class PretrainBaseConfig:
+    model: TinyArch = field(default_factory=TinyArch)
+    resolution: int = 32
+    init_seed: int = 0
+    corpus: CorpusSection = field(default_factory=CorpusSection)
+    train: BaseTrainSection = field(default_factory=BaseTrainSection)
+    export_dtype: str = "float16"  # the shipped bundle's weights (float16 halves its size)
+    out: str = "runs/tiny/base"
+
+    def validate(self) -> None:
+        if self.export_dtype not in EXPORT_DTYPES:
+            raise BadInputError(f"export_dtype={self.export_dtype!r}", f"must be one of {list(EXPORT_DTYPES)}")
+
+
+# -- corpus -------------------------------------------------------------------------------------
+def _corpus_item(index: int, seed: int, size: int) -> tuple[np.ndarray, int]:
+    """Image and the bit set of object classes present (the caption) of corpus scene ``index``."""
+    scene = make_scene(index, seed, size, split="corpus")
+    return scene.image, sum(1 << int(c) for c in np.unique(scene.mask) if c)
+
+
+def render_corpus(c: CorpusSection, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``(images N x H x W x 3 uint8, class bits N)``: the whole corpus, rendered once."""
+    from tqdm import tqdm
+
+    idx = range(c.num_images)
+    with ProcessPoolExecutor(c.workers) as pool:
+        items = list(tqdm(pool.map(_corpus_item, idx, [c.seed] * len(idx), [c.size] * len(idx), chunksize=256),
+                          total=len(idx), desc="render corpus", disable=not progress, dynamic_ncols=True))
+    return np.stack([i[0] for i in items]), np.array([i[1] for i in items], np.int64)
+
+
+def captions(bits: np.ndarray) -> list[list[str]]:
+    """Class-name captions from class bit sets (background never named)."""
+    return [names_for_ids([c for c in range(1, len(CLASS_NAMES)) if b >> c & 1], CLASS_NAMES) for b in bits]
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """Indices of step ``step``'s batch: consecutive slices of a per-epoch seeded permutation."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, k = divmod(pos, n)
+        out.append(int(np.random.default_rng([seed, epoch]).permutation(n)[k]))
+    return out
+
+
+# -- the bundle ---------------------------------------------------------------------------------
+def save_base(unet: torch.nn.Module, text: ClassTokenEncoder, arch: TinyArch, folder: Path,
+              provenance: dict) -> Path:
+    """Write the base bundle (diffusers layout: ``unet/``, ``text_encoder/``, ``scheduler/``,
+    plus ``base.json``) atomically, in ``provenance['export_dtype']``."""
+    from diffusers import DDIMScheduler
+
+    dtype = EXPORT_DTYPES[provenance["export_dtype"]]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    unet.to(dtype).save_pretrained(tmp / "unet", safe_serialization=True)
+    text.to(dtype).save_pretrained(tmp / "text_encoder", safe_serialization=True)
+    DDIMScheduler.from_config(tiny_scheduler_config(arch)).save_pretrained(tmp / "scheduler")
+    meta = dict(provenance, kind="tiny", class_names=list(text.config.class_names),
+                weights_sha256=weights_digest(tmp, length=64))
+    (tmp / BASE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    _replace_dir(tmp, folder)
+    return folder
+
+
+def preview_grid(folder: Path, n: int = 8, seed: int = 0, lambdas: tuple[float, ...] = (0.4, 0.7, 1.0),
+                 num_steps: int = 20, zoom: int = 4) -> np.ndarray:
+    """What the base alone makes: one row per ``val`` scene -- the source, then a sample at each
+    λ from that source with its caption (DDIM, ``paper`` spacing). A ControlNet fresh from the
+    base adds exactly nothing (zero convolutions), so sampling through it samples the base."""
+    from engine.models import from_base
+    from engine.sampler import ScribbleSampler
+
+    meta = json.loads((Path(folder) / BASE_FILE).read_text())
+    size = meta["config"]["resolution"]
+    model = from_base(folder, "tiny", meta["class_names"], size, (meta["config"]["model"]["conditioning_channels"],))
+    scenes = [make_scene(i, seed, size, split="val") for i in range(n)]
+    images = np.stack([s.image for s in scenes])
+    scribbles = np.stack([s.scribble for s in scenes])
+    names = [names_for_ids(np.unique(s.mask).tolist(), meta["class_names"]) for s in scenes]
+    sampler = ScribbleSampler(model, num_steps=num_steps, spacing="paper")
+    cols = [images] + [sampler.sample(images, scribbles, names, 1.0, lam, list(range(n))) for lam in lambdas]
+    grid = np.concatenate([np.concatenate(list(col), 0) for col in cols], 1)
+    return grid.repeat(zoom, 0).repeat(zoom, 1)
+
+
+# -- the loop -----------------------------------------------------------------------------------
+def pretrain(cfg: PretrainBaseConfig, resume: bool = False, progress: bool = True, command: str = "") -> Path:
+    """Run (or resume) pretraining; return the final bundle folder."""
+    from diffusers import DDIMScheduler
+    from tqdm import tqdm
+
+    tc = cfg.train
+    device = pick_device(tc.device)
+    if device.type == "cpu":
+        torch.set_num_threads(tc.threads or len(os.sched_getaffinity(0)))
+    out = Path(cfg.out)
+    ckpt_dir = out / "checkpoints"
+    if not resume and (latest_checkpoint(ckpt_dir) or (out / FINAL_DIR).exists()):
+        raise BadInputError(str(out), "already holds a pretraining run", "pass --resume to continue it, or pick another out")
+    images, bits = render_corpus(cfg.corpus, progress)
+    names = captions(bits)
+
+    unet = tiny_denoiser(cfg.model, cfg.resolution, cfg.init_seed).to(device)
+    text = ClassTokenEncoder(list(CLASS_NAMES), dim=cfg.model.cross_attention_dim, max_tokens=cfg.model.text_tokens).to(device)
+    params = {f"unet.{k}": p for k, p in unet.named_parameters()} | {f"text.{k}": p for k, p in text.named_parameters()}
+    opt = torch.optim.AdamW(params.values(), lr=tc.lr, weight_decay=tc.weight_decay)
+    ema = EMA(params, tc.ema_decay) if tc.ema_decay > 0 else None
+    sched = DDIMScheduler.from_config(tiny_scheduler_config(cfg.model))
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    log_path = out / "loss.jsonl"
+    start = 0
+    ckpt = latest_checkpoint(ckpt_dir) if resume else None
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, params, opt, ema)
+        trim_log(log_path, start)
+    elif log_path.exists():
+        log_path.unlink()
+
+    unet.train()
+    bar = tqdm(total=tc.steps, initial=start, desc="pretrain base", disable=not progress, dynamic_ncols=True)
+    acc, n_acc, t0 = 0.0, 0, time.perf_counter()
+    with open(log_path, "a") as log:
+        for step in range(start, tc.steps):
+            gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
+            for g in opt.param_groups:
+                g["lr"] = tc.lr * min(1.0, (step + 1) / max(1, tc.warmup_steps))
+            idx = batch_indices(step, tc.batch_size, len(images), tc.seed)
+            x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).contiguous().to(device).float() / 127.5 - 1.0
+            if torch.rand((), generator=gen) < 0.5:  # flip the whole batch: layouts, not only left-right habits
+                x = x.flip(-1)
+            zt, t, target = noised_and_target(sched, x, gen)
+            drop = (torch.rand(len(idx), generator=gen) < tc.caption_dropout).to(device)
+            emb = torch.where(drop[:, None, None], text.null(len(idx)), text.encode([names[i] for i in idx]))
+            loss = denoising_loss(sched, unet(zt, t, encoder_hidden_states=emb).sample, target, t, 0.0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params.values(), tc.grad_clip)
+            opt.step()
+            if ema is not None:
+                ema.update()
+            if not math.isfinite(loss.item()):
+                raise RuntimeError(f"loss became {loss.item()} at step {step}; lower train.lr")
+            acc, n_acc, done = acc + loss.item(), n_acc + 1, step + 1
+            bar.update(1)
+            if done % tc.log_every == 0 or done == tc.steps:
+                rec = {"step": done, "loss": acc / n_acc, "lr": opt.param_groups[0]["lr"],
+                       "seconds": round(time.perf_counter() - t0, 3)}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                acc, n_acc = 0.0, 0
+            if done % tc.save_every == 0 or done == tc.steps:
+                save_checkpoint(ckpt_dir, done, params, opt, ema, keep=tc.keep_checkpoints)
+    bar.close()
+    if ema is not None:
+        ema.copy_to_params()
+    unet.eval()
+    provenance = {"steps": tc.steps, "command": command, "config": to_dict(cfg), "export_dtype": cfg.export_dtype,
+                  "corpus": f"procedural split 'corpus', seed {cfg.corpus.seed}, {cfg.corpus.num_images} scenes "
+                            f"at {cfg.corpus.size} px (disjoint from train/val/test)"}
+    final = save_base(unet.cpu(), text.cpu(), cfg.model, out / FINAL_DIR, provenance)
+    from PIL import Image
+
+    Image.fromarray(preview_grid(final)).save(out / "samples.png")
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Pretrain the tiny base denoiser (the embedded default's SD 1.5) on the built-in corpus.",
+        epilog="example: python -m jobs.pretrain_base --set train.steps=3000 --set out=runs/tiny/base; "
+               "then copy <out>/final to engine/assets/tiny-base to ship it",
+    )
+    add_config_args(parser, DEFAULT_CONFIG)
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in <out>/checkpoints")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars (e.g. in CI logs)")
+    args = parser.parse_args(argv)
+    command = "python -m jobs.pretrain_base " + shlex.join(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(PretrainBaseConfig, args.config, args.overrides)
+        final = pretrain(cfg, resume=args.resume, progress=not args.no_progress, command=command.strip())
+    except BadInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"saved {final}")
+    return 0
