@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except BadInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    threads = 1 if args.jobs > 1 else (os.cpu_count() or 1)
+    threads = 1 if args.jobs > 1 else len(os.sched_getaffinity(0))
     with ProcessPoolExecutor(args.jobs) as pool:
         futures = [(frac, pool.submit(_run, cfg, args.real, out, threads)) for frac, cfg, out in plan]
         results: dict[str, list[dict[str, Any]]] = {}

@@ -2,10 +2,13 @@
 
 Pipeline (all on CPU, reusing what already exists under ``--out``):
 
-1. real data: the built-in procedural set, ingested with ``jobs/ingest.py`` (64 px shards);
-2. the tiny ScribbleGen model trained with ``configs/controlnet/tiny.yaml`` (its default
-   budget, 3000 steps; ``--minutes`` time-boxes it instead), or ``--model DIR``;
-3. the judge (``seg.judge``: seg's tiny DeepLabV3+) trained on REAL train images with their full masks;
+1. real data: the built-in procedural set, ingested with ``jobs/ingest.py`` (32 px shards):
+   the full labelled set, and its low-data subset (``--subset``, default 1/16);
+2. the ScribbleGen model trained with ``configs/controlnet/tiny.yaml`` (ControlNet on the
+   shipped frozen base, its default budget; ``--minutes`` time-boxes it instead) on the
+   low-data subset only, as in the paper's setting, or ``--model DIR``;
+3. the judge (``seg.judge``: seg's tiny DeepLabV3+) trained on the FULL set's real train
+   images with their full masks (an instrument, like FID's feature net);
 4. synthetic images for the val sources at each (w, λ), N DDIM steps, seed = source index.
 
 Reported per (w, λ):
@@ -21,7 +24,7 @@ Reported per (w, λ):
   torch-fidelity). Lower is better; with guidance working it falls from w = 1 to w ~ 2-3.
   "real val" (against real train) is the floor.
 
-    python benchmarks/quality.py                         # ~40 min on 2 cores (most of it training)
+    python benchmarks/quality.py                         # ~25 min on 2 cores (most of it training)
     python benchmarks/quality.py --model runs/tiny/controlnet --out runs/quality
 """
 
@@ -49,16 +52,19 @@ from engine.models import FINAL_DIR, ScribbleGenModel  # noqa: E402
 from engine.sampler import ScribbleSampler  # noqa: E402
 from engine.text import names_for_ids  # noqa: E402
 from engine.train_controlnet import TrainControlNetConfig, train  # noqa: E402
-from seg.judge import JudgeConfig, fitted, manifest_samples, score, train_judge  # noqa: E402
+from engine.sweep import fitted  # noqa: E402
+from seg.judge import JudgeConfig, manifest_samples, score, train_judge  # noqa: E402
 
 
 # -- data -------------------------------------------------------------------------------------
-def ensure_real(out: Path, num_train: int) -> Path:
-    manifest = out / "real" / "manifest.parquet"
+def ensure_real(out: Path, num_train: int, subset: str = "1") -> Path:
+    """The built-in set ingested into ``out/real-<subset>`` (once), e.g. ``subset="1/16"``."""
+    folder = out / f"real-{subset.replace('/', 'of')}"
+    manifest = folder / "manifest.parquet"
     if not manifest.is_file():
         from engine.ingest import main as ingest_main
 
-        rc = ingest_main(["--out", str(out / "real"), "--set", f"source.procedural.num_train={num_train}"])
+        rc = ingest_main(["--out", str(folder), "--subset", subset, "--set", f"source.procedural.num_train={num_train}"])
         if rc:
             raise SystemExit(rc)
     return manifest
@@ -88,7 +94,8 @@ def main() -> int:
     p.add_argument("--model", help="trained model folder; default: train one into <out>/controlnet")
     p.add_argument("--config", default="configs/controlnet/tiny.yaml")
     p.add_argument("--minutes", type=float, help="override train.max_minutes of the config")
-    p.add_argument("--num-train", type=int, default=2000)
+    p.add_argument("--num-train", type=int, default=2048, help="labelled train scenes (the judge's training set)")
+    p.add_argument("--subset", default="1/16", help="share of them the ControlNet is trained on (default 1/16)")
     p.add_argument("--num-val", type=int, default=200, help="val sources to generate from")
     p.add_argument("--w", type=float, nargs="+", default=[1.0, 2.0, 3.0])
     p.add_argument("--lam", type=float, nargs="+", default=[1.0, 0.5])
@@ -102,11 +109,12 @@ def main() -> int:
     torch.set_num_threads(a.threads or len(os.sched_getaffinity(0)))
     out = Path(a.out)
     manifest = ensure_real(out, a.num_train)
+    low = ensure_real(out, a.num_train, a.subset)
 
     if a.model:
         model_dir = Path(a.model)
     else:
-        over = [f"data.manifest={manifest}", f"out={out / 'controlnet'}"]
+        over = [f"data.manifest={low}", f"out={out / 'controlnet'}"]
         if a.minutes is not None:
             over.append(f"train.max_minutes={a.minutes}")
         cfg = load_config(TrainControlNetConfig, a.config, over)
@@ -139,7 +147,7 @@ def main() -> int:
     print(f"model {model.model_id} ({size} px), {len(va_img)} val sources, {a.steps} DDIM steps")
     print(f"{'set':>16} | source mask: mIoU fgIoU acc | mismatched: mIoU fgIoU acc | FID | s/img")
     report("real val", va_img)
-    sampler = ScribbleSampler(model, num_steps=a.steps)
+    sampler = ScribbleSampler(model, num_steps=a.steps, spacing="paper")
     names = [names_for_ids(np.unique(s).tolist(), class_names) for s in va_scr]
     n = len(va_img)
     for lam in a.lam:

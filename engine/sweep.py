@@ -52,8 +52,8 @@ from engine.generate.plan import shard_prefix
 from engine.ingest import IngestConfig
 from engine.manifest import read_manifest
 from engine.shards import Sample
-from engine.train_controlnet import TrainControlNetConfig
-from seg.judge import Agreement, JudgeConfig, chunks, derangement, fitted, judge_on_real, manifest_samples, predict
+from engine.train_controlnet import TrainControlNetConfig, fit_to
+from seg.judge import Agreement, JudgeConfig, chunks, derangement, judge_on_real, manifest_samples, predict
 from seg.schemes import SCHEMES
 from seg.train import SegConfig
 
@@ -557,6 +557,13 @@ def _judge_skip(val_images: int, sources_with_mask: dict[str, int]) -> str | Non
 def _masked(manifest: Path, keep, size: int) -> Iterator[Sample]:
     """The fitted samples of ``manifest`` that ``keep`` accepts and that have a full mask, streamed."""
     return (fitted(s, size) for s in manifest_samples(manifest, keep) if s.mask is not None)
+
+
+def fitted(sample: Sample, size: int) -> Sample:
+    """``sample`` at ``size`` x ``size``, fitted as the generator fitted its sources (labels: nearest)."""
+    image, scribble = fit_to(sample.image, sample.scribble, size)
+    mask = None if sample.mask is None else fit_to(sample.image, sample.mask, size)[1]
+    return Sample(sample.key, image, scribble, mask, sample.meta)
 
 
 def score_cell(judge, manifest: Path, masks: dict[str, np.ndarray], num_classes: int, batch_size: int) -> dict[str, Any]:

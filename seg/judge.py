@@ -74,15 +74,6 @@ def manifest_samples(manifest: str | Path, keep: Callable[[dict[str, Any]], bool
     return one_pass(group, epoch=0, seed=0, shuffle_buffer=0, with_mask=with_mask, split=False)
 
 
-def fitted(sample: Sample, size: int) -> Sample:
-    """``sample`` at ``size`` x ``size``, fitted as the generator fitted its sources (labels: nearest)."""
-    from engine.train_controlnet import fit_to
-
-    image, scribble = fit_to(sample.image, sample.scribble, size)
-    mask = None if sample.mask is None else fit_to(sample.image, sample.mask, size)[1]
-    return Sample(sample.key, image, scribble, mask, sample.meta)
-
-
 def chunks(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
     """Consecutive lists of ``n`` items (the last one shorter)."""
     it = iter(items)

@@ -8,8 +8,9 @@ import torch
 
 from engine.errors import BadInputError
 from engine.shards import UNLABELLED
+from engine.sweep import fitted
 from seg.judge import (
-    Agreement, JudgeConfig, derangement, fitted, judge_on_real, manifest_samples, predict, score, train_judge,
+    Agreement, JudgeConfig, derangement, judge_on_real, manifest_samples, predict, score, train_judge,
 )
 from seg_fixtures import CLASS_NAMES, make_real, make_scene
 
