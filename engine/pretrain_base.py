@@ -15,8 +15,9 @@ Run it once (``python -m jobs.pretrain_base``); the result ships inside the pack
 Deterministic and resumable: the corpus is a pure function of ``corpus.seed``, the batch
 of step ``s`` is a per-epoch seeded permutation, and all noise comes from a generator
 seeded with ``(seed, s)``, so ``--resume`` after a kill replays an uninterrupted run.
-Outputs in ``out``: ``checkpoints/``, ``loss.jsonl``, ``config.yaml``, ``samples.png``
-(a grid from the final weights) and the bundle in ``final/``.
+Outputs in ``out``: ``checkpoints/``, ``loss.jsonl`` and its plot ``loss.png``,
+``config.yaml``, ``samples.png`` (:func:`preview_grid` of the final weights) and the
+bundle in ``final/``.
 """
 
 from __future__ import annotations
@@ -67,10 +68,11 @@ class BaseTrainSection:
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 100
+    cooldown_steps: int = 500  # the LR falls linearly to 0 over the last steps: clean final weights
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
     caption_dropout: float = 0.1  # share of captions replaced by the null prompt
-    ema_decay: float = 0.999  # the exported weights are the EMA (0 = raw weights)
+    ema_decay: float = 0.0  # > 0: export an EMA of the weights instead of the final ones
     save_every: int = 250
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -174,6 +176,13 @@ def preview_grid(folder: Path, n: int = 8, seed: int = 0, lambdas: tuple[float, 
     return grid.repeat(zoom, 0).repeat(zoom, 1)
 
 
+def lr_at(step: int, tc: BaseTrainSection) -> float:
+    """Linear warm-up, constant, then a linear cool-down to 0 over the last ``cooldown_steps``.
+    The schedule before the cool-down does not depend on ``steps``, so a run can be extended
+    (``--resume --set train.steps=...``) as long as its cool-down has not begun."""
+    return tc.lr * min(1.0, (step + 1) / max(1, tc.warmup_steps), (tc.steps - step) / max(1, tc.cooldown_steps))
+
+
 # -- the loop -----------------------------------------------------------------------------------
 def pretrain(cfg: PretrainBaseConfig, resume: bool = False, progress: bool = True, command: str = "") -> Path:
     """Run (or resume) pretraining; return the final bundle folder."""
@@ -216,7 +225,7 @@ def pretrain(cfg: PretrainBaseConfig, resume: bool = False, progress: bool = Tru
         for step in range(start, tc.steps):
             gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
             for g in opt.param_groups:
-                g["lr"] = tc.lr * min(1.0, (step + 1) / max(1, tc.warmup_steps))
+                g["lr"] = lr_at(step, tc)
             idx = batch_indices(step, tc.batch_size, len(images), tc.seed)
             x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).contiguous().to(device).float() / 127.5 - 1.0
             if torch.rand((), generator=gen) < 0.5:  # flip the whole batch: layouts, not only left-right habits
@@ -254,7 +263,11 @@ def pretrain(cfg: PretrainBaseConfig, resume: bool = False, progress: bool = Tru
     final = save_base(unet.cpu(), text.cpu(), cfg.model, out / FINAL_DIR, provenance)
     from PIL import Image
 
+    from engine.report import plot_loss
+
     Image.fromarray(preview_grid(final)).save(out / "samples.png")
+    lines = [json.loads(ln) for ln in log_path.read_text().splitlines() if ln.strip()]
+    plot_loss(lines, "base pretraining loss (v-prediction MSE)", out / "loss.png")
     return final
 
 

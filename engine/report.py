@@ -620,11 +620,16 @@ def section_controlnet(page: Page, run: RunData) -> None:
     if not lines:
         return
     page.h("ControlNet training")
-    fig, ax = _axes("ControlNet training loss (ε-prediction MSE)", "step", "loss", legend=False)
+    page.p(f"{lines[-1]['step']} steps in {fmt_num(lines[-1]['seconds'], 1)} s; final logged loss {lines[-1]['loss']:.4f}.")
+    page.img(plot_loss(lines, "ControlNet training loss (denoising MSE)", run.out_dir / "controlnet_loss.png"), "ControlNet loss")
+
+
+def plot_loss(lines: list[dict[str, Any]], title: str, path: Path) -> str:
+    """A training loss curve (log scale) from ``loss.jsonl`` records (``step``, ``loss``)."""
+    fig, ax = _axes(title, "step", "loss", legend=False)
     ax.plot([x["step"] for x in lines], [x["loss"] for x in lines])
     ax.set_yscale("log")
-    page.p(f"{lines[-1]['step']} steps in {fmt_num(lines[-1]['seconds'], 1)} s; final logged loss {lines[-1]['loss']:.4f}.")
-    page.img(_save(fig, run.out_dir / "controlnet_loss.png"), "ControlNet loss")
+    return _save(fig, path)
 
 
 def section_samples(page: Page, run: RunData, count: int, seed_index: int) -> None:

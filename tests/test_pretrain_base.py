@@ -28,7 +28,7 @@ def _cfg(out: Path, steps: int = 4, **train) -> PretrainBaseConfig:
         "resolution": 16, "export_dtype": "float32",
         "corpus": {"num_images": 24, "size": 16, "workers": 1},
         "train": {"steps": steps, "batch_size": 4, "save_every": 2, "log_every": 1, "warmup_steps": 1,
-                  "threads": 1, "device": "cpu", **train},
+                  "cooldown_steps": 1, "threads": 1, "device": "cpu", **train},
         "out": str(out),
     })
 
@@ -47,6 +47,11 @@ def test_pretrain_writes_a_bundle_with_provenance_and_loss_curve(tmp_path):
     assert meta["weights_sha256"] == weights_digest(final, length=64) and len(meta["weights_sha256"]) == 64
     log = [json.loads(x) for x in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in log)
+    from PIL import Image
+
+    with Image.open(tmp_path / "run" / "samples.png") as grid:  # 8 val scenes x (source + 3 λ), 4x zoom
+        assert grid.size == (4 * 16 * 4, 8 * 16 * 4)
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
 
 
 def test_resume_after_a_stop_gives_the_same_weights_as_one_run(tmp_path):
@@ -57,6 +62,17 @@ def test_resume_after_a_stop_gives_the_same_weights_as_one_run(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(BadInputError, match="already holds"):
         pretrain(_cfg(tmp_path / "a"), progress=False)
+
+
+def test_lr_warms_up_holds_then_cools_down_and_extending_a_run_keeps_its_past():
+    from engine.pretrain_base import BaseTrainSection, lr_at
+
+    tc = BaseTrainSection(steps=2500, lr=1e-3, warmup_steps=100, cooldown_steps=500)
+    assert lr_at(0, tc) == pytest.approx(1e-5) and lr_at(99, tc) == pytest.approx(1e-3)
+    assert lr_at(1999, tc) == pytest.approx(1e-3) and lr_at(2250, tc) == pytest.approx(0.5e-3)
+    assert lr_at(2499, tc) == pytest.approx(1e-3 / 500)
+    longer = replace(tc, steps=6000)  # a run started for 6000 steps and stopped at 2500 via --resume
+    assert all(lr_at(s, longer) == lr_at(s, tc) for s in range(0, 2000, 7))
 
 
 def test_batches_cover_the_corpus_each_epoch_and_captions_name_present_classes():
