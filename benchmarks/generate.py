@@ -1,6 +1,6 @@
 """Generation throughput: the engine against a bare loop calling the same sampler.
 
-CPU (default): the tiny model (configs/controlnet/tiny.yaml, random init) on procedural
+CPU (default): the default tiny model (configs/controlnet/tiny.yaml: shipped base + fresh ControlNet) on procedural
 sources. Prints images/s of
 
 - bare: one process, ``sampler.sample`` over pre-decoded, pre-fitted sources in the same

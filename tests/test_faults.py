@@ -303,7 +303,7 @@ def tiny_model(tmp_path_factory) -> Path:
     from engine.train_controlnet import TrainControlNetConfig, build_model
 
     cfg = load_config(TrainControlNetConfig, REPO / "configs/controlnet/tiny.yaml", [
-        "model.resolution=8", "model.tiny.block_out_channels=[8,16,16]", "model.tiny.norm_num_groups=4",
+        "model.pretrained=null", "model.resolution=8", "model.tiny.block_out_channels=[8,16,16]", "model.tiny.norm_num_groups=4",
         "model.tiny.conditioning_channels=8", "model.tiny.cross_attention_dim=8", "model.tiny.attention_head_dim=4"])
     return build_model(cfg, gen_fixtures.CLASS_NAMES).save_pretrained(tmp_path_factory.mktemp("model") / "final")
 

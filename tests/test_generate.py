@@ -196,11 +196,12 @@ def test_job_script_reports_bad_input_without_traceback(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    """The embedded tiny model built from its config, saved with save_pretrained (random init)."""
+    """The embedded tiny model's config, built from scratch (random init: the test's classes are
+    not the shipped base's), saved with save_pretrained."""
     from engine.config import load_config
     from engine.train_controlnet import TrainControlNetConfig, build_model
 
-    cfg = load_config(TrainControlNetConfig, REPO / "configs/controlnet/tiny.yaml")
+    cfg = load_config(TrainControlNetConfig, REPO / "configs/controlnet/tiny.yaml", ["model.pretrained=null"])
     return build_model(cfg, CLASS_NAMES).save_pretrained(tmp_path_factory.mktemp("model") / "final")
 
 
