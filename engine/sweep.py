@@ -704,7 +704,7 @@ def main(argv: list[str] | None = None, default_config: str | None = None, prog:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Run a ScribbleGen experiment end to end: ingest -> ControlNet -> Ray generation over a "
-                    "(w, λ) grid -> FID -> segmentation schemes -> report. Rerunning resumes.",
+                    "(w, λ) grid -> FID, judge -> segmentation schemes -> report. Rerunning resumes.",
         epilog="examples: python -m jobs.demo | python -m jobs.sweep --config configs/sweeps/w.yaml | "
                "python -m jobs.demo --fast --out runs/demo-fast",
     )

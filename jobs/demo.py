@@ -1,7 +1,7 @@
 """The main job: ``python -m jobs.demo`` or ``python jobs/demo.py`` (e.g. under ``ray job submit``).
 
 Runs the embedded default end to end (ingest -> ControlNet -> Ray generation over a
-(w, λ) grid -> FID -> segmentation schemes -> report in ``runs/demo/report/``);
+(w, λ) grid -> FID, judge -> segmentation schemes -> report in ``runs/demo/report/``);
 rerunning resumes. ``--fast`` is a smoke-sized budget; see :mod:`engine.sweep`.
 """
 
