@@ -41,8 +41,8 @@ from engine.data.procedural import CLASS_NAMES, make_scene
 from engine.errors import BadInputError
 from engine.models import BASE_FILE, FINAL_DIR, TinyArch, _replace_dir, tiny_denoiser, tiny_scheduler_config, weights_digest
 from engine.text import ClassTokenEncoder, names_for_ids
-from engine.train_controlnet import denoising_loss, noised_and_target, pick_device, trim_log
-from engine.train_state import EMA, latest_checkpoint, load_checkpoint, save_checkpoint
+from engine.train_controlnet import denoising_loss, noised_and_target, pick_device
+from engine.train_state import EMA, latest_checkpoint, resume_run, save_checkpoint
 
 DEFAULT_CONFIG = "configs/base/tiny.yaml"
 EXPORT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -210,13 +210,7 @@ def pretrain(cfg: PretrainBaseConfig, resume: bool = False, progress: bool = Tru
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     log_path = out / "loss.jsonl"
-    start = 0
-    ckpt = latest_checkpoint(ckpt_dir) if resume else None
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, params, opt, ema)
-        trim_log(log_path, start)
-    elif log_path.exists():
-        log_path.unlink()
+    start = resume_run(ckpt_dir, log_path, params, opt, ema, resume)
 
     unet.train()
     bar = tqdm(total=tc.steps, initial=start, desc="pretrain base", disable=not progress, dynamic_ncols=True)

@@ -48,7 +48,7 @@ from engine.manifest import read_manifest, resolve_shard
 from engine.models import FINAL_DIR, TinyArch, ScribbleGenModel, build_tiny, from_base, from_stable_diffusion
 from engine.shards import read_shard
 from engine.text import names_for_ids
-from engine.train_state import EMA, latest_checkpoint, load_checkpoint, save_checkpoint
+from engine.train_state import EMA, latest_checkpoint, resume_run, save_checkpoint
 
 DEFAULT_CONFIG = "configs/controlnet/tiny.yaml"
 
@@ -329,13 +329,6 @@ class StepBudget:
         return False
 
 
-def trim_log(path: Path, step: int) -> None:
-    """On resume, drop log lines written after the checkpoint (they will be re-run)."""
-    if path.is_file():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
-
-
 def train(cfg: TrainControlNetConfig, resume: bool = False, progress: bool = True) -> Path:
     """Run (or resume) training; return the folder of the saved final bundle."""
     from diffusers import DDIMScheduler
@@ -368,13 +361,7 @@ def train(cfg: TrainControlNetConfig, resume: bool = False, progress: bool = Tru
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     log_path = out / "loss.jsonl"
-    start = 0
-    ckpt = latest_checkpoint(ckpt_dir) if resume else None
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, params, opt, ema)
-        trim_log(log_path, start)
-    elif log_path.exists():
-        log_path.unlink()
+    start = resume_run(ckpt_dir, log_path, params, opt, ema, resume)
 
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.mixed_precision)
     scaler = torch.amp.GradScaler(enabled=amp is torch.float16 and device.type == "cuda")

@@ -127,3 +127,24 @@ def load_checkpoint(
     if ema is not None and (path / "ema.safetensors").is_file():
         ema.shadow = {k: v.to(params[k].device) for k, v in load_file(path / "ema.safetensors").items()}
     return int(state["step"])
+
+
+def trim_log(path: Path, step: int) -> None:
+    """On resume, drop log lines written after the checkpoint (they will be re-run)."""
+    if path.is_file():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def resume_run(ckpt_dir: str | Path, log_path: Path, params: dict[str, torch.nn.Parameter],
+               opt: torch.optim.Optimizer, ema: EMA | None, resume: bool) -> int:
+    """The step a run starts at: the newest checkpoint's when resuming (its loss log trimmed
+    to it), else 0 with any old loss log removed."""
+    ckpt = latest_checkpoint(ckpt_dir) if resume else None
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, params, opt, ema)
+        trim_log(log_path, start)
+        return start
+    if log_path.exists():
+        log_path.unlink()
+    return 0
