@@ -111,7 +111,7 @@ def bare_images_per_s(cfg: GenerateConfig, device: str, threads: int | None) -> 
     plan = build_plan(cfg.plan, cfg.real_manifest)
     cache, work = SourceCache(cfg.source_cache_shards), []
     for unit in plan.units:  # decode + fit outside the timed region
-        sources = fit_sources(cache.get(unit.items), cfg.sampler.resolution)
+        sources = fit_sources(cache.get(unit.items), cfg.sampler.resolution, cfg.sampler.resize)
         for batch in batches(unit.items, sources, cfg.sampler.batch_size):
             src = [sources[it.source_id] for it in batch]
             work.append((unit, batch, np.stack([s.image for s in src]), np.stack([s.scribble for s in src])))

@@ -147,7 +147,7 @@ def main() -> int:
     print(f"model {model.model_id} ({size} px), {len(va_img)} val sources, {a.steps} DDIM steps")
     print(f"{'set':>16} | source mask: mIoU fgIoU acc | mismatched: mIoU fgIoU acc | FID | s/img")
     report("real val", va_img)
-    sampler = ScribbleSampler(model, num_steps=a.steps, spacing="paper")
+    sampler = ScribbleSampler(model, num_steps=a.steps, spacing="paper", uncond=model.uncond or "hint")
     names = [names_for_ids(np.unique(s).tolist(), class_names) for s in va_scr]
     n = len(va_img)
     for lam in a.lam:

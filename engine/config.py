@@ -55,6 +55,13 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+def _float(text: str, where: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise BadInputError(f"{where}={text!r}", "expected a number") from None
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys are an error naming the key."""
     if not isinstance(data, dict):
@@ -73,6 +80,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
             value = from_dict(sub, value, f"{where}.{name}")
         elif float in candidates and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        elif float in candidates and isinstance(value, str):
+            value = _float(value, f"{where}.{name}")  # PyYAML reads 1e-3 (no dot) as a string
         elif typing.get_origin(tp) is tuple and isinstance(value, list):
             value = tuple(value)
         kwargs[name] = value

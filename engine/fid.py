@@ -121,8 +121,8 @@ def build_metric(cfg: FIDConfig):
 
 
 def fit_square(image: np.ndarray, size: int) -> np.ndarray:
-    """Short side to ``size``, centre crop: what the generator did to its sources."""
-    from engine.train_controlnet import fit_to
+    """``image`` at ``size`` x ``size``, fitted the paper's way (``stretch``), as generated sources are by default."""
+    from engine.data.geometry import fit_to
 
     return fit_to(image, np.zeros(image.shape[:2], np.uint8), size)[0]
 

@@ -33,10 +33,17 @@ from torch import nn
 
 from engine.errors import BadInputError
 from engine.render import render_scribble
+from engine.shards import UNLABELLED
 
 BUNDLE_FILE = "scribblegen.json"
 NULL_HINT_FILE = "null_hint.safetensors"
 KINDS = ("tiny", "sd15")
+# CFG's unconditional branch: the null hint with the real prompt (the paper: only the hint
+# is dropped in training) or the null hint with the null prompt (both dropped together).
+UNCOND = ("hint", "hint+prompt")
+# How a scribble becomes the ControlNet's input: the colour rendering (engine.render, the
+# paper's) or one channel per class (1 where the class is drawn; unlabelled is all zeros).
+HINT_ENCODINGS = ("colour", "onehot")
 FINAL_DIR = "final"  # where a training run puts its finished bundle
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 CONTROL_INITS = ("zero", "random")
@@ -98,7 +105,8 @@ class ScribbleGenModel(nn.Module):
     ``unet`` is the denoiser, ``controlnet`` the scribble branch, ``null_hint`` the learned
     "empty" conditioning image (``3 x H x W`` in hint space [0, 1]) used for the 10 %
     dropout and as CFG's unconditional branch, ``text`` the text conditioner, ``vae``
-    the latent autoencoder (``None`` for the pixel-space tiny model).
+    the latent autoencoder (``None`` for the pixel-space tiny model), ``uncond`` the
+    unconditional pair its training taught (saved in ``scribblegen.json``).
     """
 
     def __init__(
@@ -113,11 +121,17 @@ class ScribbleGenModel(nn.Module):
         resolution: int,
         vae: nn.Module | None = None,
         model_id: str | None = None,
+        uncond: str | None = None,
+        resize: str | None = None,
+        hint_encoding: str = "colour",
     ) -> None:
         super().__init__()
         if kind not in KINDS:
             raise BadInputError(f"model kind {kind!r}", f"must be one of {KINDS}")
+        if hint_encoding not in HINT_ENCODINGS:
+            raise BadInputError(f"hint encoding {hint_encoding!r}", f"must be one of {HINT_ENCODINGS}")
         self.kind = kind
+        self.hint_encoding = hint_encoding
         self.unet = unet
         self.controlnet = controlnet
         self.text = text
@@ -127,6 +141,10 @@ class ScribbleGenModel(nn.Module):
         self.class_names = list(class_names)
         self.resolution = int(resolution)
         self.model_id = model_id or f"{kind}-unsaved"
+        # Which (null hint, prompt) pair the training's conditioning dropout taught (one of
+        # UNCOND); None = not recorded (a fresh ControlNet, or a bundle older than the field).
+        self.uncond = uncond
+        self.resize = resize  # how training fitted its images to ``resolution`` (engine.data.geometry)
 
     # -- geometry ---------------------------------------------------------------------------
     @property
@@ -149,7 +167,10 @@ class ScribbleGenModel(nn.Module):
 
     # -- conversions --------------------------------------------------------------------------
     def hint(self, scribbles: np.ndarray) -> torch.Tensor:
-        """``B x H x W`` uint8 scribbles -> ``B x 3 x H x W`` conditioning in [0, 1]."""
+        """``B x H x W`` uint8 scribbles -> ``B x C x H x W`` conditioning in [0, 1]: the colour
+        rendering (C = 3) or one-hot (C = number of classes)."""
+        if self.hint_encoding == "onehot":
+            return onehot_hint(np.asarray(scribbles), len(self.class_names)).to(self.device, self.dtype)
         rgb = torch.from_numpy(render_scribble(np.asarray(scribbles)))
         # .contiguous(): a permuted (channels-last) input drags every conv onto a far slower CPU path.
         return rgb.permute(0, 3, 1, 2).contiguous().to(self.device, self.dtype) / 255.0
@@ -208,7 +229,7 @@ class ScribbleGenModel(nn.Module):
             save_file({"null_hint": self.null_hint.detach().float().cpu().contiguous()}, tmp / NULL_HINT_FILE)
             self.model_id = f"{self.kind}-{weights_digest(tmp)}"
             meta = {"kind": self.kind, "class_names": self.class_names, "resolution": self.resolution,
-                    "model_id": self.model_id, "format": 1}
+                    "model_id": self.model_id, "hint": self.hint_encoding, "uncond": self.uncond, "resize": self.resize, "format": 1}
             (tmp / BUNDLE_FILE).write_text(json.dumps(meta, indent=2))
             _replace_dir(tmp, folder)
         except BaseException:
@@ -237,7 +258,8 @@ class ScribbleGenModel(nn.Module):
             _require(folder, NULL_HINT_FILE)
             null_hint = load_file(folder / NULL_HINT_FILE)["null_hint"]
         model = cls(kind=kind, null_hint=null_hint, class_names=meta["class_names"],
-                    resolution=meta["resolution"], model_id=meta.get("model_id"), **parts)
+                    resolution=meta["resolution"], model_id=meta.get("model_id"), uncond=meta.get("uncond"),
+                    resize=meta.get("resize"), hint_encoding=meta.get("hint", "colour"), **parts)
         return model.to(torch_dtype) if torch_dtype is not None else model
 
 
@@ -317,10 +339,28 @@ def _load_parts(folder: Path, kind: str, dtype: torch.dtype | None, need_control
     return dict(unet=unet, controlnet=controlnet, text=text, vae=vae, scheduler_config=scheduler_config)
 
 
-def _controlnet_from_unet(unet: nn.Module, conditioning_channels: tuple[int, ...]) -> nn.Module:
+def onehot_hint(scribbles: np.ndarray, num_classes: int) -> torch.Tensor:
+    """``B x H x W`` class ids -> ``B x K x H x W`` float one-hot; unlabelled (255) pixels are all 0."""
+    ids = torch.from_numpy(np.asarray(scribbles)).long()
+    bad = (ids >= num_classes) & (ids != UNLABELLED)
+    if bool(bad.any()):
+        raise BadInputError("scribble", f"class id {int(ids[bad][0])} >= the model's {num_classes} classes")
+    ids = torch.where(ids == UNLABELLED, num_classes, ids)
+    return nn.functional.one_hot(ids, num_classes + 1)[..., :num_classes].permute(0, 3, 1, 2).float().contiguous()
+
+
+def hint_channels(encoding: str, class_names: Sequence[str]) -> int:
+    """Input channels of the ControlNet's hint for ``encoding``."""
+    if encoding not in HINT_ENCODINGS:
+        raise BadInputError(f"model.hint={encoding!r}", f"must be one of {HINT_ENCODINGS}")
+    return len(class_names) if encoding == "onehot" else 3
+
+
+def _controlnet_from_unet(unet: nn.Module, embedding_channels: tuple[int, ...], hint_in: int = 3) -> nn.Module:
     from diffusers import ControlNetModel
 
-    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels)
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embedding_channels,
+                                     conditioning_channels=hint_in)
 
 
 def controlnet_zero_layers(controlnet: nn.Module) -> list[nn.Module]:
@@ -330,10 +370,10 @@ def controlnet_zero_layers(controlnet: nn.Module) -> list[nn.Module]:
             controlnet.controlnet_mid_block]
 
 
-def initial_null_hint(resolution: int, seed: int = 0) -> torch.Tensor:
+def initial_null_hint(resolution: int, seed: int = 0, channels: int = 3) -> torch.Tensor:
     """The learned null hint's starting value: ``randn`` as in the paper's code. Zeros would
     be the rendering of an all-unlabelled scribble, i.e. a real (empty) hint."""
-    return torch.randn(3, resolution, resolution, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(channels, resolution, resolution, generator=torch.Generator().manual_seed(seed))
 
 
 def tiny_denoiser(arch: TinyArch, resolution: int, seed: int = 0) -> tuple[nn.Module, nn.Module]:
@@ -360,7 +400,8 @@ def tiny_scheduler_config(arch: TinyArch) -> dict[str, Any]:
     return _scheduler_config(arch.beta_schedule, arch.prediction_type)
 
 
-def build_tiny(arch: TinyArch, class_names: Sequence[str], resolution: int, seed: int = 0) -> ScribbleGenModel:
+def build_tiny(arch: TinyArch, class_names: Sequence[str], resolution: int, seed: int = 0,
+               hint: str = "colour") -> ScribbleGenModel:
     """A tiny model trained from nothing: denoiser, text table and ControlNet all randomly
     initialised from ``arch`` (deterministic in ``seed``). The embedded default starts
     from the pretrained base instead (:func:`from_base`); this path remains for tests and
@@ -370,13 +411,14 @@ def build_tiny(arch: TinyArch, class_names: Sequence[str], resolution: int, seed
     unet = tiny_denoiser(arch, resolution, seed)
     # Pixel space: the hint is already at the UNet's resolution, so the conditioning
     # embedding must not downsample -> a single-entry channel list.
-    controlnet = _controlnet_from_unet(unet, (arch.conditioning_channels,))
+    channels = hint_channels(hint, class_names)
+    controlnet = _controlnet_from_unet(unet, (arch.conditioning_channels,), channels)
     if arch.control_init == "random":
         for layer in controlnet_zero_layers(controlnet):
             layer.reset_parameters()
     text = ClassTokenEncoder(list(class_names), dim=arch.cross_attention_dim, max_tokens=arch.text_tokens)
-    return ScribbleGenModel("tiny", unet, controlnet, text, initial_null_hint(resolution, seed),
-                            tiny_scheduler_config(arch), class_names, resolution)
+    return ScribbleGenModel("tiny", unet, controlnet, text, initial_null_hint(resolution, seed, channels),
+                            tiny_scheduler_config(arch), class_names, resolution, hint_encoding=hint)
 
 
 # Where the shipped pretrained tiny base lives (jobs/pretrain_base.py made it); configs say
@@ -393,7 +435,7 @@ def resolve_pretrained(folder: str | Path) -> Path:
 
 def from_base(folder: str | Path, kind: str, class_names: Sequence[str], resolution: int,
               conditioning_channels: Sequence[int], seed: int = 0,
-              torch_dtype: torch.dtype | None = None) -> ScribbleGenModel:
+              torch_dtype: torch.dtype | None = None, hint: str = "colour") -> ScribbleGenModel:
     """The paper's starting point: a PRETRAINED denoiser (SD 1.5, or the shipped tiny base)
     loaded with the diffusers ``from_pretrained`` calls, plus a ControlNet copied from its
     UNet with zero convolutions (``ControlNetModel.from_unet``) and a randn null hint.
@@ -418,14 +460,15 @@ def from_base(folder: str | Path, kind: str, class_names: Sequence[str], resolut
                                 "pretrain a base on this data's classes (jobs/pretrain_base.py), or set model.pretrained: null")
         if resolution % 2 ** (len(parts["unet"].config.block_out_channels) - 1):
             raise BadInputError(f"model.resolution={resolution}", "is not a multiple of the base UNet's downsampling")
+    channels = hint_channels(hint, class_names)
     if parts["controlnet"] is None:
         torch.manual_seed(seed)
-        parts["controlnet"] = _controlnet_from_unet(parts["unet"], tuple(conditioning_channels))
-    return ScribbleGenModel(kind, null_hint=initial_null_hint(resolution, seed), class_names=class_names,
-                            resolution=resolution, **parts)
+        parts["controlnet"] = _controlnet_from_unet(parts["unet"], tuple(conditioning_channels), channels)
+    return ScribbleGenModel(kind, null_hint=initial_null_hint(resolution, seed, channels), class_names=class_names,
+                            resolution=resolution, hint_encoding=hint, **parts)
 
 
 def from_stable_diffusion(folder: str | Path, class_names: Sequence[str], resolution: int = 512,
-                          torch_dtype: torch.dtype | None = None) -> ScribbleGenModel:
+                          torch_dtype: torch.dtype | None = None, hint: str = "colour") -> ScribbleGenModel:
     """The paper setup from a local SD 1.5 diffusers folder; ControlNet from ``controlnet/`` or the UNet."""
-    return from_base(folder, "sd15", class_names, resolution, (16, 32, 96, 256), torch_dtype=torch_dtype)
+    return from_base(folder, "sd15", class_names, resolution, (16, 32, 96, 256), torch_dtype=torch_dtype, hint=hint)

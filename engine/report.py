@@ -31,6 +31,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from engine.data.geometry import DEFAULT_RESIZE
 from engine.errors import BadInputError
 from engine.manifest import read_manifest, resolve_shard
 from engine.render import render_scribble
@@ -196,6 +197,11 @@ class RunData:
     def lambdas(self) -> list[float]:
         return sorted({c.lam for c in self.cells})
 
+    @property
+    def resize(self) -> str:
+        """How the generator fitted its sources (the sweep config's ``sampler.resize``)."""
+        return self.record.get("config", {}).get("generate", {}).get("sampler", {}).get("resize", DEFAULT_RESIZE)
+
     def cell(self, w: float, lam: float) -> CellData | None:
         return next((c for c in self.cells if abs(c.w - w) < 5e-3 and abs(c.lam - lam) < 5e-3), None)
 
@@ -336,7 +342,7 @@ def sample_grid(run: RunData, source_id: str, path: Path, seed_index: int = 0) -
     Every image tile shows its sample's scribble over it (:func:`overlay_scribble`), all
     tiles upscaled to :data:`TILE_PX` (:func:`upscale`).
     """
-    from engine.train_controlnet import fit_to
+    from engine.data.geometry import fit_to
 
     plt = _plt()
     ws, lams = run.ws, run.lambdas
@@ -371,7 +377,7 @@ def sample_grid(run: RunData, source_id: str, path: Path, seed_index: int = 0) -
                 ax.set_title(f"w = {fmt_g(w)}", fontsize=10)
         fig.text(0.1 / fw, 1 - (GRID_TOP_IN + (r + 0.5) * GRID_CELL_IN) / fh, f"λ = {fmt_g(lam)}", va="center", fontsize=10)
     src = read_sample(run.root / run.record["real_manifest"], source_id)
-    image, scribble = (src.image, src.scribble) if size is None else fit_to(src.image, src.scribble, size)
+    image, scribble = (src.image, src.scribble) if size is None else fit_to(src.image, src.scribble, size, run.resize)
     for c, (pic, title) in enumerate([(overlay_scribble(image, scribble), "source"), (render_scribble(scribble), "scribble")]):
         ax = axes_at(0, c)
         show(ax, pic)

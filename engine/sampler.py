@@ -1,7 +1,9 @@
 """(w, λ) sampling: classifier-free guidance scale w and encode ratio λ over DDIM.
 
-``eps = eps(z, ∅) + w · (eps(z, c) − eps(z, ∅))`` where ∅ is the learned null hint plus
-the null prompt; both branches run in ONE batched forward (the batch is doubled). w = 1
+``eps = eps(z, ∅) + w · (eps(z, c) − eps(z, ∅))`` where ∅ is the learned null hint with
+the real prompt (``uncond="hint"``, the paper's) or with the null prompt (``"hint+prompt"``);
+a model is only sampled with the pair its training dropout taught it (recorded in its
+bundle). Both branches run in ONE batched forward (the batch is doubled). w = 1
 skips the unconditional half and w = 0 the conditional half (same formula, half the work).
 
 λ ∈ (0, 1] picks how much of the diffusion is re-run from the real image's ``z0``:
@@ -10,8 +12,8 @@ skips the unconditional half and w = 0 the conditional half (same formula, half 
   ``DDIMScheduler.set_timesteps(N)``, run the last ⌈λ·N⌉, after noising ``z0`` to the
   first of them. A sample at λ costs about λ of a full one.
 - ``paper`` (the paper's ControlNet/cldm code): noise ``z0`` to t = ⌊999·λ⌋ and run all N
-  DDIM steps spaced uniformly over [1, 1000·λ] (t_i = 1 + i·⌊1000λ/N⌋), which needs
-  1000·λ ≥ N. Cost does not shrink with λ.
+  DDIM steps at the paper's ``linspace(0, 1000·λ, N+1)[:-1]`` cast to integers, + 1,
+  which needs 1000·λ ≥ N. Cost does not shrink with λ.
 
 Determinism: the only randomness is the initial noise, drawn per sample from a CPU
 ``torch.Generator`` seeded with ``seeds[i]``, so sample i is the same alone or in any
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 
 from engine.errors import BadInputError
-from engine.models import PREDICTION_TYPES, ScribbleGenModel
+from engine.models import PREDICTION_TYPES, UNCOND, ScribbleGenModel
 
 SPACINGS = ("truncate", "paper")
 
@@ -40,13 +42,21 @@ class ScribbleSampler:
         model: ScribbleGenModel,
         device: str | torch.device = "cpu",
         num_steps: int = 50,
-        spacing: str = "truncate",
+        spacing: str = "paper",
         dtype: torch.dtype = torch.float32,
+        uncond: str = "hint",
     ) -> None:
         from diffusers import DDIMScheduler
 
         if spacing not in SPACINGS:
             raise BadInputError(f"spacing {spacing!r}", f"must be one of {SPACINGS}")
+        if uncond not in UNCOND:
+            raise BadInputError(f"uncond {uncond!r}", f"must be one of {UNCOND}")
+        if model.uncond is not None and model.uncond != uncond:
+            raise BadInputError(
+                f"sampler.uncond={uncond}", f"model {model.model_id} was trained with the unconditional pair "
+                f"{model.uncond!r} and never saw {uncond!r}", f"set sampler.uncond={model.uncond}",
+            )
         if model.scheduler_config.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
             raise BadInputError(f"model {model.model_id}", f"prediction_type "
                                 f"{model.scheduler_config['prediction_type']!r} is not supported (one of {PREDICTION_TYPES})")
@@ -57,6 +67,7 @@ class ScribbleSampler:
         self.dtype = dtype
         self.num_steps = int(num_steps)
         self.spacing = spacing
+        self.uncond = uncond
         self.scheduler = DDIMScheduler.from_config(model.scheduler_config)
         self.scheduler.set_timesteps(self.num_steps)
         self.alphas = self.scheduler.alphas_cumprod.double()
@@ -84,8 +95,8 @@ class ScribbleSampler:
                 f"lambda={lam} with num_steps={n}", f"paper spacing needs 1000·λ >= N (got {span} < {n})",
                 f"use lambda >= {n / 1000:g}, fewer steps, or spacing=truncate",
             )
-        c = span // n
-        asc = [1 + i * c for i in range(n)]
+        # The paper's dataset_generation: linspace(0, 1000·λ, N+1)[:-1] as integers, + 1.
+        asc = (np.linspace(0, 1000 * lam, n + 1)[:-1].astype(np.int64) + 1).tolist()
         ts = asc[::-1]
         return math.floor(999 * lam + 1e-9), ts, ts[1:] + [0]
 
@@ -169,7 +180,7 @@ class ScribbleSampler:
         hint = self.model.hint(scribbles)
         null_hint = self.model.null_hints(b, (h, wd))
         text = self.model.text.encode(class_names).to(self.dtype)
-        null_text = self.model.text.null(b).to(self.dtype)
+        null_text = text if self.uncond == "hint" else self.model.text.null(b).to(self.dtype)
         for t, t_prev in zip(ts, prevs):
             eps = self._guided_eps(z, t, hint, null_hint, text, null_text, float(w))
             z = self._ddim_step(z, eps, t, t_prev)

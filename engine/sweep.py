@@ -52,7 +52,8 @@ from engine.generate.plan import shard_prefix
 from engine.ingest import IngestConfig
 from engine.manifest import read_manifest
 from engine.shards import Sample
-from engine.train_controlnet import TrainControlNetConfig, fit_to
+from engine.data.geometry import DEFAULT_RESIZE, fit_to
+from engine.train_controlnet import TrainControlNetConfig
 from seg.judge import Agreement, JudgeConfig, chunks, derangement, judge_on_real, manifest_samples, predict
 from seg.schemes import SCHEMES
 from seg.train import SegConfig
@@ -520,10 +521,11 @@ def stage_judge(cfg: SweepConfig, out: Path, real_manifest: Path, cells: dict[st
     if not todo:
         return cache
     size = _size_of(todo)
-    val = sorted(_masked(real_manifest, lambda r: r["split"] == JUDGE_SPLIT, size), key=lambda s: s.key)
+    resize = cfg.generate.sampler.resize
+    val = sorted(_masked(real_manifest, lambda r: r["split"] == JUDGE_SPLIT, size, resize), key=lambda s: s.key)
     sources = {name: set(table.column("source_id").to_pylist()) for name, (_, table, _) in todo.items()}
     needed = set().union(*sources.values())
-    masks = {s.meta.get("source_id", s.key): s.mask for s in _masked(real_manifest, lambda r: r["source_id"] in needed, size)}
+    masks = {s.meta.get("source_id", s.key): s.mask for s in _masked(real_manifest, lambda r: r["source_id"] in needed, size, resize)}
     skip = _judge_skip(len(val), {name: len(ids & set(masks)) for name, ids in sources.items()})
     if skip:
         info["skipped"] = skip
@@ -554,15 +556,15 @@ def _judge_skip(val_images: int, sources_with_mask: dict[str, int]) -> str | Non
     return None
 
 
-def _masked(manifest: Path, keep, size: int) -> Iterator[Sample]:
+def _masked(manifest: Path, keep, size: int, resize: str) -> Iterator[Sample]:
     """The fitted samples of ``manifest`` that ``keep`` accepts and that have a full mask, streamed."""
-    return (fitted(s, size) for s in manifest_samples(manifest, keep) if s.mask is not None)
+    return (fitted(s, size, resize) for s in manifest_samples(manifest, keep) if s.mask is not None)
 
 
-def fitted(sample: Sample, size: int) -> Sample:
+def fitted(sample: Sample, size: int, resize: str = DEFAULT_RESIZE) -> Sample:
     """``sample`` at ``size`` x ``size``, fitted as the generator fitted its sources (labels: nearest)."""
-    image, scribble = fit_to(sample.image, sample.scribble, size)
-    mask = None if sample.mask is None else fit_to(sample.image, sample.mask, size)[1]
+    image, scribble = fit_to(sample.image, sample.scribble, size, resize)
+    mask = None if sample.mask is None else fit_to(sample.image, sample.mask, size, resize)[1]
     return Sample(sample.key, image, scribble, mask, sample.meta)
 
 

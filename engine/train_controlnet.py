@@ -40,12 +40,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from engine.config import add_config_args, load_config, save_config
+from engine.data.geometry import DEFAULT_RESIZE, check_resize, fit_to
 from engine.errors import BadInputError
 from engine.manifest import read_manifest, resolve_shard
-from engine.models import FINAL_DIR, TinyArch, ScribbleGenModel, build_tiny, from_base, from_stable_diffusion
+from engine.models import FINAL_DIR, HINT_ENCODINGS, TinyArch, ScribbleGenModel, build_tiny, from_base, from_stable_diffusion
 from engine.shards import read_shard
 from engine.text import names_for_ids
 from engine.train_state import EMA, latest_checkpoint, resume_run, save_checkpoint
@@ -63,6 +63,7 @@ class ModelSection:
     resolution: int = 32
     seed: int = 0  # init seed (ControlNet copy, null hint; the whole tiny model from scratch)
     tiny: TinyArch = field(default_factory=TinyArch)  # from scratch: all of it; on a base: conditioning_channels
+    hint: str = "colour"  # the scribble as the ControlNet sees it: colour (rendered, the paper's) | onehot
 
     def validate(self) -> None:
         if self.kind not in ("tiny", "sd15"):
@@ -72,6 +73,8 @@ class ModelSection:
                                 "--set model.pretrained=/path/to/stable-diffusion-v1-5")
         if self.resolution < 8:
             raise BadInputError(f"model.resolution={self.resolution}", "must be >= 8")
+        if self.hint not in HINT_ENCODINGS:
+            raise BadInputError(f"model.hint={self.hint!r}", f"must be one of {HINT_ENCODINGS}")
 
 
 @dataclass
@@ -81,6 +84,10 @@ class DataSection:
     in_memory: bool = True  # decode all samples once (tiny sets); false streams shards
     shuffle_buffer: int = 512  # streaming only
     hflip: bool = True
+    resize: str = DEFAULT_RESIZE  # how non-square images become square: stretch (the paper) | crop | pad
+
+    def validate(self) -> None:
+        check_resize(self.resize, "data.resize")
 
 
 @dataclass
@@ -92,7 +99,7 @@ class TrainSection:
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
     cond_dropout: float = 0.1
-    drop_prompt: bool = True  # drop the prompt together with the hint
+    drop_prompt: bool = False  # false: drop the hint only (the paper); true: the prompt too (recorded as the model's uncond)
     snr_gamma: float = 0.0  # Min-SNR-γ loss weighting (e.g. 5); 0 = plain MSE
     train_denoiser: bool = True  # tiny: yes (from scratch); sd15: no (frozen UNet)
     ema_decay: float = 0.0  # 0 = no EMA
@@ -129,19 +136,6 @@ class TrainControlNetConfig:
 
 
 # -- data ---------------------------------------------------------------------------------------
-def fit_to(image: np.ndarray, scribble: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Resize the short side to ``size`` and centre-crop a square (nearest for the scribble)."""
-    h, w = scribble.shape
-    if (h, w) == (size, size):
-        return image, scribble
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    img = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BICUBIC))
-    scr = np.asarray(Image.fromarray(scribble).resize((nw, nh), Image.NEAREST))
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return img[top:top + size, left:left + size], scr[top:top + size, left:left + size]
-
-
 def _shards_of_split(manifest: str, split: str) -> tuple[list[str], list[str]]:
     table, info = read_manifest(manifest)
     rows = [r for r in table.select(["shard", "split", "status"]).to_pylist()
@@ -154,20 +148,20 @@ def _shards_of_split(manifest: str, split: str) -> tuple[list[str], list[str]]:
     return [resolve_shard(manifest, s) for s in shards], info.class_names
 
 
-def _iter_split(shards: Sequence[str], split: str, size: int, class_names: Sequence[str]):
+def _iter_split(shards: Sequence[str], split: str, size: int, resize: str, class_names: Sequence[str]):
     for path in shards:
         for s in read_shard(path, with_mask=False):
             if s.meta.get("split", split) != split:
                 continue
-            img, scr = fit_to(s.image, s.scribble, size)
+            img, scr = fit_to(s.image, s.scribble, size, resize)
             yield img, scr, names_for_ids(np.unique(scr).tolist(), class_names)
 
 
 class InMemoryData:
     """The whole split decoded once; batches by per-epoch seeded permutation (exact resume)."""
 
-    def __init__(self, shards: Sequence[str], split: str, size: int, class_names: Sequence[str]) -> None:
-        items = list(_iter_split(shards, split, size, class_names))
+    def __init__(self, shards: Sequence[str], split: str, size: int, resize: str, class_names: Sequence[str]) -> None:
+        items = list(_iter_split(shards, split, size, resize, class_names))
         self.images = np.stack([i[0] for i in items])
         self.scribbles = np.stack([i[1] for i in items])
         self.names = [i[2] for i in items]
@@ -188,9 +182,9 @@ class InMemoryData:
 class StreamingData:
     """Endless shuffled stream over shards (big sets): shard order per pass, shuffle buffer."""
 
-    def __init__(self, shards: Sequence[str], split: str, size: int, class_names: Sequence[str],
+    def __init__(self, shards: Sequence[str], split: str, size: int, resize: str, class_names: Sequence[str],
                  buffer: int, seed: int) -> None:
-        self.args = (split, size, class_names)
+        self.args = (split, size, resize, class_names)
         self.shards, self.buffer, self.seed = list(shards), buffer, seed
         self._it = self._stream()
 
@@ -287,10 +281,11 @@ def pick_device(name: str) -> torch.device:
 def build_model(cfg: TrainControlNetConfig, class_names: Sequence[str]) -> ScribbleGenModel:
     m = cfg.model
     if m.kind == "tiny" and not m.pretrained:
-        return build_tiny(m.tiny, class_names, m.resolution, seed=m.seed)
+        return build_tiny(m.tiny, class_names, m.resolution, seed=m.seed, hint=m.hint)
     if m.kind == "sd15":
-        return from_stable_diffusion(m.pretrained, class_names, m.resolution)
-    return from_base(m.pretrained, m.kind, class_names, m.resolution, (m.tiny.conditioning_channels,), seed=m.seed)
+        return from_stable_diffusion(m.pretrained, class_names, m.resolution, hint=m.hint)
+    return from_base(m.pretrained, m.kind, class_names, m.resolution, (m.tiny.conditioning_channels,), seed=m.seed,
+                     hint=m.hint)
 
 
 def trainable_params(model: ScribbleGenModel, train_denoiser: bool) -> dict[str, torch.nn.Parameter]:
@@ -345,9 +340,9 @@ def train(cfg: TrainControlNetConfig, resume: bool = False, progress: bool = Tru
     shards, class_names = _shards_of_split(cfg.data.manifest, cfg.data.split)
     res = cfg.model.resolution
     if cfg.data.in_memory:
-        data = InMemoryData(shards, cfg.data.split, res, class_names)
+        data = InMemoryData(shards, cfg.data.split, res, cfg.data.resize, class_names)
     else:
-        data = StreamingData(shards, cfg.data.split, res, class_names, cfg.data.shuffle_buffer, tc.seed)
+        data = StreamingData(shards, cfg.data.split, res, cfg.data.resize, class_names, cfg.data.shuffle_buffer, tc.seed)
 
     model = build_model(cfg, class_names).to(device)
     params = trainable_params(model, tc.train_denoiser)
@@ -415,6 +410,8 @@ def train(cfg: TrainControlNetConfig, resume: bool = False, progress: bool = Tru
     if ema is not None:
         ema.copy_to_params()
     model.eval()
+    model.uncond = "hint+prompt" if cfg.train.drop_prompt else "hint"
+    model.resize = cfg.data.resize
     return model.save_pretrained(out / FINAL_DIR)
 
 

@@ -51,6 +51,11 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return (x - MEAN) / STD
 
 
+def to_rgb255(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``to_tensor`` for a (B,3,H,W) batch: the 0-255 colours the DenseCRF loss compares."""
+    return (x * STD.to(x.device) + MEAN.to(x.device)) * 255.0
+
+
 def _resize_label(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(label[None, None].float(), size=size, mode="nearest-exact")[0, 0].to(torch.uint8)
 
@@ -88,7 +93,8 @@ class MixedBatches(IterableDataset):
     """Endless-until-budget stream of training batches for steps ``start_step .. total_steps - 1``.
 
     Yields dicts: ``image`` (B,3,crop,crop) float, ``scribble`` (B,crop,crop) int64 with
-    255 = unlabelled, ``lam`` (B,) float64 (0 = real), ``step`` int. Use with
+    255 = unlabelled, ``roi`` (B,crop,crop) bool (pixels of the image, not crop padding),
+    ``lam`` (B,) float64 (0 = real), ``step`` int. Use with
     ``DataLoader(batch_size=None)``.
     """
 
@@ -127,17 +133,21 @@ class MixedBatches(IterableDataset):
             progress = step / self.total_steps
             n_synth = synthetic_count(self.batch_size, self.scheme, rng)
             lams = [0.0] * (self.batch_size - n_synth) + draw_lambdas(self.scheme, self.lambdas, progress, n_synth, rng)
-            images, scribbles = [], []
+            images, scribbles, rois = [], [], []
             for lam in lams:
                 if lam not in streams:
                     streams[lam] = self._stream(lam)
                 sample = next(streams[lam])
-                x, (y,) = augment(sample.image, [sample.scribble], self.augment_cfg, rng)
+                # A map of ones rides along as a label: padding turns it to 255, which marks the roi.
+                inside = np.ones_like(sample.scribble)
+                x, (y, valid) = augment(sample.image, [sample.scribble, inside], self.augment_cfg, rng)
                 images.append(x)
                 scribbles.append(y)
+                rois.append(valid == 1)
             yield {
                 "image": torch.stack(images),
                 "scribble": torch.stack(scribbles).long(),
+                "roi": torch.stack(rois),
                 "lam": torch.tensor(lams, dtype=torch.float64),
                 "step": step,
             }

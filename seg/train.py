@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 from engine.config import add_config_args, load_config, save_config, to_dict
 from engine.errors import BadInputError
-from seg.batches import AugmentConfig, MixedBatches
+from seg.batches import AugmentConfig, MixedBatches, to_rgb255
 from seg.evaluate import evaluate, read_checkpoint
-from seg.loss import partial_cross_entropy
+from seg.loss import LossConfig, training_loss
 from seg.models import ModelConfig, build_model
 from seg.schemes import SchemeConfig
 from seg.stream import DataIndex, index_manifests
@@ -108,6 +108,7 @@ class SegConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
 
@@ -173,6 +174,11 @@ def _set_poly_lr(opt: torch.optim.Optimizer, step: int, total: int, power: float
     return opt.param_groups[0]["lr"]
 
 
+def _mean_parts(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Per-term means of the loss parts (e.g. rloss's pce and crf) over a logging window."""
+    return {f"loss_{k}": sum(p[k] for p in parts) / len(parts) for k in (parts[0] if parts else {})}
+
+
 def _lam_stats(lams: list[float]) -> dict[str, float]:
     synth = [x for x in lams if x > 0]
     return {
@@ -228,22 +234,25 @@ def train(cfg: SegConfig, manifests: list[str], out: str | Path, resume: bool = 
                           "best_miou": best}, ckpt_path)
 
     t0 = time.perf_counter()
-    window: dict[str, list] = {"loss": [], "lam": []}
+    window: dict[str, list] = {"loss": [], "lam": [], "parts": []}
     bar = tqdm(total=cfg.train.steps, initial=start_step, desc=f"seg {cfg.scheme.name}", disable=not main_rank, dynamic_ncols=True)
     try:  # close the bar however the loop ends, so an error message gets a line of its own
         net.train()
         for batch in loader:
             step = batch["step"]
             lr = _set_poly_lr(opt, step, cfg.train.steps, cfg.optim.poly_power)
+            image = batch["image"].to(device, non_blocking=True, memory_format=fmt)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.amp and device.type == "cuda"):
-                logits = net(batch["image"].to(device, non_blocking=True, memory_format=fmt))
-            loss = partial_cross_entropy(logits.float(), batch["scribble"].to(device, non_blocking=True))
+                logits = net(image)
+            loss, parts = training_loss(cfg.loss, logits.float(), batch["scribble"].to(device, non_blocking=True),
+                                        to_rgb255(image), batch["roi"].to(device, non_blocking=True))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             lams = batch["lam"].tolist()
             lam_counts.update(lams)
             window["loss"].append(loss.item())
+            window["parts"].append(parts)
             window["lam"] += lams
             done = step + 1
             bar.update(1)
@@ -251,8 +260,9 @@ def train(cfg: SegConfig, manifests: list[str], out: str | Path, resume: bool = 
                 mean_loss = sum(window["loss"]) / len(window["loss"])
                 bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}")
                 if log:
-                    log.write({"step": done, "loss": mean_loss, "lr": lr, "progress": step / cfg.train.steps, **_lam_stats(window["lam"])})
-                window = {"loss": [], "lam": []}
+                    log.write({"step": done, "loss": mean_loss, "lr": lr, "progress": step / cfg.train.steps,
+                               **_mean_parts(window["parts"]), **_lam_stats(window["lam"])})
+                window = {"loss": [], "lam": [], "parts": []}
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps:
                 run_eval(done)
             if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:

@@ -361,6 +361,8 @@ def test_generate_config_out_of_range_exits_2_naming_the_field(override, field, 
     ("scheme.synth_fraction=1.5", "scheme.synth_fraction"),
     ("data.real_fraction=0", "data.real_fraction"),
     ("optim.lr=-1", "optim.lr"),
+    ("loss.name=crf", "loss.name"),
+    ("loss.scale=2", "loss.crf_weight / sigma_rgb / sigma_xy / scale"),
 ])
 def test_seg_config_out_of_range_exits_2_naming_the_field(override, field, seg_data, tmp_path, capsys) -> None:
     real, synth = seg_data

@@ -148,6 +148,9 @@ def test_config_overrides_and_unknown_keys(tmp_path: Path) -> None:
         load_config(Cfg, path, ["inner.stepz=3"])
     with pytest.raises(BadInputError, match="override must look like"):
         apply_overrides({}, ["novalue"])
+    assert load_config(Cfg, path, ["inner.lr=2e-9"]).inner.lr == 2e-9  # PyYAML reads this as a string
+    with pytest.raises(BadInputError, match=r"inner.lr='fast': expected a number"):
+        load_config(Cfg, path, ["inner.lr=fast"])
 
 
 def test_bad_input_error_survives_pickling() -> None:

@@ -142,3 +142,24 @@ def test_prediction_type_saved_and_validated(tmp_path):
         build_tiny(replace(MICRO, prediction_type="sample"), CLASSES, 16)
     with pytest.raises(BadInputError, match="control_init"):
         build_tiny(replace(MICRO, control_init="ones"), CLASSES, 16)
+
+
+def test_onehot_hint_encodes_each_class_in_its_channel_and_round_trips(tmp_path):
+    scribbles = np.full((1, 4, 4), 255, np.uint8)
+    scribbles[0, 0, :2] = 0
+    scribbles[0, 3, 3] = len(CLASSES) - 1
+    model = build_tiny(MICRO, CLASSES, 16, seed=0, hint="onehot")
+    hint = model.hint(scribbles)
+    assert hint.shape == (1, len(CLASSES), 4, 4) and model.null_hint.shape == (len(CLASSES), 16, 16)
+    want = np.zeros((1, len(CLASSES), 4, 4), np.float32)
+    want[0, 0, 0, :2] = 1
+    want[0, -1, 3, 3] = 1
+    np.testing.assert_array_equal(hint.numpy(), want)  # unlabelled pixels: all channels 0
+    with pytest.raises(BadInputError, match="class id"):
+        model.hint(np.full((1, 4, 4), len(CLASSES), np.uint8))
+    images, scr, names = sources(2)
+    eps = _eps(model, images, scr, names)
+    model.save_pretrained(tmp_path / "m")
+    loaded = ScribbleGenModel.from_pretrained(tmp_path / "m").eval()
+    assert loaded.hint_encoding == "onehot" and loaded.controlnet.config.conditioning_channels == len(CLASSES)
+    torch.testing.assert_close(_eps(loaded, images, scr, names), eps)

@@ -25,7 +25,7 @@ def _count_unet_calls(sampler):
 
 @pytest.mark.parametrize("lam", [0.02, 0.1, 0.3, 0.55, 1.0])
 def test_truncate_runs_ceil_lambda_n_steps_each_one_batched_forward(model, lam):
-    sampler = ScribbleSampler(model, num_steps=10)
+    sampler = ScribbleSampler(model, num_steps=10, spacing="truncate")
     images, scribbles, names = sources(3)
     calls, handle = _count_unet_calls(sampler)
     try:
@@ -40,7 +40,7 @@ def test_truncate_runs_ceil_lambda_n_steps_each_one_batched_forward(model, lam):
 
 
 def test_lambda_near_zero_returns_source(model):
-    sampler = ScribbleSampler(model, num_steps=50)
+    sampler = ScribbleSampler(model, num_steps=50, spacing="truncate")
     images, scribbles, names = sources(2)
     assert sampler.steps_for(0.02) == 1
     out = sampler.sample(images, scribbles, names, w=2.0, lam=0.02, seeds=[5, 6])
@@ -55,9 +55,12 @@ def test_paper_spacing_steps_and_range(model):
         assert sampler.steps_for(lam) == 10 == len(ts)
         assert t_noise == math.floor(999 * lam + 1e-9)
         assert ts[-1] == 1 and ts[0] <= 1000 * lam and ts == sorted(ts, reverse=True)
-        c = math.floor(1000 * lam + 1e-9) // 10
-        assert all(a - b == c for a, b in zip(ts, ts[1:])) and prevs[-1] == 0
+        assert ts == [int(1000 * lam * i / 10 + 1e-9) + 1 for i in range(9, -1, -1)] and prevs == ts[1:] + [0]
     assert sampler.schedule(1.0)[1][:2] == [901, 801]
+    # The issue's worked examples, from the paper's formula by hand: 1000·29/30 = 966.7 -> 967
+    # (a fixed stride of 33 would give 958); 330·49/50 = 323.4 -> 324 (stride 6: 295).
+    assert ScribbleSampler(model, num_steps=30, spacing="paper").schedule(1.0)[1][0] == 967
+    assert ScribbleSampler(model, num_steps=50, spacing="paper").schedule(0.33)[1][0] == 324
     images, scribbles, names = sources(1)
     calls, handle = _count_unet_calls(sampler)
     sampler.sample(images, scribbles, names, w=3.0, lam=0.5, seeds=[0])
@@ -68,7 +71,7 @@ def test_paper_spacing_steps_and_range(model):
 
 
 def test_ddim_update_matches_diffusers_step(model):
-    sampler = ScribbleSampler(model, num_steps=10)
+    sampler = ScribbleSampler(model, num_steps=10, spacing="truncate")
     g = torch.Generator().manual_seed(0)
     _, ts, prevs = sampler.schedule(1.0)
     for t, t_prev in zip(ts, prevs):
@@ -157,7 +160,7 @@ def v_model():
 
 def test_v_prediction_update_matches_diffusers_step(v_model):
     """A v-model's output, converted to ε and stepped by our DDIM, is diffusers' v-prediction step."""
-    sampler = ScribbleSampler(v_model, num_steps=10)
+    sampler = ScribbleSampler(v_model, num_steps=10, spacing="truncate")
     assert sampler.scheduler.config.prediction_type == "v_prediction"
     g = torch.Generator().manual_seed(1)
     _, ts, prevs = sampler.schedule(1.0)
@@ -170,7 +173,7 @@ def test_v_prediction_update_matches_diffusers_step(v_model):
 
 def test_v_prediction_guidance_is_guidance_on_v(v_model):
     """CFG on the converted ε equals converting the CFG combination of the two v outputs."""
-    sampler = ScribbleSampler(v_model, num_steps=5)
+    sampler = ScribbleSampler(v_model, num_steps=5, spacing="truncate")
     images, scribbles, names = sources(2)
     z = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     hint, nh = v_model.hint(scribbles), v_model.null_hints(2, (16, 16))
@@ -183,3 +186,42 @@ def test_v_prediction_guidance_is_guidance_on_v(v_model):
     assert not torch.allclose(guided, v_n + 2.5 * (v_c - v_n), atol=1e-3)  # the conversion is not a no-op
     near = sampler.sample(images, scribbles, names, w=1.0, lam=0.02, seeds=[0, 1])
     assert np.abs(near.astype(int) - images.astype(int)).mean() < 2.0  # λ → 0 still returns the source
+
+
+def _unet_texts(sampler):
+    """The encoder_hidden_states of every UNet call (the prompts each CFG branch saw)."""
+    seen = []
+    handle = sampler.model.unet.register_forward_hook(
+        lambda mod, args, kwargs, out: seen.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True)
+    return seen, handle
+
+
+@pytest.mark.parametrize("uncond, same_prompt", [("hint", True), ("hint+prompt", False)])
+def test_uncond_branch_keeps_or_drops_the_prompt(model, uncond, same_prompt):
+    sampler = ScribbleSampler(model, num_steps=2, spacing="truncate", uncond=uncond)
+    images, scribbles, names = sources(2)
+    seen, handle = _unet_texts(sampler)
+    try:
+        sampler.sample(images, scribbles, names, w=2.0, lam=1.0, seeds=[0, 1])
+    finally:
+        handle.remove()
+    null_half, cond_half = seen[0].chunk(2)
+    assert torch.equal(cond_half, model.text.encode(names))
+    assert torch.equal(null_half, cond_half) is same_prompt
+    if not same_prompt:
+        assert torch.equal(null_half, model.text.null(2))
+
+
+def test_uncond_pair_the_model_never_saw_is_refused(model, tmp_path):
+    model.uncond = "hint"
+    try:
+        model.save_pretrained(tmp_path / "m")
+    finally:
+        model.uncond = None
+    loaded = ScribbleGenModel.from_pretrained(tmp_path / "m")
+    assert loaded.uncond == "hint"
+    ScribbleSampler(loaded, num_steps=2, uncond="hint")
+    with pytest.raises(BadInputError, match=r"sampler.uncond=hint\+prompt: .* trained with the unconditional pair 'hint'.*set sampler.uncond=hint"):
+        ScribbleSampler(loaded, num_steps=2, uncond="hint+prompt")
+    with pytest.raises(BadInputError, match="uncond 'prompt'"):
+        ScribbleSampler(model, uncond="prompt")

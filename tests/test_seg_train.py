@@ -106,7 +106,7 @@ def test_train_reduces_loss_writes_outputs_and_resumes(data, tmp_path, capsys, m
     out = tmp_path / "run"
     argv = ["--shards", real, synth, "--scheme", "uniform", "--out", str(out), *FAST]
     calls = {"n": 0}
-    original = seg_train.partial_cross_entropy
+    original = seg_train.training_loss
 
     def crash_after_ten(*args, **kwargs):
         calls["n"] += 1
@@ -114,13 +114,13 @@ def test_train_reduces_loss_writes_outputs_and_resumes(data, tmp_path, capsys, m
             raise KeyboardInterrupt  # the job dies during step 11 (checkpoint at 8)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(seg_train, "partial_cross_entropy", crash_after_ten)
+    monkeypatch.setattr(seg_train, "training_loss", crash_after_ten)
     with pytest.raises(KeyboardInterrupt):
         seg_train.main(argv)
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["step"] == 8 and not (out / "summary.json").exists()
     assert not list(out.rglob("*.tmp"))
-    monkeypatch.setattr(seg_train, "partial_cross_entropy", original)
+    monkeypatch.setattr(seg_train, "training_loss", original)
 
     code, io = run_cli(argv, capsys)  # refuses to overwrite a run
     assert code == 2 and "--resume" in io.err

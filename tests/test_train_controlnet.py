@@ -12,7 +12,7 @@ from engine.errors import BadInputError
 from engine.models import ScribbleGenModel
 from engine.sampler import ScribbleSampler
 from engine.train_controlnet import (
-    TrainControlNetConfig, apply_dropout, dropout_mask, fit_to, main, train,
+    TrainControlNetConfig, apply_dropout, dropout_mask, main, train,
 )
 
 
@@ -43,6 +43,8 @@ def test_train_saves_loadable_model_log_and_checkpoints(manifest, tmp_path):
     model = ScribbleGenModel.from_pretrained(tmp_path / "run")
     assert model.class_names[1] == "disc" and model.resolution == 16
     assert model.null_hint.abs().sum() > 0  # the null hint was trained
+    assert model.uncond == "hint"  # the paper's dropout (hint only) is the default, recorded in the bundle
+    assert json.loads((tmp_path / "run" / "final" / "scribblegen.json").read_text())["uncond"] == "hint"
     images = np.zeros((1, 16, 16, 3), np.uint8)
     scribbles = np.full((1, 16, 16), 255, np.uint8)
     out = ScribbleSampler(model, num_steps=2).sample(images, scribbles, [["disc"]], 2.0, 1.0, [0])
@@ -68,7 +70,8 @@ def test_frozen_denoiser_stays_frozen(manifest, tmp_path):
 
     init = build_tiny(MICRO, CLASS_NAMES, 16, seed=0)
     model = ScribbleGenModel.from_pretrained(
-        train(_cfg(manifest, tmp_path / "f", steps=2, train_denoiser=False), progress=False))
+        train(_cfg(manifest, tmp_path / "f", steps=2, train_denoiser=False, drop_prompt=True), progress=False))
+    assert model.uncond == "hint+prompt"
     for a, b in zip(init.unet.parameters(), model.unet.parameters()):
         assert torch.equal(a, b)
     assert torch.equal(init.text.embed.weight, model.text.embed.weight)
@@ -88,15 +91,6 @@ def test_dropout_rate_and_replacement():
     assert torch.equal(t[drop], null_text[drop]) and torch.equal(t[~drop], text[~drop])
     _, t2 = apply_dropout(hint, text, null_hint, null_text, drop, drop_prompt=False)
     assert torch.equal(t2, text)
-
-
-def test_fit_to_resizes_and_crops_with_nearest_scribble():
-    img = np.zeros((20, 30, 3), np.uint8)
-    scr = np.full((20, 30), 255, np.uint8)
-    scr[:, 10:20] = 3
-    i2, s2 = fit_to(img, scr, 10)
-    assert i2.shape == (10, 10, 3) and s2.shape == (10, 10)
-    assert set(np.unique(s2)) <= {3, 255}
 
 
 def test_config_round_trip_and_validation(tmp_path):

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from numbers import Real
 
 from engine.errors import BadInputError
+from engine.data.geometry import DEFAULT_RESIZE, check_resize
+from engine.models import UNCOND
 
 SPACINGS = ("truncate", "paper")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -71,20 +73,26 @@ class SamplerConfig:
     """How each actor samples: passed to ``load_sampler`` in every replica."""
 
     num_steps: int = 50
-    spacing: str = "truncate"
+    spacing: str = "paper"  # paper: linspace(0, 1000·λ, N+1)[:-1] + 1 | truncate: diffusers img2img strength
+    uncond: str = "hint"  # CFG's unconditional branch: hint (the paper's) | hint+prompt; must match the model's training
     dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU
     device: str = "auto"  # auto: one GPU actor per GPU when the cluster has GPUs, else CPU actors
     batch_size: int = 8
-    # Square side sources are fitted to before sampling (resize short side + centre crop,
-    # the trainer's own ``fit_to``): set it to the model's training resolution. null =
-    # sample at each source's own size. Synthetic samples are written at this size.
+    # Square side sources are fitted to before sampling (``engine.data.geometry.fit_to``,
+    # as the trainer fits): set it to the model's training resolution. null = sample at
+    # each source's own size. Synthetic samples are written at this size, each with the
+    # fitted scribble it was sampled from.
     resolution: int | None = None
+    resize: str = DEFAULT_RESIZE  # stretch (the paper) | crop | pad; as the model was trained (its bundle says)
 
     def validate(self) -> None:
         if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution < 8):
             raise BadInputError("sampler.resolution", f"must be null or an integer >= 8, got {self.resolution!r}")
         if self.spacing not in SPACINGS:
             raise BadInputError("sampler.spacing", f"must be one of {SPACINGS}, got {self.spacing!r}")
+        check_resize(self.resize, "sampler.resize")
+        if self.uncond not in UNCOND:
+            raise BadInputError("sampler.uncond", f"must be one of {UNCOND}, got {self.uncond!r}")
         if self.dtype not in DTYPES:
             raise BadInputError("sampler.dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in DEVICES:

@@ -71,7 +71,9 @@ def load_sampler(model_dir: str, device: str, cfg: SamplerConfig) -> Sampler:
     model = ScribbleGenModel.from_pretrained(model_dir)
     if cfg.resolution is not None and cfg.resolution != model.resolution:
         print(f"generate: sampling at {cfg.resolution} px, model trained at {model.resolution} px", file=sys.stderr)
-    return ScribbleSampler(model, device, cfg.num_steps, cfg.spacing, resolve_dtype(cfg.dtype, device))
+    if cfg.resolution is not None and model.resize is not None and cfg.resize != model.resize:
+        print(f"generate: sources fitted with resize={cfg.resize}, model trained with {model.resize}", file=sys.stderr)
+    return ScribbleSampler(model, device, cfg.num_steps, cfg.spacing, resolve_dtype(cfg.dtype, device), cfg.uncond)
 
 
 def part_path(out_dir: str | Path, shard: str) -> Path:
@@ -139,15 +141,15 @@ class SourceCache:
         return out
 
 
-def fit_sources(sources: dict[str, Sample], size: int | None) -> dict[str, Sample]:
+def fit_sources(sources: dict[str, Sample], size: int | None, resize: str) -> dict[str, Sample]:
     """Sources fitted to ``size`` (square) exactly as the trainer fits its inputs; as-is when None."""
     if size is None:
         return sources
-    from engine.train_controlnet import fit_to
+    from engine.data.geometry import fit_to
 
     out = {}
     for sid, src in sources.items():
-        image, scribble = fit_to(src.image, src.scribble, size)
+        image, scribble = fit_to(src.image, src.scribble, size, resize)
         out[sid] = Sample(src.key, image, scribble, None, src.meta)
     return out
 
@@ -184,6 +186,7 @@ class ShardGenerator:
         self.class_names = class_names
         self.batch_size = sampler_cfg.batch_size
         self.resolution = sampler_cfg.resolution
+        self.resize = sampler_cfg.resize
         self.image_format = image_format
         self.cache = SourceCache(source_cache_shards)
         self.load_error: BadInputError | None = None
@@ -241,7 +244,7 @@ class ShardGenerator:
         """Sample the unit batch by batch; PNG/JPEG encoding and writing of batch k run in a
         background thread while batch k+1 is sampled, so the accelerator does not wait on I/O."""
         t0 = time.perf_counter()
-        sources = fit_sources(self.cache.get(unit.items), self.resolution)
+        sources = fit_sources(self.cache.get(unit.items), self.resolution, self.resize)
         load_s = time.perf_counter() - t0
         steps = self.sampler.steps_for(unit.lam)
         rows: list[dict[str, Any]] = []
