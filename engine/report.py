@@ -609,6 +609,11 @@ def section_seg_runs(page: Page, run: RunData) -> None:
     if not run.seg:
         return
     page.h("All segmentation runs")
+    protocols = sorted({(r.summary or {}).get("eval_protocol", "full") for r in run.seg if r.summary})
+    if protocols:
+        page.p("mIoU on the val split's full masks, evaluated with the "
+               + " / ".join(f"`{p}`" for p in protocols) + " protocol (`full`: every pixel at the image's own size; "
+               "`fixscalecrop-N`: the paper's centre N x N crop after resizing the short side to N).")
     rows = []
     for r in run.seg:
         s = r.summary or {}

@@ -11,7 +11,10 @@ without any data, and lets the streaming side stay ignorant of schemes.
 - ``adaptive``: a curriculum; ``linear`` lets the largest allowed λ grow linearly from
   ``lam_min`` to the largest available λ over ``ramp_fraction`` of training (all λ up to
   it allowed, uniformly); ``step`` (the paper's code) orders the synthetic sets by λ and
-  switches from one set to the next at the given epochs.
+  switches from one set to the next at the given epochs (``curriculum`` takes the paper's
+  ``--curriculum 0,20,40`` list as it is). The paper's released trainer never advances its
+  curriculum (it sets the epoch on the DataLoader, not on the dataset, so the first set is
+  used throughout); this module implements the schedule the paper describes.
 """
 
 from __future__ import annotations
@@ -48,6 +51,16 @@ class AdaptiveConfig:
     # the sets get equal shares of training.
     epochs: float = 60.0
     switch_epochs: list[float] = field(default_factory=list)
+    # step, in the paper's own format (its ``--curriculum "0,20,40"``): the epoch at which
+    # each λ set, in increasing λ order, takes over; one entry per set, the first 0.
+    # Given, it replaces switch_epochs (= its entries after the first).
+    curriculum: str | list[float] | None = None
+
+    def boundaries(self) -> list[float]:
+        """The switch epochs of the step schedule, from ``curriculum`` when given."""
+        if self.curriculum is None:
+            return list(self.switch_epochs)
+        return parse_curriculum(self.curriculum)[1:]
 
     def validate(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -60,6 +73,23 @@ class AdaptiveConfig:
             raise BadInputError(f"scheme.adaptive.epochs={self.epochs}", "must be > 0")
         if any(b <= a for a, b in zip(self.switch_epochs, self.switch_epochs[1:])):
             raise BadInputError(f"scheme.adaptive.switch_epochs={self.switch_epochs}", "must be strictly increasing")
+        if self.curriculum is not None:
+            parse_curriculum(self.curriculum)
+
+
+def parse_curriculum(spec: str | Sequence[float]) -> list[float]:
+    """The paper's ``--curriculum`` list (``"0,20,40"`` or ``[0, 20, 40]``): start epochs,
+    the first 0, strictly increasing."""
+    where = f"scheme.adaptive.curriculum={spec!r}"
+    try:
+        epochs = [float(x) for x in (spec.split(",") if isinstance(spec, str) else spec)]
+    except (TypeError, ValueError):
+        raise BadInputError(where, "expected comma-separated epochs such as 0,20,40") from None
+    if not epochs or epochs[0] != 0:
+        raise BadInputError(where, "the first λ set must start at epoch 0", "e.g. 0,20,40 for three λ sets")
+    if any(b <= a for a, b in zip(epochs, epochs[1:])):
+        raise BadInputError(where, "epochs must be strictly increasing")
+    return epochs
 
 
 @dataclass
@@ -106,10 +136,16 @@ def check_available(cfg: SchemeConfig, available: Sequence[float]) -> list[float
             raise BadInputError("scheme.fixed_lambda", f"not set; available λ values: {lams}", "e.g. --set scheme.fixed_lambda=0.5")
         if lam_key(cfg.fixed_lambda) not in lams:
             raise BadInputError(f"scheme.fixed_lambda={cfg.fixed_lambda}", f"no synthetic samples at this λ; available λ values: {lams}")
-    if cfg.name == "adaptive" and cfg.adaptive.schedule == "step" and len(cfg.adaptive.switch_epochs) > len(lams) - 1:
+    ad = cfg.adaptive
+    if cfg.name == "adaptive" and ad.schedule == "step" and ad.curriculum is not None and len(ad.boundaries()) != len(lams) - 1:
+        raise BadInputError(  # the paper asserts one entry per synthetic set
+            f"scheme.adaptive.curriculum={ad.curriculum!r}",
+            f"{len(ad.boundaries()) + 1} start epochs for {len(lams)} λ sets {lams}", "give one start epoch per λ set",
+        )
+    if cfg.name == "adaptive" and ad.schedule == "step" and len(ad.boundaries()) > len(lams) - 1:
         raise BadInputError(
-            f"scheme.adaptive.switch_epochs={cfg.adaptive.switch_epochs}",
-            f"{len(cfg.adaptive.switch_epochs)} switches but only {len(lams)} λ sets {lams} (at most {len(lams) - 1} switches)",
+            f"scheme.adaptive.switch_epochs={ad.switch_epochs}",
+            f"{len(ad.switch_epochs)} switches but only {len(lams)} λ sets {lams} (at most {len(lams) - 1} switches)",
         )
     return lams
 
@@ -121,8 +157,8 @@ def _linear_max(cfg: AdaptiveConfig, lams: list[float], progress: float) -> floa
 
 
 def _step_index(cfg: AdaptiveConfig, n_sets: int, progress: float) -> int:
-    if cfg.switch_epochs:
-        return min(bisect.bisect_right(cfg.switch_epochs, progress * cfg.epochs), n_sets - 1)
+    if cfg.boundaries():
+        return min(bisect.bisect_right(cfg.boundaries(), progress * cfg.epochs), n_sets - 1)
     return min(int(progress * n_sets), n_sets - 1)
 
 

@@ -103,7 +103,8 @@ def fabricate_run(root: Path) -> SweepConfig:
         folder = root / "seg" / run.name
         folder.mkdir(parents=True)
         (folder / "summary.json").write_text(json.dumps(
-            {"scheme": run.scheme, "seed": run.seed, "steps": 20, "seconds": 3.0, "miou": miou, "pixel_acc": 0.9}))
+            {"scheme": run.scheme, "seed": run.seed, "steps": 20, "seconds": 3.0, "miou": miou, "pixel_acc": 0.9,
+             "eval_protocol": "fixscalecrop-513"}))
     (root / "controlnet").mkdir()
     (root / "controlnet" / "loss.jsonl").write_text("".join(
         json.dumps({"step": s, "loss": 1.0 / s, "samples": 16, "seconds": 0.5 * s}) + "\n" for s in (10, 20, 30)))
@@ -200,6 +201,11 @@ def test_scheme_table(report):
         assert row[4] == ", ".join(f"{100 * v:.2f}" for v in vals)
         if scheme != "real":
             assert row[3] == f"{mean - 100 * np.mean(SCHEME_MIOU['real']):.2f}"
+
+
+def test_seg_runs_name_the_evaluation_protocol(report):
+    _, md = report
+    assert "evaluated with the `fixscalecrop-513` protocol" in md
 
 
 def test_sweep_tables(report):

@@ -105,3 +105,20 @@ def test_scale_downsamples_as_the_paper_does() -> None:
     small_probs = torch.nn.functional.interpolate(probs, scale_factor=0.5, mode="bilinear", align_corners=False)
     want = brute_force(small_probs.numpy(), small_img.numpy(), np.ones((1, 4, 4)), 1.0, 15.0, 2.0)
     assert got == pytest.approx(want, rel=1e-9)
+
+
+def test_training_loss_composes_pce_batch_average_and_crf(tiny) -> None:
+    from seg.loss import LossConfig, partial_cross_entropy, training_loss
+
+    logits, image, roi = tiny
+    scribble = torch.full((2, 5, 4), 255)
+    scribble[:, 0, 0], scribble[:, 4, 3] = 1, 2
+    pce = partial_cross_entropy(logits, scribble)
+    plain, parts = training_loss(LossConfig(name="pce"), logits, scribble, image, roi)
+    assert plain.item() == pytest.approx(pce.item()) and parts == {}
+    paper, _ = training_loss(LossConfig(name="pce", batch_average=True), logits, scribble, image, roi)
+    assert paper.item() == pytest.approx(pce.item() / 2)  # the paper's CE: divided by the batch size again
+    cfg = LossConfig(name="rloss", crf_weight=0.3, sigma_rgb=20.0, sigma_xy=2.0, scale=1.0)
+    total, parts = training_loss(cfg, logits, scribble, image, roi)
+    crf = brute_force(logits.softmax(1).numpy(), image.numpy(), roi.numpy(), 0.3, 20.0, 2.0)
+    assert parts["crf"] == pytest.approx(crf, rel=1e-6) and total.item() == pytest.approx(pce.item() + crf, rel=1e-6)

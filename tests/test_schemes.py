@@ -73,6 +73,37 @@ def test_adaptive_step_switches_sets_at_epochs():
     assert freq(cfg, 1.0, lams) == {1.0: 1.0}
 
 
+def paper_set_at(curriculum: list[int], epoch: int) -> int:
+    """The paper's dataset index at ``epoch``, transcribed from its pascal.py loop."""
+    idx = 0
+    while idx != len(curriculum) and epoch >= curriculum[idx]:
+        idx += 1
+    return idx - 1
+
+
+@pytest.mark.parametrize("spec", ["0,10,20", "0, 10, 20", [0, 10, 20]])
+def test_paper_curriculum_list_matches_the_papers_own_rule(spec):
+    cfg = SchemeConfig(name="adaptive", adaptive=AdaptiveConfig(schedule="step", epochs=30, curriculum=spec))
+    lams = [0.2, 0.5, 1.0]
+    for epoch in range(30):
+        assert allowed_lambdas(cfg, lams, epoch / 30)[0] == [lams[paper_set_at([0, 10, 20], epoch)]]
+
+
+def test_paper_curriculum_is_validated():
+    def run(spec, lams=(0.2, 0.5)):
+        cfg = SchemeConfig(name="adaptive", adaptive=AdaptiveConfig(schedule="step", curriculum=spec))
+        return allowed_lambdas(cfg, list(lams), 0.0)
+
+    with pytest.raises(BadInputError, match="start at epoch 0"):
+        run("5,10")
+    with pytest.raises(BadInputError, match="strictly increasing"):
+        run("0,10,10")
+    with pytest.raises(BadInputError, match="comma-separated"):
+        run("0,ten")
+    with pytest.raises(BadInputError, match=r"3 start epochs for 2 λ sets"):
+        run("0,10,20")
+
+
 def test_adaptive_step_default_equal_shares():
     cfg = SchemeConfig(name="adaptive", adaptive=AdaptiveConfig(schedule="step"))
     lams = [0.2, 0.5, 1.0]

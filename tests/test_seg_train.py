@@ -162,6 +162,20 @@ def test_cli_errors_are_clear(data, tmp_path, capsys, extra, message):
     assert "Traceback" not in io.err
 
 
+def test_cli_paper_curriculum_switches_lambda_set_half_way(data, tmp_path, capsys):
+    """--curriculum 0,30 over the default 60 epochs: λ 0.3 for the first half, then 0.6."""
+    real, synth = data
+    out = tmp_path / "cur"
+    code, io = run_cli(["--shards", real, synth, "--scheme", "adaptive", "--curriculum", "0,30", "--out", str(out), *FAST,
+                        "--set", "scheme.synth_fraction=1.0"], capsys)
+    assert code == 0, io.err
+    maxes = [(e["step"], e["lam_max"]) for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
+    assert maxes == [(2, 0.3), (4, 0.3), (6, 0.3), (8, 0.6), (10, 0.6), (12, 0.6)]
+    code, io = run_cli(["--shards", real, synth, "--scheme", "adaptive", "--curriculum", "10,30", "--out", str(tmp_path / "bad"),
+                        *FAST], capsys)
+    assert code == 2 and "must start at epoch 0" in io.err
+
+
 def test_cli_synthetic_scheme_without_synthetic_manifest(data, tmp_path, capsys):
     real, _ = data
     code, io = run_cli(["--shards", real, "--scheme", "adaptive", "--out", str(tmp_path / "o"), *FAST], capsys)
