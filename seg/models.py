@@ -6,7 +6,8 @@ torchvision's exact module names, so ``state_dict`` keys are the same
 and an ImageNet checkpoint saved from torchvision loads from a local file. Output
 stride 16 or 8 replaces the stride of the last one or two stages with dilation, as
 DeepLab does. The tiny model is the same DeepLabV3+ on a narrow 4-stage ResNet with one
-basic block per stage: small enough to train on 64x64 images on two CPU cores.
+basic block per stage: small enough to train on 64x64 images on two CPU cores. The
+MobileNet-v2 backbone (``seg.mobilenet``) is the one the paper's RLoss runs use.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import BadInputError
+from seg.mobilenet import MobileNetV2
 
-MODELS = ("tiny", "deeplabv3plus_resnet50", "deeplabv3plus_resnet101")
+MODELS = ("tiny", "deeplabv3plus_resnet50", "deeplabv3plus_resnet101", "deeplabv3plus_mobilenet")
 
 
 @dataclass
@@ -94,6 +96,8 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """ResNet feature extractor returning (layer1, layer4) features; torchvision key names, no fc."""
 
+    ignored_prefixes = ("fc.",)  # torchvision's classifier: not part of the backbone
+
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], width: int = 64,
                  output_stride: int = 16, stem_pool: bool = True) -> None:
         super().__init__()
@@ -151,7 +155,7 @@ class ASPP(nn.Module):
 class DeepLabV3Plus(nn.Module):
     """DeepLabV3+: ASPP on the deep features, decoder fusing stride-4 low-level features."""
 
-    def __init__(self, backbone: ResNet, num_classes: int, aspp_channels: int, rates: list[int]) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int, aspp_channels: int, rates: list[int]) -> None:
         super().__init__()
         self.backbone = backbone
         self.aspp = ASPP(backbone.out_channels, aspp_channels, rates)
@@ -172,8 +176,9 @@ class DeepLabV3Plus(nn.Module):
         return [{"params": list(self.backbone.parameters()), "lr": lr}, {"params": head, "lr": lr * head_lr_mult}]
 
 
-def load_backbone_weights(backbone: ResNet, path: str | Path) -> None:
-    """Load a torchvision-style ResNet state dict (``fc.*`` ignored) from a local file.
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Load a torchvision-style ResNet or MobileNet-v2 state dict from a local file (the
+    classifier, and whatever else the backbone's ``ignored_prefixes`` name, left out).
 
     safetensors is read with ``safetensors.torch.load_file``; ``.pth``/``.pt`` only with
     ``torch.load(weights_only=True)`` so a checkpoint can never run code.
@@ -189,23 +194,27 @@ def load_backbone_weights(backbone: ResNet, path: str | Path) -> None:
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input problem
         raise BadInputError(str(path), f"cannot read backbone weights: {exc}") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    state = {k: v for k, v in state.items() if not k.startswith(backbone.ignored_prefixes)}
     own = backbone.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     wrong = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
     if missing or unexpected or wrong:
         raise BadInputError(
             str(path),
-            f"not a matching ResNet state dict: missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]}",
-            "use torchvision's resnet50/resnet101 ImageNet weights for the chosen model",
+            f"not a matching {type(backbone).__name__} state dict: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"wrong shape {wrong[:3]}",
+            "use torchvision's resnet50 / resnet101 / mobilenet_v2 ImageNet weights for the chosen model",
         )
     backbone.load_state_dict(state)
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> DeepLabV3Plus:
     """The configured network with ``num_classes`` outputs (weights loaded when given)."""
+    backbone: nn.Module
     if cfg.name == "tiny":
         backbone = ResNet(BasicBlock, [1, 1, 1, 1], width=cfg.width, output_stride=cfg.output_stride, stem_pool=cfg.stem_pool)
+    elif cfg.name == "deeplabv3plus_mobilenet":
+        backbone = MobileNetV2(cfg.output_stride)
     else:
         layers = [3, 4, 6, 3] if cfg.name.endswith("resnet50") else [3, 4, 23, 3]
         backbone = ResNet(Bottleneck, layers, width=64, output_stride=cfg.output_stride)

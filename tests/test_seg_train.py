@@ -95,6 +95,41 @@ def test_deeplabv3plus_resnet50_shape_and_torchvision_keys(tmp_path):
         load_backbone_weights(model.backbone, tmp_path / "bad.safetensors")
 
 
+def test_deeplabv3plus_mobilenet_v2_shapes_and_torchvision_keys(tmp_path):
+    """The paper's RLoss backbone: torchvision mobilenet_v2 has 3,504,872 parameters; without
+    its classifier (1,281,000) and its last 1x1 conv to 1280 (412,160) that is 1,811,712."""
+    cfg = ModelConfig(name="deeplabv3plus_mobilenet", output_stride=16, aspp_channels=256, aspp_rates=[6, 12, 18])
+    model = build_model(cfg, num_classes=21).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 65, 65)).shape == (1, 21, 65, 65)
+        low, high = model.backbone(torch.randn(1, 3, 64, 64))
+        assert low.shape == (1, 24, 16, 16) and high.shape == (1, 320, 4, 4)
+        assert build_model(ModelConfig(name="deeplabv3plus_mobilenet", output_stride=8), 21).backbone(
+            torch.randn(1, 3, 64, 64))[1].shape == (1, 320, 8, 8)
+    keys = model.backbone.state_dict()
+    assert sum(p.numel() for p in model.backbone.parameters()) == 1_811_712
+    for k in ("features.0.0.weight", "features.1.conv.0.0.weight", "features.1.conv.1.weight", "features.2.conv.0.0.weight",
+              "features.2.conv.1.0.weight", "features.2.conv.2.weight", "features.17.conv.3.running_var"):
+        assert k in keys
+    from safetensors.torch import save_file
+
+    state = {k: torch.randn_like(v.float()).to(v.dtype) for k, v in keys.items()}
+    state |= {"features.18.0.weight": torch.zeros(1280, 320, 1, 1), "classifier.1.weight": torch.zeros(1000, 1280),
+              "classifier.1.bias": torch.zeros(1000)}
+    save_file(state, tmp_path / "mnv2.safetensors")
+    fresh = build_model(ModelConfig(name="deeplabv3plus_mobilenet", backbone_weights=str(tmp_path / "mnv2.safetensors")), 21)
+    assert torch.equal(fresh.backbone.features[5].conv[1][0].weight, state["features.5.conv.1.0.weight"])
+    with pytest.raises(BadInputError, match="MobileNetV2 state dict"):
+        load_backbone_weights(model.backbone, _resnet_like(tmp_path))
+
+
+def _resnet_like(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "r.safetensors")
+    return tmp_path / "r.safetensors"
+
+
 def run_cli(argv, capsys):
     code = seg_train.main(argv)
     return code, capsys.readouterr()
