@@ -52,7 +52,7 @@ from engine.models import FINAL_DIR, ScribbleGenModel  # noqa: E402
 from engine.sampler import ScribbleSampler  # noqa: E402
 from engine.text import names_for_ids  # noqa: E402
 from engine.train_controlnet import TrainControlNetConfig, train  # noqa: E402
-from engine.sweep import fitted  # noqa: E402
+from engine.data.geometry import fit_sample  # noqa: E402
 from seg.judge import JudgeConfig, manifest_samples, score, train_judge  # noqa: E402
 
 
@@ -72,7 +72,7 @@ def ensure_real(out: Path, num_train: int, subset: str = "1") -> Path:
 
 def load_split(manifest: Path, split: str, size: int, limit: int | None = None):
     """(images, scribbles, masks, class names) of a split, fitted to ``size`` like the trainer does."""
-    samples = [fitted(s, size) for s in islice(manifest_samples(manifest, lambda r: r["split"] == split), limit)]
+    samples = [fit_sample(s, size) for s in islice(manifest_samples(manifest, lambda r: r["split"] == split), limit)]
     return (np.stack([s.image for s in samples]), np.stack([s.scribble for s in samples]),
             np.stack([s.mask for s in samples]), read_manifest(manifest)[1].class_names)
 

@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from engine.config import add_config_args, load_config, save_config, to_dict
 from engine.data.record import SourceRecord, to_sample
-from engine.data.sources import SourceConfig, open_source
+from engine.data.registry import open_source
+from engine.data.sources import SourceConfig
 from engine.errors import BadInputError
 from engine.manifest import DatasetInfo, read_manifest, sample_row, shard_rows, skip_row, write_manifest
 from engine.shards import Sample, ShardWriter, shard_name

@@ -19,6 +19,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine.atomic import atomic_path
 from engine.errors import BadInputError
 from engine.shards import Sample, ShardInfo
 
@@ -110,9 +111,8 @@ def write_manifest(rows: Iterable[dict[str, Any]], path: str | Path, info: Datas
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(list(rows), schema=SCHEMA).replace_schema_metadata({META_KEY: info.to_json()})
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return path
 
 

@@ -51,22 +51,25 @@ CONTROL_INITS = ("zero", "random")
 
 @dataclass
 class TinyArch:
-    """Architecture of the embedded tiny pixel-space denoiser (see configs/controlnet/tiny.yaml)."""
+    """Architecture of the embedded tiny pixel-space denoiser. The defaults are the shipped
+    base's (``configs/base/tiny.yaml``, a test holds them equal), so a from-scratch model
+    (``model.pretrained: null``) is the same network as the pretrained one."""
 
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
-    down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
-    up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    block_out_channels: tuple[int, ...] = (32, 64, 96)
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D")
     layers_per_block: int = 1
     cross_attention_dim: int = 32
     attention_head_dim: int = 8
     norm_num_groups: int = 8
     conditioning_channels: int = 16
     text_tokens: int = 8
-    beta_schedule: str = "linear"
+    # Cosine: λ spans realism to diversity as SD 1.5's scaled_linear does on its latents.
+    beta_schedule: str = "squaredcos_cap_v2"
     # What the denoiser predicts. "v_prediction" (Salimans & Ho 2022) behaves like
     # x0-prediction at high noise, where the scribble decides the layout, so a model
     # trained for minutes already places shapes; "epsilon" is SD 1.5's choice.
-    prediction_type: str = "epsilon"
+    prediction_type: str = "v_prediction"
     # ControlNet's zero convolutions (hint embedding output, residual 1x1s) protect a
     # PRETRAINED denoiser from the untrained branch. A from-scratch denoiser has nothing to
     # protect, and a zero start makes the hint's first gradients vanish (the two zero

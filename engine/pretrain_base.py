@@ -257,7 +257,7 @@ def pretrain(cfg: PretrainBaseConfig, resume: bool = False, progress: bool = Tru
     final = save_base(unet.cpu(), text.cpu(), cfg.model, out / FINAL_DIR, provenance)
     from PIL import Image
 
-    from engine.report import plot_loss
+    from engine.plots import plot_loss
 
     Image.fromarray(preview_grid(final)).save(out / "samples.png")
     lines = [json.loads(ln) for ln in log_path.read_text().splitlines() if ln.strip()]

@@ -14,7 +14,6 @@ are restricted to ``[A-Za-z0-9_-]`` so that no key can name a path outside its s
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -25,8 +24,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from PIL import Image
 
+from engine.atomic import TMP_SUFFIX
+from engine.data.imageio import decode_image, encode_image, encode_png
 from engine.errors import BadInputError
 
 UNLABELLED = 255
@@ -79,23 +79,6 @@ class Sample:
         return float(self.meta.get("lambda", 0.0))
 
 
-def encode_png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-def encode_image(array: np.ndarray, fmt: str) -> bytes:
-    """Encode an RGB uint8 array as ``png`` (lossless) or ``jpg`` (quality 95)."""
-    if fmt == "png":
-        return encode_png(array)
-    if fmt == "jpg":
-        buf = io.BytesIO()
-        Image.fromarray(array).save(buf, format="JPEG", quality=95)
-        return buf.getvalue()
-    raise BadInputError(f"image format {fmt!r}", "must be 'png' or 'jpg'")
-
-
 def encode_sample(sample: Sample, image_format: str = "png") -> dict[str, Any]:
     """The WebDataset dict (member name -> bytes) for one sample."""
     check_key(sample.key)
@@ -116,11 +99,6 @@ def encode_sample(sample: Sample, image_format: str = "png") -> dict[str, Any]:
     return record
 
 
-def _decode_png(data: bytes, mode: str) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert(mode) if img.mode != mode else img).copy()
-
-
 def missing_members(record: dict[str, Any]) -> list[str]:
     """Required members a raw record lacks: ``image`` (png or jpg), ``scribble.png``, ``json``."""
     present = {"image": any(e in record for e in IMAGE_EXTS), "scribble.png": "scribble.png" in record, "json": "json" in record}
@@ -136,9 +114,9 @@ def decode_sample(record: dict[str, Any], with_mask: bool = True) -> Sample:
         raise BadInputError(where, f"sample is missing member(s) {missing}", "the shard is incomplete; re-create it")
     image_bytes = next(record[e] for e in IMAGE_EXTS if e in record)
     try:
-        image = _decode_png(image_bytes, "RGB")
-        scribble = _decode_png(record["scribble.png"], "L")
-        mask = _decode_png(record["mask.png"], "L") if with_mask and "mask.png" in record else None
+        image = decode_image(image_bytes, "RGB")
+        scribble = decode_image(record["scribble.png"], "L")
+        mask = decode_image(record["mask.png"], "L") if with_mask and "mask.png" in record else None
         meta = json.loads(record["json"])
     except (OSError, ValueError) as exc:
         raise BadInputError(where, f"cannot decode sample: {exc}") from None
@@ -175,7 +153,7 @@ class ShardWriter:
         import webdataset as wds
 
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.tmp = self.path.with_name(self.path.name + TMP_SUFFIX)  # streamed into, renamed on close
         self.image_format = image_format
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.tmp, "wb")

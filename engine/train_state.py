@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.atomic import write_text
 from engine.errors import BadInputError
 
 CKPT_RE = re.compile(r"^step-(\d{8})$")
@@ -133,7 +134,7 @@ def trim_log(path: Path, step: int) -> None:
     """On resume, drop log lines written after the checkpoint (they will be re-run)."""
     if path.is_file():
         keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
+        write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 def resume_run(ckpt_dir: str | Path, log_path: Path, params: dict[str, torch.nn.Parameter],

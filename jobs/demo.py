@@ -2,7 +2,7 @@
 
 Runs the embedded default end to end (ingest -> ControlNet -> Ray generation over a
 (w, λ) grid -> FID, judge -> segmentation schemes -> report in ``runs/demo/report/``);
-rerunning resumes. ``--fast`` is a smoke-sized budget; see :mod:`engine.sweep`.
+rerunning resumes. ``--fast`` is a smoke-sized budget; see :mod:`experiments.sweep`.
 """
 
 import os
@@ -17,7 +17,7 @@ if __package__ in (None, ""):
     # Run as a file: make the repo root importable in case the package is not pip-installed.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.sweep import REPO, main  # noqa: E402
+from experiments.sweep import REPO, main  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "demo" / "tiny.yaml"
 

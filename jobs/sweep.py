@@ -1,6 +1,6 @@
 """Sweeps: ``python -m jobs.sweep --config configs/sweeps/w.yaml`` (or ``python jobs/sweep.py ...``).
 
-The same runner as the demo (:mod:`engine.sweep`) with a sweep config: (a) FID and mIoU
+The same runner as the demo (:mod:`experiments.sweep`) with a sweep config: (a) FID and mIoU
 by guidance scale w, (b) by encode ratio λ, (c) fixed vs uniform vs adaptive; each in an
 embedded-default and a VOC + SD 1.5 variant under ``configs/sweeps/``.
 """
@@ -16,7 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.sweep import main  # noqa: E402
+from experiments.sweep import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(prog="python -m jobs.sweep"))

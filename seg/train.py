@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from engine.atomic import atomic_path, write_text
 from engine.config import add_config_args, load_config, save_config, to_dict
 from engine.errors import BadInputError
 from seg.batches import AugmentConfig, MixedBatches, to_rgb255
@@ -118,15 +119,8 @@ class SegConfig:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 class MetricsLog:
@@ -137,7 +131,7 @@ class MetricsLog:
         self.path = path
         if resume_step is not None and path.exists():
             kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            _atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+            write_text(path, "".join(ln + "\n" for ln in kept))
         elif path.exists():
             path.unlink()
 
@@ -296,7 +290,7 @@ def train(cfg: SegConfig, manifests: list[str], out: str | Path, resume: bool = 
         "world_size": world,
     }
     if main_rank:
-        _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        write_text(out / "summary.json", json.dumps(summary, indent=2))
     if dist.is_initialized():
         dist.destroy_process_group()
     return summary

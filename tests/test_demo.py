@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from engine.manifest import read_manifest
-from engine.report import PLOT_PX
-from engine.sweep import REPO
+from engine.plots import PLOT_PX
+from experiments.sweep import REPO
 from engine.verify import verify_manifest
 
 pytestmark = pytest.mark.slow

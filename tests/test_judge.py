@@ -8,7 +8,7 @@ import torch
 
 from engine.errors import BadInputError
 from engine.shards import UNLABELLED
-from engine.sweep import fitted
+from engine.data.geometry import fit_sample
 from seg.judge import (
     Agreement, JudgeConfig, derangement, judge_on_real, manifest_samples, predict, score, train_judge,
 )
@@ -111,7 +111,7 @@ def test_holdout_ceiling():
 
 def test_manifest_samples_and_fitting(tmp_path):
     manifest = make_real(tmp_path, n_train=6, n_val=3, per_shard=4, size=24)
-    val = [fitted(s, 12) for s in manifest_samples(manifest, lambda r: r["split"] == "val")]
+    val = [fit_sample(s, 12) for s in manifest_samples(manifest, lambda r: r["split"] == "val")]
     assert sorted(s.key for s in val) == ["val0000", "val0001", "val0002"]
     assert all(s.image.shape == (12, 12, 3) and s.mask.shape == s.scribble.shape == (12, 12) for s in val)
     assert set(np.unique(val[0].mask)) <= set(np.unique(make_scene(0, "val", 24).mask))  # nearest: no new labels

@@ -11,7 +11,7 @@ import torch
 import yaml
 from cn_fixtures import MICRO, write_real_shards
 
-from engine.config import from_dict, to_dict
+from engine.config import from_dict
 from engine.data.procedural import CLASS_NAMES
 from engine.errors import BadInputError
 from engine.models import BASE_FILE, BUILTIN, BUILTIN_BASE, ScribbleGenModel, from_base, weights_digest
@@ -161,3 +161,15 @@ def test_shipped_schedule_pins_the_snr_at_each_encode_ratio(lam, snr):
     ac = float(sched.alphas_cumprod[math.floor(999 * lam)].double())
     assert ac / (1 - ac) == pytest.approx(_cosine_snr(math.floor(999 * lam)), rel=1e-4, abs=1e-6)
     assert ac / (1 - ac) == pytest.approx(snr, rel=2e-3, abs=1e-6)
+
+
+def test_tiny_arch_defaults_are_the_shipped_base_architecture():
+    """A from-scratch tiny model (model.pretrained: null) is the same network as the base."""
+    from dataclasses import asdict
+
+    from engine.config import load_yaml
+    from engine.models import TinyArch
+
+    base = load_yaml(Path(__file__).resolve().parents[1] / "configs" / "base" / "tiny.yaml")["model"]
+    defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(TinyArch()).items()}
+    assert defaults == base

@@ -11,13 +11,14 @@ from PIL import Image
 
 from engine.config import from_dict
 from engine.manifest import DatasetInfo, sample_row, shard_rows, write_manifest
+from engine.plots import PLOT_PX
 from engine.render import PALETTE
-from engine.report import (
-    DPI, GRID_LEFT_IN, GRID_TOP_IN, GRID_CELL_IN, GRID_MARGIN_IN, OVERLAY_ALPHA, PLOT_PX, TILE_PX, build_report, grid_px,
+from experiments.report import (
+    DPI, GRID_LEFT_IN, GRID_TOP_IN, GRID_CELL_IN, GRID_MARGIN_IN, OVERLAY_ALPHA, TILE_PX, build_report, grid_px,
     overlay_scribble, upscale,
 )
 from engine.shards import Sample, ShardWriter, synthetic_key
-from engine.sweep import RECORD, SweepConfig, cell_entries, cell_name, new_record, plan_seg_runs
+from experiments.sweep import RECORD, SweepConfig, cell_entries, cell_name, new_record, plan_seg_runs
 
 CLASSES = ["background", "disc", "square"]
 SOURCES = [f"src-{i}" for i in range(3)]

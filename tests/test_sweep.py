@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import yaml
 
-import engine.sweep as sweep
+import experiments.sweep as sweep
 from engine.errors import BadInputError
 from engine.manifest import DatasetInfo, sample_row, shard_rows, write_manifest
 from engine.shards import Sample, ShardWriter
-from engine.sweep import (
+from experiments.sweep import (
     FAST_OVERLAY, JUDGE_FILE, REPO, RUN_ONLY, SweepConfig, cell_name, check_reuse, config_diff, load_sweep_config, main,
     plan_seg_runs, resolve_bases, stage_judge,
 )

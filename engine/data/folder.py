@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.data.sources import FolderSource, TaggedRecord, read_labels, read_rgb
+from engine.data.imageio import read_labels, read_rgb
+from engine.data.sources import FolderSource, TaggedRecord
 from engine.errors import BadInputError
 from engine.shards import UNLABELLED
 

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from engine.errors import BadInputError
-from engine.shards import UNLABELLED
+from engine.shards import UNLABELLED, Sample
 
 RESIZE_MODES = ("stretch", "crop", "pad")
 DEFAULT_RESIZE = "stretch"  # the paper's
@@ -55,3 +55,10 @@ def fit_to(image: np.ndarray, label: np.ndarray, size: int, mode: str = DEFAULT_
         return out_img, out_lab
     top, left = (nh - size) // 2, (nw - size) // 2
     return img[top:top + size, left:left + size], lab[top:top + size, left:left + size]
+
+
+def fit_sample(sample: Sample, size: int, resize: str = DEFAULT_RESIZE) -> Sample:
+    """``sample`` at ``size`` x ``size`` (image, scribble and mask alike), as the generator fits its sources."""
+    image, scribble = fit_to(sample.image, sample.scribble, size, resize)
+    mask = None if sample.mask is None else fit_to(sample.image, sample.mask, size, resize)[1]
+    return Sample(sample.key, image, scribble, mask, sample.meta)

@@ -1,19 +1,14 @@
-"""Pick a data source from config and read its files safely.
+"""What a data source is, as configuration: the built-in procedural set, VOC, a folder.
 
-``open_source(cfg)`` returns the records of the configured source (procedural, voc or
-folder) and its class names. The file helpers here are shared by the VOC and folder
-readers so that every PIL error becomes a :class:`BadInputError` naming the file, and
-label PNGs are read as class indices (palette mode), never as colours.
+The readers (``engine.data.procedural`` / ``voc`` / ``folder``) take these configs; the
+registry (``engine.data.registry.open_source``) picks the reader for ``kind``. This module
+imports no reader, so readers can import it without a cycle.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import numpy as np
-from PIL import Image
 
 from engine.data.record import SourceRecord
 from engine.errors import BadInputError
@@ -32,38 +27,6 @@ class TaggedRecord(SourceRecord):
 
     meta: dict[str, Any] = field(default_factory=dict)
     origin: str = ""
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    """HxWx3 uint8 image; missing, unreadable or truncated files raise naming the file."""
-    if not path.is_file():
-        raise BadInputError(str(path), "image file is missing")
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB")).copy()
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise BadInputError(str(path), f"cannot read image: {exc}", "the file is corrupt or truncated") from None
-
-
-def read_labels(path: Path) -> np.ndarray:
-    """HxW uint8 class-id map from a palette (mode P) or grey (mode L) PNG.
-
-    Palette PNGs (VOC, ScribbleSup) store the class id as the palette index; converting
-    them to RGB would turn ids into colours, so the indices are read directly.
-    """
-    if not path.is_file():
-        raise BadInputError(str(path), "label PNG is missing")
-    try:
-        with Image.open(path) as img:
-            if img.mode not in ("P", "L"):
-                raise BadInputError(
-                    str(path), f"label PNG has mode {img.mode}", "expected one channel: palette (P) or grey (L) class ids"
-                )
-            return np.asarray(img).astype(np.uint8, copy=True)
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, BadInputError):
-            raise
-        raise BadInputError(str(path), f"cannot read label PNG: {exc}", "the file is corrupt or truncated") from None
 
 
 @dataclass
@@ -126,20 +89,3 @@ class SourceConfig:
     def validate(self) -> None:
         if self.kind not in SOURCE_KINDS:
             raise BadInputError("source.kind", f"{self.kind!r} is not one of {list(SOURCE_KINDS)}")
-
-
-def open_source(cfg: SourceConfig) -> tuple[list[SourceRecord], list[str]]:
-    """Records (lazy, train then val) and class names (index = id) of the configured source."""
-    # Readers import this module for the helpers above, so they are imported here.
-    if cfg.kind == "procedural":
-        from engine.data.procedural import CLASS_NAMES, procedural_records
-
-        p = cfg.procedural
-        return procedural_records(p.num_train, p.num_val, p.size, p.seed), list(CLASS_NAMES)
-    if cfg.kind == "voc":
-        from engine.data.voc import voc_records
-
-        return voc_records(cfg.voc)
-    from engine.data.folder import folder_records
-
-    return folder_records(cfg.folder)

@@ -29,7 +29,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from engine.data.scribbles import scribble_from_mask
-from engine.data.sources import TaggedRecord, VocSource, read_labels, read_rgb
+from engine.data.imageio import read_labels, read_rgb
+from engine.data.sources import TaggedRecord, VocSource
 from engine.errors import BadInputError
 from engine.shards import UNLABELLED
 

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from engine.atomic import write_json
 from engine.config import save_config, to_dict
 from engine.errors import BadInputError
 from engine.generate.config import GenerateConfig
@@ -80,7 +81,7 @@ def claim_out_dir(out: Path, identity: dict[str, Any]) -> None:
                 str(out), f"holds shards generated with different {diff}", "choose a new out_dir or delete this one"
             )
     out.mkdir(parents=True, exist_ok=True)
-    file.write_text(json.dumps(identity, indent=1))
+    write_json(file, identity)
 
 
 def shard_done(out: Path, unit: WorkUnit) -> bool:
@@ -174,7 +175,7 @@ def run_generate(
         info = DatasetInfo(plan.class_names, "synthetic", {
             "config": to_dict(cfg), "plan": plan.summary(), "compute": summary, "shard_stats": _shard_stats(parts)})
         merge_parts(parts, out / MANIFEST, info)
-        (out / SUMMARY).write_text(json.dumps(summary, indent=1))
+        write_json(out / SUMMARY, summary)
         return summary
 
 

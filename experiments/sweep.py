@@ -44,6 +44,7 @@ from typing import Any, Iterator
 import numpy as np
 import yaml
 
+from engine.atomic import write_json
 from engine.config import apply_overrides, from_dict, load_yaml, to_dict
 from engine.errors import BadInputError
 from engine.fid import FIDConfig, FIDScorer, manifest_images
@@ -52,7 +53,7 @@ from engine.generate.plan import shard_prefix
 from engine.ingest import IngestConfig
 from engine.manifest import read_manifest
 from engine.shards import Sample
-from engine.data.geometry import DEFAULT_RESIZE, fit_to
+from engine.data.geometry import fit_sample
 from engine.train_controlnet import TrainControlNetConfig
 from seg.judge import Agreement, JudgeConfig, chunks, derangement, judge_on_real, manifest_samples, predict
 from seg.schemes import SCHEMES
@@ -471,8 +472,8 @@ def stage_fid(cfg: SweepConfig, out: Path, real_manifest: Path, cells: dict[str,
             cache["cells"][name] = cell_entry(table, fingerprint, time.perf_counter() - t0 + ref_seconds / len(todo),
                                               fid=value, samples=n, reference_samples=n_ref, size=size)
             info["images"] += n
-            _write_json(path, cache)
-    _write_json(path, cache)
+            write_json(path, cache)
+    write_json(path, cache)
     return cache
 
 
@@ -542,7 +543,7 @@ def stage_judge(cfg: SweepConfig, out: Path, real_manifest: Path, cells: dict[st
         info["images"] += scores["samples"]
         print(f"    judge {name}: mIoU {scores['judge_miou']:.3f} vs mismatched {scores['judge_miou_mismatched']:.3f}",
               flush=True)
-        _write_json(path, cache)
+        write_json(path, cache)
     return cache
 
 
@@ -558,14 +559,7 @@ def _judge_skip(val_images: int, sources_with_mask: dict[str, int]) -> str | Non
 
 def _masked(manifest: Path, keep, size: int, resize: str) -> Iterator[Sample]:
     """The fitted samples of ``manifest`` that ``keep`` accepts and that have a full mask, streamed."""
-    return (fitted(s, size, resize) for s in manifest_samples(manifest, keep) if s.mask is not None)
-
-
-def fitted(sample: Sample, size: int, resize: str = DEFAULT_RESIZE) -> Sample:
-    """``sample`` at ``size`` x ``size``, fitted as the generator fitted its sources (labels: nearest)."""
-    image, scribble = fit_to(sample.image, sample.scribble, size, resize)
-    mask = None if sample.mask is None else fit_to(sample.image, sample.mask, size, resize)[1]
-    return Sample(sample.key, image, scribble, mask, sample.meta)
+    return (fit_sample(s, size, resize) for s in manifest_samples(manifest, keep) if s.mask is not None)
 
 
 def score_cell(judge, manifest: Path, masks: dict[str, np.ndarray], num_classes: int, batch_size: int) -> dict[str, Any]:
@@ -627,12 +621,6 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def _rel(path: Path, root: Path) -> str:
     return os.path.relpath(Path(path).resolve(), root.resolve())
 
@@ -656,7 +644,7 @@ def cell_entries(cfg: SweepConfig, manifests: dict[str, Path], out: Path) -> lis
 
 def run_sweep(cfg: SweepConfig) -> Path:
     """Run (or resume) the whole sweep; return the report's ``index.md``."""
-    from engine.report import build_report
+    from experiments.report import build_report
 
     out = Path(cfg.out)
     report_dir = out / cfg.report.dir
@@ -664,7 +652,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
     t_start = time.perf_counter()
     runs = plan_seg_runs(cfg)
     record = new_record(cfg, runs)
-    save = lambda: _write_json(report_dir / RECORD, record)  # noqa: E731
+    save = lambda: write_json(report_dir / RECORD, record)  # noqa: E731
     stages = Stages(record, save)
     stages.total = 4 + bool(cfg.fid.enabled) + bool(cfg.judge.enabled) + bool(runs)
     with stages.stage("ingest", f"ingest real data -> {out / 'real'}") as info:

@@ -1,7 +1,7 @@
 """The report of a sweep: tables, plots and sample grids as ``index.md`` + ``index.html``.
 
 Everything is read back from the run folder, never from memory, so a report can be
-rebuilt at any time (``python -m engine.report runs/demo``) and tests can build one from
+rebuilt at any time (``python -m experiments.report runs/demo``) and tests can build one from
 fabricated files. Inputs (paths relative to the run folder):
 
 - ``<report dir>/sweep.json``: the sweep record (grid, cells, seg runs, stage timings);
@@ -31,15 +31,14 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from engine.atomic import write_text
 from engine.data.geometry import DEFAULT_RESIZE
 from engine.errors import BadInputError
+from engine.plots import DPI, fmt_g, plot_bars, plot_lines, plot_loss, pyplot, save_figure
 from engine.manifest import read_manifest, resolve_shard
 from engine.render import render_scribble
 from engine.shards import UNLABELLED, Sample, decode_sample, iter_records
 
-DPI = 100
-PLOT_IN = (7.2, 4.2)
-PLOT_PX = (round(PLOT_IN[0] * DPI), round(PLOT_IN[1] * DPI))  # (width, height) of every plot
 TILE_PX = 128  # side of a sample grid tile in pixels (the axes; the grid cell adds a margin)
 GRID_MARGIN_IN = 0.04  # around each tile
 GRID_CELL_IN = TILE_PX / DPI + 2 * GRID_MARGIN_IN
@@ -71,10 +70,6 @@ def fmt_pm(values: Sequence[float]) -> str:
     if len(values) == 1:
         return fmt_miou(values[0])
     return f"{fmt_miou(statistics.mean(values))} ± {100 * statistics.stdev(values):.2f}"
-
-
-def fmt_g(x: float) -> str:
-    return f"{x:g}"
 
 
 # -- page model (rendered both to Markdown and HTML) ----------------------------------------------
@@ -247,82 +242,6 @@ def read_sample(manifest: Path, key: str) -> Sample:
     raise BadInputError(rows[key], f"does not hold {key!r} listed in {manifest}")
 
 
-# -- figures ---------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> str:
-    fig.savefig(path, dpi=DPI)  # no bbox_inches: the pixel size stays exactly figsize x dpi
-    _plt().close(fig)
-    return path.name
-
-
-def _axes(title: str, xlabel: str, ylabel: str, legend: bool = True):
-    """A plot of :data:`PLOT_PX` pixels; room on the right for a legend when there is one."""
-    plt = _plt()
-    fig = plt.figure(figsize=PLOT_IN, dpi=DPI)
-    ax = fig.add_axes((0.1, 0.14, 0.68 if legend else 0.86, 0.76))
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    return fig, ax
-
-
-def _legend(ax, title: str) -> None:
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(title=title, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
-
-
-def plot_lines(series: dict[str, list[tuple[float, float, float]]], title: str, xlabel: str, ylabel: str,
-               path: Path, baseline: tuple[float, float] | None = None, legend_title: str = "",
-               log_x: bool = False) -> str:
-    """One line per series of (x, mean, std) points; std drawn as error bars when > 0."""
-    fig, ax = _axes(title, xlabel, ylabel)
-    xs_all = sorted({x for pts in series.values() for x, _, _ in pts})
-    for label, pts in series.items():
-        pts = sorted(pts)
-        xs, ys, es = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
-        ax.errorbar(xs, ys, yerr=es if any(es) else None, marker="o", capsize=3, label=label)
-    if baseline is not None:
-        ax.axhline(baseline[0], color="0.4", linestyle="--", label="real only")
-        if baseline[1] > 0:
-            ax.axhspan(baseline[0] - baseline[1], baseline[0] + baseline[1], color="0.5", alpha=0.1, lw=0)
-    if log_x:
-        ax.set_xscale("log")
-    ax.set_xticks(xs_all)
-    ax.set_xticklabels([fmt_g(x) for x in xs_all])
-    ax.minorticks_off()
-    _legend(ax, legend_title)
-    return _save(fig, path)
-
-
-def plot_bars(labels: list[str], values: list[list[float]], title: str, ylabel: str, path: Path) -> str:
-    """Bar per label at the mean; error bar = std and dots = single seeds when there are several."""
-    fig, ax = _axes(title, "", ylabel, legend=False)
-    x = np.arange(len(labels))
-    means = [statistics.mean(v) if v else 0.0 for v in values]
-    stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-    colours = [f"C{i}" for i in range(len(labels))]
-    ax.bar(x, means, yerr=stds if any(stds) else None, capsize=5, color=colours, alpha=0.8)
-    for i, v in enumerate(values):
-        if len(v) > 1:
-            ax.plot([i] * len(v), v, "k.", alpha=0.6)
-        top = max([means[i] + stds[i]] + v)  # above the error bar and the seed dots
-        ax.annotate(f"{means[i]:.2f}", (i, top), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=9)
-    ax.set_xticks(x)
-    ax.set_xticklabels(labels)
-    hi = max([m + s for m, s in zip(means, stds)] + [max(v) for v in values if v] + [1e-6])
-    ax.set_ylim(0.0, hi * 1.12)  # bars start at 0: differences are shown at their true scale
-    return _save(fig, path)
-
-
 def overlay_scribble(image: np.ndarray, scribble: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
     """``image`` with the scribble's class colours (:func:`render_scribble`) blended in at its
     labelled pixels; unlabelled (255) pixels keep the image."""
@@ -344,7 +263,7 @@ def sample_grid(run: RunData, source_id: str, path: Path, seed_index: int = 0) -
     """
     from engine.data.geometry import fit_to
 
-    plt = _plt()
+    plt = pyplot()
     ws, lams = run.ws, run.lambdas
     rows, cols = len(lams), 2 + len(ws)
     width, height = grid_px(rows, cols)
@@ -383,7 +302,7 @@ def sample_grid(run: RunData, source_id: str, path: Path, seed_index: int = 0) -
         show(ax, pic)
         ax.set_title(title, fontsize=10)
     fig.text(0.5, 1 - 0.2 / fh, source_id, ha="center", va="center", fontsize=11, weight="bold")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _pick_key(manifest: Path, source_id: str, seed_index: int) -> str | None:
@@ -635,14 +554,6 @@ def section_controlnet(page: Page, run: RunData) -> None:
     page.img(plot_loss(lines, "ControlNet training loss (denoising MSE)", run.out_dir / "controlnet_loss.png"), "ControlNet loss")
 
 
-def plot_loss(lines: list[dict[str, Any]], title: str, path: Path) -> str:
-    """A training loss curve (log scale) from ``loss.jsonl`` records (``step``, ``loss``)."""
-    fig, ax = _axes(title, "step", "loss", legend=False)
-    ax.plot([x["step"] for x in lines], [x["loss"] for x in lines])
-    ax.set_yscale("log")
-    return _save(fig, path)
-
-
 def section_samples(page: Page, run: RunData, count: int, seed_index: int) -> None:
     sources = grid_sources(run, count)
     if not sources:
@@ -680,9 +591,7 @@ def build_report(root: str | Path, report_dir: str = "report", progress: bool = 
         section()
     out = run.out_dir
     for name, text in (("index.md", page.markdown()), ("index.html", page.html())):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out / name)
+        write_text(out / name, text)
     return out / "index.md"
 
 
