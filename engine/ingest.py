@@ -35,6 +35,7 @@ from engine.data.record import SourceRecord, to_sample
 from engine.data.registry import open_source
 from engine.data.sources import SourceConfig
 from engine.errors import BadInputError
+from engine.identity import IDENTITY_FILE
 from engine.manifest import DatasetInfo, read_manifest, sample_row, shard_rows, skip_row, write_manifest
 from engine.shards import Sample, ShardWriter, shard_name
 
@@ -103,7 +104,7 @@ def prepare_out(out: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise BadInputError(str(out), "output folder is not empty", "pass --overwrite to replace it, or pick another --out")
-    ours = [p for p in entries if p.name in (MANIFEST, CONFIG_COPY) or (p.name.startswith(f"{SHARD_PREFIX}-") and p.suffix in (".tar", ".tmp"))]
+    ours = [p for p in entries if p.name in (MANIFEST, CONFIG_COPY, IDENTITY_FILE) or (p.name.startswith(f"{SHARD_PREFIX}-") and p.suffix in (".tar", ".tmp"))]
     others = sorted(set(entries) - set(ours))
     if others:
         raise BadInputError(str(out), f"--overwrite only replaces ingest outputs, but it also holds {others[0].name}", "pick an empty --out")

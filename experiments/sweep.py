@@ -33,6 +33,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -42,9 +43,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import yaml
 
 from engine.atomic import write_json
+from engine.identity import Identity, drop_keys, file_digest, plain
 from engine.config import apply_overrides, from_dict, load_yaml, to_dict
 from engine.errors import BadInputError
 from engine.fid import FIDConfig, FIDScorer, manifest_images
@@ -273,27 +274,8 @@ def seg_config_for(cfg: SweepConfig, run: SegRun) -> SegConfig:
 
 
 # -- reuse checks ----------------------------------------------------------------------------
-def _plain(obj: Any) -> Any:
-    """A config as plain YAML data (tuples -> lists), for comparing saved and current configs."""
-    return yaml.safe_load(yaml.safe_dump(to_dict(obj) if not isinstance(obj, dict) else obj))
-
-
-def config_diff(saved: dict[str, Any], current: dict[str, Any], ignore: set[str] = frozenset(), prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ (``ignore`` lists dotted keys that may differ)."""
-    diff = []
-    for key in sorted(set(saved) | set(current)):
-        dotted = f"{prefix}{key}"
-        if dotted in ignore:
-            continue
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diff += config_diff(a, b, ignore, dotted + ".")
-        elif a != b:
-            diff.append(dotted)
-    return diff
-
-
-# Keys that change how a job runs, not what it computes: a finished output stays reusable.
+# -- reuse: one rule (engine.identity) ---------------------------------------------------------
+# Keys that change how a job runs, not what it computes: left out of a stage's identity.
 RUN_ONLY = {
     "ingest": {"out", "overwrite", "workers"},
     "controlnet": {"out", "data.manifest", "train.threads", "train.device", "train.save_every",
@@ -302,16 +284,9 @@ RUN_ONLY = {
 }
 
 
-def check_reuse(saved_file: Path, current: Any, ignore: set[str], what: str) -> None:
-    """Refuse to reuse an output made with another config; name the differing keys."""
-    if not saved_file.is_file():
-        return
-    diff = config_diff(yaml.safe_load(saved_file.read_text()) or {}, _plain(current), ignore)
-    if diff:
-        raise BadInputError(
-            str(saved_file.parent), f"holds a {what} made with a different config (differs in {', '.join(diff[:6])})",
-            "use another --out, or delete that folder to redo it",
-        )
+def stage_identity(config: Any, run_only: set[str], inputs: dict[str, str]) -> Identity:
+    """The identity a stage records: its config without the run-only keys, and its inputs."""
+    return Identity(drop_keys(plain(to_dict(config)), run_only), inputs)
 
 
 # -- stages ----------------------------------------------------------------------------------
@@ -345,17 +320,19 @@ def stage_ingest(cfg: SweepConfig, out: Path, info: dict[str, Any]) -> Path:
         info.update(reused=True, external=cfg.real_manifest)
         read_manifest(cfg.real_manifest)  # fail now, naming the file, if it is not one
         return Path(cfg.real_manifest)
-    from engine.ingest import CONFIG_COPY, MANIFEST, run_ingest
+    from engine.ingest import MANIFEST, run_ingest
 
     ing = copy.deepcopy(cfg.ingest)
     ing.out = str(out / "real")
     manifest = Path(ing.out) / MANIFEST
-    check_reuse(Path(ing.out) / CONFIG_COPY, ing, RUN_ONLY["ingest"], "real set")
+    identity = stage_identity(ing, RUN_ONLY["ingest"], {})
+    identity.check(ing.out, "real set")
     if manifest.is_file():
         info["reused"] = True
     else:
         ing.overwrite = True  # an interrupted ingest leaves shards but no manifest: redo it
         run_ingest(ing)
+    identity.save(ing.out)  # recorded once the set is complete
     table, _ = read_manifest(manifest)
     info["images"] = sum(1 for s in table.column("status").to_pylist() if s == "ok")
     return manifest
@@ -376,7 +353,8 @@ def stage_controlnet(cfg: SweepConfig, out: Path, real_manifest: Path, info: dic
     cn.out = str(out / "controlnet")
     cn.data.manifest = str(real_manifest)
     final = Path(cn.out) / FINAL_DIR
-    check_reuse(Path(cn.out) / "config.yaml", cn, RUN_ONLY["controlnet"], "ControlNet")
+    # Recorded before training starts, so an interrupted run resumes only under the same identity.
+    stage_identity(cn, RUN_ONLY["controlnet"], {"real": file_digest(real_manifest)}).claim(cn.out, "ControlNet")
     if final.is_dir():
         info["reused"] = True
         return final
@@ -429,8 +407,8 @@ def stage_generate(cfg: SweepConfig, out: Path, real_manifest: Path, model_dir: 
         gen = generate_config_for(cfg, out, real_manifest, model_dir, w, lam)
         done = (Path(gen.out_dir) / SUMMARY).is_file() and (Path(gen.out_dir) / MANIFEST).is_file()
         manifests[cell_name(w, lam)] = Path(gen.out_dir) / MANIFEST
-        if not done or _generation_incomplete(gen):
-            todo.append(gen)
+        if not done or not _generation_current(gen):
+            todo.append(gen)  # run_generate resumes it, or refuses a folder made with another identity
     info.update(cells=len(cells), cells_reused=len(cells) - len(todo), images=0, images_this_run=0)
     if todo:
         with ray_session(cfg.generate.ray.address, cfg.generate.ray.local_num_cpus):
@@ -443,13 +421,14 @@ def stage_generate(cfg: SweepConfig, out: Path, real_manifest: Path, model_dir: 
     return manifests
 
 
-def _generation_incomplete(gen: GenerateConfig) -> bool:
-    """A finished cell whose config changed since (more sources, seeds...) must run again."""
+def _generation_current(gen: GenerateConfig) -> bool:
+    """A finished cell is reused only if it recorded the identity this config would record."""
     from engine.generate.plan import build_plan
+    from engine.generate.run import generation_identity
 
-    table, info = read_manifest(Path(gen.out_dir) / "manifest.parquet")
+    recorded = Identity.load(gen.out_dir)
     plan = build_plan(gen.plan, Path(gen.real_manifest).resolve())
-    return info.extra.get("plan", {}).get("fingerprint") != plan.fingerprint() or table.num_rows != plan.num_samples
+    return recorded is not None and recorded.digest == generation_identity(gen, plan, Path(gen.model_dir).resolve()).digest
 
 
 def stage_fid(cfg: SweepConfig, out: Path, real_manifest: Path, cells: dict[str, Path], info: dict[str, Any]) -> dict[str, Any]:
@@ -466,10 +445,10 @@ def stage_fid(cfg: SweepConfig, out: Path, real_manifest: Path, cells: dict[str,
         t0 = time.perf_counter()
         n_ref = scorer.set_reference(manifest_images(real_manifest, cfg.fid.reference_split, cfg.fid.max_reference))
         ref_seconds = time.perf_counter() - t0
-        for name, (manifest, table, fingerprint) in tqdm(todo.items(), desc="fid", unit="cell"):
+        for name, (manifest, table, identity) in tqdm(todo.items(), desc="fid", unit="cell"):
             t0 = time.perf_counter()
             value, n = scorer.score(manifest_images(manifest))
-            cache["cells"][name] = cell_entry(table, fingerprint, time.perf_counter() - t0 + ref_seconds / len(todo),
+            cache["cells"][name] = cell_entry(table, identity, time.perf_counter() - t0 + ref_seconds / len(todo),
                                               fid=value, samples=n, reference_samples=n_ref, size=size)
             info["images"] += n
             write_json(path, cache)
@@ -480,27 +459,26 @@ def stage_fid(cfg: SweepConfig, out: Path, real_manifest: Path, cells: dict[str,
 def cell_cache(path: Path, setup: dict[str, Any], cells: dict[str, Path], info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, tuple]]:
     """A per-cell score file (``fid.json``, ``judge.json``) and the cells it must (re)score.
 
-    A cell's score is reused while the file's ``setup`` (what decides the numbers) is
-    today's and the cell's generation plan fingerprint is the one scored; else the cell
-    is redone (a changed setup empties the file). Todo: name -> (manifest, table, fingerprint).
+    A cell's score is reused while its recorded identity -- the ``setup`` (what decides the
+    numbers) and the digest of the cell's manifest -- is today's; else the cell is redone.
+    Todo: name -> (manifest, table, identity digest).
     """
     cache = json.loads(path.read_text()) if path.is_file() else {}
-    if cache.get("setup") != setup:
-        cache = {"setup": setup, "cells": {}}
+    if cache.get("setup") != plain(setup):
+        cache = {"setup": plain(setup), "cells": {}}
     todo = {}
     for name, manifest in cells.items():
-        table, meta = read_manifest(manifest)
-        fingerprint = meta.extra.get("plan", {}).get("fingerprint")
-        if cache["cells"].get(name, {}).get("fingerprint") != fingerprint:
-            todo[name] = (manifest, table, fingerprint)
+        identity = Identity(setup, {"cell": file_digest(manifest)}).digest
+        if cache["cells"].get(name, {}).get("identity") != identity:
+            todo[name] = (manifest, read_manifest(manifest)[0], identity)
     info.update(cells=len(cells), cells_reused=len(cells) - len(todo), images=0)
     return cache, todo
 
 
-def cell_entry(table, fingerprint: str | None, seconds: float, **scores: Any) -> dict[str, Any]:
-    """One cell's record in a score file: its (w, λ), the scores, the plan fingerprint scored, time."""
+def cell_entry(table, identity: str, seconds: float, **scores: Any) -> dict[str, Any]:
+    """One cell's record in a score file: its (w, λ), the scores, the identity scored, time."""
     row = table.slice(0, 1).to_pylist()[0]
-    return {"w": row["w"], "lambda": row["lambda"], **scores, "fingerprint": fingerprint, "seconds": round(seconds, 3)}
+    return {"w": row["w"], "lambda": row["lambda"], **scores, "identity": identity, "seconds": round(seconds, 3)}
 
 
 def _size_of(todo: dict[str, tuple]) -> int:
@@ -536,10 +514,10 @@ def stage_judge(cfg: SweepConfig, out: Path, real_manifest: Path, cells: dict[st
     t0 = time.perf_counter()
     judge, cache["real"] = judge_on_real(np.stack([s.image for s in val]), np.stack([s.mask for s in val]), k, cfg.judge)
     train_seconds = time.perf_counter() - t0
-    for name, (manifest, table, fingerprint) in todo.items():
+    for name, (manifest, table, identity) in todo.items():
         t0 = time.perf_counter()
         scores = score_cell(judge, manifest, masks, k, cfg.judge.batch_size)
-        cache["cells"][name] = cell_entry(table, fingerprint, time.perf_counter() - t0 + train_seconds / len(todo), **scores)
+        cache["cells"][name] = cell_entry(table, identity, time.perf_counter() - t0 + train_seconds / len(todo), **scores)
         info["images"] += scores["samples"]
         print(f"    judge {name}: mIoU {scores['judge_miou']:.3f} vs mismatched {scores['judge_miou_mismatched']:.3f}",
               flush=True)
@@ -581,7 +559,11 @@ def score_cell(judge, manifest: Path, masks: dict[str, np.ndarray], num_classes:
 
 def stage_seg(cfg: SweepConfig, out: Path, real_manifest: Path, cells: dict[str, Path], runs: list[SegRun],
               info: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Every planned seg training; finished ones reused, interrupted ones resumed."""
+    """Every planned seg training; finished ones reused, interrupted ones resumed.
+
+    A run made with another config is refused (as for every stage); a run whose inputs
+    changed (a cell generated again) is trained again from scratch.
+    """
     from seg.train import train
 
     summaries: dict[str, dict[str, Any]] = {}
@@ -590,16 +572,19 @@ def stage_seg(cfg: SweepConfig, out: Path, real_manifest: Path, cells: dict[str,
         seg = seg_config_for(cfg, run)
         folder = out / "seg" / run.name
         manifests = [str(real_manifest)] + [str(cells[c]) for c in run.cells]
-        check_reuse(folder / "config.yaml", seg, RUN_ONLY["seg"], "seg run")
+        identity = stage_identity(seg, RUN_ONLY["seg"], {"real": file_digest(real_manifest),
+                                                         **{c: file_digest(cells[c]) for c in run.cells}})
+        recorded = Identity.load(folder)
+        if recorded is not None and identity.differences(recorded) and all(
+                d.startswith("input:") for d in identity.differences(recorded)):
+            shutil.rmtree(folder)  # trained on other synthetic sets: train again
+        identity.claim(folder, "seg run")
         summary_file = folder / "summary.json"
         if summary_file.is_file():
-            summary = json.loads(summary_file.read_text())
-            if summary.get("manifests") == manifests:
-                summaries[run.name] = summary
-                info["runs_reused"] += 1
-                print(f"    seg {i}/{len(runs)}: {run.name} (reused, mIoU {summary['miou']:.4f})", flush=True)
-                continue
-            summary_file.unlink()  # made from other synthetic sets: train again
+            summaries[run.name] = summary = json.loads(summary_file.read_text())
+            info["runs_reused"] += 1
+            print(f"    seg {i}/{len(runs)}: {run.name} (reused, mIoU {summary['miou']:.4f})", flush=True)
+            continue
         print(f"    seg {i}/{len(runs)}: {run.name}", flush=True)
         resume = (folder / "checkpoints" / "last.pt").is_file()
         summaries[run.name] = train(seg, manifests, folder, resume=resume)

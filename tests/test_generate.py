@@ -140,7 +140,11 @@ def test_rerun_with_a_different_plan_is_refused(ray_session, real: Path, tmp_pat
     cfg.plan.max_sources = 1
     run_generate(cfg, factory=standin_factory, progress=False)
     cfg.plan.lambdas = [0.25]
-    with pytest.raises(BadInputError, match="different \\['plan'\\]"):
+    with pytest.raises(BadInputError, match=r"synthetic set made from a different config or input \(differs in plan\)"):
+        run_generate(cfg, factory=standin_factory, progress=False)
+    cfg.plan.lambdas = [0.5, 1.0]
+    cfg.sampler.uncond = "hint+prompt"  # a sampler setting that changes the pixels is part of the identity too
+    with pytest.raises(BadInputError, match=r"differs in sampler.uncond"):
         run_generate(cfg, factory=standin_factory, progress=False)
 
 

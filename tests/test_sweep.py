@@ -14,10 +14,10 @@ from engine.errors import BadInputError
 from engine.manifest import DatasetInfo, sample_row, shard_rows, write_manifest
 from engine.shards import Sample, ShardWriter
 from experiments.sweep import (
-    FAST_OVERLAY, JUDGE_FILE, REPO, RUN_ONLY, SweepConfig, cell_name, check_reuse, config_diff, load_sweep_config, main,
+    FAST_OVERLAY, JUDGE_FILE, REPO, RUN_ONLY, SweepConfig, cell_name, load_sweep_config, main, stage_identity,
     plan_seg_runs, resolve_bases, stage_judge,
 )
-from engine.config import from_dict, save_config
+from engine.config import from_dict
 from seg.judge import derangement
 from seg_fixtures import CLASS_NAMES, make_real, make_scene
 from test_judge import brute_force
@@ -109,16 +109,17 @@ def test_bad_sweep_configs(sets, match):
 
 def test_reuse_refused_when_config_changed(tmp_path):
     cfg = load_sweep_config(DEMO)
-    save_config(cfg.seg, tmp_path / "config.yaml")
-    check_reuse(tmp_path / "config.yaml", cfg.seg, set(), "seg run")  # same config: fine
+    stage_identity(cfg.seg, RUN_ONLY["seg"], {"real": "abc"}).claim(tmp_path / "seg", "seg run")
+    assert stage_identity(cfg.seg, RUN_ONLY["seg"], {"real": "abc"}).claim(tmp_path / "seg", "seg run")  # same: reusable
     cfg.seg.train.steps += 1
     cfg.seg.optim.lr *= 2
     with pytest.raises(BadInputError, match=r"differs in optim\.lr, train\.steps"):
-        check_reuse(tmp_path / "config.yaml", cfg.seg, set(), "seg run")
-    assert config_diff({"a": {"b": 1}, "out": "x"}, {"a": {"b": 2}, "out": "y"}, {"out"}) == ["a.b"]
-    save_config(cfg.controlnet, tmp_path / "cn.yaml")
+        stage_identity(cfg.seg, RUN_ONLY["seg"], {"real": "abc"}).claim(tmp_path / "seg", "seg run")
+    stage_identity(cfg.controlnet, RUN_ONLY["controlnet"], {"real": "abc"}).claim(tmp_path / "cn", "ControlNet")
     cfg.controlnet.train.threads, cfg.controlnet.out = 7, "elsewhere"  # how it runs, not what it computes
-    check_reuse(tmp_path / "cn.yaml", cfg.controlnet, RUN_ONLY["controlnet"], "ControlNet")
+    assert stage_identity(cfg.controlnet, RUN_ONLY["controlnet"], {"real": "abc"}).claim(tmp_path / "cn", "ControlNet")
+    with pytest.raises(BadInputError, match=r"differs in input:real"):  # the real set changed under it
+        stage_identity(cfg.controlnet, RUN_ONLY["controlnet"], {"real": "def"}).claim(tmp_path / "cn", "ControlNet")
 
 
 def test_cli_reports_bad_input(capsys):
@@ -192,7 +193,7 @@ def test_judge_cache_is_reused_per_cell(judge_run, monkeypatch):
     _cell(out / "b", 1.0, "fb-regenerated")  # a cell generated again: only it is scored again
     again = stage_judge(cfg, out, real, cells, info)
     assert trained == [1] and scored == [cells["b"]] and again["cells"]["a"] == first["cells"]["a"]
-    assert again["cells"]["b"]["fingerprint"] == "fb-regenerated"
+    assert again["cells"]["b"]["identity"] != first["cells"]["b"]["identity"]
     assert again["cells"]["b"]["judge_miou"] == first["cells"]["b"]["judge_miou"]  # same judge: deterministic
     cfg.judge.steps = 3  # another judge: every cell again
     stage_judge(cfg, out, real, cells, info)

@@ -5,14 +5,15 @@ Output folder::
     <out>/syn-w2p00-l0p50-000000.tar ...   shards (one (w, λ) each)
     <out>/parts/<shard>.parquet            per-shard manifest parts (written by actors)
     <out>/manifest.parquet                 merged manifest, DatasetInfo(kind="synthetic")
-    <out>/config.yaml  <out>/run.json      the resolved config; what the shards were made from
+    <out>/config.yaml  <out>/identity.json the resolved config; what the shards were made from
     <out>/summary.json                     samples, shards, seconds, images/s, s/sample by λ
 
 Resume: a shard counts as done when its ``.tar`` and its part both exist and the part's
 keys, byte size and SHA-256 match the file; everything else of the plan is (re)done,
-``*.tmp`` leftovers and shards without a part are deleted first. ``run.json`` pins the
-plan fingerprint, model and sampler settings: rerunning into a folder made with other
-settings is refused instead of silently mixing two generations. ``.lock`` is held (flock)
+``*.tmp`` leftovers and shards without a part are deleted first. ``identity.json``
+(``engine.identity``) pins the plan fingerprint, the model's weights and the sampler
+settings: rerunning into a folder made with other settings is refused instead of silently
+mixing two generations. ``.lock`` is held (flock)
 for the whole run, so a second driver on the same folder is refused too; the kernel drops
 it when the driver dies, so a killed run never blocks its rerun.
 """
@@ -30,6 +31,7 @@ from typing import Any, Callable, Iterator
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from engine.identity import Identity
 from engine.atomic import write_json
 from engine.config import save_config, to_dict
 from engine.errors import BadInputError
@@ -41,16 +43,26 @@ from engine.manifest import DatasetInfo, merge_parts, read_manifest
 from engine.shards import sha256_file
 
 MANIFEST = "manifest.parquet"
-RUN_FILE = "run.json"
 SUMMARY = "summary.json"
 LOCK_FILE = ".lock"
 
 
-def run_identity(cfg: GenerateConfig, plan: Plan, model_dir: Path) -> dict[str, Any]:
-    """Everything that decides the pixels of the planned shards (batch size does not)."""
+def generation_identity(cfg: GenerateConfig, plan: Plan, model_dir: Path) -> Identity:
+    """Everything that decides the pixels of the planned shards (batch size, device and the
+    Ray layout do not): the plan, the sampler, the image format and the model's weights."""
     s = cfg.sampler
-    return {"plan": plan.fingerprint(), "model_dir": str(model_dir), "image_format": cfg.image_format,
-            "sampler": {"num_steps": s.num_steps, "spacing": s.spacing, "dtype": s.dtype, "resolution": s.resolution}}
+    sampler = {"num_steps": s.num_steps, "spacing": s.spacing, "uncond": s.uncond, "dtype": s.dtype,
+               "resolution": s.resolution, "resize": s.resize}
+    return Identity({"plan": plan.fingerprint(), "image_format": cfg.image_format, "sampler": sampler},
+                    {"model": model_weights_id(model_dir)})
+
+
+def model_weights_id(model_dir: Path) -> str:
+    """The model id its bundle records (a digest of its weights), or a fresh digest."""
+    from engine.models import BUNDLE_FILE, weights_digest
+
+    meta = model_dir / BUNDLE_FILE
+    return json.loads(meta.read_text()).get("model_id") if meta.is_file() else weights_digest(model_dir)
 
 
 @contextmanager
@@ -68,20 +80,6 @@ def exclusive_out_dir(out: Path) -> Iterator[None]:
             raise BadInputError(str(out), "another generate run is writing to this folder",
                                 "wait for it to finish (a rerun resumes), or choose another out_dir") from None
         yield
-
-
-def claim_out_dir(out: Path, identity: dict[str, Any]) -> None:
-    """Refuse an output folder made by another plan/model; else record this run's identity."""
-    file = out / RUN_FILE
-    if file.is_file():
-        old = json.loads(file.read_text())
-        diff = sorted(k for k in identity if old.get(k) != identity[k])
-        if diff:
-            raise BadInputError(
-                str(out), f"holds shards generated with different {diff}", "choose a new out_dir or delete this one"
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(file, identity)
 
 
 def shard_done(out: Path, unit: WorkUnit) -> bool:
@@ -159,7 +157,7 @@ def run_generate(
         raise BadInputError(str(model_dir), "model folder not found", "train one with jobs/train_controlnet.py first")
     plan = build_plan(cfg.plan, Path(cfg.real_manifest).resolve())
     with exclusive_out_dir(out):
-        claim_out_dir(out, run_identity(cfg, plan, model_dir))
+        generation_identity(cfg, plan, model_dir).claim(out, "synthetic set")  # refuses other plans / models
         save_config(cfg, out / "config.yaml")
         done, todo = resume_scan(out, plan.units)
         new_samples = sum(len(u.items) for u in todo)

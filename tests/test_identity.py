@@ -1,0 +1,30 @@
+"""The one reuse rule: recorded identity (config + input digests) equal, or refuse / redo."""
+
+import json
+
+import pytest
+
+from engine.errors import BadInputError
+from engine.identity import IDENTITY_FILE, Identity, drop_keys, file_digest
+
+
+def test_equal_identities_are_reusable_and_differences_are_named(tmp_path):
+    manifest = tmp_path / "m.parquet"
+    manifest.write_bytes(b"rows")
+    a = Identity({"train": {"steps": 10, "lr": 1e-3}, "model": {"kind": "tiny"}}, {"real": file_digest(manifest)})
+    assert a.claim(tmp_path / "out", "ControlNet") is False  # nothing recorded yet: records it
+    assert json.loads((tmp_path / "out" / IDENTITY_FILE).read_text())["digest"] == a.digest
+    same = Identity({"model": {"kind": "tiny"}, "train": {"lr": 1e-3, "steps": 10}}, {"real": file_digest(manifest)})
+    assert same.digest == a.digest and same.claim(tmp_path / "out", "ControlNet") is True
+    manifest.write_bytes(b"other rows")  # the input changed on disk
+    changed = Identity({"train": {"steps": 20, "lr": 1e-3}, "model": {"kind": "tiny"}}, {"real": file_digest(manifest)})
+    assert changed.differences(Identity.load(tmp_path / "out")) == ["train.steps", "input:real"]
+    with pytest.raises(BadInputError, match=r"differs in train.steps, input:real"):
+        changed.claim(tmp_path / "out", "ControlNet")
+
+
+def test_run_only_keys_are_left_out_and_tuples_equal_lists():
+    cfg = {"train": {"steps": 10, "device": "cuda", "log_every": 5}, "out": "runs/x", "sizes": (1, 2)}
+    kept = drop_keys(cfg, {"train.device", "train.log_every", "out"})
+    assert kept == {"train": {"steps": 10}, "sizes": (1, 2)}
+    assert Identity(kept).digest == Identity({"train": {"steps": 10}, "sizes": [1, 2]}).digest
