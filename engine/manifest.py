@@ -1,6 +1,6 @@
 """The Parquet manifest: one row per sample, the index every other part reads.
 
-Columns (DESIGN.md): key, shard (path relative to the manifest's folder, or a URL),
+Columns (docs/design.md): key, shard (path relative to the manifest's folder, or a URL),
 source_id, split, w, lambda, seed, height, width, classes (ids present), model, steps,
 seconds (generation time of the sample), status ("ok" or "skipped"), error (why a
 sample was skipped), and per shard: shard_samples, shard_bytes, shard_sha256.

@@ -130,7 +130,7 @@ class ScribbleSampler:
     def _as_eps(self, out: torch.Tensor, z: torch.Tensor, t: int) -> torch.Tensor:
         """The denoiser's output as ε. A v-prediction ``v = √ᾱ ε − √(1−ᾱ) x0`` gives
         ``ε = √ᾱ v + √(1−ᾱ) z``: affine in ``v`` for a fixed ``z``, so guiding the converted ε
-        is the same as guiding v, and DESIGN.md's ε formula holds for either model."""
+        is the same as guiding v, and docs/design.md's ε formula holds for either model."""
         if self.scheduler.config.prediction_type == "epsilon":
             return out
         a = self._alpha(t).to(out.device, out.dtype)

@@ -200,6 +200,10 @@ class StreamingData:
                     yield buf.pop(rng.randrange(len(buf)))
 
     def batch(self, step: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
+        """The next ``batch_size`` items of the stream. ``step`` and ``seed`` are ignored: a
+        stream cannot jump to a step without decoding everything before it, so a resumed
+        streaming run (the sd15 path) starts its data order afresh. Weights, optimizer, EMA and
+        each step's noise and dropout are still restored exactly; only the order differs."""
         items = [next(self._it) for _ in range(batch_size)]
         return np.stack([i[0] for i in items]), np.stack([i[1] for i in items]), [i[2] for i in items]
 

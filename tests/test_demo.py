@@ -1,6 +1,6 @@
 """The main job end to end with the ``--fast`` budget: every stage, the report, then a resume.
 
-Runs ``python -m jobs.demo --fast`` in a subprocess (exactly the README command, Ray
+Runs ``python -m jobs.demo --fast`` in a subprocess (exactly the README / docs/experiments.md command, Ray
 included), checks the report folder, that every manifest verifies and carries its
 compute metadata, that each scheme has a seg summary; then runs the same command again
 and checks that every stage was reused instead of redone.

@@ -1,7 +1,7 @@
 """Load test, reduced (benchmarks/load_test.py at 400 samples / 20 shards): flat memory, no fd leak.
 
 The full run (10,000 samples into 52 shards) is ``python benchmarks/load_test.py``; this one
-runs the same code on a 25th of the work and asserts what the README reports: the set
+runs the same code on a 25th of the work and asserts what docs/reliability.md reports: the set
 verifies, RSS of the driver and of every actor / loader worker stays flat from 25 % to
 100 % of the work, and no file descriptor is leaked per shard (counts do not grow).
 """

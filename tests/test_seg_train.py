@@ -217,7 +217,7 @@ def test_cli_synthetic_scheme_without_synthetic_manifest(data, tmp_path, capsys)
 
 
 def test_seg_never_imports_the_generator():
-    """DESIGN: seg shares only the shard format and manifest with engine (static check of every import)."""
+    """docs/design.md: seg shares only the shard format and manifest with engine (static check of every import)."""
     import ast
     from pathlib import Path
 

@@ -58,7 +58,7 @@ def folder_records(cfg: FolderSource) -> tuple[list[TaggedRecord], list[str]]:
     root = Path(cfg.root)
     images = sorted(p for p in (root / "images").glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
-        raise BadInputError(str(root / "images"), "no .jpg/.png images found", "see the folder layout in README")
+        raise BadInputError(str(root / "images"), "no .jpg/.png images found", "see the folder layout in docs/data.md")
     val_file = root / "val.txt"
     if val_file.is_file():
         val = {line.strip() for line in val_file.read_text().splitlines() if line.strip()}
