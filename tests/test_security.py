@@ -186,6 +186,8 @@ def test_private_ray_instances_keep_the_dashboard_off_and_on_localhost(monkeypat
     fake = _FakeRay()
     monkeypatch.setattr(ray, "is_initialized", fake.is_initialized)
     monkeypatch.setattr(ray, "init", fake.init)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("engine.generate.distributor._last_ray_start", lambda: None)  # this machine's record aside
     connect(address, local_cpus)
     (kwargs,) = fake.calls
     assert kwargs["include_dashboard"] is False and kwargs["dashboard_host"] == "127.0.0.1"
@@ -203,6 +205,7 @@ def test_an_explicit_cluster_address_is_passed_through_untouched(monkeypatch) ->
     fake = _FakeRay()
     monkeypatch.setattr(ray, "is_initialized", fake.is_initialized)
     monkeypatch.setattr(ray, "init", fake.init)
+    monkeypatch.setattr("engine.generate.distributor.check_reachable", lambda address, source: None)  # no cluster here
     assert connect("10.0.0.5:6379") == "cluster"
     assert fake.calls == [{"address": "10.0.0.5:6379"}]
 
@@ -283,3 +286,48 @@ def test_seg_never_reads_a_key_as_a_path(tmp_path: Path) -> None:
     from seg.stream import one_pass
 
     assert [s.key for s in one_pass(index.real, 0, 0, shuffle_buffer=0, split=False)] == ["ok"]
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("where", ["record", "env", "config"])
+def test_a_stale_cluster_address_fails_in_seconds_naming_it_and_the_fix(monkeypatch, where) -> None:
+    """A killed `ray start --head` leaves its record behind; ray.init would wait on it for minutes."""
+    import time
+
+    import ray
+
+    from engine.generate.distributor import connect
+
+    fake = _FakeRay()
+    monkeypatch.setattr(ray, "is_initialized", fake.is_initialized)
+    monkeypatch.setattr(ray, "init", fake.init)
+    dead = f"127.0.0.1:{_closed_port()}"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("engine.generate.distributor._last_ray_start", lambda: dead if where == "record" else None)
+    if where == "env":
+        monkeypatch.setenv("RAY_ADDRESS", dead)
+    t0 = time.perf_counter()
+    with pytest.raises(BadInputError) as err:
+        connect(dead if where == "config" else None)
+    assert time.perf_counter() - t0 < 10 and not fake.calls
+    message = str(err.value)
+    assert dead in message and "does not answer" in message
+    assert {"record": "ray stop", "env": "unset RAY_ADDRESS", "config": "ray.address: local"}[where] in message
+
+
+def test_a_live_cluster_address_passes_the_probe() -> None:
+    import socket
+
+    from engine.generate.distributor import check_reachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        check_reachable(f"127.0.0.1:{server.getsockname()[1]}", "ray.address in the config")  # no error

@@ -14,6 +14,7 @@ actor is left, when one unit keeps failing, or at once on a :class:`BadInputErro
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -27,6 +28,51 @@ from engine.generate.worker import ShardGenerator, ShardResult
 
 class GenerationError(RuntimeError):
     """The run cannot finish (units keep failing or every actor died); rerun resumes."""
+
+
+PROBE_SECONDS = 3.0  # a live GCS accepts a TCP connection at once; a stale record never will
+
+
+def _last_ray_start() -> str | None:
+    """The address Ray recorded at the last ``ray start`` on this machine (``ray_current_cluster``)."""
+    from ray._private.utils import read_ray_address
+
+    return read_ray_address()
+
+
+def cluster_address(address: str | None) -> tuple[str | None, str]:
+    """The cluster ``ray.init`` would join and where that address comes from (None: a new private instance)."""
+    if address and address != "local":
+        return address, "ray.address in the config"
+    if address == "local":
+        return None, "a private local instance"
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"], "$RAY_ADDRESS"
+    recorded = _last_ray_start()
+    return (recorded, "Ray's record of the last `ray start` on this machine") if recorded else (None, "a new local instance")
+
+
+def check_reachable(address: str | None, source: str, timeout: float = PROBE_SECONDS) -> None:
+    """Fail in seconds, naming the address, when a ``host:port`` cluster does not answer.
+
+    Without this, ``ray.init`` waits for a dead GCS for many minutes, silently (for
+    example after a ``ray start --head`` was killed: its record still names it).
+    """
+    if not address or "://" in address:  # ray:// clients and bad http:// addresses: Ray's own errors
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError):
+        pass
+    if source.startswith("Ray's record"):
+        hint = "the cluster it names is gone: `ray stop` clears the record, or set ray.address: local"
+    elif source == "$RAY_ADDRESS":
+        hint = "start that cluster, or unset RAY_ADDRESS to run locally"
+    else:
+        hint = "start that cluster (`ray start --head`), fix ray.address, or set ray.address: local"
+    raise BadInputError(f"Ray cluster {address} (from {source})", f"does not answer within {timeout:g} s", hint)
 
 
 def connect(address: str | None = None, local_num_cpus: int | None = None) -> str:
@@ -44,6 +90,7 @@ def connect(address: str | None = None, local_num_cpus: int | None = None) -> st
     if ray.is_initialized():
         return "existing"
     local = dict(address="local", num_cpus=local_num_cpus, include_dashboard=False, dashboard_host="127.0.0.1")
+    check_reachable(*cluster_address(address))
     try:
         if address == "local":
             ray.init(**local)
