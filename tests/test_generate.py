@@ -234,3 +234,28 @@ def test_real_tiny_model_through_ray_matches_a_direct_sampler_call(
         np.testing.assert_array_equal(sample.scribble, src.scribble)
         assert sample.meta["model"] == sampler.model_id and sample.meta["steps"] == sampler.steps_for(1.0) == 4
         assert sample.image.shape == (8, 8, 3)
+
+
+def test_actors_that_cannot_be_placed_stop_the_run_with_a_message(ray_session, real: Path, tmp_path: Path) -> None:
+    """Another job holds every CPU: the run stops after the placement timeout, naming what it asked for."""
+    import time
+
+    import ray
+
+    @ray.remote(num_cpus=2)
+    class Hog:
+        def ready(self) -> bool:
+            return True
+
+    hog = Hog.remote()
+    ray.get(hog.ready.remote())
+    try:
+        cfg = _cfg(real, tmp_path / "syn")
+        cfg.ray.placement_timeout_s = 2.0
+        t0 = time.perf_counter()
+        with pytest.raises(BadInputError, match=r"1 of 1 generation actors: were not placed and ready within 2 s: "
+                                                r"each asks for \{'num_cpus': 1(\.0)?, 'num_gpus': 0\}; the cluster has \{\} free of \{'CPU': 2.0\}"):
+            run_generate(cfg, factory=standin_factory, progress=False)
+        assert time.perf_counter() - t0 < 60
+    finally:
+        ray.kill(hog)

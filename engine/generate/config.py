@@ -114,6 +114,9 @@ class RayConfig:
     max_restarts: int = 3  # Ray restarts of a dead actor (model reloaded in __init__)
     unit_retries: int = 3  # re-runs of one shard after its actor died or its task failed
     inflight_per_actor: int = 2  # queued shards per actor, so an actor never waits on the driver
+    # Seconds for every actor to be placed and load its model; then the run stops naming the
+    # resources it asked for and what the cluster has (instead of waiting forever).
+    placement_timeout_s: float = 600.0
 
     def validate(self) -> None:
         if self.num_actors is not None and (not isinstance(self.num_actors, int) or self.num_actors < 1):
@@ -126,6 +129,8 @@ class RayConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise BadInputError(f"ray.{name}", f"must be an integer >= 0, got {value!r}")
+        if not self.placement_timeout_s > 0:
+            raise BadInputError("ray.placement_timeout_s", f"must be > 0, got {self.placement_timeout_s!r}")
         if not isinstance(self.inflight_per_actor, int) or self.inflight_per_actor < 1:
             raise BadInputError("ray.inflight_per_actor", f"must be an integer >= 1, got {self.inflight_per_actor!r}")
 

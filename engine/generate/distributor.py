@@ -160,13 +160,30 @@ class Distributor:
         self.actor_deaths = 0  # process deaths seen (each one consumed a Ray restart)
         self.unit_failures = 0  # unit attempts that failed (actor death or task error)
 
-    def pids(self) -> list[int]:
-        """Wait until every replica has loaded its model; their process ids."""
+    def pids(self, timeout: float | None = None) -> list[int]:
+        """Wait until every replica is placed and has loaded its model; their process ids.
+
+        After ``timeout`` seconds with actors still unplaced (or loading), stop with a
+        message that names what each actor asks for and what the cluster has free.
+        """
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
+        refs = [a.pid.remote() for a in self.actors]
+        _, waiting = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        if waiting:
+            for actor in self.actors:
+                ray.kill(actor)
+            asks = {k: v for k, v in self.shape.options.items() if k in ("num_cpus", "num_gpus", "resources")}
+            free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+            total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+            raise BadInputError(
+                f"{len(waiting)} of {len(refs)} generation actors",
+                f"were not placed and ready within {timeout:g} s: each asks for {asks}; the cluster has {free} free "
+                f"of {total}", "lower ray.num_actors or the per-actor resources, add nodes, or raise ray.placement_timeout_s",
+            )
         try:
-            return ray.get([a.pid.remote() for a in self.actors])
+            return ray.get(refs)
         except RayTaskError as exc:  # the model folder is bad: say so, like any bad input
             cause = _cause(exc)
             if isinstance(cause, BadInputError):

@@ -200,7 +200,7 @@ def _distribute(
     pool = Distributor(shape, actor_kwargs, cfg.ray.inflight_per_actor, cfg.ray.unit_retries)
     todo_samples = sum(len(u.items) for u in todo)
     try:
-        pool.pids()  # throughput is measured from when every replica has loaded its model
+        pool.pids(cfg.ray.placement_timeout_s)  # throughput is measured from when every replica has loaded its model
         t0 = time.perf_counter()
         with tqdm(total=plan.num_samples, initial=plan.num_samples - todo_samples, unit="img",
                   desc="generate", disable=not progress, smoothing=0.1) as bar:
