@@ -311,13 +311,22 @@ def _require(folder: Path, part: str, what: str = "") -> None:
         )
 
 
+def _low_memory_loading() -> dict[str, bool]:
+    """diffusers loads with ``low_cpu_mem_usage`` when ``accelerate`` is installed; without it,
+    asking for the fallback explicitly keeps its warning (once per component, in every
+    actor) out of the logs."""
+    import importlib.util
+
+    return {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
+
+
 def _load_parts(folder: Path, kind: str, dtype: torch.dtype | None, need_controlnet: bool) -> dict[str, Any]:
     """Load each component with its diffusers/transformers ``from_pretrained`` (local files only)."""
     from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
 
     from engine.text import ClassTokenEncoder, ClipTextConditioner
 
-    opts = dict(local_files_only=True, use_safetensors=True)
+    opts = dict(local_files_only=True, use_safetensors=True, **_low_memory_loading())
     for part in ("unet", "scheduler") + (("controlnet",) if need_controlnet else ()):
         _require(folder, f"{part}/config.json" if part != "scheduler" else "scheduler/scheduler_config.json", part)
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, **opts)

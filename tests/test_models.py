@@ -163,3 +163,14 @@ def test_onehot_hint_encodes_each_class_in_its_channel_and_round_trips(tmp_path)
     loaded = ScribbleGenModel.from_pretrained(tmp_path / "m").eval()
     assert loaded.hint_encoding == "onehot" and loaded.controlnet.config.conditioning_channels == len(CLASSES)
     torch.testing.assert_close(_eps(loaded, images, scr, names), eps)
+
+
+def test_loading_a_bundle_prints_no_accelerate_warning(tmp_path, capfd):
+    """Without accelerate, diffusers warned once per component in every actor (issue 13: log noise)."""
+    import importlib.util
+
+    build_tiny(MICRO, CLASSES, 16, seed=0).save_pretrained(tmp_path / "m")
+    capfd.readouterr()
+    ScribbleGenModel.from_pretrained(tmp_path / "m")
+    err = capfd.readouterr().err
+    assert importlib.util.find_spec("accelerate") is not None or "accelerate" not in err
