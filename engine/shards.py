@@ -142,11 +142,30 @@ class ShardInfo:
     seconds: float
 
 
+class _HashingFile:
+    """A write-only binary file that hashes what passes through it: the shard's SHA-256 is
+    known when the tar is closed, without reading the file back."""
+
+    def __init__(self, fh: Any) -> None:
+        self._fh, self.sha256 = fh, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self._fh.write(data)
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
 class ShardWriter:
     """Write exactly one shard atomically: to ``<name>.tmp`` first, renamed on close.
 
     A visible ``.tar`` is therefore always whole; a crash leaves only a ``.tmp`` that
-    resume deletes. Used as a context manager; an exception discards the temp file.
+    resume deletes. Used as a context manager; an exception discards the temp file. The
+    checksum is computed while writing (no second pass over the file).
     """
 
     def __init__(self, path: str | Path, image_format: str = "png") -> None:
@@ -156,7 +175,7 @@ class ShardWriter:
         self.tmp = self.path.with_name(self.path.name + TMP_SUFFIX)  # streamed into, renamed on close
         self.image_format = image_format
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.tmp, "wb")
+        self._fh = _HashingFile(open(self.tmp, "wb"))
         self._tar = wds.TarWriter(self._fh, encoder=False, mtime=0.0)
         self.keys: list[str] = []
         self._t0 = time.perf_counter()
@@ -178,7 +197,7 @@ class ShardWriter:
             path=self.path,
             keys=list(self.keys),
             num_bytes=self.path.stat().st_size,
-            sha256=sha256_file(self.path),
+            sha256=self._fh.sha256.hexdigest(),
             seconds=time.perf_counter() - self._t0,
         )
 

@@ -158,3 +158,19 @@ def test_bad_input_error_survives_pickling() -> None:
 
     err = pickle.loads(pickle.dumps(BadInputError("a.png", "truncated", "re-export it")))
     assert isinstance(err, BadInputError) and str(err) == "a.png: truncated (re-export it)" and err.hint == "re-export it"
+
+
+def test_shard_checksum_is_computed_while_writing(tmp_path, monkeypatch):
+    """close() returns the SHA-256 of the bytes on disk without reading the file back."""
+    import hashlib
+
+    import engine.shards as shards
+
+    monkeypatch.setattr(shards, "sha256_file", lambda *a, **k: pytest.fail("the shard was read back to hash it"))
+    with shards.ShardWriter(tmp_path / "s.tar") as writer:
+        for i in range(3):
+            image = np.full((8, 8, 3), 40 * i, np.uint8)
+            writer.write(shards.Sample(f"k{i}", image, np.zeros((8, 8), np.uint8), None, {"i": i}))
+        info = writer.close()
+    assert info.sha256 == hashlib.sha256((tmp_path / "s.tar").read_bytes()).hexdigest()
+    assert info.num_bytes == (tmp_path / "s.tar").stat().st_size
