@@ -255,11 +255,11 @@ def test_bad_input_in_an_actor_stops_the_run_without_half_outputs(ray_session, t
 def test_a_second_driver_on_the_same_folder_is_refused(real: Path, tmp_path: Path) -> None:
     """Two drivers would delete each other's unfinished shards; the lock dies with its holder
     (the driver-kill test below reruns right after SIGKILL)."""
-    from engine.generate.run import exclusive_out_dir
+    from engine.lock import exclusive_folder
 
     out = tmp_path / "syn"
     cfg = _cfg(real, out)
-    with exclusive_out_dir(out):  # the first driver, still running
+    with exclusive_folder(out):  # the first driver, still running
         with pytest.raises(BadInputError, match="another generate run is writing to this folder"):
             run_generate(cfg, factory=gen_fixtures.standin_factory, progress=False)
     assert sorted(p.name for p in out.iterdir()) == [".lock"]  # the refused run touched nothing

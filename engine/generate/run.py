@@ -13,24 +13,23 @@ keys, byte size and SHA-256 match the file; everything else of the plan is (re)d
 ``*.tmp`` leftovers and shards without a part are deleted first. ``identity.json``
 (``engine.identity``) pins the plan fingerprint, the model's weights and the sampler
 settings: rerunning into a folder made with other settings is refused instead of silently
-mixing two generations. ``.lock`` is held (flock)
-for the whole run, so a second driver on the same folder is refused too; the kernel drops
-it when the driver dies, so a killed run never blocks its rerun.
+mixing two generations. The folder's writer lock (``engine.lock``: flock, or an owner file
+with a heartbeat where the filesystem has no flock) is held for the whole run, so a
+second driver on the same folder is refused too; a killed driver never blocks its rerun.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from engine.lock import exclusive_folder
 from engine.identity import Identity
 from engine.atomic import write_json
 from engine.config import save_config, to_dict
@@ -44,7 +43,6 @@ from engine.shards import sha256_file
 
 MANIFEST = "manifest.parquet"
 SUMMARY = "summary.json"
-LOCK_FILE = ".lock"
 
 
 def generation_identity(cfg: GenerateConfig, plan: Plan, model_dir: Path) -> Identity:
@@ -63,23 +61,6 @@ def model_weights_id(model_dir: Path) -> str:
 
     meta = model_dir / BUNDLE_FILE
     return json.loads(meta.read_text()).get("model_id") if meta.is_file() else weights_digest(model_dir)
-
-
-@contextmanager
-def exclusive_out_dir(out: Path) -> Iterator[None]:
-    """Hold ``out/.lock`` while the block runs; refuse if another driver holds it.
-
-    Two drivers on one folder would delete each other's unfinished shards on resume and
-    merge manifests whose checksums the other run has just made stale.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOCK_FILE, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BadInputError(str(out), "another generate run is writing to this folder",
-                                "wait for it to finish (a rerun resumes), or choose another out_dir") from None
-        yield
 
 
 def shard_done(out: Path, unit: WorkUnit) -> bool:
@@ -156,7 +137,7 @@ def run_generate(
     if not model_dir.is_dir():
         raise BadInputError(str(model_dir), "model folder not found", "train one with jobs/train_controlnet.py first")
     plan = build_plan(cfg.plan, Path(cfg.real_manifest).resolve())
-    with exclusive_out_dir(out):
+    with exclusive_folder(out):
         generation_identity(cfg, plan, model_dir).claim(out, "synthetic set")  # refuses other plans / models
         save_config(cfg, out / "config.yaml")
         done, todo = resume_scan(out, plan.units)
