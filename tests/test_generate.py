@@ -259,3 +259,11 @@ def test_actors_that_cannot_be_placed_stop_the_run_with_a_message(ray_session, r
         assert time.perf_counter() - t0 < 60
     finally:
         ray.kill(hog)
+
+
+def test_expensive_units_run_first(ray_session, real: Path, tmp_path: Path) -> None:
+    """One actor, one unit in flight: results arrive in dispatch order, highest λ first."""
+    cfg = _cfg(real, tmp_path / "syn", num_actors=1, inflight_per_actor=1)
+    seen: list[float] = []
+    run_generate(cfg, factory=standin_factory, progress=False, on_result=lambda r: seen.append(r.lam))
+    assert seen == sorted(seen, reverse=True) and seen[0] == 1.0 and len(seen) == 6

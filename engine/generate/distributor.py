@@ -197,7 +197,9 @@ class Distributor:
         import ray
         from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
-        pending = deque(units)
+        # Longest first: the expensive units (high λ: more steps with truncate spacing, larger
+        # shards) start early, so the run does not end waiting on one slow unit at the tail.
+        pending = deque(sorted(units, key=lambda u: (-u.lam, -len(u.items), u.index)))
         attempts: Counter[int] = Counter()
         tasks: dict[Any, tuple[int, WorkUnit | None]] = {}  # ref -> (actor, unit); unit None = probe
         load = [0] * len(self.actors)
