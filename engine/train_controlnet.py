@@ -335,6 +335,11 @@ def train(cfg: TrainControlNetConfig, resume: bool = False, progress: bool = Tru
 
     tc = cfg.train
     device = pick_device(tc.device)
+    if cfg.model.kind == "sd15" and tc.device == "auto" and device.type == "cpu":
+        raise BadInputError(  # never a silent CPU fallback for a multi-day job
+            "train.device=auto", "found no GPU for SD 1.5 ControlNet training (it would run for days on CPU)",
+            "run it on a GPU node (e.g. ray job submit to a cluster with GPUs), or set train.device=cpu to insist",
+        )
     if device.type == "cpu":
         torch.set_num_threads(tc.threads or len(os.sched_getaffinity(0)))  # cores we may use, not all cores
     out = Path(cfg.out)

@@ -169,3 +169,13 @@ def test_step_budget_projects_the_steps_a_time_box_allows():
     assert budget.step_done(29) and budget.total == 29  # the box ended it: the bar ends full
     untimed = StepBudget(steps=50, max_minutes=0.0, clock=lambda: now[0])
     assert not untimed.step_done(10) and untimed.total == 50
+
+
+def test_sd15_with_device_auto_never_falls_back_to_cpu_silently(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = from_dict(TrainControlNetConfig, {"model": {"kind": "sd15", "pretrained": str(tmp_path / "sd15")},
+                                            "data": {"manifest": str(tmp_path / "m.parquet")}, "out": str(tmp_path / "o")})
+    with pytest.raises(BadInputError, match=r"train.device=auto: found no GPU for SD 1.5 .*train.device=cpu to insist"):
+        train(cfg, progress=False)
