@@ -16,6 +16,7 @@ MICRO = TinyArch(
     block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8, attention_head_dim=4,
     norm_num_groups=4, conditioning_channels=8, text_tokens=4,
+    beta_schedule="linear", prediction_type="epsilon",  # the micro model's own choice, not TinyArch's defaults
 )
 
 
