@@ -396,8 +396,9 @@ def generate_config_for(cfg: SweepConfig, out: Path, real_manifest: Path, model_
 
 
 def stage_generate(cfg: SweepConfig, out: Path, real_manifest: Path, model_dir: Path, info: dict[str, Any]) -> dict[str, Path]:
-    """One generation per (w, λ) cell (resumed where it stopped); cell name -> manifest."""
-    from engine.generate import run_generate
+    """One generation per (w, λ) cell (resumed where it stopped), all cells on ONE actor pool
+    (the model is loaded once per replica); cell name -> manifest."""
+    from engine.generate import run_generate_sets
     from engine.generate.run import MANIFEST, SUMMARY
 
     cells = [(w, lam) for w in cfg.grid.w for lam in cfg.grid.lambdas]
@@ -408,14 +409,14 @@ def stage_generate(cfg: SweepConfig, out: Path, real_manifest: Path, model_dir: 
         done = (Path(gen.out_dir) / SUMMARY).is_file() and (Path(gen.out_dir) / MANIFEST).is_file()
         manifests[cell_name(w, lam)] = Path(gen.out_dir) / MANIFEST
         if not done or not _generation_current(gen):
-            todo.append(gen)  # run_generate resumes it, or refuses a folder made with another identity
+            todo.append(gen)  # generation resumes it, or refuses a folder made with another identity
     info.update(cells=len(cells), cells_reused=len(cells) - len(todo), images=0, images_this_run=0)
     if todo:
+        for gen in todo:
+            print(f"    cell w={gen.plan.w[0]:g} λ={gen.plan.lambdas[0]:g} -> {gen.out_dir}", flush=True)
         with ray_session(cfg.generate.ray.address, cfg.generate.ray.local_num_cpus):
-            for i, gen in enumerate(todo, 1):
-                print(f"    cell {i}/{len(todo)}: w={gen.plan.w[0]:g} λ={gen.plan.lambdas[0]:g} -> {gen.out_dir}", flush=True)
-                summary = run_generate(gen)
-                info["images_this_run"] += summary["samples_this_run"]
+            summaries = run_generate_sets(todo)
+        info["images_this_run"] = sum(s["samples_this_run"] for s in summaries)
     for m in manifests.values():
         info["images"] += json.loads((m.parent / SUMMARY).read_text())["samples"]
     return manifests

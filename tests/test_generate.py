@@ -273,3 +273,27 @@ def test_expensive_units_run_first(ray_session, real: Path, tmp_path: Path) -> N
     seen: list[float] = []
     run_generate(cfg, factory=standin_factory, progress=False, on_result=lambda r: seen.append(r.lam))
     assert seen == sorted(seen, reverse=True) and seen[0] == 1.0 and len(seen) == 6
+
+
+def test_several_sets_share_one_actor_pool_and_stay_separate(ray_session, real: Path, tmp_path: Path, monkeypatch) -> None:
+    """A sweep's cells: one pool (the model loaded once per replica), one folder, manifest and summary per set."""
+    import engine.generate.run as run_mod
+    from engine.generate import run_generate_sets
+
+    pools = []
+    real_distribute = run_mod._distribute
+    monkeypatch.setattr(run_mod, "_distribute", lambda *a, **k: pools.append(1) or real_distribute(*a, **k))
+    a, b = _cfg(real, tmp_path / "a"), _cfg(real, tmp_path / "b")
+    a.plan.lambdas, b.plan.lambdas = [0.5], [1.0]
+    summaries = run_generate_sets([a, b], factory=standin_factory, progress=False)
+    assert pools == [1] and [s["samples"] for s in summaries] == [12, 12]
+    assert all(s["sets_in_pool"] == 2 and s["pool_samples_this_run"] == 24 for s in summaries)
+    for cfg, lam in ((a, 0.5), (b, 1.0)):
+        out = Path(cfg.out_dir)
+        report = verify_manifest(out / "manifest.parquet")
+        assert report.ok and report.samples == 12, report.problems
+        assert set(read_manifest(out / "manifest.parquet")[0]["lambda"].to_pylist()) == {lam}
+        assert sorted(_keys(out / "manifest.parquet")) == sorted(k for u in build_plan(cfg.plan, real).units for k in u.keys)
+    b.sampler.num_steps = 7  # sets that do not share the actors' settings are refused before any work
+    with pytest.raises(BadInputError, match="differs from the others"):
+        run_generate_sets([a, b], factory=standin_factory, progress=False)

@@ -54,13 +54,18 @@ class WorkItem:
 
 @dataclass(frozen=True)
 class WorkUnit:
-    """One output shard: its file name (relative to the output folder), w, λ and items."""
+    """One output shard: its file name (relative to the output folder), w, λ and items.
+
+    ``out_dir`` names the folder when one actor pool serves several sets (a sweep's
+    cells); empty means the actor's own output folder.
+    """
 
     index: int
     shard: str
     w: float
     lam: float
     items: tuple[WorkItem, ...]
+    out_dir: str = ""
 
     @property
     def keys(self) -> list[str]:

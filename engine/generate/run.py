@@ -23,14 +23,14 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from engine.lock import exclusive_folder
-from engine.identity import Identity
 from engine.atomic import write_json
 from engine.config import save_config, to_dict
 from engine.errors import BadInputError
@@ -38,6 +38,8 @@ from engine.generate.config import GenerateConfig
 from engine.generate.distributor import Distributor, connect, pool_shape
 from engine.generate.plan import Plan, WorkUnit, build_plan
 from engine.generate.worker import PARTS_DIR, SamplerFactory, ShardResult, load_sampler, part_path
+from engine.identity import Identity
+from engine.lock import exclusive_folder
 from engine.manifest import DatasetInfo, merge_parts, read_manifest
 
 MANIFEST = "manifest.parquet"
@@ -109,7 +111,9 @@ def summarize(parts: list[Path], stats: dict[str, Any]) -> dict[str, Any]:
     by_lam: dict[float, list[float]] = defaultdict(list)
     for row in rows:
         by_lam[row["lambda"]].append(row["seconds"])
-    new, secs = stats.get("samples_this_run", 0), stats.get("generate_seconds", 0.0)
+    # Sets that shared an actor pool share its wall time: their rate is the pool's.
+    new = stats.get("pool_samples_this_run", stats.get("samples_this_run", 0))
+    secs = stats.get("generate_seconds", 0.0)
     return {
         "samples": len(rows),
         "shards": len(parts),
@@ -135,36 +139,84 @@ def run_generate(
     ``factory`` builds each actor's sampler (tests pass a stand-in); ``on_result`` is
     called on the driver after every finished shard (tests use it to inject faults).
     """
+    return run_generate_sets([cfg], factory, on_result, progress)[0]
+
+
+def _pool_key(cfg: GenerateConfig) -> dict[str, Any]:
+    """What every set served by one actor pool must share (the actors are built from it)."""
+    return {"model_dir": str(Path(cfg.model_dir).resolve()), "real_manifest": str(Path(cfg.real_manifest).resolve()),
+            "sampler": to_dict(cfg.sampler), "ray": to_dict(cfg.ray), "image_format": cfg.image_format,
+            "source_cache_shards": cfg.source_cache_shards}
+
+
+def run_generate_sets(
+    cfgs: list[GenerateConfig],
+    factory: SamplerFactory = load_sampler,
+    on_result: Callable[[ShardResult], None] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Generate several sets (a sweep's (w, λ) cells) with ONE actor pool; a summary each.
+
+    The sets must share the model, the real manifest, the sampler and the Ray settings
+    (they differ in plan and ``out_dir``). Each replica loads the model once; the units of
+    every set share one queue, longest first. Each set keeps its own folder, lock,
+    identity, manifest and summary, exactly as if it had been generated alone.
+    """
+    if not cfgs:
+        return []
+    key = _pool_key(cfgs[0])
+    for cfg in cfgs[1:]:
+        if _pool_key(cfg) != key:
+            raise BadInputError(f"generate set {cfg.out_dir}", "differs from the others in model, real manifest, "
+                                "sampler or Ray settings", "generate it on its own")
     t_start = time.perf_counter()
-    out = Path(cfg.out_dir).resolve()
-    model_dir = Path(cfg.model_dir).resolve()
+    model_dir = Path(cfgs[0].model_dir).resolve()
     if not model_dir.is_dir():
         raise BadInputError(str(model_dir), "model folder not found", "train one with jobs/train_controlnet.py first")
-    plan = build_plan(cfg.plan, Path(cfg.real_manifest).resolve())
-    with exclusive_folder(out):
-        generation_identity(cfg, plan, model_dir).claim(out, "synthetic set")  # refuses other plans / models
-        save_config(cfg, out / "config.yaml")
-        done, todo = resume_scan(out, plan.units)
-        new_samples = sum(len(u.items) for u in todo)
-        stats: dict[str, Any] = {"samples_this_run": new_samples, "shards_resumed": len(done), "generate_seconds": 0.0}
+    outs = [Path(cfg.out_dir).resolve() for cfg in cfgs]
+    if len(set(outs)) != len(outs):
+        raise BadInputError("generate sets", "two sets share one out_dir", "give every set its own folder")
+    plans = [build_plan(cfg.plan, Path(cfg.real_manifest).resolve()) for cfg in cfgs]
+    with ExitStack() as locks:
+        todo: list[WorkUnit] = []
+        stats: list[dict[str, Any]] = []
+        for cfg, plan, out in zip(cfgs, plans, outs):
+            locks.enter_context(exclusive_folder(out))
+            generation_identity(cfg, plan, model_dir).claim(out, "synthetic set")  # refuses other plans / models
+            save_config(cfg, out / "config.yaml")
+            done, left = resume_scan(out, plan.units)
+            todo += [replace(u, out_dir=str(out) if len(cfgs) > 1 else "") for u in left]
+            stats.append({"samples_this_run": sum(len(u.items) for u in left), "shards_resumed": len(done),
+                          "generate_seconds": 0.0})
         if todo:
+            todo = [replace(u, index=i) for i, u in enumerate(todo)]  # one queue: indices unique across sets
+            total = sum(p.num_samples for p in plans)
             try:
-                stats.update(_distribute(cfg, plan, todo, model_dir, out, factory, on_result, progress))
+                pool_stats = _distribute(cfgs[0], plans[0].class_names, total, todo, model_dir, outs[0], factory,
+                                         on_result, progress)
             finally:  # a failed run stops its actors mid-unit: leave whole shards only (rerun resumes)
-                remove_temp_files(out)
-        stats["seconds"] = round(time.perf_counter() - t_start, 3)
-        parts = [part_path(out, u.shard) for u in plan.units]
-        summary = summarize(parts, stats)
-        info = DatasetInfo(plan.class_names, "synthetic", {
-            "config": to_dict(cfg), "plan": plan.summary(), "compute": summary, "shard_stats": _shard_stats(parts)})
-        merge_parts(parts, out / MANIFEST, info)
-        write_json(out / SUMMARY, summary)
-        return summary
+                for out in outs:
+                    remove_temp_files(out)
+            pooled = sum(len(u.items) for u in todo)
+            for st in stats:
+                st.update(pool_stats, sets_in_pool=len(cfgs), pool_samples_this_run=pooled)
+        summaries = []
+        for cfg, plan, out, st in zip(cfgs, plans, outs, stats):
+            st["seconds"] = round(time.perf_counter() - t_start, 3)
+            parts = [part_path(out, u.shard) for u in plan.units]
+            summary = summarize(parts, st)
+            info = DatasetInfo(plan.class_names, "synthetic", {
+                "config": to_dict(cfg), "plan": plan.summary(), "compute": summary, "shard_stats": _shard_stats(parts)})
+            merge_parts(parts, out / MANIFEST, info)
+            write_json(out / SUMMARY, summary)
+            summaries.append(summary)
+        return summaries
 
 
 def _distribute(
     cfg: GenerateConfig,
-    plan: Plan,
+    class_names: list[str],
+    total_samples: int,
     todo: list[WorkUnit],
     model_dir: Path,
     out: Path,
@@ -178,7 +230,7 @@ def _distribute(
 
     shape = pool_shape(cfg, ray.cluster_resources())
     actor_kwargs = dict(
-        model_dir=str(model_dir), out_dir=str(out), class_names=plan.class_names, sampler_cfg=cfg.sampler,
+        model_dir=str(model_dir), out_dir=str(out), class_names=class_names, sampler_cfg=cfg.sampler,
         device=shape.device, image_format=cfg.image_format, source_cache_shards=cfg.source_cache_shards,
         num_threads=max(1, int(cfg.ray.num_cpus_per_actor)), factory=factory,
     )
@@ -187,7 +239,7 @@ def _distribute(
     try:
         pool.pids(cfg.ray.placement_timeout_s)  # throughput is measured from when every replica has loaded its model
         t0 = time.perf_counter()
-        with tqdm(total=plan.num_samples, initial=plan.num_samples - todo_samples, unit="img",
+        with tqdm(total=total_samples, initial=total_samples - todo_samples, unit="img",
                   desc="generate", disable=not progress, smoothing=0.1) as bar:
 
             def advance(result: ShardResult) -> None:

@@ -244,12 +244,13 @@ class ShardGenerator:
         """Sample the unit batch by batch; PNG/JPEG encoding and writing of batch k run in a
         background thread while batch k+1 is sampled, so the accelerator does not wait on I/O."""
         t0 = time.perf_counter()
+        out_dir = Path(unit.out_dir) if unit.out_dir else self.out_dir
         sources = fit_sources(self.cache.get(unit.items), self.resolution, self.resize)
         load_s = time.perf_counter() - t0
         steps = self.sampler.steps_for(unit.lam)
         rows: list[dict[str, Any]] = []
         sample_s = 0.0
-        with ShardWriter(self.out_dir / unit.shard, self.image_format) as writer, ThreadPoolExecutor(1) as io:
+        with ShardWriter(out_dir / unit.shard, self.image_format) as writer, ThreadPoolExecutor(1) as io:
             pending: Future | None = None
             for batch in batches(unit.items, sources, self.batch_size):
                 tb = time.perf_counter()
@@ -267,5 +268,5 @@ class ShardGenerator:
             unit.index, unit.shard, len(rows), unit.w, unit.lam, steps, time.perf_counter() - t0, sample_s, os.getpid()
         )
         part_info = DatasetInfo(self.class_names, "synthetic", {"shard_stats": result.stats()})
-        write_manifest(shard_rows(rows, info, self.out_dir), part_path(self.out_dir, unit.shard), part_info)
+        write_manifest(shard_rows(rows, info, out_dir), part_path(out_dir, unit.shard), part_info)
         return result
