@@ -132,7 +132,10 @@ class SweepConfig:
 
     name: str = "demo"
     out: str = "runs/demo"
-    threads: int = 0  # torch threads of this process for FID and seg (0 = all cores); ControlNet: controlnet.train.threads
+    threads: int = 0  # torch threads of this process for FID and the judge (0 = all cores); ControlNet: controlnet.train.threads
+    # Seg runs are Ray tasks, as many at once as the cluster holds: each asks for this many
+    # CPUs (its torch threads) and, where the cluster has GPUs, one GPU.
+    seg_cpus_per_run: float = 1.0
     real_manifest: str | None = None  # use this real set instead of ingesting
     model_dir: str | None = None  # use this trained model instead of training one
     ingest: IngestConfig = field(default_factory=IngestConfig)
@@ -165,6 +168,8 @@ class SweepConfig:
                 raise BadInputError(f"{where}={value}", f"is not in the grid {allowed}", "add it to grid.w / grid.lambdas")
         if self.threads < 0:
             raise BadInputError(f"threads={self.threads}", "must be >= 0 (0 = all cores)")
+        if not self.seg_cpus_per_run > 0:
+            raise BadInputError(f"seg_cpus_per_run={self.seg_cpus_per_run}", "must be > 0")
         if self.report.grid_sources < 0:
             raise BadInputError(f"report.grid_sources={self.report.grid_sources}", "must be >= 0")
 
@@ -560,16 +565,17 @@ def score_cell(judge, manifest: Path, masks: dict[str, np.ndarray], num_classes:
 
 def stage_seg(cfg: SweepConfig, out: Path, real_manifest: Path, cells: dict[str, Path], runs: list[SegRun],
               info: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Every planned seg training; finished ones reused, interrupted ones resumed.
+    """Every planned seg training, as parallel Ray tasks; finished ones reused, interrupted ones resumed.
 
     A run made with another config is refused (as for every stage); a run whose inputs
-    changed (a cell generated again) is trained again from scratch.
+    changed (a cell generated again) is trained again from scratch. The trainings run off
+    the driver, as many at once as the cluster's resources allow (``seg_cpus_per_run``
+    CPUs each, plus a GPU each where there are GPUs).
     """
-    from seg.train import train
-
     summaries: dict[str, dict[str, Any]] = {}
     info.update(runs=len(runs), runs_reused=0)
-    for i, run in enumerate(runs, 1):
+    todo = []
+    for run in runs:
         seg = seg_config_for(cfg, run)
         folder = out / "seg" / run.name
         manifests = [str(real_manifest)] + [str(cells[c]) for c in run.cells]
@@ -584,13 +590,47 @@ def stage_seg(cfg: SweepConfig, out: Path, real_manifest: Path, cells: dict[str,
         if summary_file.is_file():
             summaries[run.name] = summary = json.loads(summary_file.read_text())
             info["runs_reused"] += 1
-            print(f"    seg {i}/{len(runs)}: {run.name} (reused, mIoU {summary['miou']:.4f})", flush=True)
+            print(f"    seg {run.name} (reused, mIoU {summary['miou']:.4f})", flush=True)
             continue
-        print(f"    seg {i}/{len(runs)}: {run.name}", flush=True)
-        resume = (folder / "checkpoints" / "last.pt").is_file()
-        summaries[run.name] = train(seg, manifests, folder, resume=resume)
-        print(f"    mIoU {summaries[run.name]['miou']:.4f} in {summaries[run.name]['seconds']:.1f} s", flush=True)
-    return summaries
+        todo.append((run.name, seg, manifests, folder))
+    if todo:
+        with ray_session(cfg.generate.ray.address, cfg.generate.ray.local_num_cpus):
+            summaries.update(_train_seg_runs(todo, cfg.seg_cpus_per_run))
+    return {r.name: summaries[r.name] for r in runs}
+
+
+def _train_seg(seg: SegConfig, manifests: list[str], folder: str) -> dict[str, Any]:
+    """One seg training inside a Ray task (resumed from its checkpoint if there is one)."""
+    from seg.train import train
+
+    return train(seg, manifests, folder, resume=(Path(folder) / "checkpoints" / "last.pt").is_file())
+
+
+def _train_seg_runs(todo: list[tuple[str, SegConfig, list[str], Path]], cpus: float) -> dict[str, dict[str, Any]]:
+    """Submit every run as a task; collect summaries as they finish (a failure cancels the rest)."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
+    task = ray.remote(_train_seg).options(num_cpus=cpus, num_gpus=gpus, max_retries=0,
+                                          runtime_env={"env_vars": {"TQDM_DISABLE": "1"}})  # no interleaved bars
+    refs = {task.remote(seg, manifests, str(folder)): name for name, seg, manifests, folder in todo}
+    print(f"    {len(refs)} seg run(s) as Ray tasks ({cpus:g} CPU{', 1 GPU' if gpus else ''} each)", flush=True)
+    done: dict[str, dict[str, Any]] = {}
+    try:
+        while refs:
+            (ref,), _ = ray.wait(list(refs), num_returns=1)
+            name = refs.pop(ref)
+            try:
+                done[name] = ray.get(ref)
+            except RayTaskError as exc:
+                cause = getattr(exc, "cause", None)
+                raise (cause if isinstance(cause, BadInputError) else exc) from None
+            print(f"    seg {name}: mIoU {done[name]['miou']:.4f} in {done[name]['seconds']:.1f} s", flush=True)
+    finally:
+        for ref in refs:
+            ray.cancel(ref, force=True)
+    return done
 
 
 @contextmanager
@@ -658,8 +698,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
                                    f"{JUDGE_SPLIT}) -> {out / JUDGE_FILE}") as info, torch_threads(cfg.threads):
             stage_judge(cfg, out, real, cells, info)
     if runs:
-        with stages.stage("seg", f"train {len(runs)} segmentation model(s) -> {out / 'seg'}") as info, \
-                torch_threads(cfg.threads):
+        with stages.stage("seg", f"train {len(runs)} segmentation model(s) -> {out / 'seg'}") as info:
             stage_seg(cfg, out, real, cells, runs, info)
     with stages.stage("report", f"report -> {report_dir}") as info:
         record["wall_seconds"] = round(time.perf_counter() - t_start, 3)
