@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -31,6 +32,8 @@ class GenerationError(RuntimeError):
 
 
 PROBE_SECONDS = 3.0  # a live GCS accepts a TCP connection at once; a stale record never will
+REPROBE_S = 1.0  # how often an actor that Ray is restarting (its node died) is asked again
+RESTART_WAIT_S = 180.0  # how long such an actor may stay unavailable before it is given up
 
 
 def _last_ray_start() -> str | None:
@@ -195,7 +198,7 @@ class Distributor:
     def run(self, units: list[WorkUnit], on_result: Callable[[ShardResult], None] | None = None) -> list[ShardResult]:
         """Run every unit once, successfully, on some actor; return the results as they came."""
         import ray
-        from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
         # Longest first: the expensive units (high λ: more steps with truncate spacing, larger
         # shards) start early, so the run does not end waiting on one slow unit at the tail.
@@ -206,10 +209,15 @@ class Distributor:
         state = ["ok"] * len(self.actors)  # ok | probing | dead
         probes = [0] * len(self.actors)
         results: list[ShardResult] = []
+        # An actor whose node died is "temporarily unavailable" while Ray restarts it on
+        # another node: it is probed again every REPROBE_S until it answers, for up to
+        # RESTART_WAIT_S, without using up its restarts.
+        reprobe_at: dict[int, float] = {}
+        unavailable_since: dict[int, float] = {}
 
-        def probe(i: int) -> None:
+        def probe(i: int, count: bool = True) -> None:
             state[i] = "probing"
-            probes[i] += 1
+            probes[i] += count
             tasks[self.actors[i].pid.remote()] = (i, None)
 
         def retry(unit: WorkUnit, why: BaseException) -> None:
@@ -223,21 +231,31 @@ class Distributor:
             pending.appendleft(unit)
 
         while pending or any(u is not None for _, u in tasks.values()):
+            for i in [i for i, t in reprobe_at.items() if time.monotonic() >= t]:
+                del reprobe_at[i]
+                probe(i, count=False)
             for i, actor in enumerate(self.actors):
                 while state[i] == "ok" and load[i] < self.inflight and pending:
                     unit = pending.popleft()
                     tasks[actor.run.remote(unit)] = (i, unit)
                     load[i] += 1
-            if not tasks:
+            if not tasks and not reprobe_at:
                 raise GenerationError(f"all {len(self.actors)} generation actors died; rerun to resume")
-            [ref], _ = ray.wait(list(tasks), num_returns=1)
+            ready, _ = ray.wait(list(tasks), num_returns=1, timeout=REPROBE_S if reprobe_at else None)
+            if not ready:
+                continue
+            ref = ready[0]
             i, unit = tasks.pop(ref)
             if unit is None:  # a probe of a restarted actor
                 try:
                     ray.get(ref)
                     state[i] = "ok"
+                    unavailable_since.pop(i, None)
                 except RayActorError as exc:
-                    if isinstance(exc, ActorDiedError) or probes[i] >= self.max_probes:
+                    waited = time.monotonic() - unavailable_since.setdefault(i, time.monotonic())
+                    if isinstance(exc, ActorUnavailableError) and waited < RESTART_WAIT_S:
+                        reprobe_at[i] = time.monotonic() + REPROBE_S  # being restarted elsewhere: ask again soon
+                    elif isinstance(exc, ActorDiedError) or probes[i] >= self.max_probes:
                         state[i] = "dead"
                         print(f"generate: actor {i} is gone for good: {str(exc).splitlines()[0]}", file=sys.stderr)
                     else:
