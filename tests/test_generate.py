@@ -231,7 +231,7 @@ def test_real_tiny_model_through_ray_matches_a_direct_sampler_call(
     sampler = load_sampler(str(tiny_model), "cpu", cfg.sampler)
     unit = build_plan(cfg.plan, real).units[1]  # λ = 1: all 4 steps
     got = list(read_shard(tmp_path / "syn" / unit.shard))
-    sources = fit_sources({s.key: s for s in read_shard(unit.items[0].source_shard)}, 8, "crop")
+    sources = fit_sources({s.key: s for s in read_shard(unit.items[0].source_shard)}, 8, cfg.sampler.resize)
     for sample, item in zip(got, unit.items):
         src = sources[item.source_id]
         names = names_for_ids(np.unique(src.scribble), CLASS_NAMES)
