@@ -62,6 +62,14 @@ def test_a_worker_node_killed_mid_run_loses_nothing(tmp_path: Path) -> None:
         assert sorted(keys) == sorted(k for u in plan.units for k in u.keys)
         report = verify_manifest(manifest)
         assert report.ok, report.problems
+
+        # A folder that a node cannot see is refused before any actor starts (here: one no node has).
+        from engine.errors import BadInputError
+        from engine.generate.distributor import check_visible_everywhere
+
+        check_visible_everywhere([str(tmp_path / "syn"), str(real)])  # shared on this machine: fine
+        with pytest.raises(BadInputError, match=r"is not visible from Ray node .* every node mounts"):
+            check_visible_everywhere([str(tmp_path / "only-on-the-driver")])
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -107,6 +107,36 @@ def connect(address: str | None = None, local_num_cpus: int | None = None) -> st
         raise BadInputError(f"Ray address {address or os.environ.get('RAY_ADDRESS')!r}", str(exc)) from None
 
 
+def _path_exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def check_visible_everywhere(paths: list[str], timeout: float = 60.0) -> None:
+    """On a multi-node cluster, refuse paths that some node cannot see (a node-local folder).
+
+    Actors read sources and write shards on whatever node they run; a path that exists on
+    the driver's node only would scatter the parts and fail the merge. One zero-CPU task
+    per alive node checks each path (an existing file or folder) where it runs.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    probe = ray.remote(_path_exists)
+    refs = {(n["NodeManagerAddress"], p): probe.options(
+        num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(p)
+        for n in nodes for p in paths}
+    answers = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout)))
+    missing = sorted({(host, p) for (host, p), ok in answers.items() if not ok})
+    if missing:
+        host, path = missing[0]
+        raise BadInputError(path, f"is not visible from Ray node {host} ({len(missing)} path/node pair(s) missing "
+                            f"on a {len(nodes)}-node cluster)",
+                            "put out_dir, the real shards and the model on a filesystem every node mounts")
+
+
 @dataclass
 class PoolShape:
     """Where the replicas run: device, how many, and the Ray resources of each."""

@@ -35,7 +35,7 @@ from engine.atomic import write_json
 from engine.config import save_config, to_dict
 from engine.errors import BadInputError
 from engine.generate.config import GenerateConfig
-from engine.generate.distributor import Distributor, connect, pool_shape
+from engine.generate.distributor import Distributor, check_visible_everywhere, connect, pool_shape
 from engine.generate.plan import Plan, WorkUnit, build_plan
 from engine.generate.worker import PARTS_DIR, SamplerFactory, ShardResult, load_sampler, part_path
 from engine.identity import Identity
@@ -191,9 +191,10 @@ def run_generate_sets(
         if todo:
             todo = [replace(u, index=i) for i, u in enumerate(todo)]  # one queue: indices unique across sets
             total = sum(p.num_samples for p in plans)
+            visible = [str(o) for o in outs] + [str(model_dir), str(Path(cfgs[0].real_manifest).resolve())]
             try:
                 pool_stats = _distribute(cfgs[0], plans[0].class_names, total, todo, model_dir, outs[0], factory,
-                                         on_result, progress)
+                                         on_result, progress, visible)
             finally:  # a failed run stops its actors mid-unit: leave whole shards only (rerun resumes)
                 for out in outs:
                     remove_temp_files(out)
@@ -223,10 +224,14 @@ def _distribute(
     factory: SamplerFactory,
     on_result: Callable[[ShardResult], None] | None,
     progress: bool,
+    visible: list[str] = (),
 ) -> dict[str, Any]:
-    """Run ``todo`` on an actor pool with a progress bar; return the pool's stats."""
+    """Run ``todo`` on an actor pool with a progress bar; return the pool's stats. ``visible``:
+    paths every node of a multi-node cluster must see (refused otherwise)."""
     connect(cfg.ray.address, cfg.ray.local_num_cpus)
     import ray
+
+    check_visible_everywhere(list(visible))
 
     shape = pool_shape(cfg, ray.cluster_resources())
     actor_kwargs = dict(
