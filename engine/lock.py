@@ -58,14 +58,14 @@ def _owner_file(folder: Path, heartbeat_s: float, stale_s: float) -> Iterator[No
             if stop.wait(heartbeat_s):
                 return
 
-    beat_once = threading.Thread(target=beat, daemon=True, name="lock-heartbeat")
+    beater = threading.Thread(target=beat, daemon=True, name="lock-heartbeat")
     write_json(path, {**me, "heartbeat": time.time()})
-    beat_once.start()
+    beater.start()
     try:
         yield
     finally:
         stop.set()
-        beat_once.join()
+        beater.join()
         if path.is_file() and json.loads(path.read_text()).get("token") == me["token"]:
             path.unlink()
 

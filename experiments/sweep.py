@@ -9,16 +9,17 @@ Run folder (``out``)::
 
     real/manifest.parquet ...            ingest (skipped when ``real_manifest`` is given)
     controlnet/final/ ...                ControlNet (skipped when ``model_dir`` is given)
-    synthetic/w2p00-l0p50/ ...           one generation per (w, λ) cell, Ray actors
+    synthetic/w2p00-l0p50/ ...           one generation per (w, λ) cell, all cells on one Ray actor pool
     fid.json                             FID of every cell against the real images
     judge.json                           scribble agreement of every cell (seg.judge, trained on real val)
     seg/<run>/summary.json ...           one seg training per (scheme, w, λ set, seed)
     <report.dir>/sweep.json, index.md, index.html, *.png
 
-Resume: every stage skips work already done, so rerunning a command continues it. A
-finished output is reused only when the config that made it equals today's config
-(compared key by key, paths excepted); otherwise the run stops and names the keys,
-instead of silently mixing results of two setups. Generation cells and seg runs are
+Resume: every stage skips work already done, so rerunning a command continues it. An
+output is reused only when its recorded identity (``engine.identity``: the config without
+run-only keys, and a digest of every input) equals today's; otherwise the run stops and
+names what changed (or, for cached scores and seg runs whose inputs were regenerated,
+redoes the work), instead of silently mixing results of two setups. Generation cells and seg runs are
 named by their parameters, so sweeps that share a run folder share their common work.
 
 Configs may start from other configs: a mapping with a ``base: file.yaml`` key is that
@@ -574,16 +575,16 @@ def stage_seg(cfg: SweepConfig, out: Path, real_manifest: Path, cells: dict[str,
     """
     summaries: dict[str, dict[str, Any]] = {}
     info.update(runs=len(runs), runs_reused=0)
+    digests = {"real": file_digest(real_manifest), **{name: file_digest(m) for name, m in cells.items()}}
     todo = []
     for run in runs:
         seg = seg_config_for(cfg, run)
         folder = out / "seg" / run.name
         manifests = [str(real_manifest)] + [str(cells[c]) for c in run.cells]
-        identity = stage_identity(seg, RUN_ONLY["seg"], {"real": file_digest(real_manifest),
-                                                         **{c: file_digest(cells[c]) for c in run.cells}})
+        identity = stage_identity(seg, RUN_ONLY["seg"], {k: digests[k] for k in ["real", *run.cells]})
         recorded = Identity.load(folder)
-        if recorded is not None and identity.differences(recorded) and all(
-                d.startswith("input:") for d in identity.differences(recorded)):
+        changed = identity.differences(recorded) if recorded is not None else []
+        if changed and all(d.startswith("input:") for d in changed):
             shutil.rmtree(folder)  # trained on other synthetic sets: train again
         identity.claim(folder, "seg run")
         summary_file = folder / "summary.json"
@@ -611,6 +612,8 @@ def _train_seg_runs(todo: list[tuple[str, SegConfig, list[str], Path]], cpus: fl
     import ray
     from ray.exceptions import RayTaskError
 
+    from engine.generate.distributor import task_cause
+
     gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
     task = ray.remote(_train_seg).options(num_cpus=cpus, num_gpus=gpus, max_retries=0,
                                           runtime_env={"env_vars": {"TQDM_DISABLE": "1"}})  # no interleaved bars
@@ -624,7 +627,7 @@ def _train_seg_runs(todo: list[tuple[str, SegConfig, list[str], Path]], cpus: fl
             try:
                 done[name] = ray.get(ref)
             except RayTaskError as exc:
-                cause = getattr(exc, "cause", None)
+                cause = task_cause(exc)
                 raise (cause if isinstance(cause, BadInputError) else exc) from None
             print(f"    seg {name}: mIoU {done[name]['miou']:.4f} in {done[name]['seconds']:.1f} s", flush=True)
     finally:

@@ -173,7 +173,7 @@ def pool_shape(cfg: GenerateConfig, resources: dict[str, float]) -> PoolShape:
     return PoolShape(device, num_actors, options)
 
 
-def _cause(exc: BaseException) -> BaseException:
+def task_cause(exc: BaseException) -> BaseException:
     """The user exception inside a Ray task error (Ray wraps it, keeping it as ``cause``)."""
     return getattr(exc, "cause", None) or exc
 
@@ -218,7 +218,7 @@ class Distributor:
         try:
             return ray.get(refs)
         except RayTaskError as exc:  # the model folder is bad: say so, like any bad input
-            cause = _cause(exc)
+            cause = task_cause(exc)
             if isinstance(cause, BadInputError):
                 raise cause from None
             raise GenerationError(f"a generation actor failed to start: {exc}") from None
@@ -295,7 +295,7 @@ class Distributor:
             try:
                 result = ray.get(ref)
             except RayTaskError as exc:  # the task raised; the actor is alive
-                cause = _cause(exc)
+                cause = task_cause(exc)
                 if isinstance(cause, BadInputError):
                     raise cause from None
                 retry(unit, cause)

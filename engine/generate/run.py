@@ -185,7 +185,7 @@ def run_generate_sets(
             generation_identity(cfg, plan, model_dir).claim(out, "synthetic set")  # refuses other plans / models
             save_config(cfg, out / "config.yaml")
             done, left = resume_scan(out, plan.units)
-            todo += [replace(u, out_dir=str(out) if len(cfgs) > 1 else "") for u in left]
+            todo += [replace(u, out_dir=str(out)) for u in left]
             stats.append({"samples_this_run": sum(len(u.items) for u in left), "shards_resumed": len(done),
                           "generate_seconds": 0.0})
         if todo:
