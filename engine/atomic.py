@@ -1,43 +1,37 @@
 """Atomic file writes: a reader sees the old file or the new one, never half of one.
 
 Every output that a rerun checks (manifests, summaries, checkpoints, score caches,
-reports) is written to a temporary sibling and renamed over the target with
-``os.replace`` (atomic on POSIX within one directory). A crash leaves at most a ``.tmp``
-file, which the next write replaces. This is the project's one helper for it.
+reports) is written to a temporary file that replaces the target only when whole
+(``engine.storage.AtomicOutput``): on a filesystem a ``.tmp`` sibling renamed over it with
+``os.replace`` (atomic on POSIX within one directory), on an object store one whole-object
+put. A crash leaves at most a local ``.tmp`` file, which the next write replaces. This is
+the project's one helper for it; targets may be local paths or URLs.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-TMP_SUFFIX = ".tmp"
+from engine.storage import TMP_SUFFIX, AtomicOutput, Location, as_location
 
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` to write; it replaces ``path`` only if the block
-    finishes (and is deleted if it raises)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+__all__ = ["TMP_SUFFIX", "atomic_path", "write_json", "write_text"]
 
 
-def write_text(path: str | Path, text: str) -> Path:
+def atomic_path(path: Location) -> AtomicOutput:
+    """Context manager yielding a local temporary file to write; it becomes ``path`` only if
+    the block finishes (and is deleted if it raises)."""
+    return AtomicOutput(path)
+
+
+def write_text(path: Location, text: str) -> Path | str:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
-    return Path(path)
+    return as_location(path)
 
 
-def write_json(path: str | Path, data: Any, indent: int = 1) -> Path:
+def write_json(path: Location, data: Any, indent: int = 1) -> Path | str:
     """Write ``data`` as JSON to ``path`` atomically."""
     return write_text(path, json.dumps(data, indent=indent))

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from engine import storage
 from engine.atomic import write_json
 from engine.errors import BadInputError
 
@@ -83,16 +84,16 @@ class Identity:
         return keys + [f"input:{n}" for n in names]
 
     def save(self, folder: str | Path) -> None:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        write_json(Path(folder) / IDENTITY_FILE, {"config": self.config, "inputs": self.inputs, "digest": self.digest})
+        storage.makedirs(folder)  # folder: a path or URL (engine.storage)
+        write_json(storage.join(folder, IDENTITY_FILE), {"config": self.config, "inputs": self.inputs, "digest": self.digest})
 
     @classmethod
     def load(cls, folder: str | Path) -> "Identity | None":
         """The identity recorded in ``folder``, or None when there is none."""
-        path = Path(folder) / IDENTITY_FILE
-        if not path.is_file():
+        path = storage.join(folder, IDENTITY_FILE)
+        if not storage.is_file(path):
             return None
-        data = json.loads(path.read_text())
+        data = json.loads(storage.read_text(path))
         return cls(data["config"], data.get("inputs", {}))
 
     def check(self, folder: str | Path, what: str) -> bool:

@@ -11,7 +11,8 @@ Every shard is written to a temp name and renamed when whole, and the manifest a
 only at the very end, so an interrupted run never leaves a half-written dataset: there
 is no manifest, and the shards present are complete. A non-empty ``out`` is refused
 unless ``--overwrite`` is given, which deletes the previous ingest outputs first (and
-refuses if the folder holds anything else).
+refuses if the folder holds anything else). ``out`` may be a local path or a URL
+(``engine.storage``): on an object store each shard is put as one whole object.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
-from pathlib import Path
 from functools import partial
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
+from engine import storage
+from engine.atomic import atomic_path
 from engine.config import add_config_args, load_config, save_config, to_dict
 from engine.data.record import SourceRecord, to_sample
 from engine.data.registry import open_source
@@ -94,23 +96,21 @@ def select_subset(records: list[SourceRecord], fraction: float, seed: int) -> li
     return [r for i, r in enumerate(records) if r.split != "train" or i in keep]
 
 
-def prepare_out(out: Path, overwrite: bool) -> None:
+def prepare_out(out: storage.Location, overwrite: bool) -> None:
     """Refuse a non-empty ``out``; with ``overwrite`` remove only earlier ingest outputs."""
-    if not out.exists():
-        out.mkdir(parents=True)
-        return
-    entries = list(out.iterdir())
+    entries = storage.entries(out)
     if not entries:
+        storage.makedirs(out)
         return
     if not overwrite:
         raise BadInputError(str(out), "output folder is not empty", "pass --overwrite to replace it, or pick another --out")
-    ours = [p for p in entries if p.name in (MANIFEST, CONFIG_COPY, IDENTITY_FILE) or (p.name.startswith(f"{SHARD_PREFIX}-") and p.suffix in (".tar", ".tmp"))]
+    ours = [n for n in entries if n in (MANIFEST, CONFIG_COPY, IDENTITY_FILE) or (n.startswith(f"{SHARD_PREFIX}-") and n.endswith((".tar", ".tmp")))]
     others = sorted(set(entries) - set(ours))
     if others:
-        raise BadInputError(str(out), f"--overwrite only replaces ingest outputs, but it also holds {others[0].name}", "pick an empty --out")
+        raise BadInputError(str(out), f"--overwrite only replaces ingest outputs, but it also holds {others[0]}", "pick an empty --out")
     # Manifest first: if we are interrupted now, no stale manifest points at deleted shards.
-    for p in sorted(ours, key=lambda p: p.name != MANIFEST):
-        p.unlink()
+    for n in sorted(ours, key=lambda n: n != MANIFEST):
+        storage.remove(storage.join(out, n))
 
 
 def _load_one(record: SourceRecord, num_classes: int) -> Sample | tuple[str, str, str]:
@@ -146,7 +146,7 @@ def _pair(records: list[SourceRecord], results: Iterable[Any]) -> Iterator[tuple
 
 
 def write_split(
-    records: list[SourceRecord], split: str, cfg: IngestConfig, out: Path, num_classes: int
+    records: list[SourceRecord], split: str, cfg: IngestConfig, out: storage.Location, num_classes: int
 ) -> list[dict[str, Any]]:
     """Write one split's shards; return its manifest rows (skips included)."""
     rows: list[dict[str, Any]] = []
@@ -167,7 +167,7 @@ def write_split(
                     raise BadInputError(f"source id {result.key}", "occurs twice", "source ids must be unique")
                 seen.add(result.key)
                 if writer is None:
-                    writer = ShardWriter(out / shard_name(f"{SHARD_PREFIX}-{split}", shards), cfg.image_format)
+                    writer = ShardWriter(storage.join(out, shard_name(f"{SHARD_PREFIX}-{split}", shards)), cfg.image_format)
                     shards += 1
                 writer.write(result)
                 pending.append(sample_row(result))
@@ -183,18 +183,19 @@ def write_split(
     return rows
 
 
-def run_ingest(cfg: IngestConfig) -> Path:
-    """Ingest the configured source into ``cfg.out``; return the manifest path."""
+def run_ingest(cfg: IngestConfig) -> storage.Location:
+    """Ingest the configured source into ``cfg.out`` (a path or URL); return the manifest's location."""
     records, class_names = open_source(cfg.source)
     records = select_subset(records, cfg.subset, cfg.subset_seed)
-    out = Path(cfg.out)
+    out = storage.as_location(cfg.out)
     prepare_out(out, cfg.overwrite)
     rows: list[dict[str, Any]] = []
     for split in ("train", "val"):
         rows += write_split([r for r in records if r.split == split], split, cfg, out, len(class_names))
-    save_config(cfg, out / CONFIG_COPY)
+    with atomic_path(storage.join(out, CONFIG_COPY)) as tmp:
+        save_config(cfg, tmp)
     info = DatasetInfo(class_names=class_names, kind="real", extra={"source": cfg.source.kind, "config": to_dict(cfg)})
-    return write_manifest(rows, out / MANIFEST, info)
+    return write_manifest(rows, storage.join(out, MANIFEST), info)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,10 @@ source_id, split, w, lambda, seed, height, width, classes (ids present), model, 
 seconds (generation time of the sample), status ("ok" or "skipped"), error (why a
 sample was skipped), and per shard: shard_samples, shard_bytes, shard_sha256.
 Dataset-level facts (class names, the config, the kind) go in the Parquet schema
-metadata under ``scribblegen``. Writes are atomic (temp file + rename).
+metadata under ``scribblegen``. Writes are atomic (temp file + rename, or one whole put
+on an object store). A manifest and its shards may live at a local path or a URL
+(``engine.storage``); shards are named relative to the manifest, so a set can be copied
+or moved as a whole (to another folder, bucket or store) and still resolve.
 """
 
 from __future__ import annotations
@@ -13,12 +16,12 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine import storage
 from engine.atomic import atomic_path
 from engine.errors import BadInputError
 from engine.shards import Sample, ShardInfo
@@ -98,31 +101,38 @@ def skip_row(source_id: str, split: str, error: str) -> dict[str, Any]:
     return row
 
 
-def shard_rows(rows: list[dict[str, Any]], info: ShardInfo, root: Path) -> list[dict[str, Any]]:
-    """Attach a finished shard's relative path, count, size and checksum to its rows."""
-    rel = os.path.relpath(info.path, root)
+def shard_rows(rows: list[dict[str, Any]], info: ShardInfo, root: storage.Location) -> list[dict[str, Any]]:
+    """Attach a finished shard's path relative to the manifest's folder ``root``, count, size
+    and checksum to its rows."""
+    rel = storage.relative(info.path, root)
     for row in rows:
         row.update(shard=rel, shard_samples=len(info.keys), shard_bytes=info.num_bytes, shard_sha256=info.sha256)
     return rows
 
 
-def write_manifest(rows: Iterable[dict[str, Any]], path: str | Path, info: DatasetInfo) -> Path:
+def write_manifest(rows: Iterable[dict[str, Any]], path: storage.Location, info: DatasetInfo) -> storage.Location:
     """Write rows to ``path`` atomically with the dataset info in the schema metadata."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(storage.parent(path))
     table = pa.Table.from_pylist(list(rows), schema=SCHEMA).replace_schema_metadata({META_KEY: info.to_json()})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-    return path
+    return storage.as_location(path)
 
 
-def read_manifest(path: str | Path) -> tuple[pa.Table, DatasetInfo]:
+def read_table(path: storage.Location, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file (manifest or part) from a path or URL; local files are read directly."""
+    if storage.is_local(path):
+        return pq.read_table(storage.local_path(path), columns=columns)
+    with storage.open_read(path) as fh:
+        return pq.read_table(fh, columns=columns)
+
+
+def read_manifest(path: storage.Location) -> tuple[pa.Table, DatasetInfo]:
     """Read a manifest; a missing or non-Parquet file raises naming it."""
-    path = Path(path)
-    if not path.is_file():
+    if not storage.is_file(path):
         raise BadInputError(str(path), "manifest not found", "pass the manifest.parquet written by ingest or generate")
     try:
-        table = pq.read_table(path)
+        table = read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise BadInputError(str(path), f"not a readable Parquet manifest: {exc}") from None
     missing = set(SCHEMA.names) - set(table.column_names)
@@ -132,15 +142,29 @@ def read_manifest(path: str | Path) -> tuple[pa.Table, DatasetInfo]:
     return table, DatasetInfo.from_json(meta)
 
 
-def merge_parts(parts: Iterable[str | Path], path: str | Path, info: DatasetInfo) -> Path:
+def merge_parts(parts: Iterable[storage.Location], path: storage.Location, info: DatasetInfo) -> storage.Location:
     """Merge per-shard manifest parts (written as shards finish) into one manifest."""
-    tables = [pq.read_table(p).select(SCHEMA.names).cast(SCHEMA) for p in sorted(map(str, parts))]
+    tables = [read_table(p).select(SCHEMA.names).cast(SCHEMA) for p in sorted(parts, key=str)]
     rows = [r for t in tables for r in t.to_pylist()]
     return write_manifest(rows, path, info)
 
 
-def resolve_shard(manifest_path: str | Path, shard: str) -> str:
-    """Absolute path (or URL) of a shard named in a manifest row."""
+def resolve_shard(manifest_path: storage.Location, shard: str) -> str:
+    """Absolute path (or URL) of a shard named in a manifest row (relative to the manifest)."""
     if "://" in shard or os.path.isabs(shard):
         return shard
-    return str(Path(manifest_path).resolve().parent / shard)
+    return str(storage.join(storage.parent(storage.resolve(manifest_path)), shard))
+
+
+def missing_shards(locations: Iterable[str]) -> list[str]:
+    """The shard locations that do not exist, sorted; one listing per folder, not one
+    request per shard (an object store answers a listing as fast as one lookup)."""
+    listings: dict[str, dict[str, int]] = {}
+    missing = []
+    for loc in sorted(set(locations)):
+        folder = str(storage.parent(loc))
+        if folder not in listings:
+            listings[folder] = storage.list_files(folder)
+        if storage.name(loc) not in listings[folder]:
+            missing.append(loc)
+    return missing

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import tarfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 import numpy as np
 
-from engine.atomic import TMP_SUFFIX
+from engine import storage
 from engine.data.imageio import decode_image, encode_image, encode_png
 from engine.errors import BadInputError
 
@@ -123,9 +121,14 @@ def decode_sample(record: dict[str, Any], with_mask: bool = True) -> Sample:
     return Sample(key=key, image=image, scribble=scribble, mask=mask, meta=meta)
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+def open_shard(location: storage.Location) -> IO[bytes]:
+    """A shard's bytes from a local path or a URL (seg streams through this)."""
+    return storage.open_read(location)
+
+
+def sha256_file(path: storage.Location, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_shard(path) as fh:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -135,7 +138,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 class ShardInfo:
     """What the manifest records per shard once it is complete on disk."""
 
-    path: Path
+    path: storage.Location
     keys: list[str]
     num_bytes: int
     sha256: str
@@ -161,20 +164,23 @@ class _HashingFile:
 
 
 class ShardWriter:
-    """Write exactly one shard atomically: to ``<name>.tmp`` first, renamed on close.
+    """Write exactly one shard atomically: a local temp file, visible at ``path`` only when whole.
 
-    A visible ``.tar`` is therefore always whole; a crash leaves only a ``.tmp`` that
-    resume deletes. Used as a context manager; an exception discards the temp file. The
-    checksum is computed while writing (no second pass over the file).
+    On a filesystem the temp file is ``<name>.tmp`` beside the shard, fsynced and renamed on
+    close; for a URL it is staged on local disk and put as one whole object on close
+    (``engine.storage.AtomicOutput``). A visible ``.tar`` is therefore always whole; a crash
+    leaves only a ``.tmp`` that resume deletes. Used as a context manager; an exception
+    discards the temp file. The checksum is computed while writing (no second pass).
     """
 
-    def __init__(self, path: str | Path, image_format: str = "png") -> None:
+    def __init__(self, path: storage.Location, image_format: str = "png") -> None:
         import webdataset as wds
 
-        self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + TMP_SUFFIX)  # streamed into, renamed on close
+        self.path = storage.as_location(path)
         self.image_format = image_format
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(storage.parent(path))
+        self._out = storage.AtomicOutput(path, fsync=True)
+        self.tmp = self._out.tmp  # streamed into, made visible on close
         self._fh = _HashingFile(open(self.tmp, "wb"))
         self._tar = wds.TarWriter(self._fh, encoder=False, mtime=0.0)
         self.keys: list[str] = []
@@ -188,15 +194,14 @@ class ShardWriter:
         self.keys.append(sample.key)
 
     def close(self) -> ShardInfo:
-        """Finish the tar, fsync, rename into place; return its checksum and size."""
+        """Finish the tar and make it visible whole; return its checksum and size."""
         self._tar.close()  # also closes the file object
-        with open(self.tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(self.tmp, self.path)
+        num_bytes = self.tmp.stat().st_size
+        self._out.commit()
         return ShardInfo(
             path=self.path,
             keys=list(self.keys),
-            num_bytes=self.path.stat().st_size,
+            num_bytes=num_bytes,
             sha256=self._fh.sha256.hexdigest(),
             seconds=time.perf_counter() - self._t0,
         )
@@ -205,7 +210,7 @@ class ShardWriter:
         try:
             self._tar.close()
         finally:
-            self.tmp.unlink(missing_ok=True)
+            self._out.discard()
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -215,8 +220,8 @@ class ShardWriter:
             self.abort()
 
 
-def iter_records(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Raw WebDataset records (member name -> bytes) of one local shard, in order.
+def iter_records(path: storage.Location) -> Iterator[dict[str, Any]]:
+    """Raw WebDataset records (member name -> bytes) of one shard (path or URL), in order.
 
     Uses webdataset's own tar grouping, so the engine reads exactly what ``seg``'s
     streaming pipeline reads. A truncated or non-tar file raises naming the shard.
@@ -225,13 +230,13 @@ def iter_records(path: str | Path) -> Iterator[dict[str, Any]]:
 
     path = str(path)
     try:
-        with open(path, "rb") as stream:
+        with open_shard(path) as stream:
             yield from group_by_keys(tar_file_expander([{"stream": stream, "url": path}]))
     except (tarfile.TarError, OSError, ValueError) as exc:
         raise BadInputError(path, f"not a readable tar shard: {exc}", "delete it and re-run to rewrite it") from None
 
 
-def read_shard(path: str | Path, with_mask: bool = True) -> Iterator[Sample]:
-    """Decoded samples of one local shard."""
+def read_shard(path: storage.Location, with_mask: bool = True) -> Iterator[Sample]:
+    """Decoded samples of one shard (path or URL)."""
     for record in iter_records(path):
         yield decode_sample(record, with_mask=with_mask)

@@ -4,7 +4,8 @@ Checks: every listed shard exists with the recorded byte size and SHA-256, holds
 exactly the keys the manifest lists for it (no missing, no extra, no duplicates), each
 with its image, ``scribble.png`` and ``json`` members (a shard written incomplete has a
 matching checksum), and no ``.tar`` in the manifest's folder is left out of the manifest. Exit status 0 when the
-manifest verifies, 1 otherwise; every problem is printed naming the file.
+manifest verifies, 1 otherwise; every problem is printed naming the file. The manifest and
+its shards may be local or at a URL (``s3://``, ``gs://``, ``file://``; ``engine.storage``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import argparse
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from engine import storage
 from engine.errors import BadInputError
 from engine.manifest import read_manifest, resolve_shard
 from engine.shards import iter_records, missing_members, sha256_file
@@ -34,7 +35,7 @@ class VerifyReport:
         return not self.problems
 
 
-def verify_manifest(path: str | Path, checksums: bool = True) -> VerifyReport:
+def verify_manifest(path: storage.Location, checksums: bool = True) -> VerifyReport:
     """Verify ``path``; never raises for a damaged shard, reports it instead."""
     table, _ = read_manifest(path)
     report = VerifyReport()
@@ -53,30 +54,28 @@ def verify_manifest(path: str | Path, checksums: bool = True) -> VerifyReport:
     report.shards = len(by_shard)
     for shard, shard_rows in sorted(by_shard.items()):
         report.problems.extend(_verify_shard(resolve_shard(path, shard), shard_rows, checksums))
-    root = Path(path).resolve().parent
-    listed = {Path(resolve_shard(path, s)).resolve() for s in by_shard}
-    for tar in sorted(root.rglob("*.tar")):
-        if tar.resolve() not in listed:
+    listed = {str(storage.resolve(resolve_shard(path, s))) for s in by_shard}
+    for tar in storage.find_files(storage.parent(storage.resolve(path)), ".tar"):
+        if str(storage.resolve(tar)) not in listed:
             report.problems.append(f"{tar}: shard on disk is not in the manifest")
     return report
 
 
 def _verify_shard(shard: str, rows: list[dict], checksums: bool) -> list[str]:
-    file = Path(shard)
-    if not file.is_file():
+    if not storage.is_file(shard):
         return [f"{shard}: shard listed in the manifest is missing"]
     expected = rows[0]
     problems = []
     if any(r["shard_samples"] != len(rows) for r in rows):
         problems.append(f"{shard}: manifest says {expected['shard_samples']} samples but lists {len(rows)}")
-    size = file.stat().st_size
+    size = storage.size(shard)
     if size != expected["shard_bytes"]:
         problems.append(f"{shard}: size {size} bytes, manifest says {expected['shard_bytes']}")
-    if checksums and sha256_file(file) != expected["shard_sha256"]:
+    if checksums and sha256_file(shard) != expected["shard_sha256"]:
         problems.append(f"{shard}: SHA-256 does not match the manifest")
     keys = []
     try:
-        for record in iter_records(file):
+        for record in iter_records(shard):
             keys.append(record["__key__"])
             missing = missing_members(record)
             if missing:

@@ -26,8 +26,8 @@ import webdataset as wds
 from torch.utils.data import IterableDataset
 
 from engine.errors import BadInputError
-from engine.manifest import read_manifest, resolve_shard
-from engine.shards import Sample, decode_sample
+from engine.manifest import missing_shards, read_manifest, resolve_shard
+from engine.shards import Sample, decode_sample, open_shard
 from seg.schemes import lam_key
 
 
@@ -53,6 +53,25 @@ def _bad_tar(exn: Exception) -> bool:
     url = exn.args[-1] if exn.args and isinstance(exn.args[-1], str) else "shard"
     raise StreamError(url, f"not a readable tar shard: {exn.args[0] if exn.args else exn!r}",
                       "check it with `python -m engine.verify MANIFEST` and re-create it")
+
+
+def _open_shards(sources: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """webdataset stage: open each shard, a local path or any fsspec URL (``s3://``, ``gs://``;
+    webdataset's own opener knows neither), with errors named by :func:`_bad_tar`."""
+    for source in sources:
+        try:
+            stream = open_shard(source["url"])
+        except Exception as exn:  # _bad_tar raises it again, naming the shard
+            exn.args = exn.args + (source["url"],)
+            _bad_tar(exn)
+        yield {**source, "stream": stream}
+
+
+def _tar_samples(sources: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Raw records of the shards named in ``sources`` (``wds.tarfile_to_samples`` with our opener)."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    return group_by_keys(tar_file_expander(_open_shards(sources), handler=_bad_tar), handler=_bad_tar)
 
 
 @dataclass
@@ -140,8 +159,8 @@ def index_manifests(
 
 
 def _check_shards_exist(manifest: str | Path, urls: set[str]) -> None:
-    """Fail before training, not in a loader worker hours later, when a listed local shard is gone."""
-    missing = sorted(u for u in urls if "://" not in u and not Path(u).is_file())
+    """Fail before training, not in a loader worker hours later, when a listed shard (local or URL) is gone."""
+    missing = missing_shards(urls)
     if missing:
         raise BadInputError(missing[0], f"shard listed in {manifest} is missing ({len(missing)} missing in all)",
                             "restore it, or re-create the set; `python -m engine.verify MANIFEST` lists all problems")
@@ -187,7 +206,7 @@ def one_pass(
     stages: list[Any] = [wds.SimpleShardList(group.urls, seed=seed * 100_003 + epoch if shuffle_buffer else None)]
     if by_shard:
         stages += splitters
-    stages += [wds.tarfile_to_samples(handler=_bad_tar), wds.select(_keep(group))]
+    stages += [_tar_samples, wds.select(_keep(group))]
     if split and not by_shard:
         stages += splitters
     if shuffle_buffer:

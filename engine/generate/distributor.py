@@ -107,8 +107,14 @@ def connect(address: str | None = None, local_num_cpus: int | None = None) -> st
         raise BadInputError(f"Ray address {address or os.environ.get('RAY_ADDRESS')!r}", str(exc)) from None
 
 
-def _path_exists(path: str) -> bool:
-    return os.path.exists(path)
+def _path_exists(location: str) -> bool:
+    """Does this node see ``location`` (a path, or a URL it can reach with its credentials)?"""
+    from engine import storage
+
+    try:
+        return storage.exists(location)
+    except Exception:  # no backend or no access on this node: not visible from it
+        return False
 
 
 def check_visible_everywhere(paths: list[str], timeout: float = 60.0) -> None:
@@ -134,7 +140,8 @@ def check_visible_everywhere(paths: list[str], timeout: float = 60.0) -> None:
         host, path = missing[0]
         raise BadInputError(path, f"is not visible from Ray node {host} ({len(missing)} path/node pair(s) missing "
                             f"on a {len(nodes)}-node cluster)",
-                            "put out_dir, the real shards and the model on a filesystem every node mounts")
+                            "put out_dir, the real shards and the model on a filesystem every node mounts, "
+                            "or on an object store (s3://, gs://)")
 
 
 @dataclass

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 
 from engine.errors import BadInputError
 from engine.generate.config import PlanConfig
-from engine.manifest import read_manifest, resolve_shard
+from engine.manifest import missing_shards, read_manifest, resolve_shard
 from engine.shards import shard_name, synthetic_key
 
 SEED_BITS = 31  # seeds stay valid for torch/numpy generators and int32 columns
@@ -161,7 +161,7 @@ def read_sources(real_manifest: str | Path, split: str) -> tuple[list[Source], l
     if dupes:
         raise BadInputError(str(real_manifest), f"source id(s) listed twice: {sorted(dupes)[:5]}")
     sources = [Source(r["source_id"], resolve_shard(real_manifest, r["shard"])) for r in rows]
-    missing = sorted({s.shard for s in sources if not Path(s.shard).is_file()})
+    missing = missing_shards(s.shard for s in sources)
     if missing:  # found here, before any actor starts, rather than as a failed unit
         raise BadInputError(missing[0], f"shard listed in {real_manifest} is missing ({len(missing)} missing in all)",
                             "restore it or re-run ingest; `python -m engine.verify MANIFEST` lists all problems")

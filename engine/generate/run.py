@@ -14,8 +14,13 @@ keys and byte size match the file (see :func:`shard_done`); everything else of t
 (``engine.identity``) pins the plan fingerprint, the model's weights and the sampler
 settings: rerunning into a folder made with other settings is refused instead of silently
 mixing two generations. The folder's writer lock (``engine.lock``: flock, or an owner file
-with a heartbeat where the filesystem has no flock) is held for the whole run, so a
-second driver on the same folder is refused too; a killed driver never blocks its rerun.
+with a heartbeat where the filesystem has no flock or ``out_dir`` is an object-store URL)
+is held for the whole run, so a second driver on the same folder is refused too; a killed
+driver never blocks its rerun.
+
+Every location (``out_dir``, ``model_dir``, ``real_manifest``) may be a local path or a URL
+(``engine.storage``); resume reads one listing of the output folder and of ``parts/``
+instead of one lookup per shard, which keeps it fast on object stores.
 """
 
 from __future__ import annotations
@@ -25,13 +30,12 @@ import time
 from collections import defaultdict
 from contextlib import ExitStack
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Callable
 
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from engine.atomic import write_json
+from engine import storage
+from engine.atomic import atomic_path, write_json
 from engine.config import save_config, to_dict
 from engine.errors import BadInputError
 from engine.generate.config import GenerateConfig
@@ -40,13 +44,13 @@ from engine.generate.plan import Plan, WorkUnit, build_plan
 from engine.generate.worker import PARTS_DIR, SamplerFactory, ShardResult, load_sampler, part_path
 from engine.identity import Identity
 from engine.lock import exclusive_folder
-from engine.manifest import DatasetInfo, merge_parts, read_manifest
+from engine.manifest import DatasetInfo, merge_parts, read_manifest, read_table
 
 MANIFEST = "manifest.parquet"
 SUMMARY = "summary.json"
 
 
-def generation_identity(cfg: GenerateConfig, plan: Plan, model_dir: Path) -> Identity:
+def generation_identity(cfg: GenerateConfig, plan: Plan, model_dir: storage.Location) -> Identity:
     """Everything that decides the pixels of the planned shards (batch size, device and the
     Ray layout do not): the plan, the sampler, the image format and the model's weights."""
     s = cfg.sampler
@@ -56,58 +60,67 @@ def generation_identity(cfg: GenerateConfig, plan: Plan, model_dir: Path) -> Ide
                     {"model": model_weights_id(model_dir)})
 
 
-def model_weights_id(model_dir: Path) -> str:
+def model_weights_id(model_dir: storage.Location) -> str:
     """The model id its bundle records (a digest of its weights), or a fresh digest."""
     from engine.models import BUNDLE_FILE, weights_digest
 
-    meta = model_dir / BUNDLE_FILE
-    return json.loads(meta.read_text()).get("model_id") if meta.is_file() else weights_digest(model_dir)
+    meta = storage.join(model_dir, BUNDLE_FILE)
+    if storage.is_file(meta):
+        return json.loads(storage.read_text(meta)).get("model_id")
+    return weights_digest(storage.local_copy(model_dir))
 
 
-def shard_done(out: Path, unit: WorkUnit) -> bool:
+def shard_done(out: storage.Location, unit: WorkUnit, tars: dict[str, int], parts: dict[str, int]) -> bool:
     """True when the unit's shard and part exist and agree (keys, byte size).
 
-    The checksum is not recomputed: a shard is renamed into place only after it was
-    written whole and fsynced, and its part is written after that, so a part beside a tar
-    of the recorded size means a finished shard. Reading every shard back on every resume
-    cost minutes on large sets; ``python -m engine.verify`` checks the checksums.
+    ``tars`` and ``parts`` are the listings (name -> size) of ``out`` and ``out/parts``.
+    The checksum is not recomputed: a shard becomes visible (rename, or one whole-object
+    put) only after it was written whole, and its part is written after that, so a part
+    beside a tar of the recorded size means a finished shard. Reading every shard back on
+    every resume cost minutes on large sets; ``python -m engine.verify`` checks the checksums.
     """
-    tar, part = out / unit.shard, part_path(out, unit.shard)
-    if not (tar.is_file() and part.is_file()):
+    part = part_path(out, unit.shard)
+    if unit.shard not in tars or storage.name(part) not in parts:
         return False
     try:
-        rows = pq.read_table(part, columns=["key", "shard_bytes"]).to_pylist()
+        rows = read_table(part, columns=["key", "shard_bytes"]).to_pylist()
     except Exception:  # an unreadable part is simply redone
         return False
     return (
         sorted(r["key"] for r in rows) == sorted(unit.keys)  # batches group by image size: order may differ
-        and all(r["shard_bytes"] == tar.stat().st_size for r in rows)
+        and all(r["shard_bytes"] == tars[unit.shard] for r in rows)
     )
 
 
-def remove_temp_files(out: Path) -> None:
-    """Delete the ``.tmp`` files of shards, parts and the manifest that were cut short."""
-    for tmp in list(out.glob("*.tmp")) + list((out / PARTS_DIR).glob("*.tmp")):
-        tmp.unlink(missing_ok=True)
+def remove_temp_files(out: storage.Location) -> None:
+    """Delete the ``.tmp`` files of shards, parts and the manifest that were cut short (only
+    local folders have them: on an object store the temp file is on the writer's disk)."""
+    for folder in (out, storage.join(out, PARTS_DIR)):
+        for name in storage.list_files(folder):
+            if name.endswith(storage.TMP_SUFFIX):
+                storage.remove(storage.join(folder, name))
 
 
-def resume_scan(out: Path, units: list[WorkUnit]) -> tuple[list[WorkUnit], list[WorkUnit]]:
+def resume_scan(out: storage.Location, units: list[WorkUnit]) -> tuple[list[WorkUnit], list[WorkUnit]]:
     """Split units into (done, todo); delete leftovers of unfinished shards."""
     remove_temp_files(out)
+    tars, parts = storage.list_files(out), storage.list_files(storage.join(out, PARTS_DIR))
     done, todo = [], []
     for unit in units:
-        if shard_done(out, unit):
+        if shard_done(out, unit, tars, parts):
             done.append(unit)
-        else:
-            (out / unit.shard).unlink(missing_ok=True)
-            part_path(out, unit.shard).unlink(missing_ok=True)
-            todo.append(unit)
+            continue
+        part = part_path(out, unit.shard)
+        for present, leftover in ((unit.shard in tars, storage.join(out, unit.shard)), (storage.name(part) in parts, part)):
+            if present:
+                storage.remove(leftover)
+        todo.append(unit)
     return done, todo
 
 
-def summarize(parts: list[Path], stats: dict[str, Any]) -> dict[str, Any]:
+def summarize(parts: list[storage.Location], stats: dict[str, Any]) -> dict[str, Any]:
     """Totals of the finished set (resumed shards included) plus this run's timings."""
-    rows = [r for p in parts for r in pq.read_table(p, columns=["lambda", "seconds"]).to_pylist()]
+    rows = [r for p in parts for r in read_table(p, columns=["lambda", "seconds"]).to_pylist()]
     by_lam: dict[float, list[float]] = defaultdict(list)
     for row in rows:
         by_lam[row["lambda"]].append(row["seconds"])
@@ -124,7 +137,7 @@ def summarize(parts: list[Path], stats: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _shard_stats(parts: list[Path]) -> list[dict[str, Any]]:
+def _shard_stats(parts: list[storage.Location]) -> list[dict[str, Any]]:
     return [read_manifest(p)[1].extra.get("shard_stats", {}) for p in parts]
 
 
@@ -144,7 +157,7 @@ def run_generate(
 
 def _pool_key(cfg: GenerateConfig) -> dict[str, Any]:
     """What every set served by one actor pool must share (the actors are built from it)."""
-    return {"model_dir": str(Path(cfg.model_dir).resolve()), "real_manifest": str(Path(cfg.real_manifest).resolve()),
+    return {"model_dir": str(storage.resolve(cfg.model_dir)), "real_manifest": str(storage.resolve(cfg.real_manifest)),
             "sampler": to_dict(cfg.sampler), "ray": to_dict(cfg.ray), "image_format": cfg.image_format,
             "source_cache_shards": cfg.source_cache_shards}
 
@@ -170,20 +183,22 @@ def run_generate_sets(
             raise BadInputError(f"generate set {cfg.out_dir}", "differs from the others in model, real manifest, "
                                 "sampler or Ray settings", "generate it on its own")
     t_start = time.perf_counter()
-    model_dir = Path(cfgs[0].model_dir).resolve()
-    if not model_dir.is_dir():
+    model_dir = storage.resolve(cfgs[0].model_dir)
+    if not storage.is_dir(model_dir):
         raise BadInputError(str(model_dir), "model folder not found", "train one with jobs/train_controlnet.py first")
-    outs = [Path(cfg.out_dir).resolve() for cfg in cfgs]
+    outs = [storage.resolve(cfg.out_dir) for cfg in cfgs]
     if len(set(outs)) != len(outs):
         raise BadInputError("generate sets", "two sets share one out_dir", "give every set its own folder")
-    plans = [build_plan(cfg.plan, Path(cfg.real_manifest).resolve()) for cfg in cfgs]
+    real_manifest = storage.resolve(cfgs[0].real_manifest)
+    plans = [build_plan(cfg.plan, real_manifest) for cfg in cfgs]
     with ExitStack() as locks:
         todo: list[WorkUnit] = []
         stats: list[dict[str, Any]] = []
         for cfg, plan, out in zip(cfgs, plans, outs):
             locks.enter_context(exclusive_folder(out))
             generation_identity(cfg, plan, model_dir).claim(out, "synthetic set")  # refuses other plans / models
-            save_config(cfg, out / "config.yaml")
+            with atomic_path(storage.join(out, "config.yaml")) as tmp:
+                save_config(cfg, tmp)
             done, left = resume_scan(out, plan.units)
             todo += [replace(u, out_dir=str(out)) for u in left]
             stats.append({"samples_this_run": sum(len(u.items) for u in left), "shards_resumed": len(done),
@@ -191,7 +206,7 @@ def run_generate_sets(
         if todo:
             todo = [replace(u, index=i) for i, u in enumerate(todo)]  # one queue: indices unique across sets
             total = sum(p.num_samples for p in plans)
-            visible = [str(o) for o in outs] + [str(model_dir), str(Path(cfgs[0].real_manifest).resolve())]
+            visible = [str(o) for o in outs] + [str(model_dir), str(real_manifest)]
             try:
                 pool_stats = _distribute(cfgs[0], plans[0].class_names, total, todo, model_dir, outs[0], factory,
                                          on_result, progress, visible)
@@ -208,8 +223,8 @@ def run_generate_sets(
             summary = summarize(parts, st)
             info = DatasetInfo(plan.class_names, "synthetic", {
                 "config": to_dict(cfg), "plan": plan.summary(), "compute": summary, "shard_stats": _shard_stats(parts)})
-            merge_parts(parts, out / MANIFEST, info)
-            write_json(out / SUMMARY, summary)
+            merge_parts(parts, storage.join(out, MANIFEST), info)
+            write_json(storage.join(out, SUMMARY), summary)
             summaries.append(summary)
         return summaries
 
@@ -219,8 +234,8 @@ def _distribute(
     class_names: list[str],
     total_samples: int,
     todo: list[WorkUnit],
-    model_dir: Path,
-    out: Path,
+    model_dir: storage.Location,
+    out: storage.Location,
     factory: SamplerFactory,
     on_result: Callable[[ShardResult], None] | None,
     progress: bool,

@@ -7,8 +7,10 @@ once in ``__init__`` (again only when Ray restarts a dead actor).
 Per unit it: reads the unit's sources from the real shards (raw bytes of recently used
 real shards are cached, sources decoded on demand), samples them in batches of
 ``batch_size`` with the unit's (w, λ), writes the shard with :class:`ShardWriter`
-(temp file + rename) and then its manifest part ``parts/<shard>.parquet`` (atomic). The
-part is written last: a shard without a part is unfinished work, and resume redoes it.
+(a local temp file, renamed into place or put as one whole object) and then its manifest
+part ``parts/<shard>.parquet`` (atomic). The part is written last: a shard without a part
+is unfinished work, and resume redoes it. The output folder, the real shards and the model
+folder may be local paths or URLs (``engine.storage``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from engine import storage
 from engine.errors import BadInputError
 from engine.generate.config import SamplerConfig
 from engine.generate.plan import WorkItem, WorkUnit
@@ -64,21 +67,26 @@ def resolve_dtype(name: str, device: str) -> Any:
 
 
 def load_sampler(model_dir: str, device: str, cfg: SamplerConfig) -> Sampler:
-    """The production factory: the saved model folder -> a sampler on ``device``."""
+    """The production factory: the saved model folder (a path, or a URL copied to a local
+    cache once per node) -> a sampler on ``device``."""
     from engine.models import ScribbleGenModel
     from engine.sampler import ScribbleSampler
 
-    model = ScribbleGenModel.from_pretrained(model_dir)
+    model = ScribbleGenModel.from_pretrained(storage.local_copy(model_dir))
     if cfg.resolution is not None and cfg.resolution != model.resolution:
         print(f"generate: sampling at {cfg.resolution} px, model trained at {model.resolution} px", file=sys.stderr)
     if cfg.resolution is not None and model.resize is not None and cfg.resize != model.resize:
         print(f"generate: sources fitted with resize={cfg.resize}, model trained with {model.resize}", file=sys.stderr)
-    return ScribbleSampler(model, device, cfg.num_steps, cfg.spacing, resolve_dtype(cfg.dtype, device), cfg.uncond)
+    sampler = ScribbleSampler(model, device, cfg.num_steps, cfg.spacing, resolve_dtype(cfg.dtype, device), cfg.uncond)
+    if cfg.compile:
+        side = cfg.resolution or model.resolution
+        sampler.compile(cfg.batch_size, (side, side))
+    return sampler
 
 
-def part_path(out_dir: str | Path, shard: str) -> Path:
+def part_path(out_dir: storage.Location, shard: str) -> storage.Location:
     """Manifest part of one shard: ``<out>/parts/<shard name without .tar>.parquet``."""
-    return Path(out_dir) / PARTS_DIR / (Path(shard).stem + ".parquet")
+    return storage.join(out_dir, PARTS_DIR, Path(shard).stem + ".parquet")
 
 
 @dataclass
@@ -182,7 +190,7 @@ class ShardGenerator:
         num_threads: int | None = None,
         factory: SamplerFactory = load_sampler,
     ) -> None:
-        self.out_dir = Path(out_dir)
+        self.out_dir = storage.as_location(out_dir)
         self.class_names = class_names
         self.batch_size = sampler_cfg.batch_size
         self.resolution = sampler_cfg.resolution
@@ -244,13 +252,13 @@ class ShardGenerator:
         """Sample the unit batch by batch; PNG/JPEG encoding and writing of batch k run in a
         background thread while batch k+1 is sampled, so the accelerator does not wait on I/O."""
         t0 = time.perf_counter()
-        out_dir = Path(unit.out_dir) if unit.out_dir else self.out_dir
+        out_dir = storage.as_location(unit.out_dir) if unit.out_dir else self.out_dir
         sources = fit_sources(self.cache.get(unit.items), self.resolution, self.resize)
         load_s = time.perf_counter() - t0
         steps = self.sampler.steps_for(unit.lam)
         rows: list[dict[str, Any]] = []
         sample_s = 0.0
-        with ShardWriter(out_dir / unit.shard, self.image_format) as writer, ThreadPoolExecutor(1) as io:
+        with ShardWriter(storage.join(out_dir, unit.shard), self.image_format) as writer, ThreadPoolExecutor(1) as io:
             pending: Future | None = None
             for batch in batches(unit.items, sources, self.batch_size):
                 tb = time.perf_counter()
