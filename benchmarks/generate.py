@@ -150,7 +150,8 @@ def config(args: argparse.Namespace, device: str, real: Path, model: Path, out: 
         real_manifest=str(real), model_dir=str(model), out_dir=str(out), image_format=args.image_format,
         plan=PlanConfig(w=[2.0], lambdas=[lam], samples_per_shard=args.batch_size * args.batches_per_shard),
         sampler=SamplerConfig(num_steps=args.steps, spacing="truncate", dtype=args.dtype, batch_size=args.batch_size,
-                              resolution=args.resolution, device="cuda" if device.startswith("cuda") else "cpu"),
+                              resolution=args.resolution, device="cuda" if device.startswith("cuda") else "cpu",
+                              compile=args.compile),
         ray=RayConfig(num_actors=actors, num_cpus_per_actor=cpus, local_num_cpus=args.ray_cpus),
     )
     cfg.validate()
@@ -170,6 +171,7 @@ def main() -> int:
     parser.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (CPU float32, GPU float16)")
     parser.add_argument("--lambdas", type=float, nargs="+", default=None, help="(CPU 1.0, GPU 1.0 0.5)")
     parser.add_argument("--image-format", default="png")
+    parser.add_argument("--compile", action="store_true", help="sampler.compile: torch.compile + channels_last (GPU)")
     parser.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray instance")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU: torch threads of the bare loop = CPUs of the engine's actor (default 1: on a shared, "

@@ -31,6 +31,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ from engine.data.procedural import CLASS_NAMES, make_scene
 from engine.errors import BadInputError
 from engine.models import BASE_FILE, FINAL_DIR, TinyArch, _replace_dir, tiny_denoiser, tiny_scheduler_config, weights_digest
 from engine.text import ClassTokenEncoder, names_for_ids
-from engine.train_controlnet import denoising_loss, noised_and_target, pick_device
+from engine.train_controlnet import StepBudget, denoising_loss, noised_and_target, pick_device
 from engine.train_state import EMA, latest_checkpoint, resume_run, save_checkpoint
 
 DEFAULT_CONFIG = "configs/base/tiny.yaml"
@@ -79,6 +80,11 @@ class BaseTrainSection:
     seed: int = 0
     device: str = "auto"
     threads: int = 0  # 0 = every core this process may use
+    # > 0: a time box. After ``calibrate_steps`` timed steps, ``steps`` is lowered ONCE to what
+    # fits in this wall time; from then on the run is the same as ``--set train.steps=<that>``
+    # (recorded in base.json), cool-down included.
+    max_minutes: float = 0.0
+    calibrate_steps: int = 50
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "save_every", "log_every"):
@@ -126,12 +132,18 @@ def captions(bits: np.ndarray) -> list[list[str]]:
     return [names_for_ids([c for c in range(1, len(CLASS_NAMES)) if b >> c & 1], CLASS_NAMES) for b in bits]
 
 
+@lru_cache(maxsize=2)
+def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of epoch ``epoch`` (cached: a batch reads one or two epochs' orders)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     """Indices of step ``step``'s batch: consecutive slices of a per-epoch seeded permutation."""
     out = []
     for pos in range(step * batch_size, (step + 1) * batch_size):
         epoch, k = divmod(pos, n)
-        out.append(int(np.random.default_rng([seed, epoch]).permutation(n)[k]))
+        out.append(int(_epoch_permutation(seed, epoch, n)[k]))
     return out
 
 
@@ -184,6 +196,22 @@ def lr_at(step: int, tc: BaseTrainSection) -> float:
 
 
 # -- the loop -----------------------------------------------------------------------------------
+def fix_steps_to_time_box(cfg: PretrainBaseConfig, budget: StepBudget, done: int, out: Path) -> None:
+    """Lower ``train.steps`` once to what fits in ``train.max_minutes`` (projected from the
+    steps so far, with a 3 % margin for the export) and re-save the config, so the run is
+    exactly the fixed-step run its record names. Refuses when the cool-down would already
+    have begun (the schedule so far would differ from that run's)."""
+    tc = cfg.train
+    budget.step_done(done)
+    fitted = min(tc.steps, done + int(0.97 * (budget.total - done)))
+    if fitted < tc.steps and fitted - tc.cooldown_steps < done:
+        raise BadInputError(f"train.max_minutes={tc.max_minutes}", f"fits only {fitted} steps, too few for a "
+                            f"{tc.cooldown_steps}-step cool-down after {done} calibration steps",
+                            "give it more minutes or lower train.cooldown_steps")
+    tc.steps = fitted
+    save_config(cfg, out / "config.yaml")
+
+
 def pretrain(cfg: PretrainBaseConfig, resume: bool = False, progress: bool = True, command: str = "") -> Path:
     """Run (or resume) pretraining; return the final bundle folder."""
     from diffusers import DDIMScheduler
@@ -198,7 +226,6 @@ def pretrain(cfg: PretrainBaseConfig, resume: bool = False, progress: bool = Tru
     if not resume and (latest_checkpoint(ckpt_dir) or (out / FINAL_DIR).exists()):
         raise BadInputError(str(out), "already holds a pretraining run", "pass --resume to continue it, or pick another out")
     images, bits = render_corpus(cfg.corpus, progress)
-    names = captions(bits)
 
     unet = tiny_denoiser(cfg.model, cfg.resolution, cfg.init_seed).to(device)
     text = ClassTokenEncoder(list(CLASS_NAMES), dim=cfg.model.cross_attention_dim, max_tokens=cfg.model.text_tokens).to(device)
@@ -206,6 +233,10 @@ def pretrain(cfg: PretrainBaseConfig, resume: bool = False, progress: bool = Tru
     opt = torch.optim.AdamW(params.values(), lr=tc.lr, weight_decay=tc.weight_decay)
     ema = EMA(params, tc.ema_decay) if tc.ema_decay > 0 else None
     sched = DDIMScheduler.from_config(tiny_scheduler_config(cfg.model))
+    # The corpus and its caption tokens live on the device once: a step only gathers rows
+    # (on a GPU the tiny model is bound by per-step overhead, not by arithmetic).
+    corpus = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+    tokens = text.token_ids(captions(bits))
 
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -213,20 +244,21 @@ def pretrain(cfg: PretrainBaseConfig, resume: bool = False, progress: bool = Tru
     start = resume_run(ckpt_dir, log_path, params, opt, ema, resume)
 
     unet.train()
+    budget = StepBudget(tc.steps, tc.max_minutes, start)
     bar = tqdm(total=tc.steps, initial=start, desc="pretrain base", disable=not progress, dynamic_ncols=True)
-    acc, n_acc, t0 = 0.0, 0, time.perf_counter()
+    acc, n_acc, t0 = torch.zeros((), device=device), 0, time.perf_counter()
     with open(log_path, "a") as log:
         for step in range(start, tc.steps):
             gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, tc)
-            idx = batch_indices(step, tc.batch_size, len(images), tc.seed)
-            x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).contiguous().to(device).float() / 127.5 - 1.0
+            idx = torch.tensor(batch_indices(step, tc.batch_size, len(corpus), tc.seed), device=device)
+            x = corpus[idx].float() / 127.5 - 1.0
             if torch.rand((), generator=gen) < 0.5:  # flip the whole batch: layouts, not only left-right habits
                 x = x.flip(-1)
             zt, t, target = noised_and_target(sched, x, gen)
             drop = (torch.rand(len(idx), generator=gen) < tc.caption_dropout).to(device)
-            emb = torch.where(drop[:, None, None], text.null(len(idx)), text.encode([names[i] for i in idx]))
+            emb = torch.where(drop[:, None, None], text.null(len(idx)), text.embed(tokens[idx]))
             loss = denoising_loss(sched, unet(zt, t, encoder_hidden_states=emb).sample, target, t, 0.0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -234,19 +266,25 @@ def pretrain(cfg: PretrainBaseConfig, resume: bool = False, progress: bool = Tru
             opt.step()
             if ema is not None:
                 ema.update()
-            if not math.isfinite(loss.item()):
-                raise RuntimeError(f"loss became {loss.item()} at step {step}; lower train.lr")
-            acc, n_acc, done = acc + loss.item(), n_acc + 1, step + 1
+            acc, n_acc, done = acc + loss.detach(), n_acc + 1, step + 1
             bar.update(1)
-            if done % tc.log_every == 0 or done == tc.steps:
-                rec = {"step": done, "loss": acc / n_acc, "lr": opt.param_groups[0]["lr"],
+            if tc.max_minutes > 0 and done == start + tc.calibrate_steps:
+                fix_steps_to_time_box(cfg, budget, done, out)
+                bar.total = tc.steps
+            if done % tc.log_every == 0 or done == tc.steps:  # the only host sync of the loop
+                mean = acc.item() / n_acc
+                if not math.isfinite(mean):
+                    raise RuntimeError(f"loss became {mean} by step {done}; lower train.lr")
+                rec = {"step": done, "loss": mean, "lr": opt.param_groups[0]["lr"],
                        "seconds": round(time.perf_counter() - t0, 3)}
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
-                acc, n_acc = 0.0, 0
+                acc, n_acc = torch.zeros((), device=device), 0
             if done % tc.save_every == 0 or done == tc.steps:
                 save_checkpoint(ckpt_dir, done, params, opt, ema, keep=tc.keep_checkpoints)
+            if done == tc.steps:  # reached early when the time box lowered tc.steps
+                break
     bar.close()
     if ema is not None:
         ema.copy_to_params()

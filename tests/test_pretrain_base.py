@@ -173,3 +173,36 @@ def test_tiny_arch_defaults_are_the_shipped_base_architecture():
     base = load_yaml(Path(__file__).resolve().parents[1] / "configs" / "base" / "tiny.yaml")["model"]
     defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(TinyArch()).items()}
     assert defaults == base
+
+
+
+def _fake_budget(monkeypatch) -> None:
+    """The time box sees 1 s per step: its clock reads 0 at the start and 3 at the one
+    projection (after 3 calibration steps)."""
+    import engine.pretrain_base as pb
+
+    real = pb.StepBudget
+    monkeypatch.setattr(pb, "StepBudget", lambda steps, minutes, start: real(
+        steps, minutes, start, clock=lambda c=iter([0.0, 3.0]): next(c)))
+
+
+def test_time_box_fixes_the_step_count_once_and_equals_the_fixed_step_run(tmp_path, monkeypatch):
+    # 1 s/step, 12 s box: 9 s left after 3 calibration steps = 9 steps, 97 % -> 8: 11 in all.
+    _fake_budget(monkeypatch)
+    boxed = pretrain(_cfg(tmp_path / "boxed", steps=40, max_minutes=0.2, calibrate_steps=3, cooldown_steps=2),
+                     progress=False)
+    meta = json.loads((boxed / BASE_FILE).read_text())
+    assert meta["steps"] == 11 and meta["config"]["train"]["steps"] == 11
+    saved = yaml.safe_load((tmp_path / "boxed" / "config.yaml").read_text())
+    assert saved["train"]["steps"] == 11
+    log = [json.loads(x) for x in (tmp_path / "boxed" / "loss.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 11 and log[-1]["lr"] == pytest.approx(1e-3 / 2)  # the cool-down ran to its end
+    fixed = pretrain(_cfg(tmp_path / "fixed", steps=11, cooldown_steps=2), progress=False)
+    a, b = _weights(boxed), _weights(fixed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_time_box_too_short_for_the_cool_down_is_refused(tmp_path, monkeypatch):
+    _fake_budget(monkeypatch)
+    with pytest.raises(BadInputError, match="too few for a 20-step cool-down"):
+        pretrain(_cfg(tmp_path / "r", steps=40, max_minutes=0.2, calibrate_steps=3, cooldown_steps=20), progress=False)

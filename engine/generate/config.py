@@ -84,6 +84,9 @@ class SamplerConfig:
     # fitted scribble it was sampled from.
     resolution: int | None = None
     resize: str = DEFAULT_RESIZE  # stretch (the paper) | crop | pad; as the model was trained (its bundle says)
+    # torch.compile the ControlNet + UNet (channels_last) in each replica, paid at load with one
+    # warm-up step at (batch_size, resolution): worth it on GPUs for long runs, not on CPU.
+    compile: bool = False
 
     def validate(self) -> None:
         if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution < 8):
