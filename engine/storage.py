@@ -64,13 +64,15 @@ def fs_and_path(location: Location) -> tuple[Any, str]:
     import fsspec
 
     try:
-        return fsspec.core.url_to_fs(os.fspath(location))
+        fs, path = fsspec.core.url_to_fs(os.fspath(location))
     except ImportError as exc:
         package = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}.get(_scheme(location))
         hint = f"pip install {package}" if package else "install the fsspec backend for this URL scheme"
         raise BadInputError(os.fspath(location), f"no filesystem for {_scheme(location)}:// ({exc})", hint) from None
     except ValueError as exc:  # an unknown protocol
         raise BadInputError(os.fspath(location), str(exc), "use a local path or an fsspec URL (s3://, gs://, file://)") from None
+    fs.invalidate_cache(path)  # other processes (actors, other drivers) write here: never answer from a stale listing
+    return fs, path
 
 
 def join(location: Location, *names: str) -> Location:
