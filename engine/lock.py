@@ -9,7 +9,7 @@ file, ``.lock.owner``, created only if absent (``link(2)`` locally, a conditiona
 ``If-None-Match: *``, on object stores; ``engine.storage.create_exclusive``), whose holder
 rewrites its heartbeat every ``HEARTBEAT_S`` seconds from a background thread. Another
 driver is refused while the heartbeat is fresh and takes over once it is older than
-``STALE_S`` (its holder died). The fallback says so on stderr, because it is weaker: it
+``STALE_S``, or at once when the holder ran on the same host and its process is gone. The fallback says so on stderr, because it is weaker: it
 relies on clocks and on the store showing a rewrite within ``STALE_S``, and two drivers
 that take over the same stale file at the same instant may both proceed (deleting a stale
 file cannot be made conditional on every store).
@@ -54,13 +54,27 @@ def _record(me: dict[str, Any]) -> bytes:
     return json.dumps({**me, "heartbeat": time.time()}).encode()
 
 
+def _dead_here(owner: dict[str, Any]) -> bool:
+    """True when the owner ran on this host and its process is gone (a killed driver's rerun
+    need not wait ``STALE_S``)."""
+    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+        return False
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 def _claim(path: storage.Location, folder: storage.Location, me: dict[str, Any], stale_s: float) -> None:
     """Create the owner file, or take over a stale one; refuse while its holder beats."""
     if storage.create_exclusive(path, _record(me)):
         return
     other = _read_owner(path)
     age = time.time() - float(other.get("heartbeat", 0))
-    if age < stale_s:
+    if age < stale_s and not _dead_here(other):
         raise _refuse(folder, f" (owner {other.get('host')}:{other.get('pid')}, heartbeat {age:.0f} s ago)")
     storage.remove(path)  # its holder died without releasing it
     if not storage.create_exclusive(path, _record(me)):
