@@ -142,9 +142,11 @@ class RayConfig:
 class GenerateConfig:
     """A generation run: real manifest + model folder in, tagged synthetic shards out.
 
-    Relative paths are resolved against the current directory of the driver. Under
-    ``ray job submit --working-dir`` that is the uploaded copy of the repo, so pass
-    absolute paths there (``--set out_dir=/data/...``).
+    ``real_manifest``, ``model_dir`` and ``out_dir`` are local paths or URLs (``s3://``,
+    ``gs://``, ``file://``: ``engine.storage``). Relative paths are resolved against the
+    current directory of the driver. Under ``ray job submit --working-dir`` that is the
+    uploaded copy of the repo, so pass absolute paths (or URLs) there
+    (``--set out_dir=/data/...``).
     """
 
     real_manifest: str = "runs/tiny/real/manifest.parquet"
