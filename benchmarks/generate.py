@@ -236,7 +236,7 @@ def main() -> int:
             results["scaling_2_over_1_actors"] = round(two / one, 4)
             print(f"  scaling 1 -> 2 actors: {two / one:.2f}x", flush=True)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        args.json.write_text(json.dumps(results, indent=1, default=str))  # paths as strings
     return 0
 
 

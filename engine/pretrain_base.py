@@ -33,6 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ from engine.data.procedural import CLASS_NAMES, make_scene
 from engine.errors import BadInputError
 from engine.models import BASE_FILE, FINAL_DIR, TinyArch, _replace_dir, tiny_denoiser, tiny_scheduler_config, weights_digest
 from engine.text import ClassTokenEncoder, names_for_ids
-from engine.train_controlnet import StepBudget, denoising_loss, noised_and_target, pick_device
+from engine.train_controlnet import denoising_loss, noised_and_target, pick_device
 from engine.train_state import EMA, latest_checkpoint, resume_run, save_checkpoint
 
 DEFAULT_CONFIG = "configs/base/tiny.yaml"
@@ -80,9 +81,10 @@ class BaseTrainSection:
     seed: int = 0
     device: str = "auto"
     threads: int = 0  # 0 = every core this process may use
-    # > 0: a time box. After ``calibrate_steps`` timed steps, ``steps`` is lowered ONCE to what
-    # fits in this wall time; from then on the run is the same as ``--set train.steps=<that>``
-    # (recorded in base.json), cool-down included.
+    # > 0: a time box on the training loop's wall time. After ``calibrate_steps`` steps, ``steps``
+    # is lowered ONCE to what fits (the step time measured after the first fifth of them, which
+    # carries one-time costs such as CUDA start-up); from then on the run is the same as
+    # ``--set train.steps=<that>`` (recorded in base.json), cool-down included.
     max_minutes: float = 0.0
     calibrate_steps: int = 50
 
@@ -90,6 +92,8 @@ class BaseTrainSection:
         for name in ("steps", "batch_size", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise BadInputError(f"train.{name}={getattr(self, name)}", "must be >= 1")
+        if self.max_minutes > 0 and self.calibrate_steps < 5:
+            raise BadInputError(f"train.calibrate_steps={self.calibrate_steps}", "must be >= 5 with a time box")
         if not 0.0 <= self.caption_dropout < 1.0 or not 0.0 <= self.ema_decay < 1.0:
             raise BadInputError("train.caption_dropout / train.ema_decay", "must be in [0, 1)")
 
@@ -196,14 +200,13 @@ def lr_at(step: int, tc: BaseTrainSection) -> float:
 
 
 # -- the loop -----------------------------------------------------------------------------------
-def fix_steps_to_time_box(cfg: PretrainBaseConfig, budget: StepBudget, done: int, out: Path) -> None:
-    """Lower ``train.steps`` once to what fits in ``train.max_minutes`` (projected from the
-    steps so far, with a 3 % margin for the export) and re-save the config, so the run is
-    exactly the fixed-step run its record names. Refuses when the cool-down would already
-    have begun (the schedule so far would differ from that run's)."""
+def fix_steps_to_time_box(cfg: PretrainBaseConfig, done: int, elapsed: float, per_step: float, out: Path) -> None:
+    """Lower ``train.steps`` once to what fits in ``train.max_minutes`` (``elapsed`` seconds
+    spent, ``per_step`` seconds a step from now on, 3 % kept for the export) and re-save the
+    config, so the run is exactly the fixed-step run its record names. Refuses when the
+    cool-down would already have begun (the schedule so far would differ from that run's)."""
     tc = cfg.train
-    budget.step_done(done)
-    fitted = min(tc.steps, done + int(0.97 * (budget.total - done)))
+    fitted = min(tc.steps, done + int(0.97 * max(0.0, 60.0 * tc.max_minutes - elapsed) / per_step))
     if fitted < tc.steps and fitted - tc.cooldown_steps < done:
         raise BadInputError(f"train.max_minutes={tc.max_minutes}", f"fits only {fitted} steps, too few for a "
                             f"{tc.cooldown_steps}-step cool-down after {done} calibration steps",
@@ -212,8 +215,9 @@ def fix_steps_to_time_box(cfg: PretrainBaseConfig, budget: StepBudget, done: int
     save_config(cfg, out / "config.yaml")
 
 
-def pretrain(cfg: PretrainBaseConfig, resume: bool = False, progress: bool = True, command: str = "") -> Path:
-    """Run (or resume) pretraining; return the final bundle folder."""
+def pretrain(cfg: PretrainBaseConfig, resume: bool = False, progress: bool = True, command: str = "",
+             clock: Callable[[], float] = time.perf_counter) -> Path:
+    """Run (or resume) pretraining; return the final bundle folder. ``clock`` times the time box."""
     from diffusers import DDIMScheduler
     from tqdm import tqdm
 
@@ -244,7 +248,8 @@ def pretrain(cfg: PretrainBaseConfig, resume: bool = False, progress: bool = Tru
     start = resume_run(ckpt_dir, log_path, params, opt, ema, resume)
 
     unet.train()
-    budget = StepBudget(tc.steps, tc.max_minutes, start)
+    warm = start + max(1, tc.calibrate_steps // 5)
+    box_t0 = t_warm = clock() if tc.max_minutes > 0 else 0.0
     bar = tqdm(total=tc.steps, initial=start, desc="pretrain base", disable=not progress, dynamic_ncols=True)
     acc, n_acc, t0 = torch.zeros((), device=device), 0, time.perf_counter()
     with open(log_path, "a") as log:
@@ -268,8 +273,11 @@ def pretrain(cfg: PretrainBaseConfig, resume: bool = False, progress: bool = Tru
                 ema.update()
             acc, n_acc, done = acc + loss.detach(), n_acc + 1, step + 1
             bar.update(1)
+            if tc.max_minutes > 0 and done == warm:
+                t_warm = clock()
             if tc.max_minutes > 0 and done == start + tc.calibrate_steps:
-                fix_steps_to_time_box(cfg, budget, done, out)
+                now = clock()
+                fix_steps_to_time_box(cfg, done, now - box_t0, (now - t_warm) / (done - warm), out)
                 bar.total = tc.steps
             if done % tc.log_every == 0 or done == tc.steps:  # the only host sync of the loop
                 mean = acc.item() / n_acc

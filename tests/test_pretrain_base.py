@@ -176,21 +176,12 @@ def test_tiny_arch_defaults_are_the_shipped_base_architecture():
 
 
 
-def _fake_budget(monkeypatch) -> None:
-    """The time box sees 1 s per step: its clock reads 0 at the start and 3 at the one
-    projection (after 3 calibration steps)."""
-    import engine.pretrain_base as pb
 
-    real = pb.StepBudget
-    monkeypatch.setattr(pb, "StepBudget", lambda steps, minutes, start: real(
-        steps, minutes, start, clock=lambda c=iter([0.0, 3.0]): next(c)))
-
-
-def test_time_box_fixes_the_step_count_once_and_equals_the_fixed_step_run(tmp_path, monkeypatch):
-    # 1 s/step, 12 s box: 9 s left after 3 calibration steps = 9 steps, 97 % -> 8: 11 in all.
-    _fake_budget(monkeypatch)
-    boxed = pretrain(_cfg(tmp_path / "boxed", steps=40, max_minutes=0.2, calibrate_steps=3, cooldown_steps=2),
-                     progress=False)
+def test_time_box_fixes_the_step_count_once_and_equals_the_fixed_step_run(tmp_path):
+    # The box's clock reads 0 at the start, 1 after the first (warm-up) step and 5 after the
+    # 5th: 1 s a step from then on; 12 s box - 5 s = 7 s, 97 % -> 6 more steps: 11 in all.
+    boxed = pretrain(_cfg(tmp_path / "boxed", steps=40, max_minutes=0.2, calibrate_steps=5, cooldown_steps=2),
+                     progress=False, clock=lambda c=iter([0.0, 1.0, 5.0]): next(c))
     meta = json.loads((boxed / BASE_FILE).read_text())
     assert meta["steps"] == 11 and meta["config"]["train"]["steps"] == 11
     saved = yaml.safe_load((tmp_path / "boxed" / "config.yaml").read_text())
@@ -202,7 +193,7 @@ def test_time_box_fixes_the_step_count_once_and_equals_the_fixed_step_run(tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_time_box_too_short_for_the_cool_down_is_refused(tmp_path, monkeypatch):
-    _fake_budget(monkeypatch)
+def test_time_box_too_short_for_the_cool_down_is_refused(tmp_path):
     with pytest.raises(BadInputError, match="too few for a 20-step cool-down"):
-        pretrain(_cfg(tmp_path / "r", steps=40, max_minutes=0.2, calibrate_steps=3, cooldown_steps=20), progress=False)
+        pretrain(_cfg(tmp_path / "r", steps=40, max_minutes=0.2, calibrate_steps=5, cooldown_steps=20), progress=False,
+                 clock=lambda c=iter([0.0, 1.0, 5.0]): next(c))
