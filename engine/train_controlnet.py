@@ -28,6 +28,7 @@ kept), ``loss.jsonl``, ``config.yaml``, and the finished bundle in ``final/``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -35,20 +36,25 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
 
 from engine.config import add_config_args, load_config, save_config
 from engine.data.geometry import DEFAULT_RESIZE, check_resize, fit_to
+from engine.distributed import (
+    BatchShare, barrier, batch_share, check_same_on_all_ranks, decide_on_main, is_main, mean_over_ranks, pick_device,
+    setup_distributed, shutdown_distributed,
+)
 from engine.errors import BadInputError
 from engine.manifest import read_manifest, resolve_shard
 from engine.models import FINAL_DIR, HINT_ENCODINGS, TinyArch, ScribbleGenModel, build_tiny, from_base, from_stable_diffusion
 from engine.shards import read_shard
 from engine.text import names_for_ids
-from engine.train_state import EMA, latest_checkpoint, resume_run, save_checkpoint
+from engine.train_state import EMA, latest_checkpoint, load_checkpoint, resume_run, save_checkpoint
 
 DEFAULT_CONFIG = "configs/controlnet/tiny.yaml"
 
@@ -169,10 +175,11 @@ class InMemoryData:
     def __len__(self) -> int:
         return len(self.names)
 
-    def batch(self, step: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
+    def batch(self, step: int, share: BatchShare, seed: int) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
+        """This rank's rows of global batch ``step``: the same samples whatever the number of ranks."""
         n = len(self)
         idx = []
-        for pos in range(step * batch_size, (step + 1) * batch_size):
+        for pos in range(step * share.total + share.rows.start, step * share.total + share.rows.stop):
             epoch, k = divmod(pos, n)
             perm = np.random.default_rng([seed, epoch]).permutation(n)
             idx.append(int(perm[k]))
@@ -180,7 +187,9 @@ class InMemoryData:
 
 
 class StreamingData:
-    """Endless shuffled stream over shards (big sets): shard order per pass, shuffle buffer."""
+    """Endless shuffled stream over shards (big sets): shard order per pass, shuffle buffer.
+    Under several ranks each streams its own shards (``shards[rank::world]``, built by the
+    caller), so no rank decodes what another trains on."""
 
     def __init__(self, shards: Sequence[str], split: str, size: int, resize: str, class_names: Sequence[str],
                  buffer: int, seed: int) -> None:
@@ -199,12 +208,12 @@ class StreamingData:
                 if len(buf) >= self.buffer:
                     yield buf.pop(rng.randrange(len(buf)))
 
-    def batch(self, step: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
-        """The next ``batch_size`` items of the stream. ``step`` and ``seed`` are ignored: a
+    def batch(self, step: int, share: BatchShare, seed: int) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
+        """The next ``share.size`` items of the stream. ``step`` and ``seed`` are ignored: a
         stream cannot jump to a step without decoding everything before it, so a resumed
         streaming run (the sd15 path) starts its data order afresh. Weights, optimizer, EMA and
         each step's noise and dropout are still restored exactly; only the order differs."""
-        items = [next(self._it) for _ in range(batch_size)]
+        items = [next(self._it) for _ in range(share.size)]
         return np.stack([i[0] for i in items]), np.stack([i[1] for i in items]), [i[2] for i in items]
 
 
@@ -226,26 +235,32 @@ def apply_dropout(hint: torch.Tensor, text: torch.Tensor, null_hint: torch.Tenso
 
 def loss_on_batch(model: ScribbleGenModel, scheduler, images: np.ndarray, scribbles: np.ndarray,
                   names: list[list[str]], p_drop: float, drop_prompt: bool,
-                  gen: torch.Generator, snr_gamma: float = 0.0) -> tuple[torch.Tensor, int]:
-    """Denoising MSE (ε or v target, per the model's scheduler) on one batch; returns
-    (loss, number of dropped samples)."""
+                  gen: torch.Generator, snr_gamma: float = 0.0, share: BatchShare | None = None) -> tuple[torch.Tensor, int]:
+    """Denoising MSE (ε or v target, per the model's scheduler) on this rank's ``share`` of the
+    global batch (``images`` etc. are its rows; default: the whole batch); returns (loss over
+    the share, number of dropped samples in the whole global batch)."""
     b = len(names)
-    zt, t, target = noised_and_target(scheduler, model.encode_images(images), gen)
-    drop = dropout_mask(b, p_drop, gen)
+    share = share or batch_share(b)
+    zt, t, target = noised_and_target(scheduler, model.encode_images(images), gen, share)
+    full_drop = dropout_mask(share.total, p_drop, gen)
+    drop = share.keep(full_drop)
     with torch.set_grad_enabled(any(p.requires_grad for p in model.text.parameters())):
         text = model.text.encode(names)
         null_text = model.text.null(b)
     null_hint = model.null_hints(b, images.shape[1:3])
     hint, text = apply_dropout(model.hint(scribbles), text, null_hint, null_text, drop, drop_prompt)
     out = model.predict(zt, t, hint, text.to(zt.dtype))
-    return denoising_loss(scheduler, out, target, t, snr_gamma), int(drop.sum())
+    return denoising_loss(scheduler, out, target, t, snr_gamma), int(full_drop.sum())
 
 
-def noised_and_target(scheduler, z0: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def noised_and_target(scheduler, z0: torch.Tensor, gen: torch.Generator,
+                      share: BatchShare | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(z_t, t, target)`` for a uniformly drawn timestep per sample: the forward diffusion
-    of ``z0`` and what the model must predict there (ε, or v for ``v_prediction``)."""
-    noise = torch.randn(z0.shape, generator=gen).to(z0.device, z0.dtype)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), generator=gen).to(z0.device)
+    of ``z0`` and what the model must predict there (ε, or v for ``v_prediction``). With a
+    ``share``, ``z0`` holds a rank's rows, and the draws are those of the global batch's rows."""
+    share = share or batch_share(z0.shape[0])
+    noise = share.keep(torch.randn((share.total, *z0.shape[1:]), generator=gen)).to(z0.device, z0.dtype)
+    t = share.keep(torch.randint(0, scheduler.config.num_train_timesteps, (share.total,), generator=gen)).to(z0.device)
     zt = scheduler.add_noise(z0, noise, t)
     target = scheduler.get_velocity(z0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
     return zt, t, target
@@ -274,14 +289,6 @@ def loss_weights(scheduler, t: torch.Tensor, snr_gamma: float) -> torch.Tensor:
 
 
 # -- the loop ---------------------------------------------------------------------------------
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInputError(f"train.device={name}", "CUDA is not available on this machine", "use device=cpu")
-    return torch.device(name)
-
-
 def build_model(cfg: TrainControlNetConfig, class_names: Sequence[str]) -> ScribbleGenModel:
     m = cfg.model
     if m.kind == "tiny" and not m.pretrained:
@@ -292,15 +299,34 @@ def build_model(cfg: TrainControlNetConfig, class_names: Sequence[str]) -> Scrib
                      hint=m.hint)
 
 
-def trainable_params(model: ScribbleGenModel, train_denoiser: bool) -> dict[str, torch.nn.Parameter]:
-    """Freeze everything, then unfreeze ControlNet + null hint (+ denoiser and text table)."""
+T = TypeVar("T")
+
+
+class TrainedParts(torch.nn.Module):
+    """What training updates, as one module sharing its parts with the model: the ControlNet
+    and the learned null hint, plus the denoiser UNet (and the tiny text table) with
+    ``train.train_denoiser``. DDP wraps this, not the whole model, so the frozen denoiser,
+    VAE and text encoder are neither broadcast at start nor hooked for all-reduce."""
+
+    def __init__(self, model: ScribbleGenModel, train_denoiser: bool) -> None:
+        super().__init__()
+        self.controlnet = model.controlnet
+        self.null_hint = model.null_hint
+        if train_denoiser:
+            self.unet = model.unet
+            if model.kind == "tiny":
+                self.text = model.text
+
+    def forward(self, run: Callable[[], T]) -> T:
+        """Run the step's loss. The loss goes through the whole model, but under DDP it must be
+        computed inside the wrapper's forward, which arms the gradient all-reduce."""
+        return run()
+
+
+def trainable_params(model: ScribbleGenModel, parts: TrainedParts) -> dict[str, torch.nn.Parameter]:
+    """Freeze everything, then unfreeze the trained ``parts``; the model's names for them."""
     model.requires_grad_(False)
-    model.controlnet.requires_grad_(True)
-    model.null_hint.requires_grad_(True)
-    if train_denoiser:
-        model.unet.requires_grad_(True)
-        if model.kind == "tiny":
-            model.text.requires_grad_(True)
+    parts.requires_grad_(True)
     return {k: p for k, p in model.named_parameters() if p.requires_grad}
 
 
@@ -329,19 +355,36 @@ class StepBudget:
 
 
 def train(cfg: TrainControlNetConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Run (or resume) training; return the folder of the saved final bundle."""
-    from diffusers import DDIMScheduler
-    from tqdm import tqdm
+    """Run (or resume) training; return the folder of the saved final bundle.
 
-    tc = cfg.train
-    device = pick_device(tc.device)
-    if cfg.model.kind == "sd15" and tc.device == "auto" and device.type == "cpu":
+    Under ``torchrun --nproc_per_node N`` every rank runs this: DDP over the trained parts,
+    each rank on its ``train.batch_size / N`` rows of every global batch, rank 0 alone
+    writing files. The process group lives as long as this call.
+    """
+    if cfg.model.kind == "sd15" and cfg.train.device == "auto" and pick_device("auto").type == "cpu":
         raise BadInputError(  # never a silent CPU fallback for a multi-day job
             "train.device=auto", "found no GPU for SD 1.5 ControlNet training (it would run for days on CPU)",
             "run it on a GPU node (e.g. ray job submit to a cluster with GPUs), or set train.device=cpu to insist",
         )
-    if device.type == "cpu":
-        torch.set_num_threads(tc.threads or len(os.sched_getaffinity(0)))  # cores we may use, not all cores
+    rank, world, device = setup_distributed(cfg.train.device)
+    try:
+        return _train_rank(cfg, resume, progress, rank, world, device)
+    finally:
+        shutdown_distributed()
+
+
+def _train_rank(cfg: TrainControlNetConfig, resume: bool, progress: bool, rank: int, world: int,
+                device: torch.device) -> Path:
+    """One rank's part of :func:`train` (the whole of it in a one-process run)."""
+    from diffusers import DDIMScheduler
+    from tqdm import tqdm
+
+    tc = cfg.train
+    share = batch_share(tc.batch_size, rank, world)
+    main_rank = is_main(rank)
+    if device.type == "cpu":  # cores we may use, not all cores, split between the ranks on this machine
+        cores = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(tc.threads or max(1, cores))
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
     if not resume and (latest_checkpoint(ckpt_dir) or (out / FINAL_DIR).exists()):
@@ -350,11 +393,16 @@ def train(cfg: TrainControlNetConfig, resume: bool = False, progress: bool = Tru
     res = cfg.model.resolution
     if cfg.data.in_memory:
         data = InMemoryData(shards, cfg.data.split, res, cfg.data.resize, class_names)
+    elif len(shards) < world:
+        raise BadInputError(cfg.data.manifest, f"{len(shards)} shards cannot feed {world} ranks (each streams its own)",
+                            "set data.in_memory=true, or use fewer ranks")
     else:
-        data = StreamingData(shards, cfg.data.split, res, cfg.data.resize, class_names, cfg.data.shuffle_buffer, tc.seed)
+        data = StreamingData(shards[rank::world], cfg.data.split, res, cfg.data.resize, class_names,
+                             cfg.data.shuffle_buffer, tc.seed)
 
     model = build_model(cfg, class_names).to(device)
-    params = trainable_params(model, tc.train_denoiser)
+    parts = TrainedParts(model, tc.train_denoiser)
+    params = trainable_params(model, parts)
     if tc.gradient_checkpointing:
         model.controlnet.enable_gradient_checkpointing()
         model.unet.enable_gradient_checkpointing()
@@ -362,43 +410,53 @@ def train(cfg: TrainControlNetConfig, resume: bool = False, progress: bool = Tru
     ema = EMA(params, tc.ema_decay) if tc.ema_decay > 0 else None
     noise_sched = DDIMScheduler.from_config(model.scheduler_config)
 
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     log_path = out / "loss.jsonl"
-    start = resume_run(ckpt_dir, log_path, params, opt, ema, resume)
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        start = resume_run(ckpt_dir, log_path, params, opt, ema, resume)
+    else:  # the same checkpoint as rank 0, without touching rank 0's files
+        ckpt = latest_checkpoint(ckpt_dir) if resume else None
+        start = load_checkpoint(ckpt, params, opt, ema) if ckpt else 0
+    check_same_on_all_ranks(start, "the step a resumed run starts at",
+                            f"put out ({out}) on storage that every rank reads (a shared filesystem)")
+    net = torch.nn.parallel.DistributedDataParallel(
+        parts, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else parts
 
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.mixed_precision)
     scaler = torch.amp.GradScaler(enabled=amp is torch.float16 and device.type == "cuda")
     model.train()
-    budget = StepBudget(tc.steps, tc.max_minutes, start)
-    bar = tqdm(total=budget.total, initial=start, desc="train controlnet", disable=not progress, dynamic_ncols=True)
+    budget = StepBudget(tc.steps, tc.max_minutes, start)  # consulted on rank 0, which decides for all
+    bar = tqdm(total=budget.total, initial=start, desc="train controlnet", disable=not (progress and main_rank),
+               dynamic_ncols=True)
     acc_loss, acc_n, acc_drop, t0 = 0.0, 0, 0, time.perf_counter()
-    with open(log_path, "a") as log:
+    with open(log_path, "a") if main_rank else contextlib.nullcontext() as log:
         for step in range(start, tc.steps):
             gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
             for g in opt.param_groups:  # linear warmup, then constant
                 g["lr"] = tc.lr * min(1.0, (step + 1) / max(1, tc.warmup_steps))
-            images, scribbles, names = data.batch(step, tc.batch_size, tc.seed)
+            images, scribbles, names = data.batch(step, share, tc.seed)
             if cfg.data.hflip:
-                flip = (torch.rand(len(names), generator=gen) < 0.5).numpy()
+                flip = share.keep(torch.rand(share.total, generator=gen) < 0.5).numpy()
                 images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
                 scribbles = np.where(flip[:, None, None], scribbles[:, :, ::-1], scribbles)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss, dropped = loss_on_batch(model, noise_sched, images, scribbles, names,
-                                              tc.cond_dropout, tc.drop_prompt, gen, tc.snr_gamma)
+                loss, dropped = net(partial(loss_on_batch, model, noise_sched, images, scribbles, names,
+                                            tc.cond_dropout, tc.drop_prompt, gen, tc.snr_gamma, share))
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(loss).backward()  # DDP averages the ranks' gradients: that of the global mean loss
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params.values(), tc.grad_clip)
             scaler.step(opt)
             scaler.update()
             if ema is not None:
                 ema.update()
-            if not math.isfinite(loss.item()):
-                raise RuntimeError(f"loss became {loss.item()} at step {step}; lower train.lr")
-            acc_loss, acc_n, acc_drop = acc_loss + loss.item(), acc_n + 1, acc_drop + dropped
+            step_loss = mean_over_ranks(loss.detach()).item()
+            if not math.isfinite(step_loss):
+                raise RuntimeError(f"loss became {step_loss} at step {step}; lower train.lr")
+            acc_loss, acc_n, acc_drop = acc_loss + step_loss, acc_n + 1, acc_drop + dropped
             done = step + 1
-            out_of_time = budget.step_done(done)
+            out_of_time = decide_on_main(main_rank and budget.step_done(done), device)
             if bar.total != budget.total:
                 bar.total = budget.total
             bar.update(1)
@@ -406,22 +464,27 @@ def train(cfg: TrainControlNetConfig, resume: bool = False, progress: bool = Tru
                 rec = {"step": done, "loss": acc_loss / acc_n, "lr": opt.param_groups[0]["lr"],
                        "dropped": acc_drop, "samples": acc_n * tc.batch_size,
                        "seconds": round(time.perf_counter() - t0, 3)}
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
+                if log:
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
                 acc_loss, acc_n, acc_drop = 0.0, 0, 0
-            if done % tc.save_every == 0 or done == tc.steps or out_of_time:
+            if main_rank and (done % tc.save_every == 0 or done == tc.steps or out_of_time):
                 save_checkpoint(ckpt_dir, done, params, opt, ema, keep=tc.keep_checkpoints)
             if out_of_time:
-                bar.write(f"train.max_minutes={tc.max_minutes} reached at step {done}/{tc.steps}; --resume continues")
+                if main_rank:
+                    bar.write(f"train.max_minutes={tc.max_minutes} reached at step {done}/{tc.steps}; --resume continues")
                 break
     bar.close()
-    if ema is not None:
-        ema.copy_to_params()
-    model.eval()
-    model.uncond = "hint+prompt" if cfg.train.drop_prompt else "hint"
-    model.resize = cfg.data.resize
-    return model.save_pretrained(out / FINAL_DIR)
+    if main_rank:
+        if ema is not None:
+            ema.copy_to_params()
+        model.eval()
+        model.uncond = "hint+prompt" if cfg.train.drop_prompt else "hint"
+        model.resize = cfg.data.resize
+        model.save_pretrained(out / FINAL_DIR)
+    barrier()  # every rank returns only once the bundle it names is there
+    return out / FINAL_DIR
 
 
 def main(argv: list[str] | None = None) -> int:

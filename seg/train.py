@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from engine.atomic import atomic_path, write_text
 from engine.config import add_config_args, load_config, save_config, to_dict
+from engine.distributed import is_main, setup_distributed, shutdown_distributed
 from engine.errors import BadInputError
 from seg.batches import AugmentConfig, MixedBatches, to_rgb255
 from seg.evaluate import PROTOCOLS, evaluate, read_checkpoint
@@ -140,22 +140,6 @@ class MetricsLog:
             fh.write(json.dumps(entry) + "\n")
 
 
-def _setup_distributed(device_cfg: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); initialises the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = device_cfg == "cuda" or (device_cfg == "auto" and torch.cuda.is_available())
-    if device_cfg == "cuda" and not torch.cuda.is_available():
-        raise BadInputError("train.device=cuda", "no CUDA device is available", "use --set train.device=cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
-
-
 def _optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     groups = model.param_groups(cfg.lr, cfg.head_lr_mult)
     for g in groups:
@@ -192,8 +176,8 @@ def train(cfg: SegConfig, manifests: list[str], out: str | Path, resume: bool = 
     ckpt_path = out / "checkpoints" / "last.pt"
     if ckpt_path.exists() and not resume:
         raise BadInputError(str(out), "already holds a checkpoint", "pass --resume to continue it, or a new --out")
-    rank, world, device = _setup_distributed(cfg.train.device)
-    main_rank = rank == 0
+    rank, world, device = setup_distributed(cfg.train.device)
+    main_rank = is_main(rank)
     torch.manual_seed(cfg.train.seed)
     index: DataIndex = index_manifests(manifests, cfg.data.train_split, cfg.data.val_split, cfg.data.real_fraction, cfg.data.subset_seed)
     num_classes = len(index.class_names)
@@ -291,8 +275,7 @@ def train(cfg: SegConfig, manifests: list[str], out: str | Path, resume: bool = 
     }
     if main_rank:
         write_text(out / "summary.json", json.dumps(summary, indent=2))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown_distributed()
     return summary
 
 
