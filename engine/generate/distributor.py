@@ -185,6 +185,54 @@ def task_cause(exc: BaseException) -> BaseException:
     return getattr(exc, "cause", None) or exc
 
 
+class UnitQueue:
+    """The units not yet sent to an actor: a shared queue, plus one unit reserved per actor.
+
+    An actor is told its next unit (the one reserved for it) with every unit it runs, so it
+    loads that unit's sources and samples its first batch before the unit arrives. A
+    reservation is only a hint: it is taken by its actor first, but an idle actor takes
+    another's once the shared queue is empty (work stealing at the tail), and a dead
+    actor's goes back to the front of the queue.
+    """
+
+    def __init__(self, units: list[WorkUnit], num_actors: int) -> None:
+        self.pending: deque[WorkUnit] = deque(units)
+        self.reserved: list[WorkUnit | None] = [None] * num_actors
+
+    def __bool__(self) -> bool:
+        return bool(self.pending) or any(u is not None for u in self.reserved)
+
+    def take(self, actor: int) -> WorkUnit | None:
+        """The unit ``actor`` runs next: its reservation, else the queue's head, else another's reservation."""
+        unit, self.reserved[actor] = self.reserved[actor], None
+        if unit is None and self.pending:
+            unit = self.pending.popleft()
+        return unit if unit is not None else self._steal()
+
+    def _steal(self) -> WorkUnit | None:
+        for other, unit in enumerate(self.reserved):
+            if unit is not None:
+                self.reserved[other] = None
+                return unit
+        return None
+
+    def reserve(self, actor: int) -> WorkUnit | None:
+        """Reserve the queue's head for ``actor`` (after ``take``): the hint sent with its unit."""
+        if self.pending and self.reserved[actor] is None:
+            self.reserved[actor] = self.pending.popleft()
+        return self.reserved[actor]
+
+    def push_front(self, unit: WorkUnit) -> None:
+        """A unit to run again (its attempt failed) goes first."""
+        self.pending.appendleft(unit)
+
+    def release(self, actor: int) -> None:
+        """``actor`` died: its reservation goes back to the front of the queue."""
+        unit, self.reserved[actor] = self.reserved[actor], None
+        if unit is not None:
+            self.push_front(unit)
+
+
 class Distributor:
     """A pool of :class:`ShardGenerator` actors and the retry loop that feeds it."""
 
@@ -239,7 +287,7 @@ class Distributor:
 
         # Longest first: the expensive units (high λ: more steps with truncate spacing, larger
         # shards) start early, so the run does not end waiting on one slow unit at the tail.
-        pending = deque(sorted(units, key=lambda u: (-u.lam, -len(u.items), u.index)))
+        queue = UnitQueue(sorted(units, key=lambda u: (-u.lam, -len(u.items), u.index)), len(self.actors))
         attempts: Counter[int] = Counter()
         tasks: dict[Any, tuple[int, WorkUnit | None]] = {}  # ref -> (actor, unit); unit None = probe
         load = [0] * len(self.actors)
@@ -265,16 +313,15 @@ class Distributor:
                     f"shard {unit.shard} failed {attempts[unit.index]} times, last: {why}"
                     " (if actors run out of memory, lower sampler.batch_size)"
                 )
-            pending.appendleft(unit)
+            queue.push_front(unit)
 
-        while pending or any(u is not None for _, u in tasks.values()):
+        while queue or any(u is not None for _, u in tasks.values()):
             for i in [i for i, t in reprobe_at.items() if time.monotonic() >= t]:
                 del reprobe_at[i]
                 probe(i, count=False)
             for i, actor in enumerate(self.actors):
-                while state[i] == "ok" and load[i] < self.inflight and pending:
-                    unit = pending.popleft()
-                    tasks[actor.run.remote(unit)] = (i, unit)
+                while state[i] == "ok" and load[i] < self.inflight and (unit := queue.take(i)) is not None:
+                    tasks[actor.run.remote(unit, queue.reserve(i))] = (i, unit)
                     load[i] += 1
             if not tasks and not reprobe_at:
                 raise GenerationError(f"all {len(self.actors)} generation actors died; rerun to resume")
@@ -311,6 +358,7 @@ class Distributor:
                 if state[i] == "ok":
                     self.actor_deaths += 1
                     probe(i)
+                    queue.release(i)
                 retry(unit, exc)
                 continue
             results.append(result)

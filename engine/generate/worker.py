@@ -18,9 +18,9 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -175,8 +175,90 @@ def batches(items: Sequence[WorkItem], sources: dict[str, Sample], size: int) ->
     return [group[i : i + size] for group in by_shape.values() for i in range(0, len(group), size)]
 
 
+def done_future(fn: Callable[..., Any], *args: Any) -> Future:
+    """``fn(*args)`` run now, its result or exception held in a finished Future, raised where
+    the result is taken (work done ahead for the next unit must fail that unit, not this one)."""
+    future: Future = Future()
+    try:
+        future.set_result(fn(*args))
+    except Exception as exc:
+        future.set_exception(exc)
+    return future
+
+
+class WriteBehind:
+    """Jobs run in order on one writer thread while the caller goes on sampling.
+
+    At most ``depth`` jobs are queued or running (each holds a sampled batch, so memory
+    stays bounded): ``submit`` waits for the oldest when full. A failed job's exception is
+    raised in the caller, at a later ``submit`` or at ``drain``, and every job after it is
+    skipped, so a shard missing a batch is never closed and made visible. ``depth`` 0 runs
+    each job inline (a serial engine). Leaving the block waits for every job, so nothing
+    writes to a shard after its caller discarded it.
+    """
+
+    def __init__(self, pool: ThreadPoolExecutor, depth: int) -> None:
+        self.pool = pool
+        self.depth = depth
+        self._pending: deque[Future] = deque()
+        self._error: BaseException | None = None
+
+    def _guarded(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._error is not None:
+            raise RuntimeError(f"skipped: an earlier write of this shard failed ({self._error!r})")
+        try:
+            return fn(*args)
+        except BaseException as exc:
+            self._error = exc
+            raise
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Queue ``fn(*args)``; raises the error of an earlier job when it has to wait for it."""
+        if self.depth == 0:
+            future: Future = Future()
+            future.set_result(fn(*args))
+            return future
+        while len(self._pending) >= self.depth:
+            self._pending.popleft().result()
+        future = self.pool.submit(self._guarded, fn, *args)
+        self._pending.append(future)
+        return future
+
+    def drain(self) -> None:
+        """Wait for every job; raises the first failure."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def __enter__(self) -> "WriteBehind":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        wait(self._pending)
+
+
+@dataclass
+class _Shard:
+    """One unit's shard while it is written: what its writer-thread jobs share."""
+
+    unit: WorkUnit
+    out_dir: storage.Location
+    writer: ShardWriter
+    sources: dict[str, Sample]
+    steps: int
+    started: float  # perf_counter when the unit's work began (earlier by a first batch sampled ahead)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
 class ShardGenerator:
-    """One model replica; ``run(unit)`` writes that unit's shard and manifest part."""
+    """One model replica; ``run(unit, next_unit)`` writes that unit's shard and manifest part.
+
+    Pipelined so that the sampler (the accelerator) does not wait on I/O: while a unit
+    samples, a loader thread reads and fits the sources of the next unit (the driver names
+    it), and a writer thread encodes and writes batch b while batch b + 1 samples; after the
+    unit's last batch the writer closes the shard and writes its part while the main thread
+    samples the next unit's first batch (kept for that unit's run). Only the main thread
+    calls the sampler, with the same batches as a serial run, so the bytes are the same.
+    """
 
     def __init__(
         self,
@@ -189,6 +271,7 @@ class ShardGenerator:
         source_cache_shards: int = 4,
         num_threads: int | None = None,
         factory: SamplerFactory = load_sampler,
+        write_ahead: int = 2,
     ) -> None:
         self.out_dir = storage.as_location(out_dir)
         self.class_names = class_names
@@ -196,7 +279,12 @@ class ShardGenerator:
         self.resolution = sampler_cfg.resolution
         self.resize = sampler_cfg.resize
         self.image_format = image_format
-        self.cache = SourceCache(source_cache_shards)
+        self.write_ahead = write_ahead  # batches queued for the writer thread (0: write inline)
+        self.cache = SourceCache(source_cache_shards)  # used by the loader thread only
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="source-loader")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+        self._next: tuple[WorkUnit, Future] | None = None  # the next unit and its sources, loading
+        self._ahead: tuple[WorkUnit, Future] | None = None  # the next unit and its first batch, sampled
         self.load_error: BadInputError | None = None
         try:
             self.sampler = factory(model_dir, device, sampler_cfg)
@@ -212,69 +300,107 @@ class ShardGenerator:
             raise self.load_error
         return os.getpid()
 
-    def _sample(self, unit: WorkUnit, batch: list[WorkItem], sources: dict[str, Sample]) -> np.ndarray:
+    def prefetch(self, unit: WorkUnit) -> None:
+        """Start reading and fitting ``unit``'s sources in the loader thread (one unit ahead)."""
+        self._next = (unit, self._loader.submit(self._load, unit))
+
+    def _load(self, unit: WorkUnit) -> tuple[dict[str, Sample], float]:
+        t0 = time.perf_counter()
+        sources = fit_sources(self.cache.get(unit.items), self.resolution, self.resize)
+        return sources, time.perf_counter() - t0
+
+    def _sources(self, unit: WorkUnit) -> tuple[dict[str, Sample], float]:
+        """The unit's fitted sources and their load time: prefetched when the driver named the
+        unit ahead, else loaded now (through the loader thread too: the cache has one user)."""
+        ahead, self._next = self._next, None
+        if ahead is not None and ahead[0] == unit:
+            return ahead[1].result()
+        if ahead is not None:
+            ahead[1].cancel()
+        return self._loader.submit(self._load, unit).result()
+
+    def _sample(self, unit: WorkUnit, batch: list[WorkItem], sources: dict[str, Sample]) -> tuple[np.ndarray, float]:
+        """One batch through the sampler, checked; and the seconds spent inside it."""
         from engine.text import names_for_ids
 
         src = [sources[item.source_id] for item in batch]
         images = np.stack([s.image for s in src])
         scribbles = np.stack([s.scribble for s in src])
         names = [names_for_ids(present_classes(s.scribble), self.class_names) for s in src]  # as the trainer prompts
-        out = self.sampler.sample(images, scribbles, names, unit.w, unit.lam, [item.seed for item in batch])
-        out = np.asarray(out)
+        t0 = time.perf_counter()
+        out = np.asarray(self.sampler.sample(images, scribbles, names, unit.w, unit.lam, [item.seed for item in batch]))
+        seconds = time.perf_counter() - t0
         if out.shape != images.shape or out.dtype != np.uint8:
             raise RuntimeError(f"sampler returned {out.shape} {out.dtype}, expected {images.shape} uint8")
-        return out
+        return out, seconds
 
-    def _write(self, writer: ShardWriter, unit: WorkUnit, batch: list[WorkItem], images: np.ndarray,
-               sources: dict[str, Sample], timings: dict[str, float], steps: int) -> list[dict[str, Any]]:
-        """Tag and write one sampled batch; returns its manifest rows."""
-        rows = []
+    def _sample_ahead(self, unit: WorkUnit) -> None:
+        """Sample ``unit``'s first batch now, while the writer finishes the current shard; the
+        unit's run takes it. Skipped when its sources failed to load (its run raises that)."""
+        loading = self._next
+        if loading is None or loading[0] != unit or loading[1].exception() is not None:
+            return
+        sources, _ = loading[1].result()
+        first = batches(unit.items, sources, self.batch_size)[0]
+        self._ahead = (unit, done_future(self._sample, unit, first, sources))
+
+    def _sampled_ahead(self, unit: WorkUnit) -> tuple[np.ndarray, float] | None:
+        """``unit``'s first batch if the previous run sampled it ahead (raises its error)."""
+        ahead, self._ahead = self._ahead, None
+        return ahead[1].result() if ahead is not None and ahead[0] == unit else None
+
+    def _write(self, shard: _Shard, batch: list[WorkItem], images: np.ndarray, timings: dict[str, float]) -> None:
+        """Tag, encode and write one sampled batch (writer thread); its manifest rows go to ``shard.rows``."""
         for item, image in zip(batch, images):
-            src = sources[item.source_id]
+            src = shard.sources[item.source_id]
             meta = {
                 "source_id": item.source_id,
                 "split": "train",
-                "w": unit.w,
-                "lambda": unit.lam,
+                "w": shard.unit.w,
+                "lambda": shard.unit.lam,
                 "seed": item.seed,
                 "classes": present_classes(src.scribble),
                 "model": self.sampler.model_id,
-                "steps": steps,
+                "steps": shard.steps,
                 "seconds": timings["batch_seconds"] / len(batch),
                 "timings": timings,
             }
             sample = Sample(item.key, image, src.scribble, None, meta)
-            writer.write(sample)
-            rows.append(sample_row(sample))
-        return rows
+            shard.writer.write(sample)
+            shard.rows.append(sample_row(sample))
 
-    def run(self, unit: WorkUnit) -> ShardResult:
-        """Sample the unit batch by batch; PNG/JPEG encoding and writing of batch k run in a
-        background thread while batch k+1 is sampled, so the accelerator does not wait on I/O."""
+    def _finish(self, shard: _Shard, sample_seconds: float) -> ShardResult:
+        """Make the shard visible whole, then write its part (writer thread, after every batch):
+        a shard without a part is unfinished work that resume redoes."""
+        info = shard.writer.close()
+        unit = shard.unit
+        result = ShardResult(unit.index, unit.shard, len(shard.rows), unit.w, unit.lam, shard.steps,
+                             time.perf_counter() - shard.started, sample_seconds, os.getpid())
+        part_info = DatasetInfo(self.class_names, "synthetic", {"shard_stats": result.stats()})
+        write_manifest(shard_rows(shard.rows, info, shard.out_dir), part_path(shard.out_dir, unit.shard), part_info)
+        return result
+
+    def run(self, unit: WorkUnit, next_unit: WorkUnit | None = None) -> ShardResult:
+        """Write ``unit``'s shard and part. ``next_unit`` is the driver's hint of this actor's
+        next unit: its sources load while this unit samples, and its first batch samples
+        while this shard is finished. A wrong hint costs that work, never correctness."""
         t0 = time.perf_counter()
         out_dir = storage.as_location(unit.out_dir) if unit.out_dir else self.out_dir
-        sources = fit_sources(self.cache.get(unit.items), self.resolution, self.resize)
-        load_s = time.perf_counter() - t0
-        steps = self.sampler.steps_for(unit.lam)
-        rows: list[dict[str, Any]] = []
+        sources, load_s = self._sources(unit)
+        if next_unit is not None:
+            self.prefetch(next_unit)
+        ahead = self._sampled_ahead(unit)
         sample_s = 0.0
-        with ShardWriter(storage.join(out_dir, unit.shard), self.image_format) as writer, ThreadPoolExecutor(1) as io:
-            pending: Future | None = None
-            for batch in batches(unit.items, sources, self.batch_size):
-                tb = time.perf_counter()
-                images = self._sample(unit, batch, sources)
-                dt = time.perf_counter() - tb
+        with ShardWriter(storage.join(out_dir, unit.shard), self.image_format) as writer, \
+                WriteBehind(self._writer, self.write_ahead) as queue:
+            shard = _Shard(unit, out_dir, writer, sources, self.sampler.steps_for(unit.lam), t0 - (ahead[1] if ahead else 0.0))
+            for k, batch in enumerate(batches(unit.items, sources, self.batch_size)):
+                images, dt = ahead if k == 0 and ahead is not None else self._sample(unit, batch, sources)
                 sample_s += dt
-                timings = {"batch_seconds": dt, "batch_size": len(batch), "source_load_seconds": load_s}
-                if pending is not None:
-                    rows += pending.result()
-                pending = io.submit(self._write, writer, unit, batch, images, sources, timings, steps)
-            if pending is not None:
-                rows += pending.result()
-            info = writer.close()
-        result = ShardResult(
-            unit.index, unit.shard, len(rows), unit.w, unit.lam, steps, time.perf_counter() - t0, sample_s, os.getpid()
-        )
-        part_info = DatasetInfo(self.class_names, "synthetic", {"shard_stats": result.stats()})
-        write_manifest(shard_rows(rows, info, out_dir), part_path(out_dir, unit.shard), part_info)
-        return result
+                queue.submit(self._write, shard, batch, images,
+                             {"batch_seconds": dt, "batch_size": len(batch), "source_load_seconds": load_s})
+            finished = queue.submit(self._finish, shard, sample_s)
+            if next_unit is not None:
+                self._sample_ahead(next_unit)
+            queue.drain()
+        return finished.result()

@@ -1,0 +1,215 @@
+"""The actor pipeline (issue 13): sources prefetched, encoding and writing overlapped with sampling.
+
+Without Ray: the worker runs in this process with the stand-in sampler, instrumented to log
+when each unit's sources load and when each batch samples. The driver's side (which unit an
+actor is told comes next) is tested on :class:`UnitQueue` alone.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import engine.generate.worker as worker
+import engine.shards as shards
+from engine.generate.config import PlanConfig, SamplerConfig
+from engine.generate.distributor import UnitQueue
+from engine.generate.plan import WorkUnit, build_plan
+from engine.generate.worker import ShardGenerator, part_path
+from engine.manifest import read_manifest
+from gen_fixtures import CLASS_NAMES, StandInSampler, make_real_set
+
+
+@pytest.fixture(scope="module")
+def units(tmp_path_factory) -> list[WorkUnit]:
+    """Four units of 5 samples (2 batches of 3 + 2) over a small real set."""
+    real = make_real_set(tmp_path_factory.mktemp("real"), n_train=6, n_val=2)
+    plan = build_plan(PlanConfig(w=[2.0], lambdas=[0.5, 1.0], samples_per_source=2, samples_per_shard=5, seed=3), real)
+    return [u for u in plan.units if len(u.items) == 5][:4]
+
+
+class LoggingSampler(StandInSampler):
+    """The stand-in that appends ``("sample", first seed, start, end)`` to a shared log."""
+
+    def __init__(self, log: list[tuple], delay: float) -> None:
+        super().__init__(delay)
+        self.log = log
+
+    def sample(self, images, scribbles, class_names, w, lam, seeds):  # noqa: ANN001 (Protocol shape)
+        start = time.perf_counter()
+        out = super().sample(images, scribbles, class_names, w, lam, seeds)
+        self.log.append(("sample", seeds[0], start, time.perf_counter()))
+        return out
+
+
+def _generator(out: Path, log: list[tuple] | None = None, delay: float = 0.0, **kw) -> ShardGenerator:
+    sampler = StandInSampler(delay) if log is None else LoggingSampler(log, delay)
+    return ShardGenerator("unused", str(out), CLASS_NAMES, SamplerConfig(batch_size=3),
+                          factory=lambda *_: sampler, **kw)
+
+
+def _slow_loads(gen: ShardGenerator, log: list[tuple], seconds: float) -> None:
+    """Make ``gen``'s source reads take ``seconds`` and log ``("load", first key, start, end)``."""
+    load = gen._load
+
+    def slow(unit: WorkUnit):
+        start = time.perf_counter()
+        time.sleep(seconds)
+        out = load(unit)
+        log.append(("load", unit.keys[0], start, time.perf_counter()))
+        return out
+
+    gen._load = slow
+
+
+def test_next_units_sources_load_while_this_unit_samples(units, tmp_path: Path) -> None:
+    log: list[tuple] = []
+    gen = _generator(tmp_path, log, delay=0.05)  # 2 batches: ~0.25 s of sampling per unit
+    _slow_loads(gen, log, 0.2)
+    first, second = units[0], units[1]
+    gen.run(first, next_unit=second)
+    loads = [e for e in log if e[0] == "load"]
+    assert [e[1] for e in loads] == [first.keys[0], second.keys[0]]
+    own = [e for e in log if e[0] == "sample" and e[1] in {it.seed for it in first.items}]
+    assert loads[1][2] < own[-1][3], "the next unit's read must start before this unit's sampling ends"
+    # ... and its first batch was sampled before its own run was even called
+    assert [e for e in log if e[0] == "sample" and e[1] == second.items[0].seed]
+    before = len(log)
+    gen.run(second)
+    assert [e[0] for e in log[before:]] == ["sample"], "the run reads nothing and samples only its last batch"
+    assert len(list(shards.read_shard(tmp_path / second.shard))) == 5
+
+
+def test_a_wrong_hint_costs_work_not_correctness(units, tmp_path: Path) -> None:
+    gen = _generator(tmp_path)
+    gen.run(units[0], next_unit=units[1])  # the driver gave units[1] to another actor
+    result = gen.run(units[2])
+    assert result.samples == 5
+    assert [s.key for s in shards.read_shard(tmp_path / units[2].shard)] == units[2].keys
+    assert not (tmp_path / units[1].shard).exists()
+
+
+def _frozen_clock(monkeypatch) -> None:
+    """Timings are the only bytes that differ between two runs: stop the clock the worker sees."""
+    clock = SimpleNamespace(perf_counter=lambda: 0.0)
+    monkeypatch.setattr(worker, "time", clock)
+    monkeypatch.setattr(shards, "time", clock)
+
+
+def test_pipelined_output_is_byte_identical_to_a_serial_run(units, tmp_path: Path, monkeypatch) -> None:
+    _frozen_clock(monkeypatch)
+    serial, piped = tmp_path / "serial", tmp_path / "piped"
+    gen = _generator(serial, write_ahead=0)
+    for unit in units:
+        gen.run(unit)
+    gen = _generator(piped, write_ahead=2)
+    for unit, hint in zip(units, units[1:] + [None]):
+        gen.run(unit, next_unit=hint)
+    for unit in units:
+        assert (piped / unit.shard).read_bytes() == (serial / unit.shard).read_bytes()
+        (a, a_info), (b, b_info) = read_manifest(part_path(piped, unit.shard)), read_manifest(part_path(serial, unit.shard))
+        assert a.to_pylist() == b.to_pylist() and a_info.extra == b_info.extra
+    assert sorted(p.name for p in piped.rglob("*")) == sorted(p.name for p in serial.rglob("*"))
+
+
+@pytest.mark.parametrize("failing_batch", [0, 1])
+def test_a_writer_thread_failure_fails_the_unit_with_nothing_visible(units, tmp_path: Path, monkeypatch,
+                                                                     failing_batch: int) -> None:
+    unit = units[0]
+    bad_key = unit.keys[3 * failing_batch]  # batches of 3: the first sample of that batch
+    encode = shards.encode_sample
+    writer_threads = set()
+
+    def failing_encode(sample, image_format):  # noqa: ANN001
+        writer_threads.add(threading.current_thread().name)
+        if sample.key == bad_key:
+            raise OSError("disk full (injected)")
+        return encode(sample, image_format)
+
+    monkeypatch.setattr(shards, "encode_sample", failing_encode)
+    gen = _generator(tmp_path, delay=0.01)
+    with pytest.raises(OSError, match="disk full"):
+        gen.run(unit, next_unit=units[1])
+    assert writer_threads and all(name.startswith("shard-writer") for name in writer_threads)
+    assert list(tmp_path.rglob("*")) == [], "no shard, temp file or part may be left"
+    monkeypatch.setattr(shards, "encode_sample", encode)
+    assert gen.run(unit).samples == 5  # the writer thread is not wedged: a retry writes the whole shard
+
+
+def test_sampling_ahead_failure_fails_the_next_unit_only(units, tmp_path: Path) -> None:
+    gen = _generator(tmp_path)
+    first, second = units[0], units[1]
+    sample = gen.sampler.sample
+
+    def fails_on_second(images, scribbles, names, w, lam, seeds):  # noqa: ANN001
+        if seeds[0] == second.items[0].seed:
+            raise RuntimeError("CUDA out of memory (injected)")
+        return sample(images, scribbles, names, w, lam, seeds)
+
+    gen.sampler.sample = fails_on_second
+    assert gen.run(first, next_unit=second).samples == 5
+    with pytest.raises(RuntimeError, match="out of memory"):
+        gen.run(second)
+    assert not (tmp_path / second.shard).exists()
+    gen.sampler.sample = sample
+    assert gen.run(second).samples == 5
+
+
+def test_write_behind_bounds_the_batches_in_flight() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    release, running, most = threading.Event(), [], [0]
+
+    def job() -> None:
+        running.append(1)
+        most[0] = max(most[0], len(running))
+        release.wait(5)
+        running.pop()
+
+    queued = []
+    with ThreadPoolExecutor(1) as pool, worker.WriteBehind(pool, 2) as queue:
+        for _ in range(2):
+            queued.append(queue.submit(job))
+        blocked = threading.Thread(target=queue.submit, args=(job,))
+        blocked.start()
+        blocked.join(0.2)
+        assert blocked.is_alive(), "a third batch must wait while two are in flight"
+        release.set()
+        blocked.join(5)
+        queue.drain()
+    assert most[0] == 1 and all(f.done() for f in queued)
+
+
+def _u(i: int) -> WorkUnit:
+    return WorkUnit(i, f"s{i}.tar", 2.0, 1.0, ())
+
+
+def test_unit_queue_hints_each_actor_its_next_unit_and_steals_at_the_tail() -> None:
+    queue = UnitQueue([_u(i) for i in range(5)], num_actors=2)
+    ran: dict[int, list[tuple[int, int | None]]] = {0: [], 1: []}
+
+    def dispatch(actor: int) -> None:
+        unit = queue.take(actor)
+        hint = queue.reserve(actor)
+        ran[actor].append((unit.index, hint.index if hint else None))
+
+    dispatch(0), dispatch(0), dispatch(1)
+    assert ran == {0: [(0, 1), (1, 2)], 1: [(3, 4)]}
+    dispatch(1)  # its reservation first: the hint was right
+    assert ran[1][-1] == (4, None) and not queue.pending
+    dispatch(1)  # the queue is empty: actor 1 takes actor 0's reservation (its hint is then wrong)
+    assert ran[1][-1] == (2, None) and not queue
+    assert queue.take(0) is None
+
+
+def test_unit_queue_returns_a_dead_actors_reservation_first() -> None:
+    queue = UnitQueue([_u(i) for i in range(4)], num_actors=2)
+    assert (queue.take(0).index, queue.reserve(0).index) == (0, 1)
+    queue.release(0)
+    queue.push_front(_u(0))  # its running unit is retried too, ahead of the reservation
+    assert [queue.take(1).index, queue.reserve(1).index] == [0, 1]
+    assert queue.take(0).index == 2 and [u.index if u else None for u in queue.reserved] == [None, 1]
