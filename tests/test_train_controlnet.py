@@ -21,7 +21,9 @@ def manifest(tmp_path_factory):
     return write_real_shards(tmp_path_factory.mktemp("real"))
 
 
-def _cfg(manifest, out, **train):
+def micro_config(manifest, out, **train) -> TrainControlNetConfig:
+    """A micro ControlNet run on ``manifest`` (MICRO arch at 16 px, 4 steps of 4 samples, one
+    thread); ``train`` overrides keys of the train section (tests/test_distributed.py too)."""
     base = {
         "model": {"kind": "tiny", "resolution": 16, "tiny": {k: v for k, v in vars(MICRO).items()}},
         "data": {"manifest": str(manifest)},
@@ -33,7 +35,7 @@ def _cfg(manifest, out, **train):
 
 
 def test_train_saves_loadable_model_log_and_checkpoints(manifest, tmp_path):
-    final = train(_cfg(manifest, tmp_path / "run"), progress=False)
+    final = train(micro_config(manifest, tmp_path / "run"), progress=False)
     assert final == tmp_path / "run" / "final"
     log = [json.loads(x) for x in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in log)
@@ -50,14 +52,14 @@ def test_train_saves_loadable_model_log_and_checkpoints(manifest, tmp_path):
     out = ScribbleSampler(model, num_steps=2).sample(images, scribbles, [["disc"]], 2.0, 1.0, [0])
     assert out.shape == (1, 16, 16, 3)
     with pytest.raises(BadInputError, match="--resume"):
-        train(_cfg(manifest, tmp_path / "run"), progress=False)
+        train(micro_config(manifest, tmp_path / "run"), progress=False)
 
 
 def test_resume_is_exact(manifest, tmp_path):
-    full = ScribbleGenModel.from_pretrained(train(_cfg(manifest, tmp_path / "a", ema_decay=0.9), progress=False))
-    train(_cfg(manifest, tmp_path / "b", steps=2, ema_decay=0.9), progress=False)
+    full = ScribbleGenModel.from_pretrained(train(micro_config(manifest, tmp_path / "a", ema_decay=0.9), progress=False))
+    train(micro_config(manifest, tmp_path / "b", steps=2, ema_decay=0.9), progress=False)
     resumed = ScribbleGenModel.from_pretrained(
-        train(_cfg(manifest, tmp_path / "b", steps=4, ema_decay=0.9), resume=True, progress=False))
+        train(micro_config(manifest, tmp_path / "b", steps=4, ema_decay=0.9), resume=True, progress=False))
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
     steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "loss.jsonl").read_text().splitlines()]
@@ -70,7 +72,7 @@ def test_frozen_denoiser_stays_frozen(manifest, tmp_path):
 
     init = build_tiny(MICRO, CLASS_NAMES, 16, seed=0)
     model = ScribbleGenModel.from_pretrained(
-        train(_cfg(manifest, tmp_path / "f", steps=2, train_denoiser=False, drop_prompt=True), progress=False))
+        train(micro_config(manifest, tmp_path / "f", steps=2, train_denoiser=False, drop_prompt=True), progress=False))
     assert model.uncond == "hint+prompt"
     for a, b in zip(init.unet.parameters(), model.unet.parameters()):
         assert torch.equal(a, b)
@@ -94,10 +96,10 @@ def test_dropout_rate_and_replacement():
 
 
 def test_config_round_trip_and_validation(tmp_path):
-    cfg = _cfg(tmp_path / "m.parquet", tmp_path / "o")
+    cfg = micro_config(tmp_path / "m.parquet", tmp_path / "o")
     assert from_dict(TrainControlNetConfig, to_dict(cfg)) == cfg
     with pytest.raises(BadInputError, match="cond_dropout"):
-        _cfg(tmp_path / "m.parquet", tmp_path / "o", cond_dropout=1.5)
+        micro_config(tmp_path / "m.parquet", tmp_path / "o", cond_dropout=1.5)
     with pytest.raises(BadInputError, match="pretrained"):
         from_dict(TrainControlNetConfig, {"model": {"kind": "sd15"}})
 
@@ -119,10 +121,10 @@ def test_shipped_configs_load(name):
 
 
 def test_max_minutes_stops_early_and_resume_continues(manifest, tmp_path):
-    train(_cfg(manifest, tmp_path / "t", max_minutes=1e-6), progress=False)
+    train(micro_config(manifest, tmp_path / "t", max_minutes=1e-6), progress=False)
     assert [p.name for p in (tmp_path / "t" / "checkpoints").iterdir()] == ["step-00000001"]
     assert (tmp_path / "t" / "final" / "scribblegen.json").is_file()
-    train(_cfg(manifest, tmp_path / "t"), resume=True, progress=False)
+    train(micro_config(manifest, tmp_path / "t"), resume=True, progress=False)
     steps = [json.loads(x)["step"] for x in (tmp_path / "t" / "loss.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
 
@@ -146,7 +148,7 @@ def test_min_snr_weights():
 
 def test_v_prediction_trains_to_the_velocity_target(manifest, tmp_path):
     """A v-model learns: its loss on a fixed batch falls, and it saves as a v-model."""
-    cfg = _cfg(manifest, tmp_path / "v", steps=30, lr=3e-3, snr_gamma=5.0)
+    cfg = micro_config(manifest, tmp_path / "v", steps=30, lr=3e-3, snr_gamma=5.0)
     cfg.model.tiny.prediction_type = "v_prediction"
     cfg.model.tiny.control_init = "random"
     model = ScribbleGenModel.from_pretrained(train(cfg, progress=False))
