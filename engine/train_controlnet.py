@@ -23,6 +23,11 @@ resumed in-memory run replays exactly the batches and noise of an uninterrupted 
 Outputs in ``out``: ``checkpoints/step-XXXXXXXX`` (atomic, newest ``keep_checkpoints``
 kept), ``loss.jsonl``, ``config.yaml``, and the finished bundle in ``final/``
 (``ScribbleGenModel.save_pretrained``; EMA weights when EMA is on).
+
+Several GPUs: ``torchrun --nproc_per_node N -m jobs.train_controlnet ...`` runs torch DDP over
+the trained parts; ``train.batch_size`` stays the global batch, each rank trains on its
+``1/N`` of it with the global batch's draws, so the run does one process's math (see
+:class:`engine.distributed.BatchShare`); rank 0 alone writes.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """ControlNet training job: ``python -m jobs.train_controlnet`` or ``python jobs/train_controlnet.py``
-(e.g. under ``ray job submit``). See :mod:`engine.train_controlnet` for options and outputs.
+(e.g. under ``ray job submit``), or on several GPUs ``torchrun --nproc_per_node N -m jobs.train_controlnet``.
+See :mod:`engine.train_controlnet` for options and outputs.
 """
 
 import os
