@@ -4,7 +4,8 @@ Fault model. An actor is one model replica in one process. When the process dies
 (killed, OOM, segfault) Ray restarts it up to ``max_restarts`` times (the model is
 reloaded in ``__init__``); tasks are never retried by Ray (``max_task_retries=0``)
 because this loop does it: every unit that was queued on the dead actor goes back to
-the front of the queue and runs again on any live actor, up to ``unit_retries`` times.
+the front of the queue and runs again on any live actor, up to ``unit_retries`` times
+(the unit reserved for it as its next one, see :class:`UnitQueue`, goes back untried).
 A unit is retried whole: its half-written ``.tmp`` is simply overwritten, so a shard
 is written exactly once. After a death the actor gets no new work until a probe call
 answers (it is back) or fails for good (it is retired); the run fails only when no

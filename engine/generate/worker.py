@@ -11,6 +11,12 @@ real shards are cached, sources decoded on demand), samples them in batches of
 part ``parts/<shard>.parquet`` (atomic). The part is written last: a shard without a part
 is unfinished work, and resume redoes it. The output folder, the real shards and the model
 folder may be local paths or URLs (``engine.storage``).
+
+The sampler is the expensive part (the accelerator), so everything else runs beside it
+in two threads of the actor: a loader thread reads the next unit's sources (the driver
+names that unit with each call) and a writer thread encodes, writes and closes the shard
+(:class:`WriteBehind`, at most ``write_ahead`` batches queued). The sampler, PIL's encoders
+and the tar writes release the GIL, so the threads overlap for real.
 """
 
 from __future__ import annotations
