@@ -41,7 +41,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -57,6 +57,7 @@ from engine.manifest import read_manifest
 from engine.shards import Sample
 from engine.data.geometry import fit_sample
 from engine.train_controlnet import TrainControlNetConfig
+from experiments import tasks
 from seg.judge import Agreement, JudgeConfig, chunks, derangement, judge_on_real, manifest_samples, predict
 from seg.schemes import SCHEMES
 from seg.train import SegConfig
@@ -133,9 +134,13 @@ class SweepConfig:
 
     name: str = "demo"
     out: str = "runs/demo"
-    threads: int = 0  # torch threads of this process for FID and the judge (0 = all cores); ControlNet: controlnet.train.threads
-    # Seg runs are Ray tasks, as many at once as the cluster holds: each asks for this many
-    # CPUs (its torch threads) and, where the cluster has GPUs, one GPU.
+    threads: int = 0  # torch threads of the FID and judge tasks (0 = the task's CPUs); ControlNet: controlnet.train.threads
+    # ControlNet training, FID and the judge run as Ray tasks (experiments/tasks.py), each
+    # asking for this many CPUs (0 = every CPU of the largest node that can host it) and,
+    # where the cluster has GPUs, one GPU: the driver only submits and waits.
+    stage_cpus: float = 0.0
+    # Seg runs are Ray tasks too, as many at once as the cluster holds: each asks for this
+    # many CPUs (its torch threads) and, where the cluster has GPUs, one GPU.
     seg_cpus_per_run: float = 1.0
     real_manifest: str | None = None  # use this real set instead of ingesting
     model_dir: str | None = None  # use this trained model instead of training one
@@ -169,6 +174,8 @@ class SweepConfig:
                 raise BadInputError(f"{where}={value}", f"is not in the grid {allowed}", "add it to grid.w / grid.lambdas")
         if self.threads < 0:
             raise BadInputError(f"threads={self.threads}", "must be >= 0 (0 = all cores)")
+        if self.stage_cpus < 0:
+            raise BadInputError(f"stage_cpus={self.stage_cpus}", "must be >= 0 (0 = a whole node)")
         if not self.seg_cpus_per_run > 0:
             raise BadInputError(f"seg_cpus_per_run={self.seg_cpus_per_run}", "must be > 0")
         if self.report.grid_sources < 0:
@@ -312,8 +319,7 @@ class Stages:
         t0, c0 = time.perf_counter(), time.process_time()
         yield info
         info["seconds"] = round(time.perf_counter() - t0, 3)
-        # CPU time of this process (not of Ray actors): with one thread it is close to the
-        # wall time the stage would take on an otherwise idle machine.
+        # CPU time of the driver alone (not of Ray tasks and actors, where the heavy work runs).
         info["cpu_seconds"] = round(time.process_time() - c0, 3)
         self.record["stages"][name] = info
         self.save()
@@ -351,8 +357,9 @@ def stage_controlnet(cfg: SweepConfig, out: Path, real_manifest: Path, info: dic
         if not Path(cfg.model_dir).is_dir():
             raise BadInputError(cfg.model_dir, "model folder not found")
         return Path(cfg.model_dir)
+    from tqdm import tqdm
+
     from engine.models import FINAL_DIR
-    from engine.train_controlnet import train
     from engine.train_state import latest_checkpoint
 
     cn = copy.deepcopy(cfg.controlnet)
@@ -366,11 +373,60 @@ def stage_controlnet(cfg: SweepConfig, out: Path, real_manifest: Path, info: dic
         return final
     resume = latest_checkpoint(Path(cn.out) / "checkpoints") is not None
     info["resumed"] = resume
-    final = Path(train(cn, resume=resume))
-    log = (Path(cn.out) / "loss.jsonl").read_text().splitlines()
-    done = json.loads(log[-1])["step"] if log else 0
+    with ray_session(cfg.generate.ray.address, cfg.generate.ray.local_num_cpus):
+        cpus, _ = tasks.task_resources(cfg.stage_cpus)
+        cn.train.threads = cn.train.threads or max(1, int(cpus))
+        print(f"    as a Ray task ({tasks.describe(cfg.stage_cpus)})", flush=True)
+        log_path = Path(cn.out) / "loss.jsonl"
+        with tqdm(total=cn.train.steps, initial=last_step(log_path), desc="train controlnet", dynamic_ncols=True) as bar:
+            ref = tasks.remote(_train_controlnet, cfg.stage_cpus).remote(cn, resume)
+            final, info["placement"] = tasks.gather({ref: "controlnet"}, poll=lambda: _show_step(bar, log_path))["controlnet"]
+            _show_step(bar, log_path)
+    final = Path(final)
+    done = last_step(log_path)
     info["steps"] = f"{done}/{cn.train.steps}" + (" (time box)" if done < cn.train.steps else "")
     return final
+
+
+def _train_controlnet(cn: TrainControlNetConfig, resume: bool) -> tuple[str, dict[str, Any]]:
+    """ControlNet training inside a Ray task: the final bundle folder and where it ran."""
+    from engine.train_controlnet import train
+
+    return str(train(cn, resume=resume, progress=False)), tasks.placement()
+
+
+def last_step(log_path: Path) -> int:
+    """The last step a training logged in its ``loss.jsonl`` (0 before the first line)."""
+    try:
+        lines = log_path.read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def _show_step(bar, log_path: Path) -> None:
+    bar.n = last_step(log_path)
+    bar.refresh()
+
+
+def stage_in_task(stage: Callable[..., Any], cfg: SweepConfig, args: tuple, info: dict[str, Any]) -> Any:
+    """Run a whole stage function ``stage(*args, info)`` as one Ray task (``stage_cpus``, a GPU
+    where there are GPUs, ``threads`` torch threads); its info comes back into ``info``."""
+    with ray_session(cfg.generate.ray.address, cfg.generate.ray.local_num_cpus):
+        cpus, _ = tasks.task_resources(cfg.stage_cpus)
+        print(f"    as a Ray task ({tasks.describe(cfg.stage_cpus)})", flush=True)
+        ref = tasks.remote(_stage_task, cfg.stage_cpus).remote(stage, cfg.threads or max(1, int(cpus)), args)
+        result, task_info = tasks.gather({ref: stage.__name__})[stage.__name__]
+    info.update(task_info)
+    return result
+
+
+def _stage_task(stage: Callable[..., Any], threads: int, args: tuple) -> tuple[Any, dict[str, Any]]:
+    info: dict[str, Any] = {}
+    with torch_threads(threads):
+        result = stage(*args, info)
+    info["placement"] = tasks.placement()
+    return result, info
 
 
 @contextmanager
@@ -609,31 +665,11 @@ def _train_seg(seg: SegConfig, manifests: list[str], folder: str) -> dict[str, A
 
 def _train_seg_runs(todo: list[tuple[str, SegConfig, list[str], Path]], cpus: float) -> dict[str, dict[str, Any]]:
     """Submit every run as a task; collect summaries as they finish (a failure cancels the rest)."""
-    import ray
-    from ray.exceptions import RayTaskError
-
-    from engine.generate.distributor import task_cause
-
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
-    task = ray.remote(_train_seg).options(num_cpus=cpus, num_gpus=gpus, max_retries=0,
-                                          runtime_env={"env_vars": {"TQDM_DISABLE": "1"}})  # no interleaved bars
+    task = tasks.remote(_train_seg, cpus)
     refs = {task.remote(seg, manifests, str(folder)): name for name, seg, manifests, folder in todo}
-    print(f"    {len(refs)} seg run(s) as Ray tasks ({cpus:g} CPU{', 1 GPU' if gpus else ''} each)", flush=True)
-    done: dict[str, dict[str, Any]] = {}
-    try:
-        while refs:
-            (ref,), _ = ray.wait(list(refs), num_returns=1)
-            name = refs.pop(ref)
-            try:
-                done[name] = ray.get(ref)
-            except RayTaskError as exc:
-                cause = task_cause(exc)
-                raise (cause if isinstance(cause, BadInputError) else exc) from None
-            print(f"    seg {name}: mIoU {done[name]['miou']:.4f} in {done[name]['seconds']:.1f} s", flush=True)
-    finally:
-        for ref in refs:
-            ray.cancel(ref, force=True)
-    return done
+    print(f"    {len(refs)} seg run(s) as Ray tasks ({tasks.describe(cpus)} each)", flush=True)
+    return tasks.gather(refs, on_done=lambda name, summary: print(
+        f"    seg {name}: mIoU {summary['miou']:.4f} in {summary['seconds']:.1f} s", flush=True))
 
 
 @contextmanager
@@ -693,13 +729,12 @@ def run_sweep(cfg: SweepConfig) -> Path:
         cells = stage_generate(cfg, out, real, model, info)
     record.update(real_manifest=_rel(real, out), model_dir=_rel(model, out), cells=cell_entries(cfg, cells, out))
     if cfg.fid.enabled:
-        with stages.stage("fid", f"FID of {n_cells} cell(s) ({cfg.fid.feature} features) -> {out / FID_FILE}") as info, \
-                torch_threads(cfg.threads):
-            stage_fid(cfg, out, real, cells, info)
+        with stages.stage("fid", f"FID of {n_cells} cell(s) ({cfg.fid.feature} features) -> {out / FID_FILE}") as info:
+            stage_in_task(stage_fid, cfg, (cfg, out, real, cells), info)
     if cfg.judge.enabled:
         with stages.stage("judge", f"judge agreement of {n_cells} cell(s) ({cfg.judge.steps} steps on real "
-                                   f"{JUDGE_SPLIT}) -> {out / JUDGE_FILE}") as info, torch_threads(cfg.threads):
-            stage_judge(cfg, out, real, cells, info)
+                                   f"{JUDGE_SPLIT}) -> {out / JUDGE_FILE}") as info:
+            stage_in_task(stage_judge, cfg, (cfg, out, real, cells), info)
     if runs:
         with stages.stage("seg", f"train {len(runs)} segmentation model(s) -> {out / 'seg'}") as info:
             stage_seg(cfg, out, real, cells, runs, info)

@@ -1,0 +1,93 @@
+"""Heavy sweep stages as Ray tasks (experiments/tasks.py): resources, placement, errors.
+
+The cluster here declares two GPUs it does not have (``num_gpus=2``; each stage task takes one): Ray's scheduling and
+``ray.get_gpu_ids`` behave exactly as on a GPU node, so the dispatch is tested without one.
+"""
+
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.errors import BadInputError
+from experiments import tasks
+from experiments.sweep import _stage_task, last_step
+
+
+pytestmark = pytest.mark.slow  # a Ray instance and its workers: a minute or more on 2 loaded cores
+
+
+@pytest.fixture(scope="module")
+def gpu_cluster():
+    ray = pytest.importorskip("ray")
+    here = str(Path(__file__).resolve().parent)  # this module's functions run as the tasks
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": here}})
+    yield
+    ray.shutdown()
+
+
+def _where() -> dict:
+    return tasks.placement()
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def _fail(seconds: float) -> None:
+    time.sleep(seconds)
+    raise BadInputError("stage input", "is bad", "fix it")
+
+
+def test_stage_tasks_take_a_gpu_where_the_cluster_has_one_and_the_whole_node_by_default(gpu_cluster):
+    import ray
+
+    assert tasks.task_resources(0) == (2.0, 1) and tasks.task_resources(1) == (1.0, 1)
+    assert tasks.describe(0) == "2 CPU, 1 GPU"
+    where = ray.get(tasks.remote(_where, 0).remote())
+    assert len(where["gpus"]) == 1 and len(where["node"]) == 12
+
+
+def test_more_cpus_than_any_node_holds_is_refused_before_submitting(gpu_cluster):
+    with pytest.raises(BadInputError, match="largest node with a GPU of the cluster has 2"):
+        tasks.task_resources(3)
+
+
+def test_a_failing_task_raises_its_own_error_and_cancels_the_rest(gpu_cluster):
+    import ray
+
+    slow = tasks.remote(_sleep, 1).remote(600)
+    bad = tasks.remote(_fail, 1).remote(0.1)
+    with pytest.raises(BadInputError, match="stage input: is bad"):
+        tasks.gather({slow: "slow", bad: "bad"})
+    with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.RayTaskError)):
+        ray.get(slow, timeout=120)  # cancelled, not left running for 10 minutes
+
+
+def test_gather_polls_while_waiting_and_reports_each_result(gpu_cluster):
+    polls, finished = [], []
+    refs = {tasks.remote(_sleep, 1).remote(2.5): "a", tasks.remote(_where, 1).remote(): "b"}
+    out = tasks.gather(refs, on_done=lambda name, _: finished.append(name), poll=lambda: polls.append(1))
+    assert set(out) == {"a", "b"} and out["a"] is None and sorted(finished) == ["a", "b"] and len(polls) >= 2
+
+
+def _stage(x: int, info: dict) -> int:
+    import torch
+
+    info["threads"] = torch.get_num_threads()
+    return 2 * x
+
+
+def test_a_stage_function_runs_in_a_task_with_its_threads_and_sends_its_info_back(gpu_cluster):
+    import ray
+
+    result, info = ray.get(tasks.remote(_stage_task, 1).remote(_stage, 1, (21,)))
+    assert result == 42 and info["threads"] == 1 and len(info["placement"]["gpus"]) == 1
+
+
+def test_last_step_reads_a_training_log(tmp_path):
+    log = tmp_path / "loss.jsonl"
+    assert last_step(log) == 0
+    log.write_text('{"step": 10, "loss": 1.0}\n{"step": 20, "loss": 0.5}\n')
+    assert last_step(log) == 20
