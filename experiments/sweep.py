@@ -722,22 +722,24 @@ def run_sweep(cfg: SweepConfig) -> Path:
     stages.total = 4 + bool(cfg.fid.enabled) + bool(cfg.judge.enabled) + bool(runs)
     with stages.stage("ingest", f"ingest real data -> {out / 'real'}") as info:
         real = stage_ingest(cfg, out, info)
-    with stages.stage("controlnet", f"train ControlNet -> {out / 'controlnet'}") as info:
-        model = stage_controlnet(cfg, out, real, info)
-    n_cells = len(cfg.grid.w) * len(cfg.grid.lambdas)
-    with stages.stage("generate", f"generate {n_cells} (w, λ) cell(s) with Ray -> {out / 'synthetic'}") as info:
-        cells = stage_generate(cfg, out, real, model, info)
-    record.update(real_manifest=_rel(real, out), model_dir=_rel(model, out), cells=cell_entries(cfg, cells, out))
-    if cfg.fid.enabled:
-        with stages.stage("fid", f"FID of {n_cells} cell(s) ({cfg.fid.feature} features) -> {out / FID_FILE}") as info:
-            stage_in_task(stage_fid, cfg, (cfg, out, real, cells), info)
-    if cfg.judge.enabled:
-        with stages.stage("judge", f"judge agreement of {n_cells} cell(s) ({cfg.judge.steps} steps on real "
-                                   f"{JUDGE_SPLIT}) -> {out / JUDGE_FILE}") as info:
-            stage_in_task(stage_judge, cfg, (cfg, out, real, cells), info)
-    if runs:
-        with stages.stage("seg", f"train {len(runs)} segmentation model(s) -> {out / 'seg'}") as info:
-            stage_seg(cfg, out, real, cells, runs, info)
+    # One Ray connection for every stage that runs on the cluster (a local instance starts once).
+    with ray_session(cfg.generate.ray.address, cfg.generate.ray.local_num_cpus):
+        with stages.stage("controlnet", f"train ControlNet -> {out / 'controlnet'}") as info:
+            model = stage_controlnet(cfg, out, real, info)
+        n_cells = len(cfg.grid.w) * len(cfg.grid.lambdas)
+        with stages.stage("generate", f"generate {n_cells} (w, λ) cell(s) with Ray -> {out / 'synthetic'}") as info:
+            cells = stage_generate(cfg, out, real, model, info)
+        record.update(real_manifest=_rel(real, out), model_dir=_rel(model, out), cells=cell_entries(cfg, cells, out))
+        if cfg.fid.enabled:
+            with stages.stage("fid", f"FID of {n_cells} cell(s) ({cfg.fid.feature} features) -> {out / FID_FILE}") as info:
+                stage_in_task(stage_fid, cfg, (cfg, out, real, cells), info)
+        if cfg.judge.enabled:
+            with stages.stage("judge", f"judge agreement of {n_cells} cell(s) ({cfg.judge.steps} steps on real "
+                                       f"{JUDGE_SPLIT}) -> {out / JUDGE_FILE}") as info:
+                stage_in_task(stage_judge, cfg, (cfg, out, real, cells), info)
+        if runs:
+            with stages.stage("seg", f"train {len(runs)} segmentation model(s) -> {out / 'seg'}") as info:
+                stage_seg(cfg, out, real, cells, runs, info)
     with stages.stage("report", f"report -> {report_dir}") as info:
         record["wall_seconds"] = round(time.perf_counter() - t_start, 3)
         save()
