@@ -379,20 +379,13 @@ def stage_controlnet(cfg: SweepConfig, out: Path, real_manifest: Path, info: dic
         print(f"    as a Ray task ({tasks.describe(cfg.stage_cpus)})", flush=True)
         log_path = Path(cn.out) / "loss.jsonl"
         with tqdm(total=cn.train.steps, initial=last_step(log_path), desc="train controlnet", dynamic_ncols=True) as bar:
-            ref = tasks.remote(_train_controlnet, cfg.stage_cpus).remote(cn, resume)
+            ref = tasks.remote(tasks.train_controlnet, cfg.stage_cpus).remote(cn, resume)
             final, info["placement"] = tasks.gather({ref: "controlnet"}, poll=lambda: _show_step(bar, log_path))["controlnet"]
             _show_step(bar, log_path)
     final = Path(final)
     done = last_step(log_path)
     info["steps"] = f"{done}/{cn.train.steps}" + (" (time box)" if done < cn.train.steps else "")
     return final
-
-
-def _train_controlnet(cn: TrainControlNetConfig, resume: bool) -> tuple[str, dict[str, Any]]:
-    """ControlNet training inside a Ray task: the final bundle folder and where it ran."""
-    from engine.train_controlnet import train
-
-    return str(train(cn, resume=resume, progress=False)), tasks.placement()
 
 
 def last_step(log_path: Path) -> int:

@@ -102,3 +102,12 @@ def placement() -> dict[str, Any]:
 
     ctx = ray.get_runtime_context()
     return {"node": ctx.get_node_id()[:12], "gpus": [str(g) for g in ray.get_gpu_ids()]}
+
+
+def train_controlnet(cn: Any, resume: bool) -> tuple[str, dict[str, Any]]:
+    """ControlNet training as a task body: the final bundle folder and where it ran. It lives
+    here, not in the sweep module, so the worker imports only the trainer (not the judge's
+    and the report's dependencies) before it starts."""
+    from engine.train_controlnet import train
+
+    return str(train(cn, resume=resume, progress=False)), placement()
