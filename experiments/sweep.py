@@ -374,12 +374,12 @@ def stage_controlnet(cfg: SweepConfig, out: Path, real_manifest: Path, info: dic
     resume = latest_checkpoint(Path(cn.out) / "checkpoints") is not None
     info["resumed"] = resume
     with ray_session(cfg.generate.ray.address, cfg.generate.ray.local_num_cpus):
-        cpus, _ = tasks.task_resources(cfg.stage_cpus)
-        cn.train.threads = cn.train.threads or max(1, int(cpus))
-        print(f"    as a Ray task ({tasks.describe(cfg.stage_cpus)})", flush=True)
+        resources = tasks.task_resources(cfg.stage_cpus)
+        cn.train.threads = resources.threads(cn.train.threads)
+        print(f"    as a Ray task ({resources})", flush=True)
         log_path = Path(cn.out) / "loss.jsonl"
         with tqdm(total=cn.train.steps, initial=last_step(log_path), desc="train controlnet", dynamic_ncols=True) as bar:
-            ref = tasks.remote(tasks.train_controlnet, cfg.stage_cpus).remote(cn, resume)
+            ref = tasks.remote(tasks.train_controlnet, resources).remote(cn, resume)
             final, info["placement"] = tasks.gather({ref: "controlnet"}, poll=lambda: _show_step(bar, log_path))["controlnet"]
             _show_step(bar, log_path)
     final = Path(final)
@@ -406,9 +406,9 @@ def stage_in_task(stage: Callable[..., Any], cfg: SweepConfig, args: tuple, info
     """Run a whole stage function ``stage(*args, info)`` as one Ray task (``stage_cpus``, a GPU
     where there are GPUs, ``threads`` torch threads); its info comes back into ``info``."""
     with ray_session(cfg.generate.ray.address, cfg.generate.ray.local_num_cpus):
-        cpus, _ = tasks.task_resources(cfg.stage_cpus)
-        print(f"    as a Ray task ({tasks.describe(cfg.stage_cpus)})", flush=True)
-        ref = tasks.remote(_stage_task, cfg.stage_cpus).remote(stage, cfg.threads or max(1, int(cpus)), args)
+        resources = tasks.task_resources(cfg.stage_cpus)
+        print(f"    as a Ray task ({resources})", flush=True)
+        ref = tasks.remote(_stage_task, resources).remote(stage, resources.threads(cfg.threads), args)
         result, task_info = tasks.gather({ref: stage.__name__})[stage.__name__]
     info.update(task_info)
     return result
@@ -658,9 +658,10 @@ def _train_seg(seg: SegConfig, manifests: list[str], folder: str) -> dict[str, A
 
 def _train_seg_runs(todo: list[tuple[str, SegConfig, list[str], Path]], cpus: float) -> dict[str, dict[str, Any]]:
     """Submit every run as a task; collect summaries as they finish (a failure cancels the rest)."""
-    task = tasks.remote(_train_seg, cpus)
+    resources = tasks.task_resources(cpus)
+    task = tasks.remote(_train_seg, resources)
     refs = {task.remote(seg, manifests, str(folder)): name for name, seg, manifests, folder in todo}
-    print(f"    {len(refs)} seg run(s) as Ray tasks ({tasks.describe(cpus)} each)", flush=True)
+    print(f"    {len(refs)} seg run(s) as Ray tasks ({resources} each)", flush=True)
     return tasks.gather(refs, on_done=lambda name, summary: print(
         f"    seg {name}: mIoU {summary['miou']:.4f} in {summary['seconds']:.1f} s", flush=True))
 

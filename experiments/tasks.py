@@ -13,7 +13,7 @@ the truth without any channel back from the task.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from engine.errors import BadInputError
 
@@ -36,7 +36,21 @@ def largest_node_cpus(with_gpu: bool) -> float:
     return max(cpus, default=0.0)
 
 
-def task_resources(cpus: float) -> tuple[float, int]:
+class Resources(NamedTuple):
+    """What one stage task asks for; resolved once per stage from the live cluster."""
+
+    cpus: float
+    gpus: int
+
+    def __str__(self) -> str:
+        return f"{self.cpus:g} CPU{', 1 GPU' if self.gpus else ''}"
+
+    def threads(self, configured: int) -> int:
+        """Torch threads inside the task: the configured count, else one per CPU it holds."""
+        return configured or max(1, int(self.cpus))
+
+
+def task_resources(cpus: float) -> Resources:
     """``(num_cpus, num_gpus)`` for a stage task: ``cpus`` (0 = every CPU of the largest node
     that can host it) and one GPU where the cluster has GPUs. Refuses what no node can hold."""
     gpus = int(cluster_has_gpus())
@@ -46,22 +60,16 @@ def task_resources(cpus: float) -> tuple[float, int]:
         where = "node with a GPU" if gpus else "node"
         raise BadInputError(f"{want:g} CPUs per task", f"the largest {where} of the cluster has {room:g}",
                             "lower stage_cpus / seg_cpus_per_run")
-    return want, gpus
+    return Resources(want, gpus)
 
 
-def remote(fn: Callable[..., Any], cpus: float) -> Any:
-    """``fn`` as a Ray remote function with the stage resources of :func:`task_resources`
-    (no retries: a stage resumes from its own checkpoints when the sweep is run again)."""
+def remote(fn: Callable[..., Any], resources: Resources) -> Any:
+    """``fn`` as a Ray remote function asking for ``resources`` (no retries: a stage resumes
+    from its own checkpoints when the sweep is run again)."""
     import ray
 
-    num_cpus, num_gpus = task_resources(cpus)
-    return ray.remote(fn).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0,
+    return ray.remote(fn).options(num_cpus=resources.cpus, num_gpus=resources.gpus, max_retries=0,
                                   runtime_env={"env_vars": {"TQDM_DISABLE": "1"}})
-
-
-def describe(cpus: float) -> str:
-    num_cpus, num_gpus = task_resources(cpus)
-    return f"{num_cpus:g} CPU{', 1 GPU' if num_gpus else ''}"
 
 
 def gather(refs: dict[Any, str], on_done: Callable[[str, Any], None] | None = None,

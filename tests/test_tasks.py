@@ -44,8 +44,8 @@ def test_stage_tasks_take_a_gpu_where_the_cluster_has_one_and_the_whole_node_by_
     import ray
 
     assert tasks.task_resources(0) == (2.0, 1) and tasks.task_resources(1) == (1.0, 1)
-    assert tasks.describe(0) == "2 CPU, 1 GPU"
-    where = ray.get(tasks.remote(_where, 0).remote())
+    assert str(tasks.task_resources(0)) == "2 CPU, 1 GPU"
+    where = ray.get(tasks.remote(_where, tasks.task_resources(0)).remote())
     assert len(where["gpus"]) == 1 and len(where["node"]) == 12
 
 
@@ -57,8 +57,8 @@ def test_more_cpus_than_any_node_holds_is_refused_before_submitting(gpu_cluster)
 def test_a_failing_task_raises_its_own_error_and_cancels_the_rest(gpu_cluster):
     import ray
 
-    slow = tasks.remote(_sleep, 1).remote(600)
-    bad = tasks.remote(_fail, 1).remote(0.1)
+    slow = tasks.remote(_sleep, tasks.task_resources(1)).remote(600)
+    bad = tasks.remote(_fail, tasks.task_resources(1)).remote(0.1)
     with pytest.raises(BadInputError, match="stage input: is bad"):
         tasks.gather({slow: "slow", bad: "bad"})
     with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.RayTaskError)):
@@ -67,7 +67,8 @@ def test_a_failing_task_raises_its_own_error_and_cancels_the_rest(gpu_cluster):
 
 def test_gather_polls_while_waiting_and_reports_each_result(gpu_cluster):
     polls, finished = [], []
-    refs = {tasks.remote(_sleep, 1).remote(2.5): "a", tasks.remote(_where, 1).remote(): "b"}
+    one = tasks.task_resources(1)
+    refs = {tasks.remote(_sleep, one).remote(2.5): "a", tasks.remote(_where, one).remote(): "b"}
     out = tasks.gather(refs, on_done=lambda name, _: finished.append(name), poll=lambda: polls.append(1))
     assert set(out) == {"a", "b"} and out["a"] is None and sorted(finished) == ["a", "b"] and len(polls) >= 2
 
@@ -82,7 +83,7 @@ def _stage(x: int, info: dict) -> int:
 def test_a_stage_function_runs_in_a_task_with_its_threads_and_sends_its_info_back(gpu_cluster):
     import ray
 
-    result, info = ray.get(tasks.remote(_stage_task, 1).remote(_stage, 1, (21,)))
+    result, info = ray.get(tasks.remote(_stage_task, tasks.task_resources(1)).remote(_stage, 1, (21,)))
     assert result == 42 and info["threads"] == 1 and len(info["placement"]["gpus"]) == 1
 
 
