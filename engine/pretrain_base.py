@@ -31,7 +31,6 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -43,7 +42,7 @@ from engine.data.procedural import CLASS_NAMES, make_scene
 from engine.errors import BadInputError
 from engine.models import BASE_FILE, FINAL_DIR, TinyArch, _replace_dir, tiny_denoiser, tiny_scheduler_config, weights_digest
 from engine.text import ClassTokenEncoder, names_for_ids
-from engine.train_controlnet import denoising_loss, noised_and_target, pick_device
+from engine.train_controlnet import denoising_loss, noised_and_target, pick_device, shuffled_positions
 from engine.train_state import EMA, latest_checkpoint, resume_run, save_checkpoint
 
 DEFAULT_CONFIG = "configs/base/tiny.yaml"
@@ -136,19 +135,9 @@ def captions(bits: np.ndarray) -> list[list[str]]:
     return [names_for_ids([c for c in range(1, len(CLASS_NAMES)) if b >> c & 1], CLASS_NAMES) for b in bits]
 
 
-@lru_cache(maxsize=2)
-def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The order of epoch ``epoch`` (cached: a batch reads one or two epochs' orders)."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     """Indices of step ``step``'s batch: consecutive slices of a per-epoch seeded permutation."""
-    out = []
-    for pos in range(step * batch_size, (step + 1) * batch_size):
-        epoch, k = divmod(pos, n)
-        out.append(int(_epoch_permutation(seed, epoch, n)[k]))
-    return out
+    return shuffled_positions(step * batch_size, (step + 1) * batch_size, n, seed)
 
 
 # -- the bundle ---------------------------------------------------------------------------------

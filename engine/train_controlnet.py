@@ -41,7 +41,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable, Iterator, Sequence, TypeVar
 
@@ -168,6 +168,23 @@ def _iter_split(shards: Sequence[str], split: str, size: int, resize: str, class
             yield img, scr, names_for_ids(np.unique(scr).tolist(), class_names)
 
 
+@lru_cache(maxsize=2)
+def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of epoch ``epoch`` (cached: a batch reads one or two epochs' orders)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def shuffled_positions(start: int, stop: int, n: int, seed: int) -> list[int]:
+    """The items at positions ``[start, stop)`` of an endless order that visits all ``n`` items
+    once per epoch, each epoch a seeded permutation: a pure function of its arguments, so a
+    resumed run draws exactly the batches of an uninterrupted one."""
+    out = []
+    for pos in range(start, stop):
+        epoch, k = divmod(pos, n)
+        out.append(int(_epoch_permutation(seed, epoch, n)[k]))
+    return out
+
+
 class InMemoryData:
     """The whole split decoded once; batches by per-epoch seeded permutation (exact resume)."""
 
@@ -182,12 +199,8 @@ class InMemoryData:
 
     def batch(self, step: int, share: BatchShare, seed: int) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
         """This rank's rows of global batch ``step``: the same samples whatever the number of ranks."""
-        n = len(self)
-        idx = []
-        for pos in range(step * share.total + share.rows.start, step * share.total + share.rows.stop):
-            epoch, k = divmod(pos, n)
-            perm = np.random.default_rng([seed, epoch]).permutation(n)
-            idx.append(int(perm[k]))
+        first = step * share.total
+        idx = shuffled_positions(first + share.rows.start, first + share.rows.stop, len(self), seed)
         return self.images[idx], self.scribbles[idx], [self.names[i] for i in idx]
 
 
