@@ -34,6 +34,18 @@ from engine.models import PREDICTION_TYPES, UNCOND, ScribbleGenModel
 SPACINGS = ("truncate", "paper")
 
 
+def fuse_attention_projections(module: torch.nn.Module) -> None:
+    """One matmul for q, k, v (self-attention) and for k, v (cross-attention) in every
+    attention layer, what ``UNet2DConditionModel.fuse_qkv_projections`` does; written for any
+    module because diffusers' ControlNet version fuses no layer of the classic ``Attention``."""
+    from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
+
+    for layer in module.modules():
+        if isinstance(layer, Attention):
+            layer.fuse_projections(fuse=True)
+    module.set_attn_processor(FusedAttnProcessor2_0())
+
+
 class ScribbleSampler:
     """Batched (w, λ) sampler over a :class:`ScribbleGenModel`; the Ray generator's workhorse."""
 
@@ -74,13 +86,23 @@ class ScribbleSampler:
         self.model_id = model.model_id
 
     def compile(self, batch_size: int, size: tuple[int, int]) -> None:
-        """``torch.compile`` the ControlNet and UNet (channels_last weights), then run one guided
-        step at the shapes of a full CFG batch, so a replica pays the compile while it loads and
-        not inside its first unit. Pays off on GPUs over long runs; numerics change within the
-        dtype's rounding, so the generation identity ignores it."""
+        """``torch.compile`` the ControlNet and UNet (channels_last weights, fused attention
+        projections) and the VAE's encoder and decoder, then run one guided step and one decode
+        at the shapes of a full CFG batch, so a replica pays the compile while it loads and not
+        inside its first unit. The inductor settings are diffusers' advice for UNets (1x1 convs
+        as matmuls). Pays off on GPUs over long runs; numerics change within the dtype's
+        rounding, so the generation identity ignores it."""
+        import torch._inductor.config as inductor
+
+        inductor.conv_1x1_as_mm = True
         for module in (self.model.controlnet, self.model.unet):
+            fuse_attention_projections(module)
             module.to(memory_format=torch.channels_last)
             module.compile()
+        if self.model.vae is not None:  # encode/decode are methods: compile the submodules they call
+            self.model.vae.to(memory_format=torch.channels_last)
+            self.model.vae.encoder.compile()
+            self.model.vae.decoder.compile()
         images = np.zeros((batch_size, *size, 3), np.uint8)
         scribbles = np.zeros((batch_size, *size), np.uint8)
         with torch.no_grad():
@@ -88,6 +110,7 @@ class ScribbleSampler:
             text = self.model.text.encode([[]] * batch_size).to(self.dtype)
             self._guided_eps(z0, int(self.scheduler.timesteps[0]), self.model.hint(scribbles),
                              self.model.null_hints(batch_size, size), text, text, 2.0)
+            self.model.decode(z0)
 
     # -- schedule -------------------------------------------------------------------------
     def _check(self, w: float, lam: float) -> None:

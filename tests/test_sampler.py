@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from cn_fixtures import micro_model, sources
+from cn_fixtures import CLASSES, micro_model, sources, write_sd_stack
 
 from engine.errors import BadInputError
 from engine.models import ScribbleGenModel
@@ -228,16 +228,30 @@ def test_uncond_pair_the_model_never_saw_is_refused(model, tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_sampler_matches_the_eager_one_and_compiles_at_load():
-    """sampler.compile: channels_last + torch.compile, warmed up at load; same pixels within
-    one grey level (float32 kernels fused differently)."""
-    images, scribbles, names = sources(4)
-    eager = ScribbleSampler(micro_model(), num_steps=4, spacing="truncate")
-    compiled = ScribbleSampler(micro_model(), num_steps=4, spacing="truncate")
-    compiled.compile(4, (16, 16))
-    unet = compiled.model.unet
+@pytest.mark.parametrize("kind", ["tiny", "sd15"])
+def test_compiled_sampler_matches_the_eager_one_and_compiles_at_load(kind, tmp_path):
+    """sampler.compile: fused attention projections, channels_last + torch.compile of the
+    ControlNet, the UNet and (SD 1.5) the VAE's encoder and decoder, warmed up at load; same
+    pixels within one grey level (float32 kernels fused differently)."""
+    from engine.models import from_stable_diffusion
+
+    stack = write_sd_stack(tmp_path / "sd") if kind == "sd15" else None
+
+    def model() -> ScribbleGenModel:
+        return micro_model() if stack is None else from_stable_diffusion(stack, CLASSES, resolution=32).eval()
+
+    size = 16 if kind == "tiny" else 32
+    images, scribbles, names = sources(4, size)
+    eager = ScribbleSampler(model(), num_steps=4, spacing="truncate")
+    compiled = ScribbleSampler(model(), num_steps=4, spacing="truncate")
+    compiled.compile(4, (size, size))
+    unet, vae = compiled.model.unet, compiled.model.vae
     assert unet._compiled_call_impl is not None and compiled.model.controlnet._compiled_call_impl is not None
     assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    processors = {type(p).__name__ for m in (unet, compiled.model.controlnet) for p in m.attn_processors.values()}
+    assert processors == {"FusedAttnProcessor2_0"}
+    if kind == "sd15":
+        assert vae.encoder._compiled_call_impl is not None and vae.decoder._compiled_call_impl is not None
     ref = eager.sample(images, scribbles, names, 2.0, 1.0, [0, 1, 2, 3])
     out = compiled.sample(images, scribbles, names, 2.0, 1.0, [0, 1, 2, 3])
     assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1
