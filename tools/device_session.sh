@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # One accelerator session (a lent H100/H200, one call of <= 10 min): the GPU jobs of issues 11 and 13.
-#   1. pretrain a candidate base (the embedded default's SD 1.5) with a time box of BASE_MINUTES;
-#      base.json in the returned bundle records the step count it fitted, so
-#      `--set train.steps=<steps> --set train.max_minutes=0` redoes it exactly;
-#   2. the headline sweep's ControlNet, cells, FID and judge on that base (seg runs stay on the CPUs);
-#   3. the Ray GPU generation path on an SD 1.5-shaped model (benchmarks/generate.py --gpu):
-#      bf16, batch 16, 50 DDIM steps, 512 px, compiled, at λ = 1, then eager if time is left.
-# The SD 1.5-shaped model and its sources are built on the CPUs while the base trains on the GPU.
+# JOBS picks them, in this order (one call holds either one comfortably, not both):
+#   bench  the Ray GPU generation path on an SD 1.5-shaped model (benchmarks/generate.py --gpu): bf16,
+#          batch 16, 50 DDIM steps, 512 px, 64 sources, compiled at λ = 1, then eager if time is left.
+#          Compiling at load (UNet, ControlNet, VAE) took ~140 s a process on an H100.
+#   base   pretrain a candidate base (the embedded default's SD 1.5) with a time box of BASE_MINUTES
+#          (base.json records the step count it fitted: `--set train.steps=<steps> --set
+#          train.max_minutes=0` redoes it), then the headline sweep's ControlNet, cells, FID and
+#          judge on it (seg runs stay on the CPUs; the ControlNet's weights stay there: > 16 MiB).
 # Needs .whl/ (bash ../shared/tools/device-wheels.sh); results land in $OUT:
-#   device run: carry [".whl"], command "bash tools/device_session.sh", timeout_s 600
+#   device run: carry [".whl"], command "JOBS=bench bash tools/device_session.sh", timeout_s 600
 set -u
 SECONDS=0
 export PYTHONUNBUFFERED=1 RAY_DEDUP_LOGS=0
 OUT=${OUT:-runs/device}; mkdir -p "$OUT"
 LOGS=/tmp/logs; mkdir -p "$LOGS"
+JOBS=${JOBS:-bench}
 BASE_MINUTES=${BASE_MINUTES:-2.5}
 BASE_CHANNELS=${BASE_CHANNELS:-[64,96,128]}
 END=${END:-585}   # the script's own deadline, inside the call's 600 s
@@ -21,31 +23,34 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 python3 -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)" >> "$OUT/gpu.txt" 2>&1
-finish() { tar czf "$OUT/logs.tgz" -C "$LOGS" . ; cp "$LOGS"/*.json "$OUT/" 2>/dev/null; }
+log() { echo "$1: rc $2 at $SECONDS s" >> "$OUT/gpu.txt"; }
 
-GEN="python3 benchmarks/generate.py --gpu --dtype bfloat16 --batch-size 16 --sources 64 --repeats 1 --model-dir /tmp/sd15 --sources-dir /tmp/src64"
-(OMP_NUM_THREADS=12 $GEN --build-only > "$LOGS/build.log" 2>&1) &
-build=$!
+bench() {
+  local gen="python3 benchmarks/generate.py --gpu --dtype bfloat16 --batch-size 16 --sources 64 --repeats 1 --model-dir /tmp/sd15 --sources-dir /tmp/src64"
+  OMP_NUM_THREADS=12 $gen --build-only > "$LOGS/build.log" 2>&1; log "sd15 build" $?
+  timeout $((END - SECONDS)) $gen --lambdas 1.0 --compile --json "$LOGS/gen_compiled.json" > "$LOGS/gen_compiled.log" 2>&1
+  log "compiled bench" $?
+  [ $((END - SECONDS)) -gt 100 ] && timeout $((END - SECONDS)) $gen --lambdas 1.0 --json "$LOGS/gen_eager.json" > "$LOGS/gen_eager.log" 2>&1
+  log "eager bench" $?
+}
 
-timeout 230 python3 -m jobs.pretrain_base --no-progress --set out=/tmp/base --set train.device=cuda \
-  --set "model.block_out_channels=$BASE_CHANNELS" --set train.max_minutes="$BASE_MINUTES" --set train.calibrate_steps=300 \
-  --set train.steps=200000 --set train.batch_size=256 --set train.warmup_steps=200 --set train.cooldown_steps=600 \
-  --set train.save_every=1000 --set train.log_every=50 --set corpus.num_images=100000 --set corpus.workers=14 > "$LOGS/base.log" 2>&1
-echo "base: rc $? at $SECONDS s" >> "$OUT/gpu.txt"
-tar czf "$OUT/base.tgz" -C /tmp/base final loss.jsonl config.yaml samples.png loss.png 2>> "$OUT/gpu.txt"
+base() {
+  timeout 230 python3 -m jobs.pretrain_base --no-progress --set out=/tmp/base --set train.device=cuda \
+    --set "model.block_out_channels=$BASE_CHANNELS" --set train.max_minutes="$BASE_MINUTES" --set train.calibrate_steps=300 \
+    --set train.steps=200000 --set train.batch_size=256 --set train.warmup_steps=200 --set train.cooldown_steps=600 \
+    --set train.save_every=1000 --set train.log_every=50 --set corpus.num_images=100000 --set corpus.workers=14 > "$LOGS/base.log" 2>&1
+  log base $?
+  tar czf "$OUT/base.tgz" -C /tmp/base final loss.jsonl config.yaml samples.png loss.png 2>> "$OUT/gpu.txt"
+  # The headline's ControlNet (1000 steps x 32 on the 128 low-data scenes, ~65 s) and its 4 cells on this base.
+  timeout $((END - SECONDS - 10)) python3 -m jobs.sweep --config configs/sweeps/schemes.yaml --out /tmp/hb \
+    --set controlnet.model.pretrained=/tmp/base/final --set studies.schemes.enabled=false \
+    --set generate.ray.num_actors=1 --set generate.sampler.dtype=float32 > "$LOGS/sweep.log" 2>&1
+  log sweep $?
+  ray stop --force > /dev/null 2>&1
+  tar czf "$OUT/hb.tgz" -C /tmp --exclude=hb/controlnet/final --exclude=hb/controlnet/checkpoints hb 2>> "$OUT/gpu.txt"
+}
 
-# The headline's ControlNet (1000 steps x 32 on the 128 low-data scenes) and its 4 cells on this base.
-timeout 160 python3 -m jobs.sweep --config configs/sweeps/schemes.yaml --out /tmp/hb --set controlnet.model.pretrained=/tmp/base/final \
-  --set studies.schemes.enabled=false --set generate.ray.num_actors=1 --set generate.sampler.dtype=float32 > "$LOGS/sweep.log" 2>&1
-echo "sweep: rc $? at $SECONDS s" >> "$OUT/gpu.txt"
-ray stop --force > /dev/null 2>&1
-tar czf "$OUT/hb.tgz" -C /tmp --exclude=hb/controlnet/final --exclude=hb/controlnet/checkpoints hb 2>> "$OUT/gpu.txt"
-
-wait $build; echo "sd15 build: rc $? at $SECONDS s" >> "$OUT/gpu.txt"
-left=$((END - SECONDS))
-[ "$left" -gt 90 ] && timeout "$left" $GEN --lambdas 1.0 --compile --json "$LOGS/gen_compiled.json" > "$LOGS/gen_compiled.log" 2>&1
-echo "compiled bench: rc $? at $SECONDS s" >> "$OUT/gpu.txt"
-left=$((END - SECONDS))
-[ "$left" -gt 90 ] && timeout "$left" $GEN --lambdas 1.0 --json "$LOGS/gen_eager.json" > "$LOGS/gen_eager.log" 2>&1
-echo "eager bench: rc $? at $SECONDS s" >> "$OUT/gpu.txt"
-finish
+for job in $JOBS; do "$job"; done
+tar czf "$OUT/logs.tgz" -C "$LOGS" .
+cp "$LOGS"/*.json "$OUT/" 2>/dev/null
+exit 0
