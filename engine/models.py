@@ -55,7 +55,7 @@ class TinyArch:
     base's (``configs/base/tiny.yaml``, a test holds them equal), so a from-scratch model
     (``model.pretrained: null``) is the same network as the pretrained one."""
 
-    block_out_channels: tuple[int, ...] = (32, 64, 96)
+    block_out_channels: tuple[int, ...] = (64, 96, 128)
     down_block_types: tuple[str, ...] = ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D")
     up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D")
     layers_per_block: int = 1
