@@ -2,7 +2,7 @@
 # One accelerator session (a lent H100/H200, one call of <= 10 min): the GPU jobs of issues 11 and 13.
 # JOBS picks them, in this order (one call holds either one comfortably, not both):
 #   bench  the Ray GPU generation path on an SD 1.5-shaped model (benchmarks/generate.py --gpu): bf16,
-#          batch 16, 50 DDIM steps, 512 px, 64 sources, compiled at λ = 1, then eager if time is left.
+#          batch 16, 50 DDIM steps, 512 px, 96 sources (3 shards), compiled at λ = 1, then eager if time is left.
 #          Compiling at load (UNet, ControlNet, VAE) took ~140 s a process on an H100.
 #   base   pretrain a candidate base (the embedded default's SD 1.5) with a time box of BASE_MINUTES
 #          (base.json records the step count it fitted: `--set train.steps=<steps> --set
@@ -26,7 +26,7 @@ python3 -c "import torch, diffusers, transformers; print(torch.__version__, diff
 log() { echo "$1: rc $2 at $SECONDS s" >> "$OUT/gpu.txt"; }
 
 bench() {
-  local gen="python3 benchmarks/generate.py --gpu --dtype bfloat16 --batch-size 16 --sources 64 --repeats 1 --model-dir /tmp/sd15 --sources-dir /tmp/src64"
+  local gen="python3 benchmarks/generate.py --gpu --dtype bfloat16 --batch-size 16 --sources 96 --repeats 1 --model-dir /tmp/sd15 --sources-dir /tmp/src96"
   OMP_NUM_THREADS=12 $gen --build-only > "$LOGS/build.log" 2>&1; log "sd15 build" $?
   timeout $((END - SECONDS)) $gen --lambdas 1.0 --compile --json "$LOGS/gen_compiled.json" > "$LOGS/gen_compiled.log" 2>&1
   log "compiled bench" $?
