@@ -36,10 +36,11 @@ def train_images(real: Path) -> dict[str, np.ndarray]:
 def memorization(synthetic: Path, real: dict[str, np.ndarray]) -> dict[str, float]:
     """L1 to own / other sources and the nearest-is-own share of one synthetic manifest."""
     ids = sorted(real)
+    index = {sid: i for i, sid in enumerate(ids)}
     stack = np.stack([real[i] for i in ids])  # (S, H, W, C)
     own, other, nearest_own, n = 0.0, 0.0, 0, 0
     for sample in manifest_samples(synthetic, lambda row: True, with_mask=False):
-        source = ids.index(sample.meta["source_id"])
+        source = index[sample.meta["source_id"]]
         dist = np.abs(stack - sample.image.astype(np.float32)).mean(axis=(1, 2, 3))
         own += dist[source]
         other += (dist.sum() - dist[source]) / (len(ids) - 1)

@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-from pathlib import Path
 
 import pytest
 
+from scripts import load_script
 from seg_fixtures import make_real, make_synthetic
 
 TINY = ["--set", "train.steps=2", "--set", "train.batch_size=4", "--set", "augment.crop=16", "--set", "data.workers=0",
         "--set", "model.width=8", "--set", "train.eval_every=0", "--set", "train.log_every=1", "--set", "scheme.fixed_lambda=0.5"]
 
 
-def load_headline():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "headline.py"
-    spec = importlib.util.spec_from_file_location("headline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_headline_table_over_schemes_and_seeds(tmp_path, capsys, monkeypatch):
-    headline = load_headline()
+    headline = load_script("benchmarks/headline.py")
     real, synth = make_real(tmp_path, n_train=32, size=24), make_synthetic(tmp_path, (0.2, 0.5, 1.0), n_train=32, size=24)
     argv = ["--real", str(real), "--synthetic", str(synth), "--fraction", "1/4", "--seeds", "0", "1", "--out", str(tmp_path / "h"), *TINY]
     assert headline.main(argv) == 0
@@ -46,5 +37,5 @@ def test_headline_table_over_schemes_and_seeds(tmp_path, capsys, monkeypatch):
 
 
 def test_headline_bad_fraction(tmp_path, capsys):
-    assert load_headline().main(["--real", "x.parquet", "--fraction", "2", "--out", str(tmp_path)]) == 2
+    assert load_script("benchmarks/headline.py").main(["--real", "x.parquet", "--fraction", "2", "--out", str(tmp_path)]) == 2
     assert "must be in (0, 1]" in capsys.readouterr().err

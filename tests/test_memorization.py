@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,14 +11,7 @@ import pytest
 from engine.manifest import DatasetInfo, sample_row, shard_rows, write_manifest
 from engine.shards import Sample, ShardWriter, read_shard, shard_name
 from gen_fixtures import CLASS_NAMES, make_real_set
-
-
-def load_memorization():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memorization.py"
-    spec = importlib.util.spec_from_file_location("memorization", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from scripts import load_script
 
 
 def write_synthetic(root: Path, images: dict[str, np.ndarray]) -> Path:
@@ -37,7 +29,7 @@ def write_synthetic(root: Path, images: dict[str, np.ndarray]) -> Path:
 
 
 def test_copies_are_caught_and_distances_match_a_direct_computation(tmp_path: Path) -> None:
-    mem = load_memorization()
+    mem = load_script("benchmarks/memorization.py")
     real_manifest = make_real_set(tmp_path / "real", n_train=6)
     sources = {s.key: s.image for p in sorted((tmp_path / "real").glob("*.tar")) for s in read_shard(p)
                if s.meta["split"] == "train"}

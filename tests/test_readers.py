@@ -132,14 +132,10 @@ def test_folder_reader_rejects_rgb_scribble_and_empty_folder(tmp_path):
 def test_registry_has_a_reader_for_every_source_kind_and_no_import_cycle():
     """Every configurable kind has exactly one reader; the data layer has no import cycle
     (tools/import_graph.py counts function-local imports too)."""
-    import importlib.util
-    from pathlib import Path
+    from scripts import load_script
 
     assert set(READERS) == set(SOURCE_KINDS)
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("import_graph", root / "tools" / "import_graph.py")
-    graph = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(graph)
+    graph = load_script("tools/import_graph.py")
     edges = graph.graph()
     assert graph.cycles(edges) == []
     assert not [(a, b) for (a, b) in graph.package_edges(edges) if a == "engine" and b != "engine"]  # engine imports no seg
