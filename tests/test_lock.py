@@ -2,11 +2,13 @@
 
 import errno
 import json
+import threading
 import time
 
 import pytest
 
 import engine.lock as lock
+from engine import storage
 from engine.errors import BadInputError
 
 
@@ -15,6 +17,30 @@ def _no_flock(monkeypatch):
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(lock.fcntl, "flock", refuse)
+
+
+def newest(folder) -> dict:
+    """The record of the newest owner generation (the lock)."""
+    return json.loads(storage.read_text(lock.owner_file(folder, lock.generations(folder)[-1])))
+
+
+def stale_owner(folder, generation: int = 0) -> None:
+    """The owner file a killed driver on another host leaves behind."""
+    storage.makedirs(folder)
+    record = {"host": "gone", "pid": 1, "token": "x", "heartbeat": time.time() - 120}
+    assert storage.create_exclusive(lock.owner_file(folder, generation), json.dumps(record).encode())
+
+
+@pytest.fixture(params=["local", "memory"])
+def folder(request, tmp_path, monkeypatch):
+    """A local folder without flock, or an in-memory object store: both use the owner files."""
+    if request.param == "local":
+        _no_flock(monkeypatch)
+        return tmp_path / "out"
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    MemoryFileSystem.store.clear()
+    return f"memory://lock-{tmp_path.name}/out"
 
 
 def test_flock_refuses_a_second_holder(tmp_path):
@@ -26,25 +52,96 @@ def test_flock_refuses_a_second_holder(tmp_path):
         pass
 
 
-def test_without_flock_an_owner_file_with_a_heartbeat_takes_over_and_says_so(tmp_path, monkeypatch, capsys):
-    _no_flock(monkeypatch)
-    out = tmp_path / "out"
-    with lock.exclusive_folder(out, heartbeat_s=0.05, stale_s=5.0):
-        assert "has no flock" in capsys.readouterr().err
-        first = json.loads((out / lock.OWNER_FILE).read_text())["heartbeat"]
+def test_without_flock_an_owner_file_with_a_heartbeat_refuses_and_says_so(folder, capsys):
+    with lock.exclusive_folder(folder, heartbeat_s=0.05, stale_s=5.0):
+        assert "no flock" in capsys.readouterr().err
+        first = newest(folder)["heartbeat"]
         time.sleep(0.3)
-        assert json.loads((out / lock.OWNER_FILE).read_text())["heartbeat"] > first  # the heartbeat advances
+        assert newest(folder)["heartbeat"] > first  # the heartbeat advances
         with pytest.raises(BadInputError, match=r"owner .*heartbeat 0 s ago"):
-            with lock.exclusive_folder(out, stale_s=5.0):
+            with lock.exclusive_folder(folder, stale_s=5.0):
                 pass
-    assert not (out / lock.OWNER_FILE).exists()  # released on exit
+    assert lock.generations(folder) == [0] and newest(folder)["released"]  # released on exit, not deleted
+    with lock.exclusive_folder(folder, stale_s=5.0):  # free again: the next generation
+        assert lock.generations(folder) == [1] and not newest(folder)["released"]
 
 
-def test_a_stale_owner_file_is_taken_over(tmp_path, monkeypatch):
+def test_a_stale_owner_file_is_taken_over(folder):
     """A holder that died leaves its owner file; once its heartbeat is older than stale_s it is taken over."""
-    _no_flock(monkeypatch)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / lock.OWNER_FILE).write_text(json.dumps({"host": "gone", "pid": 1, "token": "x", "heartbeat": time.time() - 120}))
-    with lock.exclusive_folder(out, stale_s=60.0):
-        assert json.loads((out / lock.OWNER_FILE).read_text())["host"] != "gone"
+    stale_owner(folder, 3)
+    with lock.exclusive_folder(folder, stale_s=60.0):
+        assert lock.generations(folder) == [4] and newest(folder)["host"] != "gone"
+
+
+def test_two_drivers_taking_over_the_same_stale_owner_at_once_exactly_one_wins(folder, monkeypatch):
+    """Both read the stale record before either writes (a barrier holds them there): a
+    delete-then-create takeover lets both proceed; the next generation's conditional create lets one."""
+    stale_owner(folder)
+    both_read = threading.Barrier(2, timeout=10)
+    read = lock._read_owner
+
+    def read_then_wait(path):
+        record = read(path)
+        both_read.wait()
+        return record
+
+    monkeypatch.setattr(lock, "_read_owner", read_then_wait)
+    outcomes: list[str] = []
+
+    def driver() -> None:
+        try:
+            with lock.exclusive_folder(folder, heartbeat_s=60.0):
+                outcomes.append("held")
+                time.sleep(0.3)  # overlap with the other driver
+        except BadInputError as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=driver) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes, key=len)[0] == "held" and "claimed it at the same moment" in sorted(outcomes, key=len)[1]
+    assert lock.generations(folder) == [1]
+
+
+def test_a_driver_that_read_a_stale_owner_long_ago_cannot_claim_a_later_holders_folder(folder, monkeypatch):
+    """Driver C reads the stale generation 0 and stalls; meanwhile A takes over (1) and releases, and D
+    claims (2). C then tries generation 1, which exists: refused, although nothing else stops it."""
+    stale_owner(folder)
+    read = lock._read_owner
+    held, c_done = threading.Event(), threading.Event()
+
+    def d_holds() -> None:
+        with lock.exclusive_folder(folder, heartbeat_s=60.0):
+            held.set()
+            c_done.wait(10)
+
+    d = threading.Thread(target=d_holds)
+
+    def stalled_read(path):
+        record = read(path)
+        monkeypatch.setattr(lock, "_read_owner", read)
+        with lock.exclusive_folder(folder, heartbeat_s=60.0):  # A
+            pass
+        d.start()
+        held.wait(10)
+        return record
+
+    monkeypatch.setattr(lock, "_read_owner", stalled_read)
+    try:
+        with pytest.raises(BadInputError, match="claimed it at the same moment"):
+            with lock.exclusive_folder(folder, heartbeat_s=60.0):  # C
+                pass
+        assert lock.generations(folder) == [2] and not newest(folder)["released"]  # D holds; C left nothing behind
+    finally:
+        c_done.set()
+        d.join()
+
+
+def test_a_holder_taken_over_stops_beating_and_says_so(folder, capsys):
+    with lock.exclusive_folder(folder, heartbeat_s=0.05, stale_s=5.0):
+        storage.create_exclusive(lock.owner_file(folder, 1), b"{}")  # another driver took over
+        time.sleep(0.3)
+        assert "was taken over by another driver" in capsys.readouterr().err
+    assert lock.generations(folder)[-1] == 1 and storage.read_text(lock.owner_file(folder, 1)) == "{}"  # left alone

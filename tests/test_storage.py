@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +27,6 @@ from engine.generate.plan import build_plan
 from engine.generate.run import MANIFEST, resume_scan, run_generate
 from engine.generate.worker import ShardGenerator, part_path
 from engine.ingest import main as ingest_main
-from engine.lock import OWNER_FILE, exclusive_folder
 from engine.manifest import read_manifest
 from engine.shards import ShardWriter, read_shard, sha256_file
 from engine.verify import verify_manifest
@@ -205,20 +203,3 @@ def test_generation_resumes_on_the_store_and_run_generate_finishes_it(root: str,
     with pytest.raises(BadInputError, match="different config"):  # identity.json on the store pins the plan
         run_generate(other, progress=False)
 
-
-# --------------------------------------------------------------------------------------- lock ----
-
-def test_an_object_store_lock_is_an_owner_file_that_says_so(root: str, capsys) -> None:
-    if storage.is_local(root):
-        pytest.skip("local folders use flock (tests/test_lock.py)")
-    with exclusive_folder(root, heartbeat_s=0.05):
-        assert "is an object store (no flock)" in capsys.readouterr().err
-        assert json.loads(storage.read_text(storage.join(root, OWNER_FILE)))["pid"] == os.getpid()
-        with pytest.raises(BadInputError, match=r"another generate run .*heartbeat 0 s ago"):
-            with exclusive_folder(root):
-                pass
-    assert not storage.exists(storage.join(root, OWNER_FILE))  # released
-    stale = {"host": "gone", "pid": 1, "token": "x", "heartbeat": 0}
-    assert storage.create_exclusive(storage.join(root, OWNER_FILE), json.dumps(stale).encode())
-    with exclusive_folder(root):  # a dead holder's file is taken over
-        assert json.loads(storage.read_text(storage.join(root, OWNER_FILE)))["host"] != "gone"
