@@ -46,10 +46,10 @@ def drop_keys(config: dict[str, Any], dotted: set[str]) -> dict[str, Any]:
     return out
 
 
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (first 16 hex digits): the identity of a manifest."""
+def file_digest(path: storage.Location) -> str:
+    """SHA-256 of a file's bytes (first 16 hex digits): the identity of a manifest (a path or URL)."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with storage.open_read(path) as fh:
         while block := fh.read(1 << 20):
             h.update(block)
     return h.hexdigest()[:16]

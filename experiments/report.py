@@ -31,6 +31,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from engine import storage
 from engine.atomic import write_text
 from engine.data.geometry import DEFAULT_RESIZE
 from engine.errors import BadInputError
@@ -200,6 +201,17 @@ class RunData:
     def cell(self, w: float, lam: float) -> CellData | None:
         return next((c for c in self.cells if abs(c.w - w) < 5e-3 and abs(c.lam - lam) < 5e-3), None)
 
+    def located(self, recorded: str) -> storage.Location:
+        """A location the sweep recorded: relative to the run folder, or a URL as it is."""
+        return recorded if not storage.is_local(recorded) else self.root / recorded
+
+    def controlnet_loss(self) -> list[dict[str, Any]]:
+        """The ControlNet's loss log (``loss.jsonl`` beside its model folder); empty when absent."""
+        path = storage.join(storage.parent(self.located(self.record.get("model_dir", "controlnet/final"))), "loss.jsonl")
+        if not storage.is_file(path):
+            return []
+        return [json.loads(ln) for ln in storage.read_text(path).splitlines() if ln.strip()]
+
 
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
@@ -295,7 +307,7 @@ def sample_grid(run: RunData, source_id: str, path: Path, seed_index: int = 0) -
             if r == 0:
                 ax.set_title(f"w = {fmt_g(w)}", fontsize=10)
         fig.text(0.1 / fw, 1 - (GRID_TOP_IN + (r + 0.5) * GRID_CELL_IN) / fh, f"λ = {fmt_g(lam)}", va="center", fontsize=10)
-    src = read_sample(run.root / run.record["real_manifest"], source_id)
+    src = read_sample(run.located(run.record["real_manifest"]), source_id)
     image, scribble = (src.image, src.scribble) if size is None else fit_to(src.image, src.scribble, size, run.resize)
     for c, (pic, title) in enumerate([(overlay_scribble(image, scribble), "source"), (render_scribble(scribble), "scribble")]):
         ax = axes_at(0, c)
@@ -360,12 +372,10 @@ def section_overview(page: Page, run: RunData) -> None:
 def section_compute(page: Page, run: RunData) -> None:
     page.h("Compute")
     totals = []
-    loss = run.root / Path(run.record.get("model_dir", "controlnet/final")).parent / "loss.jsonl"
-    if loss.is_file():
-        lines = [json.loads(ln) for ln in loss.read_text().splitlines() if ln.strip()]
-        if lines:
-            totals.append(["ControlNet training", fmt_num(lines[-1]["seconds"], 1), str(sum(x["samples"] for x in lines)),
-                           f"{lines[-1]['step']} steps"])
+    lines = run.controlnet_loss()
+    if lines:
+        totals.append(["ControlNet training", fmt_num(lines[-1]["seconds"], 1), str(sum(x["samples"] for x in lines)),
+                       f"{lines[-1]['step']} steps"])
     gen_s = sum(c.summary.get("generate_seconds", 0.0) for c in run.cells)
     gen_n = sum(len(c.seconds) for c in run.cells)
     if run.cells:
@@ -543,10 +553,7 @@ def section_seg_runs(page: Page, run: RunData) -> None:
 
 
 def section_controlnet(page: Page, run: RunData) -> None:
-    loss = run.root / Path(run.record.get("model_dir", "controlnet/final")).parent / "loss.jsonl"
-    if not loss.is_file():
-        return
-    lines = [json.loads(ln) for ln in loss.read_text().splitlines() if ln.strip()]
+    lines = run.controlnet_loss()
     if not lines:
         return
     page.h("ControlNet training")

@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from engine import storage
 from engine.atomic import write_json
 from engine.identity import Identity, drop_keys, file_digest, plain
 from engine.config import apply_overrides, from_dict, load_yaml, to_dict
@@ -326,12 +327,13 @@ class Stages:
         print(f"    {name}: {info['seconds']:.1f} s" + (" (reused)" if info.get("reused") else ""), flush=True)
 
 
-def stage_ingest(cfg: SweepConfig, out: Path, info: dict[str, Any]) -> Path:
-    """Real shards + manifest; an existing ingest of the same config is reused."""
+def stage_ingest(cfg: SweepConfig, out: Path, info: dict[str, Any]) -> storage.Location:
+    """Real shards + manifest; an existing ingest of the same config is reused. A given
+    ``real_manifest`` may be a path or a URL (``engine.storage``)."""
     if cfg.real_manifest:
         info.update(reused=True, external=cfg.real_manifest)
         read_manifest(cfg.real_manifest)  # fail now, naming the file, if it is not one
-        return Path(cfg.real_manifest)
+        return storage.as_location(cfg.real_manifest)
     from engine.ingest import MANIFEST, run_ingest
 
     ing = copy.deepcopy(cfg.ingest)
@@ -350,13 +352,15 @@ def stage_ingest(cfg: SweepConfig, out: Path, info: dict[str, Any]) -> Path:
     return manifest
 
 
-def stage_controlnet(cfg: SweepConfig, out: Path, real_manifest: Path, info: dict[str, Any]) -> Path:
-    """The trained model folder; a finished training is reused, an interrupted one resumed."""
+def stage_controlnet(cfg: SweepConfig, out: Path, real_manifest: storage.Location,
+                     info: dict[str, Any]) -> storage.Location:
+    """The trained model folder; a finished training is reused, an interrupted one resumed. A
+    given ``model_dir`` may be a path or a URL."""
     if cfg.model_dir:
         info.update(reused=True, external=cfg.model_dir)
-        if not Path(cfg.model_dir).is_dir():
+        if not storage.is_dir(cfg.model_dir):
             raise BadInputError(cfg.model_dir, "model folder not found")
-        return Path(cfg.model_dir)
+        return storage.as_location(cfg.model_dir)
     from tqdm import tqdm
 
     from engine.models import FINAL_DIR
@@ -441,7 +445,8 @@ def ray_session(address: str | None, local_num_cpus: int | None) -> Iterator[Non
             ray.shutdown()
 
 
-def generate_config_for(cfg: SweepConfig, out: Path, real_manifest: Path, model_dir: Path, w: float, lam: float) -> GenerateConfig:
+def generate_config_for(cfg: SweepConfig, out: Path, real_manifest: storage.Location, model_dir: storage.Location,
+                        w: float, lam: float) -> GenerateConfig:
     gen = copy.deepcopy(cfg.generate)
     gen.real_manifest, gen.model_dir = str(real_manifest), str(model_dir)
     gen.out_dir = str(out / "synthetic" / cell_name(w, lam))
@@ -450,7 +455,8 @@ def generate_config_for(cfg: SweepConfig, out: Path, real_manifest: Path, model_
     return gen
 
 
-def stage_generate(cfg: SweepConfig, out: Path, real_manifest: Path, model_dir: Path, info: dict[str, Any]) -> dict[str, Path]:
+def stage_generate(cfg: SweepConfig, out: Path, real_manifest: storage.Location, model_dir: storage.Location,
+                   info: dict[str, Any]) -> dict[str, Path]:
     """One generation per (w, λ) cell (resumed where it stopped), all cells on ONE actor pool
     (the model is loaded once per replica); cell name -> manifest."""
     from engine.generate import run_generate_sets
@@ -483,11 +489,11 @@ def _generation_current(gen: GenerateConfig) -> bool:
     from engine.generate.run import generation_identity
 
     recorded = Identity.load(gen.out_dir)
-    plan = build_plan(gen.plan, Path(gen.real_manifest).resolve())
-    return recorded is not None and recorded.digest == generation_identity(gen, plan, Path(gen.model_dir).resolve()).digest
+    plan = build_plan(gen.plan, storage.resolve(gen.real_manifest))
+    return recorded is not None and recorded.digest == generation_identity(gen, plan, storage.resolve(gen.model_dir)).digest
 
 
-def stage_fid(cfg: SweepConfig, out: Path, real_manifest: Path, cells: dict[str, Path], info: dict[str, Any]) -> dict[str, Any]:
+def stage_fid(cfg: SweepConfig, out: Path, real_manifest: storage.Location, cells: dict[str, Path], info: dict[str, Any]) -> dict[str, Any]:
     """FID of every cell against the real reference; cached per cell in ``fid.json``."""
     from tqdm import tqdm
 
@@ -542,7 +548,7 @@ def _size_of(todo: dict[str, tuple]) -> int:
     return int(next(iter(todo.values()))[1].column("height")[0].as_py())
 
 
-def stage_judge(cfg: SweepConfig, out: Path, real_manifest: Path, cells: dict[str, Path], info: dict[str, Any]) -> dict[str, Any]:
+def stage_judge(cfg: SweepConfig, out: Path, real_manifest: storage.Location, cells: dict[str, Path], info: dict[str, Any]) -> dict[str, Any]:
     """Scribble agreement of every cell (``seg.judge``); cached per cell in ``judge.json``.
 
     The judge is trained once on the first ``1 - judge.holdout`` of the real val split
@@ -591,7 +597,7 @@ def _judge_skip(val_images: int, sources_with_mask: dict[str, int]) -> str | Non
     return None
 
 
-def _masked(manifest: Path, keep, size: int, resize: str) -> Iterator[Sample]:
+def _masked(manifest: storage.Location, keep, size: int, resize: str) -> Iterator[Sample]:
     """The fitted samples of ``manifest`` that ``keep`` accepts and that have a full mask, streamed."""
     return (fit_sample(s, size, resize) for s in manifest_samples(manifest, keep) if s.mask is not None)
 
@@ -613,7 +619,7 @@ def score_cell(judge, manifest: Path, masks: dict[str, np.ndarray], num_classes:
     return result.compute()
 
 
-def stage_seg(cfg: SweepConfig, out: Path, real_manifest: Path, cells: dict[str, Path], runs: list[SegRun],
+def stage_seg(cfg: SweepConfig, out: Path, real_manifest: storage.Location, cells: dict[str, Path], runs: list[SegRun],
               info: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Every planned seg training, as parallel Ray tasks; finished ones reused, interrupted ones resumed.
 
@@ -680,8 +686,11 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _rel(path: Path, root: Path) -> str:
-    return os.path.relpath(Path(path).resolve(), root.resolve())
+def _rel(path: storage.Location, root: Path) -> str:
+    """``path`` as the sweep record names it: relative to the run folder, or a URL as it is."""
+    if not storage.is_local(path):
+        return os.fspath(path)
+    return os.path.relpath(storage.local_path(path).resolve(), root.resolve())
 
 
 def new_record(cfg: SweepConfig, runs: list[SegRun]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -140,3 +141,30 @@ def test_driver_killed_with_shards_on_s3_then_the_same_command_resumes(s3: str, 
     assert report.ok and report.samples == len(planned), report.problems
     assert released(out) and generations(out) == [1]  # the killed driver's owner file was taken over, then released
     print(f"\nS3 driver kill after {kept} of {n_shards} shards; the rerun finished the set")
+
+
+@pytest.mark.slow
+def test_a_sweep_reads_its_real_set_and_model_from_s3(s3: str, tiny_model: Path, tmp_path: Path) -> None:
+    """``jobs.sweep`` with ``real_manifest`` and ``model_dir`` at URLs: the cells are generated from
+    them, the record names them as given, and the report draws its source images from the bucket."""
+    real_local = make_real_set(tmp_path / "real", n_train=6, n_val=2)
+    copy_tree(str(real_local.parent), f"{s3}/sweep/real")
+    copy_tree(str(tiny_model), f"{s3}/sweep/model")
+    real, model, out = f"{s3}/sweep/real/manifest.parquet", f"{s3}/sweep/model", tmp_path / "sweep"
+    sets = [f"real_manifest={real}", f"model_dir={model}", f"out={out}", "grid.w=[2.0]", "grid.lambdas=[1.0]",
+            "studies.w_sweep.enabled=false", "fid.enabled=false", "judge.enabled=false", "generate.sampler.resolution=8",
+            "generate.ray.address=local", "generate.ray.local_num_cpus=2", "generate.ray.num_actors=1"]
+    cmd = [sys.executable, "-m", "jobs.sweep", "--config", "configs/sweeps/w.yaml", "--fast"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(cmd + [a for s in sets for a in ("--set", s)], cwd=test_faults.REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads((out / "report-w" / "sweep.json").read_text())
+    assert (record["real_manifest"], record["model_dir"]) == (real, model)
+    (cell,) = record["cells"]
+    manifest = out / cell["manifest"]
+    assert verify_manifest(manifest).ok
+    sources = {r["source_id"] for r in read_manifest(manifest)[0].to_pylist()}
+    planned = {r["source_id"] for r in read_manifest(real)[0].to_pylist() if r["split"] == "train" and r["status"] == "ok"}
+    assert sources and sources <= planned
+    assert list((out / "report-w").glob("samples_*.png"))  # drawn beside their sources, read from the bucket
