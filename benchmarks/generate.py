@@ -13,6 +13,11 @@ scaling 1 -> 2 actors of one thread each. ``sample_seconds_total`` / ``generate_
 engine run is the share of its wall time spent inside the sampler: the engine's own
 overhead, robust to the noise of a shared machine.
 
+``--stub SECONDS``: the same comparison with a stand-in sampler that returns noise images and
+paces each batch to SECONDS per image (sleeping, the GIL released, as a GPU wait does), at the
+GPU's shapes (512 px, batch 16, 96 sources). No model runs, so any machine measures what the
+engine adds around an accelerator of that speed: ``--stub 0.3176`` is an H100's 3.149 img/s.
+
 ``--gpu``: the same comparison on one GPU with an SD 1.5-shaped, randomly initialised model
 (UNet + ControlNet + VAE + CLIP text encoder at SD 1.5 sizes, a character-level tokenizer
 written on the fly, since no weights are ever downloaded), 512 px, 50 DDIM steps,
@@ -21,12 +26,16 @@ runs the engine's worker without Ray (for a machine without Ray installed).
 
     python benchmarks/generate.py                      # CPU, ~ a few minutes on 2 cores
     python benchmarks/generate.py --gpu --dtype float16
+    python benchmarks/generate.py --stub 0.3176 --repeats 1   # the engine's overhead at H100 speed, ~2 min
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import math
+import os
 import sys
 import tempfile
 import time
@@ -40,7 +49,8 @@ from engine.config import load_config  # noqa: E402
 from engine.generate.config import GenerateConfig, PlanConfig, RayConfig, SamplerConfig  # noqa: E402
 from engine.generate.plan import build_plan  # noqa: E402
 from engine.models import BUNDLE_FILE  # noqa: E402
-from engine.generate.worker import SourceCache, ShardGenerator, batches, fit_sources, load_sampler  # noqa: E402
+from engine.generate.worker import (SamplerFactory, SourceCache, ShardGenerator, batches, fit_sources,  # noqa: E402
+                                    load_sampler)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,14 +111,51 @@ def make_sd15_model(folder: Path, class_names: list[str], resolution: int = 512)
     return model.save_pretrained(folder)
 
 
-def bare_images_per_s(cfg: GenerateConfig, device: str, threads: int | None) -> tuple[float, dict]:
+class PacedStub:
+    """A stand-in sampler at an accelerator's pace: noise images (as a random-init model makes,
+    so PNG encoding costs what it did on the GPU), each batch taking ``seconds_per_image`` per
+    image at λ = 1 (in proportion to the denoising steps at other λ: 50 DDIM steps, truncate
+    spacing), the rest of it asleep with the GIL released."""
+
+    model_id = "paced-stub"
+    num_steps = 50
+
+    def __init__(self, seconds_per_image: float) -> None:
+        self.seconds_per_image = seconds_per_image
+
+    def steps_for(self, lam: float) -> int:
+        return max(1, math.ceil(self.num_steps * lam))
+
+    def sample(self, images, scribbles, class_names, w, lam, seeds):  # noqa: ANN001 (the Sampler protocol)
+        t0 = time.perf_counter()
+        out = np.stack([np.random.default_rng(seed).integers(0, 256, images.shape[1:], dtype=np.uint8) for seed in seeds])
+        pace = self.seconds_per_image * self.steps_for(lam) / self.num_steps
+        time.sleep(max(0.0, pace * len(images) - (time.perf_counter() - t0)))
+        return out
+
+
+def sampler_factory(stub: float | None) -> SamplerFactory:
+    """The production loader, or a paced stand-in (``--stub``); picklable for Ray actors."""
+    if stub is None:
+        return load_sampler
+
+    def load_stub(model_dir: str, device: str, cfg: SamplerConfig) -> PacedStub:
+        importlib.import_module("engine.text")  # loading a real model imports it: the first batch must not pay for it
+        return PacedStub(stub)
+
+    return load_stub
+
+
+def bare_images_per_s(cfg: GenerateConfig, device: str, threads: int | None,
+                      factory: SamplerFactory = load_sampler) -> tuple[float, dict]:
     """The baseline: same sampler, same batches, one process, nothing but ``sample`` timed."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    sampler = load_sampler(cfg.model_dir, device, cfg.sampler)
-    attention = sorted({type(p).__name__ for p in sampler.model.unet.attn_processors.values()})
+    sampler = factory(cfg.model_dir, device, cfg.sampler)
+    unet = getattr(getattr(sampler, "model", None), "unet", None)
+    attention = sorted({type(p).__name__ for p in unet.attn_processors.values()}) if unet is not None else []
     plan = build_plan(cfg.plan, cfg.real_manifest)
     cache, work = SourceCache(cfg.source_cache_shards), []
     for unit in plan.units:  # decode + fit outside the timed region
@@ -129,16 +176,19 @@ def bare_images_per_s(cfg: GenerateConfig, device: str, threads: int | None) -> 
     return n / seconds, {"samples": n, "seconds": round(seconds, 3), "attention": attention}
 
 
-def engine_images_per_s(cfg: GenerateConfig, mode: str, device: str) -> tuple[float, dict]:
+def engine_images_per_s(cfg: GenerateConfig, mode: str, device: str,
+                        factory: SamplerFactory = load_sampler) -> tuple[float, dict]:
     """The engine: Ray actors (``mode='ray'``) or its worker in this process (``'inprocess'``)."""
     if mode == "ray":
         from engine.generate.run import run_generate
 
-        summary = run_generate(cfg, progress=False)
-        return summary["images_per_s"], {k: summary[k] for k in ("samples", "generate_seconds", "sample_seconds_total", "seconds", "actors")}
+        summary = run_generate(cfg, factory=factory, progress=False)
+        extra = {k: summary[k] for k in ("samples", "generate_seconds", "sample_seconds_total", "seconds", "actors")}
+        extra["outside_sampler_s"] = round(summary["generate_seconds"] - summary["sample_seconds_total"] / summary["actors"], 3)
+        return summary["images_per_s"], extra
     plan = build_plan(cfg.plan, cfg.real_manifest)
     gen = ShardGenerator(cfg.model_dir, cfg.out_dir, plan.class_names, cfg.sampler, device=device,
-                         image_format=cfg.image_format, source_cache_shards=cfg.source_cache_shards)
+                         image_format=cfg.image_format, source_cache_shards=cfg.source_cache_shards, factory=factory)
     t0 = time.perf_counter()
     units = plan.units
     n = sum(gen.run(unit, next_unit=units[i + 1] if i + 1 < len(units) else None).samples
@@ -165,6 +215,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="SD 1.5-shaped model at 512 px on one GPU")
+    parser.add_argument("--stub", type=float, default=None, metavar="SECONDS",
+                        help="a stand-in sampler paced to SECONDS per image, at the GPU's shapes: the engine's "
+                             "overhead around an accelerator of that speed, measured on CPU (0.3176: an H100)")
     parser.add_argument("--engine", choices=("ray", "inprocess"), default="ray")
     parser.add_argument("--sources", type=int, default=None, help="train sources (CPU 48, GPU 32)")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (CPU 10, GPU 50)")
@@ -176,6 +229,10 @@ def main() -> int:
     parser.add_argument("--image-format", default="png")
     parser.add_argument("--compile", action="store_true", help="sampler.compile: torch.compile + channels_last (GPU)")
     parser.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray instance")
+    parser.add_argument("--actor-cpus", type=int, default=None,
+                        help="CPUs of the engine's actor (ray.num_cpus_per_actor: its PNG-encoding threads; a CPU "
+                             "actor's torch threads too). Default: --threads on CPU; with --gpu or --stub 4 (as "
+                             "configs/generate/paper.yaml), at most this machine's cores"),
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU: torch threads of the bare loop = CPUs of the engine's actor (default 1: on a shared, "
                              "loaded machine 2 OpenMP threads on 2 cores can run several times slower than 1)")
@@ -193,7 +250,12 @@ def main() -> int:
     args = parser.parse_args()
     gpu_defaults = dict(sources=32, steps=50, batch_size=8, resolution=512, dtype="float16", lambdas=[1.0, 0.5])
     cpu_defaults = dict(sources=48, steps=10, batch_size=8, resolution=32, dtype="float32", lambdas=[1.0])
-    for key, value in (gpu_defaults if args.gpu else cpu_defaults).items():
+    stub_defaults = dict(sources=96, steps=50, batch_size=16, resolution=512, dtype="float32", lambdas=[1.0, 0.5])
+    if args.gpu and args.stub is not None:
+        parser.error("--stub replaces the GPU model: pass one of --gpu, --stub")
+    defaults = gpu_defaults if args.gpu else stub_defaults if args.stub is not None else cpu_defaults
+    factory = sampler_factory(args.stub)
+    for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     device = args.device or ("cuda" if args.gpu else "cpu")
@@ -231,17 +293,17 @@ def main() -> int:
             return ips
 
         threads = None if args.gpu else args.threads
-        cpus = 1 if args.gpu else args.threads
+        cpus = args.actor_cpus or (min(4, os.cpu_count() or 1) if args.gpu or args.stub is not None else args.threads)
         for lam in args.lambdas:  # bare and engine alternate, best of ``repeats`` each (shared, noisy machines)
             bare = eng = 0.0
             for r in range(args.repeats):
                 bare = max(bare, record(f"bare   λ={lam:g} ({threads or device} thr) #{r}", *bare_images_per_s(
-                    config(args, device, real, model, root / "unused", lam, 1, cpus), device, threads)))
+                    config(args, device, real, model, root / "unused", lam, 1, cpus), device, threads, factory)))
                 eng = max(eng, record(f"engine λ={lam:g} 1 actor x {cpus} cpu #{r}", *engine_images_per_s(
-                    config(args, device, real, model, root / f"e1-{lam}-{r}", lam, 1, cpus), args.engine, device)))
+                    config(args, device, real, model, root / f"e1-{lam}-{r}", lam, 1, cpus), args.engine, device, factory)))
             results[f"ratio_engine_over_bare_l{lam:g}"] = round(eng / bare, 4)
             print(f"  ratio engine / bare (λ={lam:g}, best of {args.repeats}): {eng / bare:.3f}  (goal >= 0.97)", flush=True)
-        if not args.gpu and not args.no_scaling and args.engine == "ray":
+        if not args.gpu and args.stub is None and not args.no_scaling and args.engine == "ray":
             lam = args.lambdas[0]
             one = record("engine 1 actor x 1 cpu", *engine_images_per_s(
                 config(args, device, real, model, root / "s1", lam, 1, 1), "ray", device))

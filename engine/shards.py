@@ -19,7 +19,7 @@ import re
 import tarfile
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -184,14 +184,23 @@ class ShardWriter:
         self._fh = _HashingFile(open(self.tmp, "wb"))
         self._tar = wds.TarWriter(self._fh, encoder=False, mtime=0.0)
         self.keys: list[str] = []
+        self._seen: set[str] = set()
         self._t0 = time.perf_counter()
 
     def write(self, sample: Sample) -> None:
-        record = encode_sample(sample, self.image_format)
-        if sample.key in self.keys:
-            raise BadInputError(f"sample key {sample.key}", "written twice to the same shard")
-        self._tar.write(record)
-        self.keys.append(sample.key)
+        self.write_many([sample])
+
+    def write_many(self, samples: Sequence[Sample], map_fn: Callable[..., Iterable[dict[str, Any]]] = map) -> None:
+        """Encode ``samples`` with ``map_fn`` (a thread pool's ``map`` encodes them in parallel:
+        PIL releases the GIL while compressing) and append them in order, so the bytes are
+        those of a serial write."""
+        for sample in samples:
+            if sample.key in self._seen:
+                raise BadInputError(f"sample key {sample.key}", "written twice to the same shard")
+            self._seen.add(sample.key)
+        for sample, record in zip(samples, map_fn(encode_sample, samples, [self.image_format] * len(samples))):
+            self._tar.write(record)
+            self.keys.append(sample.key)
 
     def close(self) -> ShardInfo:
         """Finish the tar and make it visible whole; return its checksum and size."""

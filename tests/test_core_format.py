@@ -79,6 +79,31 @@ def test_writer_is_atomic_on_error(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
 
 
+def test_write_many_on_a_thread_pool_writes_the_bytes_of_one_by_one_writes(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    samples = [_sample(i, size=64) for i in range(6)]
+    with ShardWriter(tmp_path / "one-000000.tar") as writer:
+        for sample in samples:
+            writer.write(sample)
+        one = writer.close()
+    with ShardWriter(tmp_path / "many-000000.tar") as writer, ThreadPoolExecutor(3) as pool:
+        writer.write_many(samples[:4], pool.map)
+        writer.write_many(samples[4:], pool.map)
+        many = writer.close()
+    assert many.keys == one.keys == [s.key for s in samples] and many.sha256 == one.sha256
+    assert (tmp_path / "one-000000.tar").read_bytes() == (tmp_path / "many-000000.tar").read_bytes()
+
+
+@pytest.mark.parametrize("batches", [[[0, 1], [1]], [[0, 1, 0]]], ids=["in-a-later-batch", "within-a-batch"])
+def test_a_key_written_twice_to_a_shard_is_refused(tmp_path: Path, batches: list[list[int]]) -> None:
+    with pytest.raises(BadInputError, match="written twice"):
+        with ShardWriter(tmp_path / "x-000000.tar") as writer:
+            for batch in batches:
+                writer.write_many([_sample(i) for i in batch])
+    assert os.listdir(tmp_path) == []
+
+
 def test_size_mismatch_is_rejected(tmp_path: Path) -> None:
     s = _sample(0)
     s.scribble = s.scribble[:5]

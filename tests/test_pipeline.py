@@ -100,13 +100,33 @@ def _frozen_clock(monkeypatch) -> None:
     monkeypatch.setattr(shards, "time", clock)
 
 
-def test_pipelined_output_is_byte_identical_to_a_serial_run(units, tmp_path: Path, monkeypatch) -> None:
+@pytest.fixture
+def torch_threads():
+    """A CPU actor pins torch's thread count; give this test process its own back."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 3], ids=["one-encoder", "three-encoders"])
+def test_pipelined_output_is_byte_identical_to_a_serial_run(units, tmp_path: Path, monkeypatch, threads: int,
+                                                            torch_threads) -> None:
+    """Pipelined, and with a batch's images encoded on several threads: the bytes of a serial run."""
     _frozen_clock(monkeypatch)
     serial, piped = tmp_path / "serial", tmp_path / "piped"
     gen = _generator(serial, write_ahead=0)
     for unit in units:
         gen.run(unit)
-    gen = _generator(piped, write_ahead=2)
+    encoders: set[str] = set()
+    encode = shards.encode_sample
+
+    def logged(sample, image_format):  # noqa: ANN001
+        encoders.add(threading.current_thread().name)
+        return encode(sample, image_format)
+
+    monkeypatch.setattr(shards, "encode_sample", logged)
+    gen = _generator(piped, write_ahead=2, num_threads=threads)
     for unit, hint in zip(units, units[1:] + [None]):
         gen.run(unit, next_unit=hint)
     for unit in units:
@@ -114,6 +134,36 @@ def test_pipelined_output_is_byte_identical_to_a_serial_run(units, tmp_path: Pat
         (a, a_info), (b, b_info) = read_manifest(part_path(piped, unit.shard)), read_manifest(part_path(serial, unit.shard))
         assert a.to_pylist() == b.to_pylist() and a_info.extra == b_info.extra
     assert sorted(p.name for p in piped.rglob("*")) == sorted(p.name for p in serial.rglob("*"))
+    assert len(encoders) == threads and all(n.startswith("png-encoder" if threads > 1 else "shard-writer") for n in encoders)
+
+
+def test_the_first_units_sources_load_while_the_model_loads(units, tmp_path: Path, monkeypatch) -> None:
+    """``first_unit`` (the driver's hint at actor start) is read in the loader thread during the
+    model load, so the first run reads nothing."""
+    log: list[str] = []
+    loading = threading.Event()
+
+    def slow_model(*_):
+        assert loading.wait(5), "the first unit's read must start before the model has loaded"
+        time.sleep(0.3)  # a model load; the read finishes meanwhile
+        log.append("model loaded")
+        return StandInSampler()
+
+    load = ShardGenerator._load
+
+    def logged_load(self, unit):
+        loading.set()
+        out = load(self, unit)
+        log.append(f"load {unit.keys[0]}")
+        return out
+
+    monkeypatch.setattr(ShardGenerator, "_load", logged_load)
+    gen = ShardGenerator("unused", str(tmp_path), CLASS_NAMES, SamplerConfig(batch_size=3), factory=slow_model,
+                         first_unit=units[0])
+    assert log == [f"load {units[0].keys[0]}", "model loaded"]
+    result = gen.run(units[0])
+    assert log == [f"load {units[0].keys[0]}", "model loaded"]  # the run read nothing more
+    assert result.samples == 5 and [s.key for s in shards.read_shard(tmp_path / units[0].shard)] == units[0].keys
 
 
 @pytest.mark.parametrize("failing_batch", [0, 1])
@@ -213,3 +263,27 @@ def test_unit_queue_returns_a_dead_actors_reservation_first() -> None:
     queue.push_front(_u(0))  # its running unit is retried too, ahead of the reservation
     assert [queue.take(1).index, queue.reserve(1).index] == [0, 1]
     assert queue.take(0).index == 2 and [u.index if u else None for u in queue.reserved] == [None, 1]
+
+
+def test_each_actor_starts_with_the_unit_reserved_for_it(monkeypatch) -> None:
+    """The pool tells each actor its first unit when it is created (the most expensive first);
+    the driver then gives each actor exactly that unit first."""
+    ray = pytest.importorskip("ray")
+    from engine.generate.distributor import Distributor, PoolShape
+
+    created: list[dict] = []
+
+    class Remote:
+        def options(self, **_):
+            return self
+
+        def remote(self, **kwargs):
+            created.append(kwargs)
+            return object()
+
+    monkeypatch.setattr(ray, "remote", lambda cls: Remote())
+    units = [WorkUnit(i, f"s{i}.tar", 2.0, lam, ()) for i, lam in enumerate([0.5, 1.0, 0.5, 1.0])]
+    pool = Distributor(PoolShape("cpu", 2), {"model_dir": "m"}, units)
+    assert [(kw["model_dir"], kw["first_unit"].index) for kw in created] == [("m", 1), ("m", 3)]  # λ = 1 first
+    assert [pool.queue.take(a).index for a in (0, 1)] == [1, 3]
+    assert [u.index for u in pool.queue.pending] == [0, 2]

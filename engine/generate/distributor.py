@@ -237,7 +237,8 @@ class UnitQueue:
 class Distributor:
     """A pool of :class:`ShardGenerator` actors and the retry loop that feeds it."""
 
-    def __init__(self, shape: PoolShape, actor_kwargs: dict[str, Any], inflight: int = 2, unit_retries: int = 3) -> None:
+    def __init__(self, shape: PoolShape, actor_kwargs: dict[str, Any], units: list[WorkUnit], inflight: int = 2,
+                 unit_retries: int = 3) -> None:
         import ray
 
         remote_cls = ray.remote(ShardGenerator)
@@ -245,7 +246,12 @@ class Distributor:
         self.inflight = inflight
         self.unit_retries = unit_retries
         self.max_probes = int(shape.options.get("max_restarts", 0)) + 1
-        self.actors = [remote_cls.options(**shape.options).remote(**actor_kwargs) for _ in range(shape.num_actors)]
+        # Longest first: the expensive units (high λ: more steps with truncate spacing, larger
+        # shards) start early, so the run does not end waiting on one slow unit at the tail.
+        self.queue = UnitQueue(sorted(units, key=lambda u: (-u.lam, -len(u.items), u.index)), shape.num_actors)
+        # Each actor is told its first unit when it starts, so its sources load while its model loads.
+        self.actors = [remote_cls.options(**shape.options).remote(**actor_kwargs, first_unit=self.queue.reserve(i))
+                       for i in range(shape.num_actors)]
         self.actor_deaths = 0  # process deaths seen (each one consumed a Ray restart)
         self.unit_failures = 0  # unit attempts that failed (actor death or task error)
 
@@ -281,14 +287,12 @@ class Distributor:
         except RayActorError as exc:
             raise GenerationError(f"a generation actor failed to start: {exc}") from None
 
-    def run(self, units: list[WorkUnit], on_result: Callable[[ShardResult], None] | None = None) -> list[ShardResult]:
+    def run(self, on_result: Callable[[ShardResult], None] | None = None) -> list[ShardResult]:
         """Run every unit once, successfully, on some actor; return the results as they came."""
         import ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
-        # Longest first: the expensive units (high λ: more steps with truncate spacing, larger
-        # shards) start early, so the run does not end waiting on one slow unit at the tail.
-        queue = UnitQueue(sorted(units, key=lambda u: (-u.lam, -len(u.items), u.index)), len(self.actors))
+        queue = self.queue
         attempts: Counter[int] = Counter()
         tasks: dict[Any, tuple[int, WorkUnit | None]] = {}  # ref -> (actor, unit); unit None = probe
         load = [0] * len(self.actors)

@@ -254,7 +254,7 @@ def _distribute(
         device=shape.device, image_format=cfg.image_format, source_cache_shards=cfg.source_cache_shards,
         num_threads=max(1, int(cfg.ray.num_cpus_per_actor)), factory=factory,
     )
-    pool = Distributor(shape, actor_kwargs, cfg.ray.inflight_per_actor, cfg.ray.unit_retries)
+    pool = Distributor(shape, actor_kwargs, todo, cfg.ray.inflight_per_actor, cfg.ray.unit_retries)
     todo_samples = sum(len(u.items) for u in todo)
     try:
         pool.pids(cfg.ray.placement_timeout_s)  # throughput is measured from when every replica has loaded its model
@@ -268,7 +268,7 @@ def _distribute(
                 if on_result is not None:
                     on_result(result)
 
-            pool.run(todo, advance)
+            pool.run(advance)
         seconds = time.perf_counter() - t0
     finally:
         pool.shutdown()

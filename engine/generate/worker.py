@@ -264,6 +264,10 @@ class ShardGenerator:
     unit's last batch the writer closes the shard and writes its part while the main thread
     samples the next unit's first batch (kept for that unit's run). Only the main thread
     calls the sampler, with the same batches as a serial run, so the bytes are the same.
+
+    ``num_threads`` is the CPUs Ray reserved for the actor: the torch threads of a CPU
+    sampler, and the threads that PNG-encode a batch. ``first_unit`` (the driver's hint of
+    the actor's first unit) starts loading its sources before the model loads.
     """
 
     def __init__(
@@ -278,6 +282,7 @@ class ShardGenerator:
         num_threads: int | None = None,
         factory: SamplerFactory = load_sampler,
         write_ahead: int = 2,
+        first_unit: WorkUnit | None = None,
     ) -> None:
         self.out_dir = storage.as_location(out_dir)
         self.class_names = class_names
@@ -289,9 +294,15 @@ class ShardGenerator:
         self.cache = SourceCache(source_cache_shards)  # used by the loader thread only
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="source-loader")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+        # The actor's CPUs encode a batch's images in parallel (PIL releases the GIL): the
+        # last batch's encoding is the one write that nothing else overlaps.
+        threads = num_threads or 1
+        self._encoders = ThreadPoolExecutor(threads, thread_name_prefix="png-encoder") if threads > 1 else None
         self._next: tuple[WorkUnit, Future] | None = None  # the next unit and its sources, loading
         self._ahead: tuple[WorkUnit, Future] | None = None  # the next unit and its first batch, sampled
         self.load_error: BadInputError | None = None
+        if first_unit is not None:  # its sources load while the model loads (and compiles)
+            self.prefetch(first_unit)
         try:
             self.sampler = factory(model_dir, device, sampler_cfg)
         except BadInputError as exc:  # Ray passes only the text of an __init__ error: pid() raises it whole
@@ -357,6 +368,7 @@ class ShardGenerator:
 
     def _write(self, shard: _Shard, batch: list[WorkItem], images: np.ndarray, timings: dict[str, float]) -> None:
         """Tag, encode and write one sampled batch (writer thread); its manifest rows go to ``shard.rows``."""
+        samples = []
         for item, image in zip(batch, images):
             src = shard.sources[item.source_id]
             meta = {
@@ -371,9 +383,9 @@ class ShardGenerator:
                 "seconds": timings["batch_seconds"] / len(batch),
                 "timings": timings,
             }
-            sample = Sample(item.key, image, src.scribble, None, meta)
-            shard.writer.write(sample)
-            shard.rows.append(sample_row(sample))
+            samples.append(Sample(item.key, image, src.scribble, None, meta))
+        shard.writer.write_many(samples, self._encoders.map if self._encoders is not None else map)
+        shard.rows.extend(sample_row(sample) for sample in samples)
 
     def _finish(self, shard: _Shard, sample_seconds: float) -> ShardResult:
         """Make the shard visible whole, then write its part (writer thread, after every batch):
