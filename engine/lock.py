@@ -17,7 +17,9 @@ is fresh and takes over once it is older than ``STALE_S``, or at once when the h
 on the same host and its process is gone. The fallback says so on stderr, because it is
 weaker than ``flock``: it relies on clocks and on the store showing a rewrite within
 ``STALE_S``. A holder that finds a newer generation (it stalled past ``STALE_S`` and was
-taken over) stops beating and says so on stderr.
+taken over) stops beating, says so on stderr, and its :class:`Lease` then fails the run at
+its next check. A store error in a heartbeat is retried at the next beat; one while reading
+the owner record refuses the claim (it must not look like a dead holder).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -38,8 +41,23 @@ from engine.errors import BadInputError
 
 LOCK_FILE = ".lock"
 OWNER_PREFIX = ".lock.owner."
+OWNER_RE = re.compile(r"^\.lock\.owner\.([0-9]{9,})$")  # ASCII digits, zero-padded: foreign names never match
 HEARTBEAT_S = 5.0
 STALE_S = 60.0
+
+
+class Lease:
+    """What ``exclusive_folder`` yields: :meth:`check` raises once another driver has taken the
+    folder over (only an owner-file lock can be lost: its holder stalled past ``STALE_S``)."""
+
+    def __init__(self, folder: storage.Location) -> None:
+        self.folder = folder
+        self.lost = threading.Event()
+
+    def check(self) -> None:
+        if self.lost.is_set():
+            raise BadInputError(str(self.folder), "another driver took over this folder's lock while this run stalled",
+                                "this run stops here; the other run finishes the set (or rerun once it is done)")
 
 
 def owner_file(folder: storage.Location, generation: int) -> storage.Location:
@@ -49,8 +67,7 @@ def owner_file(folder: storage.Location, generation: int) -> storage.Location:
 
 def generations(folder: storage.Location) -> list[int]:
     """The owner-file generations present in ``folder``, ascending (one listing)."""
-    names = (n[len(OWNER_PREFIX):] for n in storage.entries(folder) if n.startswith(OWNER_PREFIX))
-    return sorted(int(g) for g in names if g.isdigit())
+    return sorted(int(m.group(1)) for n in storage.entries(folder) if (m := OWNER_RE.match(n)))
 
 
 def _refuse(folder: storage.Location, holder: str) -> BadInputError:
@@ -59,21 +76,35 @@ def _refuse(folder: storage.Location, holder: str) -> BadInputError:
 
 
 def _read_owner(path: storage.Location) -> dict[str, Any]:
-    """The owner file's record; empty when it is gone or unreadable (then it counts as stale)."""
+    """The owner file's record; empty when it is gone or not a record (then it counts as stale).
+    Any other read error raises: a store's transient error must not look like a dead holder."""
     try:
-        return json.loads(storage.read_text(path))
-    except (OSError, ValueError):
+        record = json.loads(storage.read_text(path))
+    except FileNotFoundError:
         return {}
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _record(me: dict[str, Any], released: bool = False) -> bytes:
     return json.dumps({**me, "heartbeat": time.time(), "released": released}).encode()
 
 
+def _pid_namespace() -> str | None:
+    """This process's pid namespace (Linux): containers that share a host name do not share it."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _dead_here(owner: dict[str, Any]) -> bool:
-    """True when the owner ran on this host and its process is gone (a killed driver's rerun
-    need not wait ``STALE_S``)."""
-    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+    """True when the owner ran on this host, in this pid namespace, and its process is gone (a
+    killed driver's rerun need not wait ``STALE_S``)."""
+    if owner.get("host") != socket.gethostname() or owner.get("pidns") != _pid_namespace():
+        return False
+    if not isinstance(owner.get("pid"), int):
         return False
     try:
         os.kill(owner["pid"], 0)
@@ -87,18 +118,24 @@ def _dead_here(owner: dict[str, Any]) -> bool:
 def _claim(folder: storage.Location, me: dict[str, Any], stale_s: float) -> int:
     """Create the next owner generation, unless the newest one's holder still beats; return
     the generation claimed. Older generations are deleted (best effort: they are inert)."""
-    seen = generations(folder)
-    if seen:
-        other = _read_owner(owner_file(folder, seen[-1]))
-        age = time.time() - float(other.get("heartbeat", 0))
-        if other and not other.get("released") and age < stale_s and not _dead_here(other):
-            raise _refuse(folder, f" (owner {other.get('host')}:{other.get('pid')}, heartbeat {age:.0f} s ago)")
-    mine = seen[-1] + 1 if seen else 0
-    if not storage.create_exclusive(owner_file(folder, mine), _record(me)):
-        raise _refuse(folder, " (another driver claimed it at the same moment)")
-    if generations(folder)[-1] != mine:  # read long ago: a later driver has claimed (and pruned) since
-        storage.remove(owner_file(folder, mine))
-        raise _refuse(folder, " (another driver claimed it at the same moment)")
+    try:
+        seen = generations(folder)
+        if seen:
+            other = _read_owner(owner_file(folder, seen[-1]))
+            age = time.time() - float(other.get("heartbeat", 0))
+            if other and not other.get("released") and age < stale_s and not _dead_here(other):
+                raise _refuse(folder, f" (owner {other.get('host')}:{other.get('pid')}, heartbeat {age:.0f} s ago)")
+        mine = seen[-1] + 1 if seen else 0
+        path = owner_file(folder, mine)
+        # A put retried after its reply was lost finds its own record there: that claim is ours.
+        if not storage.create_exclusive(path, _record(me)) and _read_owner(path).get("token") != me["token"]:
+            raise _refuse(folder, " (another driver claimed it at the same moment)")
+        if generations(folder)[-1] != mine:  # read long ago: a later driver has claimed (and pruned) since
+            storage.remove(path)
+            raise _refuse(folder, " (another driver claimed it at the same moment)")
+    except OSError as exc:
+        raise BadInputError(str(folder), f"cannot read or write the lock's owner files: {exc}",
+                            "retry; if it persists, check the store's credentials and permissions") from None
     for old in seen:
         try:
             storage.remove(owner_file(folder, old))
@@ -108,10 +145,11 @@ def _claim(folder: storage.Location, me: dict[str, Any], stale_s: float) -> int:
 
 
 @contextmanager
-def _owner_files(folder: storage.Location, heartbeat_s: float, stale_s: float) -> Iterator[None]:
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "token": os.urandom(8).hex()}
+def _owner_files(folder: storage.Location, heartbeat_s: float, stale_s: float) -> Iterator[Lease]:
+    me = {"host": socket.gethostname(), "pidns": _pid_namespace(), "pid": os.getpid(), "token": os.urandom(8).hex()}
     mine = _claim(folder, me, stale_s)
     path = owner_file(folder, mine)
+    lease = Lease(folder)
     stop = threading.Event()
 
     def still_mine() -> bool:
@@ -119,37 +157,45 @@ def _owner_files(folder: storage.Location, heartbeat_s: float, stale_s: float) -
 
     def beat() -> None:
         while not stop.wait(heartbeat_s):
-            if not still_mine():
-                print(f"lock: {folder} was taken over by another driver (this one stalled past {stale_s:g} s); "
-                      "its shards may be redone by the other run", file=sys.stderr)
-                return
-            write_text(path, _record(me).decode())
+            try:
+                if not still_mine():
+                    lease.lost.set()
+                    print(f"lock: {folder} was taken over by another driver (this one stalled past {stale_s:g} s); "
+                          "this run stops at its next finished shard", file=sys.stderr)
+                    return
+                write_text(path, _record(me).decode())
+            except Exception as exc:  # a transient store error: the next beat tries again
+                print(f"lock: heartbeat of {path} failed ({exc!r}); retrying in {heartbeat_s:g} s", file=sys.stderr)
 
     beater = threading.Thread(target=beat, daemon=True, name="lock-heartbeat")
     beater.start()
     try:
-        yield
+        yield lease
     finally:
         stop.set()
         beater.join()
-        if still_mine():
-            write_text(path, _record(me, released=True).decode())
+        try:
+            if still_mine():
+                write_text(path, _record(me, released=True).decode())
+        except Exception as exc:  # never hide the run's own error; the file goes stale in STALE_S
+            print(f"lock: could not mark {path} released ({exc!r}); it is free after {stale_s:g} s", file=sys.stderr)
 
 
 @contextmanager
-def _fallback(folder: storage.Location, why: str, heartbeat_s: float, stale_s: float) -> Iterator[None]:
+def _fallback(folder: storage.Location, why: str, heartbeat_s: float, stale_s: float) -> Iterator[Lease]:
     print(f"lock: {folder} {why}; using owner files with a {heartbeat_s:g} s heartbeat ({OWNER_PREFIX}<n>)",
           file=sys.stderr)
-    with _owner_files(folder, heartbeat_s, stale_s):
-        yield
+    with _owner_files(folder, heartbeat_s, stale_s) as lease:
+        yield lease
 
 
 @contextmanager
-def exclusive_folder(folder: storage.Location, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S) -> Iterator[None]:
-    """Hold ``folder``'s writer lock while the block runs; refuse if another driver holds it."""
+def exclusive_folder(folder: storage.Location, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S) -> Iterator[Lease]:
+    """Hold ``folder``'s writer lock while the block runs; refuse if another driver holds it.
+    The :class:`Lease` yielded tells a long run whether it still holds the lock."""
     if not storage.is_local(folder):
-        with _fallback(folder, "is an object store (no flock)", heartbeat_s, stale_s):
-            yield
+        with _fallback(folder, "is an object store (no flock)", heartbeat_s, stale_s) as lease:
+            yield lease
         return
     folder = storage.local_path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -159,7 +205,7 @@ def exclusive_folder(folder: storage.Location, heartbeat_s: float = HEARTBEAT_S,
         except BlockingIOError:
             raise _refuse(folder, "") from None
         except OSError as exc:  # no flock on this filesystem
-            with _fallback(folder, f"has no flock ({exc.strerror or exc})", heartbeat_s, stale_s):
-                yield
+            with _fallback(folder, f"has no flock ({exc.strerror or exc})", heartbeat_s, stale_s) as lease:
+                yield lease
             return
-        yield
+        yield Lease(folder)  # the kernel holds a flock until this process dies: never lost

@@ -117,6 +117,31 @@ def test_run_generates_every_planned_key_once_and_resumes(ray_session, real: Pat
     assert verify_manifest(manifest).ok
 
 
+def test_a_run_whose_lock_is_taken_over_stops_without_a_manifest(ray_session, real: Path, tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """An owner-file lock can be lost (its holder stalled past stale_s): the run stops at its
+    first finished shard and leaves the manifest to the new holder; a rerun resumes."""
+    import contextlib
+
+    import engine.generate.run as run_module
+    from engine.lock import Lease
+
+    @contextlib.contextmanager
+    def lost_lock(folder):
+        lease = Lease(folder)
+        lease.lost.set()
+        yield lease
+
+    monkeypatch.setattr(run_module, "exclusive_folder", lost_lock)
+    cfg = _cfg(real, tmp_path / "syn", num_actors=1)
+    with pytest.raises(BadInputError, match="took over this folder's lock"):
+        run_generate(cfg, factory=standin_factory, progress=False)
+    assert not (tmp_path / "syn/manifest.parquet").exists()
+    monkeypatch.undo()
+    assert run_generate(cfg, factory=standin_factory, progress=False)["samples"] == 24
+    assert verify_manifest(tmp_path / "syn/manifest.parquet").ok
+
+
 def test_resume_redoes_only_unfinished_shards(ray_session, real: Path, tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "syn"
     cfg = _cfg(real, out)

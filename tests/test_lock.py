@@ -2,6 +2,7 @@
 
 import errno
 import json
+import os
 import threading
 import time
 
@@ -79,10 +80,13 @@ def test_two_drivers_taking_over_the_same_stale_owner_at_once_exactly_one_wins(f
     stale_owner(folder)
     both_read = threading.Barrier(2, timeout=10)
     read = lock._read_owner
+    waited = threading.local()
 
     def read_then_wait(path):
         record = read(path)
-        both_read.wait()
+        if not getattr(waited, "once", False):  # each driver's first read: the stale owner's
+            waited.once = True
+            both_read.wait()
         return record
 
     monkeypatch.setattr(lock, "_read_owner", read_then_wait)
@@ -145,3 +149,90 @@ def test_a_holder_taken_over_stops_beating_and_says_so(folder, capsys):
         time.sleep(0.3)
         assert "was taken over by another driver" in capsys.readouterr().err
     assert lock.generations(folder)[-1] == 1 and storage.read_text(lock.owner_file(folder, 1)) == "{}"  # left alone
+
+
+def test_a_lease_taken_over_stops_the_run_at_its_next_check(folder):
+    with lock.exclusive_folder(folder, heartbeat_s=0.05, stale_s=5.0) as lease:
+        lease.check()  # held: nothing happens
+        storage.create_exclusive(lock.owner_file(folder, 1), b"{}")  # another driver took over
+        time.sleep(0.3)
+        with pytest.raises(BadInputError, match="took over this folder's lock"):
+            lease.check()
+
+
+def test_a_transient_store_error_in_the_heartbeat_does_not_end_it(folder, monkeypatch, capsys):
+    """One failed listing (an S3 503) must not kill the heartbeat: the holder keeps its lock."""
+    entries, failed = storage.entries, []
+
+    def flaky(where):
+        if threading.current_thread().name == "lock-heartbeat" and not failed:  # the first beat's listing
+            failed.append(True)
+            raise OSError(5, "503 SlowDown (injected)")
+        return entries(where)
+
+    monkeypatch.setattr(storage, "entries", flaky)
+    with lock.exclusive_folder(folder, heartbeat_s=0.05, stale_s=0.5):
+        first = newest(folder)["heartbeat"]
+        time.sleep(0.8)  # longer than stale_s: only a live heartbeat keeps the lock
+        assert newest(folder)["heartbeat"] > first
+        with pytest.raises(BadInputError, match="another generate run"):
+            with lock.exclusive_folder(folder, stale_s=0.5):
+                pass
+    assert "heartbeat of" in capsys.readouterr().err
+
+
+def test_an_unreadable_owner_record_refuses_instead_of_counting_as_stale(folder, monkeypatch):
+    with lock.exclusive_folder(folder, heartbeat_s=60.0):
+        def failing(path):
+            raise OSError(5, "timeout (injected)")
+
+        monkeypatch.setattr(storage, "read_text", failing)
+        with pytest.raises(BadInputError, match="cannot read or write the lock's owner files.*timeout"):
+            with lock.exclusive_folder(folder):
+                pass
+        monkeypatch.undo()
+        assert lock.generations(folder) == [0] and not newest(folder)["released"]
+
+
+@pytest.mark.parametrize("foreign", [".lock.owner.7", ".lock.owner.\u00b2", ".lock.owner.abc", ".lock.owner.000000001.tmp"])
+def test_foreign_names_beside_the_owner_files_are_ignored(folder, foreign):
+    storage.makedirs(folder)
+    fs, path = storage.fs_and_path(storage.join(folder, foreign))
+    fs.pipe_file(path, b"junk")
+    with lock.exclusive_folder(folder, heartbeat_s=60.0):
+        assert lock.generations(folder) == [0]
+        with pytest.raises(BadInputError, match="another generate run"):
+            with lock.exclusive_folder(folder):
+                pass
+
+
+def test_a_claim_whose_put_landed_but_was_retried_is_ours(folder, monkeypatch):
+    """A conditional put whose reply was lost is retried and finds the object there: its own record."""
+    create = storage.create_exclusive
+
+    def lost_reply(path, data):
+        create(path, data)
+        return False  # the retry's answer: something is already there
+
+    monkeypatch.setattr(storage, "create_exclusive", lost_reply)
+    with lock.exclusive_folder(folder, heartbeat_s=60.0):
+        assert lock.generations(folder) == [0] and newest(folder)["pid"] == os.getpid()
+
+
+def test_a_same_named_host_in_another_pid_namespace_is_not_taken_for_dead(folder, monkeypatch):
+    """Containers can share a host name (host networking) but not pids: a record from another
+    pid namespace is never 'dead here', so it waits for stale_s."""
+    import socket
+
+    storage.makedirs(folder)
+    record = {"host": socket.gethostname(), "pidns": "pid:[1]", "pid": 2 ** 22 + 7, "token": "x",
+              "heartbeat": time.time(), "released": False}
+    assert storage.create_exclusive(lock.owner_file(folder, 0), json.dumps(record).encode())
+    with pytest.raises(BadInputError, match="another generate run"):
+        with lock.exclusive_folder(folder):
+            pass
+    record["pidns"] = lock._pid_namespace()  # same namespace, no such process: dead, taken over at once
+    storage.remove(lock.owner_file(folder, 0))
+    assert storage.create_exclusive(lock.owner_file(folder, 0), json.dumps(record).encode())
+    with lock.exclusive_folder(folder, heartbeat_s=60.0):
+        assert lock.generations(folder) == [1]

@@ -3,7 +3,8 @@
 # JOBS picks them, in this order (one call holds either one comfortably, not both):
 #   bench  the Ray GPU generation path on an SD 1.5-shaped model (benchmarks/generate.py --gpu): bf16,
 #          batch 16, 50 DDIM steps, 512 px, 96 sources (3 shards), one actor with 4 CPUs (its PNG encoders),
-#          compiled at λ = 1, then eager at λ = 0.5 if time is left.
+#          compiled at λ = 1, the paced stand-in (--stub) on this machine's CPUs, then eager at λ = 0.5
+#          if time is left.
 #          Compiling at load (UNet, ControlNet, VAE) took ~140 s a process on an H100.
 #   base   pretrain a candidate base (the embedded default's SD 1.5) with a time box of BASE_MINUTES
 #          (base.json records the step count it fitted: `--set train.steps=<steps> --set
@@ -31,6 +32,11 @@ bench() {
   OMP_NUM_THREADS=12 $gen --build-only > "$LOGS/build.log" 2>&1; log "sd15 build" $?
   timeout $((END - SECONDS)) $gen --lambdas 1.0 --compile --json "$LOGS/gen_compiled.json" > "$LOGS/gen_compiled.log" 2>&1
   log "compiled bench" $?
+  # The same run with a stand-in paced to the compiled GPU's speed (no GPU, ~80 s): how much of the
+  # time outside the sampler is this machine's CPU side (encoding, reading), not the GPU's.
+  timeout $((END - SECONDS)) python3 benchmarks/generate.py --stub 0.3176 --repeats 1 --lambdas 1.0 \
+    --sources 96 --sources-dir /tmp/src96 --model-dir /tmp/tiny --json "$LOGS/gen_stub.json" > "$LOGS/gen_stub.log" 2>&1
+  log "stub bench" $?
   # λ = 0.5 (25 of 50 steps) eager: no compile per process, so it fits what is left (~100 s).
   [ $((END - SECONDS)) -gt 100 ] && timeout $((END - SECONDS)) $gen --lambdas 0.5 --json "$LOGS/gen_eager.json" > "$LOGS/gen_eager.log" 2>&1
   log "eager bench" $?

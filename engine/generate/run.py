@@ -194,8 +194,9 @@ def run_generate_sets(
     with ExitStack() as locks:
         todo: list[WorkUnit] = []
         stats: list[dict[str, Any]] = []
+        leases = []
         for cfg, plan, out in zip(cfgs, plans, outs):
-            locks.enter_context(exclusive_folder(out))
+            leases.append(locks.enter_context(exclusive_folder(out)))
             generation_identity(cfg, plan, model_dir).claim(out, "synthetic set")  # refuses other plans / models
             with atomic_path(storage.join(out, "config.yaml")) as tmp:
                 save_config(cfg, tmp)
@@ -207,15 +208,23 @@ def run_generate_sets(
             todo = [replace(u, index=i) for i, u in enumerate(todo)]  # one queue: indices unique across sets
             total = sum(p.num_samples for p in plans)
             visible = [str(o) for o in outs] + [str(model_dir), str(real_manifest)]
+            def held(result: ShardResult) -> None:  # a run whose lock was taken over stops at its next shard
+                for lease in leases:
+                    lease.check()
+                if on_result is not None:
+                    on_result(result)
+
             try:
                 pool_stats = _distribute(cfgs[0], plans[0].class_names, total, todo, model_dir, outs[0], factory,
-                                         on_result, progress, visible)
+                                         held, progress, visible)
             finally:  # a failed run stops its actors mid-unit: leave whole shards only (rerun resumes)
                 for out in outs:
                     remove_temp_files(out)
             pooled = sum(len(u.items) for u in todo)
             for st in stats:
                 st.update(pool_stats, sets_in_pool=len(cfgs), pool_samples_this_run=pooled)
+        for lease in leases:  # the manifest is written by the lock's holder only
+            lease.check()
         summaries = []
         for cfg, plan, out, st in zip(cfgs, plans, outs, stats):
             st["seconds"] = round(time.perf_counter() - t_start, 3)
