@@ -50,7 +50,7 @@ from engine.generate.config import GenerateConfig, PlanConfig, RayConfig, Sample
 from engine.generate.plan import build_plan  # noqa: E402
 from engine.models import BUNDLE_FILE  # noqa: E402
 from engine.generate.worker import (SamplerFactory, SourceCache, ShardGenerator, batches, fit_sources,  # noqa: E402
-                                    load_sampler)
+                                    load_sampler, present_classes)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,7 +167,7 @@ def bare_images_per_s(cfg: GenerateConfig, device: str, threads: int | None,
 
     n, t0 = 0, time.perf_counter()
     for unit, batch, images, scribbles in work:
-        names = [names_for_ids(np.unique(s), plan.class_names) for s in scribbles]
+        names = [names_for_ids(present_classes(s), plan.class_names) for s in scribbles]  # as the engine does
         sampler.sample(images, scribbles, names, unit.w, unit.lam, [it.seed for it in batch])
         n += len(batch)
     if device.startswith("cuda"):

@@ -82,6 +82,16 @@ def test_worker_writes_tagged_shard_and_part_without_ray(real: Path, tmp_path: P
     assert info.extra["shard_stats"]["samples"] == 5 and info.extra["shard_stats"]["images_per_s"] > 0
 
 
+def test_present_classes_are_the_sorted_drawn_ids_without_unlabelled() -> None:
+    from engine.generate.worker import present_classes
+
+    rng = np.random.default_rng(0)
+    for ids in ([255], [0, 255], [3, 7, 255], [0, 1, 2, 254], list(range(256))):
+        scribble = rng.choice(np.array(ids, np.uint8), size=(37, 53))
+        expected = [int(c) for c in np.unique(scribble) if c != 255]
+        assert present_classes(scribble) == expected and all(type(c) is int for c in present_classes(scribble))
+
+
 def test_batches_group_by_image_size() -> None:
     from engine.generate.plan import WorkItem
     from engine.shards import Sample
