@@ -1,0 +1,34 @@
+"""benchmarks/generate.py's paced stand-in (``--stub``): what it returns, and that the
+benchmark runs with it end to end (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from scripts import REPO, load_script
+
+
+def test_the_paced_stub_returns_seeded_noise_of_the_input_shape_and_counts_steps_like_truncate():
+    bench = load_script("benchmarks/generate.py")
+    stub = bench.sampler_factory(0.0)("unused", "cpu", None)
+    images = np.zeros((3, 16, 24, 3), np.uint8)
+    out = stub.sample(images, images[..., 0], [[]] * 3, 2.0, 1.0, [5, 6, 5])
+    assert out.shape == images.shape and out.dtype == np.uint8
+    assert np.array_equal(out[0], out[2]) and not np.array_equal(out[0], out[1])  # one image per seed
+    assert [stub.steps_for(lam) for lam in (1.0, 0.5, 0.01)] == [50, 25, 1]
+    assert bench.sampler_factory(None) is bench.load_sampler
+
+
+def test_the_benchmark_runs_with_the_stub(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "benchmarks/generate.py", "--stub", "0.001", "--engine", "inprocess", "--sources", "4",
+           "--resolution", "32", "--batch-size", "2", "--repeats", "1", "--lambdas", "1.0", "0.5", "--json", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert [r["samples"] for r in results["runs"]] == [4, 4, 4, 4]  # bare and engine, at λ = 1 and 0.5
+    assert results["ratio_engine_over_bare_l1"] > 0 and results["ratio_engine_over_bare_l0.5"] > 0
