@@ -166,9 +166,11 @@ def test_the_first_units_sources_load_while_the_model_loads(units, tmp_path: Pat
     assert result.samples == 5 and [s.key for s in shards.read_shard(tmp_path / units[0].shard)] == units[0].keys
 
 
+@pytest.mark.parametrize("threads", [1, 3], ids=["one-encoder", "three-encoders"])
 @pytest.mark.parametrize("failing_batch", [0, 1])
 def test_a_writer_thread_failure_fails_the_unit_with_nothing_visible(units, tmp_path: Path, monkeypatch,
-                                                                     failing_batch: int) -> None:
+                                                                     failing_batch: int, threads: int,
+                                                                     torch_threads) -> None:
     unit = units[0]
     bad_key = unit.keys[3 * failing_batch]  # batches of 3: the first sample of that batch
     encode = shards.encode_sample
@@ -181,10 +183,11 @@ def test_a_writer_thread_failure_fails_the_unit_with_nothing_visible(units, tmp_
         return encode(sample, image_format)
 
     monkeypatch.setattr(shards, "encode_sample", failing_encode)
-    gen = _generator(tmp_path, delay=0.01)
+    gen = _generator(tmp_path, delay=0.01, num_threads=threads)
     with pytest.raises(OSError, match="disk full"):
         gen.run(unit, next_unit=units[1])
-    assert writer_threads and all(name.startswith("shard-writer") for name in writer_threads)
+    encoder = "png-encoder" if threads > 1 else "shard-writer"
+    assert writer_threads and all(name.startswith(encoder) for name in writer_threads)
     assert list(tmp_path.rglob("*")) == [], "no shard, temp file or part may be left"
     monkeypatch.setattr(shards, "encode_sample", encode)
     assert gen.run(unit).samples == 5  # the writer thread is not wedged: a retry writes the whole shard
