@@ -242,7 +242,7 @@ def load_run(root: str | Path, report_dir: str = "report") -> RunData:
     return RunData(root, root / report_dir, record, cells, seg, fid, judge)
 
 
-def read_sample(manifest: Path, key: str) -> Sample:
+def read_sample(manifest: storage.Location, key: str) -> Sample:
     """One sample by key, via the manifest's shard column."""
     table, _ = read_manifest(manifest)
     rows = {k: s for k, s in zip(table.column("key").to_pylist(), table.column("shard").to_pylist())}

@@ -144,9 +144,23 @@ def test_a_run_whose_lock_is_taken_over_stops_without_a_manifest(ray_session, re
 
     monkeypatch.setattr(run_module, "exclusive_folder", lost_lock)
     cfg = _cfg(real, tmp_path / "syn", num_actors=1)
+    theirs = tmp_path / "syn" / "syn-000099.tar.tmp"  # the new holder's shard in progress
+    distribute = run_module._distribute
+
+    def while_running(*args, **kwargs):
+        theirs.write_bytes(b"half a shard")  # after this run's start-up cleaned its own leftovers
+        return distribute(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "_distribute", while_running)
+    seen: list = []
     with pytest.raises(BadInputError, match="took over this folder's lock"):
-        run_generate(cfg, factory=standin_factory, progress=False)
+        run_generate(cfg, factory=functools.partial(standin_factory, delay=0.05), on_result=seen.append,
+                     progress=False)
+    assert seen == []  # stopped at its first finished shard, before reporting it
+    assert len(list((tmp_path / "syn/parts").glob("*.parquet"))) < 6  # of 6 planned shards
     assert not (tmp_path / "syn/manifest.parquet").exists()
+    assert theirs.read_bytes() == b"half a shard"  # a lost folder's temp files are left to its holder
+    theirs.unlink()
     monkeypatch.undo()
     assert run_generate(cfg, factory=standin_factory, progress=False)["samples"] == 24
     assert verify_manifest(tmp_path / "syn/manifest.parquet").ok

@@ -148,6 +148,9 @@ def test_a_holder_taken_over_stops_beating_and_says_so(folder, capsys):
         storage.create_exclusive(lock.owner_file(folder, 1), b"{}")  # another driver took over
         time.sleep(0.3)
         assert "was taken over by another driver" in capsys.readouterr().err
+        last = storage.read_text(lock.owner_file(folder, 0))
+        time.sleep(0.3)
+        assert storage.read_text(lock.owner_file(folder, 0)) == last  # no more beats
     assert lock.generations(folder)[-1] == 1 and storage.read_text(lock.owner_file(folder, 1)) == "{}"  # left alone
 
 

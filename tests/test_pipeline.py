@@ -285,8 +285,33 @@ def test_each_actor_starts_with_the_unit_reserved_for_it(monkeypatch) -> None:
             return object()
 
     monkeypatch.setattr(ray, "remote", lambda cls: Remote())
-    units = [WorkUnit(i, f"s{i}.tar", 2.0, lam, ()) for i, lam in enumerate([0.5, 1.0, 0.5, 1.0])]
-    pool = Distributor(PoolShape("cpu", 2), {"model_dir": "m"}, units)
-    assert [(kw["model_dir"], kw["first_unit"].index) for kw in created] == [("m", 1), ("m", 3)]  # λ = 1 first
-    assert [pool.queue.take(a).index for a in (0, 1)] == [1, 3]
-    assert [u.index for u in pool.queue.pending] == [0, 2]
+    units = [WorkUnit(i, f"s{i}.tar", 2.0, lam, ()) for i, lam in enumerate([0.5, 1.0, 0.5, 1.0, 0.5])]
+    pool = Distributor(PoolShape("cpu", 3), {"model_dir": "m"}, units)
+    assert [(kw["model_dir"], kw["first_unit"].index) for kw in created] == [("m", 1), ("m", 3), ("m", 0)]  # λ = 1 first
+    load = [0, 0, 0]
+    sent = pool.queue.dispatch(load, 2, [True, True, True])
+    # each actor gets its own first unit, then one more each while units last: none is left idle
+    assert [(a, u.index, h.index if h else None) for a, u, h in sent] == [
+        (0, 1, 2), (1, 3, 4), (2, 0, None), (0, 2, None), (1, 4, None)]
+    assert load == [2, 2, 1] and not pool.queue
+
+
+@pytest.mark.parametrize("n_units", [2, 4])
+def test_a_small_run_starts_every_actor_before_any_queues_a_second_unit(n_units: int) -> None:
+    """With fewer units than actors x in-flight slots, filling actor 0 first used to give it a
+    second unit (even another actor's reservation) while a later actor got none."""
+    queue = UnitQueue([_u(i) for i in range(n_units)], num_actors=3)
+    first = [queue.reserve(a) for a in range(3)]  # the pool reserves each actor's first unit at creation
+    sent = queue.dispatch([0, 0, 0], 2, [True, True, True])
+    per_actor = {a: [u.index for b, u, _ in sent if b == a] for a in range(3)}
+    assert all(per_actor[a][:1] == ([first[a].index] if first[a] else []) for a in range(3))
+    busy = [a for a in range(3) if per_actor[a]]
+    assert len(busy) == min(3, n_units) and sum(map(len, per_actor.values())) == n_units
+
+
+def test_an_idle_actor_steals_a_busy_ones_reservation_at_the_tail() -> None:
+    queue = UnitQueue([_u(i) for i in range(3)], num_actors=2)
+    assert [(a, u.index, h and h.index) for a, u, h in queue.dispatch([0, 0], 1, [True, True])] == [(0, 0, 1), (1, 2, None)]
+    assert queue.dispatch([1, 1], 2, [False, True]) == []  # actor 1 has work in flight: it does not steal
+    assert [(a, u.index) for a, u, _ in queue.dispatch([1, 0], 1, [True, True])] == [(1, 1)]  # actor 1 is idle: it does
+    assert not queue

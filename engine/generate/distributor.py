@@ -189,8 +189,9 @@ def task_cause(exc: BaseException) -> BaseException:
 class UnitQueue:
     """The units not yet sent to an actor: a shared queue, plus one unit reserved per actor.
 
-    An actor is told its next unit (the one reserved for it) with every unit it runs, so it
-    loads that unit's sources and samples its first batch before the unit arrives. A
+    An actor is told its first unit when it is created (it reads its sources while its model
+    loads) and its next unit (the one reserved for it) with every unit it runs, so it loads
+    that unit's sources and samples its first batch before the unit arrives. A
     reservation is only a hint: it is taken by its actor first, but an idle actor takes
     another's once the shared queue is empty (work stealing at the tail), and a dead
     actor's goes back to the front of the queue.
@@ -203,12 +204,13 @@ class UnitQueue:
     def __bool__(self) -> bool:
         return bool(self.pending) or any(u is not None for u in self.reserved)
 
-    def take(self, actor: int) -> WorkUnit | None:
-        """The unit ``actor`` runs next: its reservation, else the queue's head, else another's reservation."""
+    def take(self, actor: int, steal: bool = True) -> WorkUnit | None:
+        """The unit ``actor`` runs next: its reservation, else the queue's head, else (``steal``)
+        another's reservation."""
         unit, self.reserved[actor] = self.reserved[actor], None
         if unit is None and self.pending:
             unit = self.pending.popleft()
-        return unit if unit is not None else self._steal()
+        return unit if unit is not None or not steal else self._steal()
 
     def _steal(self) -> WorkUnit | None:
         for other, unit in enumerate(self.reserved):
@@ -222,6 +224,26 @@ class UnitQueue:
         if self.pending and self.reserved[actor] is None:
             self.reserved[actor] = self.pending.popleft()
         return self.reserved[actor]
+
+    def dispatch(self, load: list[int], inflight: int, ready: list[bool]) -> list[tuple[int, WorkUnit, WorkUnit | None]]:
+        """What to send now, as ``(actor, unit, next-unit hint)``; ``load`` (units in flight per
+        actor) is updated in place. One unit per ready actor per pass, up to ``inflight`` each,
+        so no actor queues a second unit while another has none; an actor steals another's
+        reservation only when it has nothing in flight (the tail), never its first unit."""
+        sent: list[tuple[int, WorkUnit, WorkUnit | None]] = []
+        progress = True
+        while progress:
+            progress = False
+            for actor, free in enumerate(ready):
+                if not free or load[actor] >= inflight:
+                    continue
+                unit = self.take(actor, steal=load[actor] == 0)
+                if unit is None:
+                    continue
+                load[actor] += 1
+                sent.append((actor, unit, self.reserve(actor)))
+                progress = True
+        return sent
 
     def push_front(self, unit: WorkUnit) -> None:
         """A unit to run again (its attempt failed) goes first."""
@@ -250,6 +272,7 @@ class Distributor:
         # shards) start early, so the run does not end waiting on one slow unit at the tail.
         self.queue = UnitQueue(sorted(units, key=lambda u: (-u.lam, -len(u.items), u.index)), shape.num_actors)
         # Each actor is told its first unit when it starts, so its sources load while its model loads.
+        # (An actor that Ray restarts gets the same hint again: one wasted read, never a wrong shard.)
         self.actors = [remote_cls.options(**shape.options).remote(**actor_kwargs, first_unit=self.queue.reserve(i))
                        for i in range(shape.num_actors)]
         self.actor_deaths = 0  # process deaths seen (each one consumed a Ray restart)
@@ -324,10 +347,8 @@ class Distributor:
             for i in [i for i, t in reprobe_at.items() if time.monotonic() >= t]:
                 del reprobe_at[i]
                 probe(i, count=False)
-            for i, actor in enumerate(self.actors):
-                while state[i] == "ok" and load[i] < self.inflight and (unit := queue.take(i)) is not None:
-                    tasks[actor.run.remote(unit, queue.reserve(i))] = (i, unit)
-                    load[i] += 1
+            for i, unit, hint in queue.dispatch(load, self.inflight, [st == "ok" for st in state]):
+                tasks[self.actors[i].run.remote(unit, hint)] = (i, unit)
             if not tasks and not reprobe_at:
                 raise GenerationError(f"all {len(self.actors)} generation actors died; rerun to resume")
             ready, _ = ray.wait(list(tasks), num_returns=1, timeout=REPROBE_S if reprobe_at else None)

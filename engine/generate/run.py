@@ -218,8 +218,9 @@ def run_generate_sets(
                 pool_stats = _distribute(cfgs[0], plans[0].class_names, total, todo, model_dir, outs[0], factory,
                                          held, progress, visible)
             finally:  # a failed run stops its actors mid-unit: leave whole shards only (rerun resumes)
-                for out in outs:
-                    remove_temp_files(out)
+                for out, lease in zip(outs, leases):
+                    if not lease.lost.is_set():  # a lost folder's temp files are its new holder's
+                        remove_temp_files(out)
             pooled = sum(len(u.items) for u in todo)
             for st in stats:
                 st.update(pool_stats, sets_in_pool=len(cfgs), pool_samples_this_run=pooled)
