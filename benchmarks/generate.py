@@ -115,13 +115,36 @@ class PacedStub:
     """A stand-in sampler at an accelerator's pace: noise images (as a random-init model makes,
     so PNG encoding costs what it did on the GPU), each batch taking ``seconds_per_image`` per
     image at λ = 1 (in proportion to the denoising steps at other λ: 50 DDIM steps, truncate
-    spacing), the rest of it asleep with the GIL released."""
+    spacing), the rest of it asleep with the GIL released.
+
+    ``gil_share`` of that time is instead a fixed amount of pure-Python work, calibrated
+    alone, as an eager GPU sampler spends the host's time launching kernels: threads that
+    take the GIL beside it (the engine's writer and encoders) then make it slower, as they
+    would make a real one."""
 
     model_id = "paced-stub"
     num_steps = 50
 
-    def __init__(self, seconds_per_image: float) -> None:
+    def __init__(self, seconds_per_image: float, gil_share: float = 0.0, loops_per_s: float = 0.0) -> None:
         self.seconds_per_image = seconds_per_image
+        self.gil_share = gil_share
+        self.loops_per_s = loops_per_s  # one calibration, in the driver, for the bare loop and every actor
+
+    @staticmethod
+    def spin(loops: int) -> None:
+        x = 0
+        for i in range(loops):
+            x += i
+
+    @classmethod
+    def calibrate(cls) -> float:
+        """Spin loops per second on this machine, alone (best of 5)."""
+        loops, best = 2_000_000, float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            cls.spin(loops)
+            best = min(best, time.perf_counter() - t0)
+        return loops / best
 
     def steps_for(self, lam: float) -> int:
         return max(1, math.ceil(self.num_steps * lam))
@@ -129,19 +152,22 @@ class PacedStub:
     def sample(self, images, scribbles, class_names, w, lam, seeds):  # noqa: ANN001 (the Sampler protocol)
         t0 = time.perf_counter()
         out = np.stack([np.random.default_rng(seed).integers(0, 256, images.shape[1:], dtype=np.uint8) for seed in seeds])
-        pace = self.seconds_per_image * self.steps_for(lam) / self.num_steps
-        time.sleep(max(0.0, pace * len(images) - (time.perf_counter() - t0)))
+        budget = self.seconds_per_image * self.steps_for(lam) / self.num_steps * len(images)
+        asleep = max(0.0, (1 - self.gil_share) * budget - (time.perf_counter() - t0))  # fixed: GPU time
+        self.spin(int(self.gil_share * budget * self.loops_per_s))  # fixed work: slower when the GIL is shared
+        time.sleep(asleep)
         return out
 
 
-def sampler_factory(stub: float | None) -> SamplerFactory:
+def sampler_factory(stub: float | None, gil_share: float = 0.0) -> SamplerFactory:
     """The production loader, or a paced stand-in (``--stub``); picklable for Ray actors."""
     if stub is None:
         return load_sampler
+    loops_per_s = PacedStub.calibrate() if gil_share > 0 else 0.0
 
     def load_stub(model_dir: str, device: str, cfg: SamplerConfig) -> PacedStub:
         importlib.import_module("engine.text")  # loading a real model imports it: the first batch must not pay for it
-        return PacedStub(stub)
+        return PacedStub(stub, gil_share, loops_per_s)
 
     return load_stub
 
@@ -218,6 +244,9 @@ def main() -> int:
     parser.add_argument("--stub", type=float, default=None, metavar="SECONDS",
                         help="a stand-in sampler paced to SECONDS per image, at the GPU's shapes: the engine's "
                              "overhead around an accelerator of that speed, measured on CPU (0.3176: an H100)")
+    parser.add_argument("--stub-gil", type=float, default=0.0, metavar="SHARE",
+                        help="with --stub: this share of the paced time is pure-Python work holding the GIL, as an "
+                             "eager sampler's kernel launches (0.3: a guess); shows what the engine's threads cost it")
     parser.add_argument("--engine", choices=("ray", "inprocess"), default="ray")
     parser.add_argument("--sources", type=int, default=None, help="train sources (CPU 48, GPU 32)")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (CPU 10, GPU 50)")
@@ -230,9 +259,9 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="sampler.compile: torch.compile + channels_last (GPU)")
     parser.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray instance")
     parser.add_argument("--actor-cpus", type=int, default=None,
-                        help="CPUs of the engine's actor (ray.num_cpus_per_actor: its PNG-encoding threads; a CPU "
-                             "actor's torch threads too). Default: --threads on CPU; with --gpu or --stub 4 (as "
-                             "configs/generate/paper.yaml), at most this machine's cores"),
+                        help="CPUs of the engine's actor (ray.num_cpus_per_actor: all but one encode PNGs in "
+                             "parallel; a CPU actor's torch threads too). Default: --threads on CPU; with --gpu or "
+                             "--stub 4 (as configs/generate/paper.yaml), at most this machine's cores"),
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU: torch threads of the bare loop = CPUs of the engine's actor (default 1: on a shared, "
                              "loaded machine 2 OpenMP threads on 2 cores can run several times slower than 1)")
@@ -254,7 +283,9 @@ def main() -> int:
     if args.gpu and args.stub is not None:
         parser.error("--stub replaces the GPU model: pass one of --gpu, --stub")
     defaults = gpu_defaults if args.gpu else stub_defaults if args.stub is not None else cpu_defaults
-    factory = sampler_factory(args.stub)
+    if not 0.0 <= args.stub_gil < 1.0 or (args.stub_gil and args.stub is None):
+        parser.error("--stub-gil takes a share in [0, 1) and needs --stub")
+    factory = sampler_factory(args.stub, args.stub_gil)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

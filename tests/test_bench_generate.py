@@ -21,6 +21,15 @@ def test_the_paced_stub_returns_seeded_noise_of_the_input_shape_and_counts_steps
     assert np.array_equal(out[0], out[2]) and not np.array_equal(out[0], out[1])  # one image per seed
     assert [stub.steps_for(lam) for lam in (1.0, 0.5, 0.01)] == [50, 25, 1]
     assert bench.sampler_factory(None) is bench.load_sampler
+    gil = bench.sampler_factory(0.0, gil_share=0.5)("unused", "cpu", None)  # Python work in place of some sleep
+    assert gil.loops_per_s > 0 and np.array_equal(gil.sample(images, images[..., 0], [[]] * 3, 2.0, 1.0, [5, 6, 5]), out)
+
+
+def test_stub_gil_needs_the_stub_and_a_share_below_one():
+    for args in (["--stub-gil", "0.3"], ["--stub", "0.1", "--stub-gil", "1.5"]):
+        done = subprocess.run([sys.executable, "benchmarks/generate.py", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2 and "--stub-gil takes a share in [0, 1) and needs --stub" in done.stderr
 
 
 def test_the_benchmark_runs_with_the_stub(tmp_path):

@@ -134,7 +134,9 @@ def test_pipelined_output_is_byte_identical_to_a_serial_run(units, tmp_path: Pat
         (a, a_info), (b, b_info) = read_manifest(part_path(piped, unit.shard)), read_manifest(part_path(serial, unit.shard))
         assert a.to_pylist() == b.to_pylist() and a_info.extra == b_info.extra
     assert sorted(p.name for p in piped.rglob("*")) == sorted(p.name for p in serial.rglob("*"))
-    assert len(encoders) == threads and all(n.startswith("png-encoder" if threads > 1 else "shard-writer") for n in encoders)
+    # one CPU stays with the sampler: 3 CPUs give 2 encoder threads, 1 CPU the writer thread alone
+    assert 1 <= len(encoders) <= max(1, threads - 1)
+    assert all(n.startswith("png-encoder" if threads > 2 else "shard-writer") for n in encoders)
 
 
 def test_the_first_units_sources_load_while_the_model_loads(units, tmp_path: Path, monkeypatch) -> None:
@@ -186,7 +188,7 @@ def test_a_writer_thread_failure_fails_the_unit_with_nothing_visible(units, tmp_
     gen = _generator(tmp_path, delay=0.01, num_threads=threads)
     with pytest.raises(OSError, match="disk full"):
         gen.run(unit, next_unit=units[1])
-    encoder = "png-encoder" if threads > 1 else "shard-writer"
+    encoder = "png-encoder" if threads > 2 else "shard-writer"
     assert writer_threads and all(name.startswith(encoder) for name in writer_threads)
     assert list(tmp_path.rglob("*")) == [], "no shard, temp file or part may be left"
     monkeypatch.setattr(shards, "encode_sample", encode)

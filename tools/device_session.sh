@@ -2,7 +2,7 @@
 # One accelerator session (a lent H100/H200, one call of <= 10 min): the GPU jobs of issues 11 and 13.
 # JOBS picks them, in this order (one call holds either one comfortably, not both):
 #   bench  the Ray GPU generation path on an SD 1.5-shaped model (benchmarks/generate.py --gpu): bf16,
-#          batch 16, 50 DDIM steps, 512 px, 96 sources (3 shards), one actor with 4 CPUs (its PNG encoders),
+#          batch 16, 50 DDIM steps, 512 px, 96 sources (3 shards), one actor with 4 CPUs (3 PNG encoders),
 #          compiled at λ = 1, the paced stand-in (--stub) on this machine's CPUs, then eager at λ = 0.5
 #          if time is left.
 #          Compiling at load (UNet, ControlNet, VAE) took ~140 s a process on an H100.

@@ -113,7 +113,7 @@ class RayConfig:
     address: str | None = None  # None: $RAY_ADDRESS, else a running cluster, else a local instance; "local": private
     local_num_cpus: int | None = None  # CPUs of a local instance (None: all)
     num_actors: int | None = None  # None: one per GPU, or 1 on CPU
-    num_cpus_per_actor: float = 1.0  # also the torch threads of a CPU actor and the PNG encoders of any actor
+    num_cpus_per_actor: float = 1.0  # also the torch threads of a CPU actor; all but one encode PNGs in parallel
     max_restarts: int = 3  # Ray restarts of a dead actor (model reloaded in __init__)
     unit_retries: int = 3  # re-runs of one shard after its actor died or its task failed
     inflight_per_actor: int = 2  # queued shards per actor, so an actor never waits on the driver

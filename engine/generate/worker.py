@@ -266,14 +266,14 @@ class ShardGenerator:
 
     Pipelined so that the sampler (the accelerator) does not wait on I/O: while a unit
     samples, a loader thread reads and fits the sources of the next unit (the driver names
-    it), and a writer thread writes batch b (PNG-encoded on ``num_threads`` encoder threads
-    when that is more than one) while batch b + 1 samples; after the
+    it), and a writer thread writes batch b (PNG-encoded on ``num_threads - 1`` encoder
+    threads when that is more than one) while batch b + 1 samples; after the
     unit's last batch the writer closes the shard and writes its part while the main thread
     samples the next unit's first batch (kept for that unit's run). Only the main thread
     calls the sampler, with the same batches as a serial run, so the bytes are the same.
 
     ``num_threads`` is the CPUs Ray reserved for the actor: the torch threads of a CPU
-    sampler, and the threads that PNG-encode a batch. ``first_unit`` (the driver's hint of
+    sampler, and (all but one) the threads that PNG-encode a batch. ``first_unit`` (the driver's hint of
     the actor's first unit) starts loading its sources before the model loads.
     """
 
@@ -301,10 +301,12 @@ class ShardGenerator:
         self.cache = SourceCache(source_cache_shards)  # used by the loader thread only
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="source-loader")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
-        # The actor's CPUs encode a batch's images in parallel (PIL releases the GIL): the
-        # last batch's encoding is the one write that nothing else overlaps.
-        threads = num_threads or 1
-        self._encoders = ThreadPoolExecutor(threads, thread_name_prefix="png-encoder") if threads > 1 else None
+        # The actor's spare CPUs encode a batch's images in parallel (PIL releases the GIL): the
+        # last batch's encoding is the one write that nothing else overlaps. One CPU stays with
+        # the sampler's own thread (a GPU sampler's host thread launches its kernels): more
+        # encoders than that slowed a GIL-holding stand-in sampler (docs/performance.md).
+        encoders = (num_threads or 1) - 1
+        self._encoders = ThreadPoolExecutor(encoders, thread_name_prefix="png-encoder") if encoders > 1 else None
         self._next: tuple[WorkUnit, Future] | None = None  # the next unit and its sources, loading
         self._ahead: tuple[WorkUnit, Future] | None = None  # the next unit and its first batch, sampled
         self.load_error: BadInputError | None = None
