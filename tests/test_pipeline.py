@@ -118,11 +118,11 @@ def test_pipelined_output_is_byte_identical_to_a_serial_run(units, tmp_path: Pat
     gen = _generator(serial, write_ahead=0)
     for unit in units:
         gen.run(unit)
-    encoders: set[str] = set()
+    encoded_on: dict[str, str] = {}  # key -> the thread that encoded it
     encode = shards.encode_sample
 
     def logged(sample, image_format):  # noqa: ANN001
-        encoders.add(threading.current_thread().name)
+        encoded_on[sample.key] = threading.current_thread().name
         return encode(sample, image_format)
 
     monkeypatch.setattr(shards, "encode_sample", logged)
@@ -134,9 +134,13 @@ def test_pipelined_output_is_byte_identical_to_a_serial_run(units, tmp_path: Pat
         (a, a_info), (b, b_info) = read_manifest(part_path(piped, unit.shard)), read_manifest(part_path(serial, unit.shard))
         assert a.to_pylist() == b.to_pylist() and a_info.extra == b_info.extra
     assert sorted(p.name for p in piped.rglob("*")) == sorted(p.name for p in serial.rglob("*"))
-    # one CPU stays with the sampler: 3 CPUs give 2 encoder threads, 1 CPU the writer thread alone
-    assert 1 <= len(encoders) <= max(1, threads - 1)
-    assert all(n.startswith("png-encoder" if threads > 2 else "shard-writer") for n in encoders)
+    # one CPU stays with the sampler: 3 CPUs give 2 encoder threads, 1 CPU the writer thread alone;
+    # the last unit (no next one to sample ahead) encodes its last batch on the tail encoders
+    tail = set(units[-1].keys[3:])  # batches of 3: its second batch
+    usual = {n for k, n in encoded_on.items() if k not in tail}
+    assert 1 <= len(usual) <= max(1, threads - 1)
+    assert all(n.startswith("png-encoder" if threads > 2 else "shard-writer") for n in usual)
+    assert all(encoded_on[k].startswith("png-tail-encoder") for k in tail)
 
 
 def test_the_first_units_sources_load_while_the_model_loads(units, tmp_path: Path, monkeypatch) -> None:
@@ -168,28 +172,32 @@ def test_the_first_units_sources_load_while_the_model_loads(units, tmp_path: Pat
     assert result.samples == 5 and [s.key for s in shards.read_shard(tmp_path / units[0].shard)] == units[0].keys
 
 
+@pytest.mark.parametrize("hinted", [True, False], ids=["next-unit", "last-unit"])
 @pytest.mark.parametrize("threads", [1, 3], ids=["one-encoder", "three-encoders"])
 @pytest.mark.parametrize("failing_batch", [0, 1])
 def test_a_writer_thread_failure_fails_the_unit_with_nothing_visible(units, tmp_path: Path, monkeypatch,
-                                                                     failing_batch: int, threads: int,
+                                                                     failing_batch: int, threads: int, hinted: bool,
                                                                      torch_threads) -> None:
     unit = units[0]
     bad_key = unit.keys[3 * failing_batch]  # batches of 3: the first sample of that batch
     encode = shards.encode_sample
-    writer_threads = set()
+    writer_threads, failed_on = set(), []
 
     def failing_encode(sample, image_format):  # noqa: ANN001
         writer_threads.add(threading.current_thread().name)
         if sample.key == bad_key:
+            failed_on.append(threading.current_thread().name)
             raise OSError("disk full (injected)")
         return encode(sample, image_format)
 
     monkeypatch.setattr(shards, "encode_sample", failing_encode)
     gen = _generator(tmp_path, delay=0.01, num_threads=threads)
     with pytest.raises(OSError, match="disk full"):
-        gen.run(unit, next_unit=units[1])
+        gen.run(unit, next_unit=units[1] if hinted else None)
     encoder = "png-encoder" if threads > 2 else "shard-writer"
-    assert writer_threads and all(name.startswith(encoder) for name in writer_threads)
+    on_tail = not hinted and failing_batch == 1  # a last unit's last batch: the tail encoders
+    assert failed_on and failed_on[0].startswith("png-tail-encoder" if on_tail else encoder)
+    assert all(name.startswith((encoder, "png-tail-encoder")) for name in writer_threads)
     assert list(tmp_path.rglob("*")) == [], "no shard, temp file or part may be left"
     monkeypatch.setattr(shards, "encode_sample", encode)
     assert gen.run(unit).samples == 5  # the writer thread is not wedged: a retry writes the whole shard

@@ -305,8 +305,11 @@ class ShardGenerator:
         # last batch's encoding is the one write that nothing else overlaps. One CPU stays with
         # the sampler's own thread (a GPU sampler's host thread launches its kernels): more
         # encoders than that slowed a GIL-holding stand-in sampler (docs/performance.md).
+        # A unit with no next one to sample ahead (an actor's last) leaves the sampler's CPU
+        # free too: its last batch encodes on one thread more, at least two.
         encoders = (num_threads or 1) - 1
         self._encoders = ThreadPoolExecutor(encoders, thread_name_prefix="png-encoder") if encoders > 1 else None
+        self._tail_encoders = ThreadPoolExecutor(max(2, encoders + 1), thread_name_prefix="png-tail-encoder")
         self._next: tuple[WorkUnit, Future] | None = None  # the next unit and its sources, loading
         self._ahead: tuple[WorkUnit, Future] | None = None  # the next unit and its first batch, sampled
         self.load_error: BadInputError | None = None
@@ -375,8 +378,17 @@ class ShardGenerator:
         ahead, self._ahead = self._ahead, None
         return ahead[1].result() if ahead is not None and ahead[0] == unit else None
 
-    def _write(self, shard: _Shard, batch: list[WorkItem], images: np.ndarray, timings: dict[str, float]) -> None:
-        """Tag, encode and write one sampled batch (writer thread); its manifest rows go to ``shard.rows``."""
+    def _encoder_map(self, sampler_idle: bool) -> Callable[..., Any]:
+        """How a batch's images are encoded: on the tail encoders when the sampler has nothing
+        left to do, else on the encoder threads, else in the writer thread itself."""
+        if sampler_idle:
+            return self._tail_encoders.map
+        return self._encoders.map if self._encoders is not None else map
+
+    def _write(self, shard: _Shard, batch: list[WorkItem], images: np.ndarray, timings: dict[str, float],
+               map_fn: Callable[..., Any] = map) -> None:
+        """Tag, encode (with ``map_fn``) and write one sampled batch (writer thread); its manifest
+        rows go to ``shard.rows``."""
         samples = []
         for item, image in zip(batch, images):
             src = shard.sources[item.source_id]
@@ -393,7 +405,7 @@ class ShardGenerator:
                 "timings": timings,
             }
             samples.append(Sample(item.key, image, src.scribble, None, meta))
-        shard.writer.write_many(samples, self._encoders.map if self._encoders is not None else map)
+        shard.writer.write_many(samples, map_fn)
         shard.rows.extend(sample_row(sample) for sample in samples)
 
     def _finish(self, shard: _Shard, sample_seconds: float) -> ShardResult:
@@ -421,11 +433,13 @@ class ShardGenerator:
         with ShardWriter(storage.join(out_dir, unit.shard), self.image_format) as writer, \
                 WriteBehind(self._writer, self.write_ahead) as queue:
             shard = _Shard(unit, out_dir, writer, sources, self.sampler.steps_for(unit.lam), t0 - (ahead[1] if ahead else 0.0))
-            for k, batch in enumerate(batches(unit.items, sources, self.batch_size)):
+            todo = batches(unit.items, sources, self.batch_size)
+            for k, batch in enumerate(todo):
                 images, dt = ahead if k == 0 and ahead is not None else self._sample(unit, batch, sources)
                 sample_s += dt
                 queue.submit(self._write, shard, batch, images,
-                             {"batch_seconds": dt, "batch_size": len(batch), "source_load_seconds": load_s})
+                             {"batch_seconds": dt, "batch_size": len(batch), "source_load_seconds": load_s},
+                             self._encoder_map(sampler_idle=next_unit is None and k == len(todo) - 1))
             finished = queue.submit(self._finish, shard, sample_s)
             if next_unit is not None:
                 self._sample_ahead(next_unit)
