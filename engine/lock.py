@@ -80,9 +80,7 @@ def _read_owner(path: storage.Location) -> dict[str, Any]:
     Any other read error raises: a store's transient error must not look like a dead holder."""
     try:
         record = json.loads(storage.read_text(path))
-    except FileNotFoundError:
-        return {}
-    except ValueError:
+    except (FileNotFoundError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
 

@@ -28,7 +28,7 @@ from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -248,6 +248,15 @@ class WriteBehind:
         wait(self._pending)
 
 
+class UnitSources(NamedTuple):
+    """A unit's sources, fitted, with the class ids drawn in each: computed once, in the loader
+    thread, for both the prompts (main thread) and the tags (writer thread)."""
+
+    samples: dict[str, Sample]
+    classes: dict[str, list[int]]
+    seconds: float  # the read, decode and fit
+
+
 @dataclass
 class _Shard:
     """One unit's shard while it is written: what its writer-thread jobs share."""
@@ -255,7 +264,7 @@ class _Shard:
     unit: WorkUnit
     out_dir: storage.Location
     writer: ShardWriter
-    sources: dict[str, Sample]
+    sources: UnitSources
     steps: int
     started: float  # perf_counter when the unit's work began (earlier by a first batch sampled ahead)
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -333,14 +342,15 @@ class ShardGenerator:
         """Start reading and fitting ``unit``'s sources in the loader thread (one unit ahead)."""
         self._next = (unit, self._loader.submit(self._load, unit))
 
-    def _load(self, unit: WorkUnit) -> tuple[dict[str, Sample], float]:
+    def _load(self, unit: WorkUnit) -> UnitSources:
         t0 = time.perf_counter()
-        sources = fit_sources(self.cache.get(unit.items), self.resolution, self.resize)
-        return sources, time.perf_counter() - t0
+        samples = fit_sources(self.cache.get(unit.items), self.resolution, self.resize)
+        classes = {sid: present_classes(src.scribble) for sid, src in samples.items()}
+        return UnitSources(samples, classes, time.perf_counter() - t0)
 
-    def _sources(self, unit: WorkUnit) -> tuple[dict[str, Sample], float]:
-        """The unit's fitted sources and their load time: prefetched when the driver named the
-        unit ahead, else loaded now (through the loader thread too: the cache has one user)."""
+    def _sources(self, unit: WorkUnit) -> UnitSources:
+        """The unit's fitted sources: prefetched when the driver named the unit ahead, else
+        loaded now (through the loader thread too: the cache has one user)."""
         ahead, self._next = self._next, None
         if ahead is not None and ahead[0] == unit:
             return ahead[1].result()
@@ -348,14 +358,15 @@ class ShardGenerator:
             ahead[1].cancel()
         return self._loader.submit(self._load, unit).result()
 
-    def _sample(self, unit: WorkUnit, batch: list[WorkItem], sources: dict[str, Sample]) -> tuple[np.ndarray, float]:
+    def _sample(self, unit: WorkUnit, batch: list[WorkItem], sources: UnitSources) -> tuple[np.ndarray, float]:
         """One batch through the sampler, checked; and the seconds spent inside it."""
         from engine.text import names_for_ids
 
-        src = [sources[item.source_id] for item in batch]
+        src = [sources.samples[item.source_id] for item in batch]
         images = np.stack([s.image for s in src])
         scribbles = np.stack([s.scribble for s in src])
-        names = [names_for_ids(present_classes(s.scribble), self.class_names) for s in src]  # as the trainer prompts
+        names = [names_for_ids(sources.classes[item.source_id], self.class_names)  # as the trainer prompts
+                 for item in batch]
         t0 = time.perf_counter()
         out = np.asarray(self.sampler.sample(images, scribbles, names, unit.w, unit.lam, [item.seed for item in batch]))
         seconds = time.perf_counter() - t0
@@ -369,8 +380,8 @@ class ShardGenerator:
         loading = self._next
         if loading is None or loading[0] != unit or loading[1].exception() is not None:
             return
-        sources, _ = loading[1].result()
-        first = batches(unit.items, sources, self.batch_size)[0]
+        sources = loading[1].result()
+        first = batches(unit.items, sources.samples, self.batch_size)[0]
         self._ahead = (unit, done_future(self._sample, unit, first, sources))
 
     def _sampled_ahead(self, unit: WorkUnit) -> tuple[np.ndarray, float] | None:
@@ -391,14 +402,14 @@ class ShardGenerator:
         rows go to ``shard.rows``."""
         samples = []
         for item, image in zip(batch, images):
-            src = shard.sources[item.source_id]
+            src = shard.sources.samples[item.source_id]
             meta = {
                 "source_id": item.source_id,
                 "split": "train",
                 "w": shard.unit.w,
                 "lambda": shard.unit.lam,
                 "seed": item.seed,
-                "classes": present_classes(src.scribble),
+                "classes": shard.sources.classes[item.source_id],
                 "model": self.sampler.model_id,
                 "steps": shard.steps,
                 "seconds": timings["batch_seconds"] / len(batch),
@@ -425,7 +436,7 @@ class ShardGenerator:
         while this shard is finished. A wrong hint costs that work, never correctness."""
         t0 = time.perf_counter()
         out_dir = storage.as_location(unit.out_dir) if unit.out_dir else self.out_dir
-        sources, load_s = self._sources(unit)
+        sources = self._sources(unit)
         if next_unit is not None:
             self.prefetch(next_unit)
         ahead = self._sampled_ahead(unit)
@@ -433,12 +444,12 @@ class ShardGenerator:
         with ShardWriter(storage.join(out_dir, unit.shard), self.image_format) as writer, \
                 WriteBehind(self._writer, self.write_ahead) as queue:
             shard = _Shard(unit, out_dir, writer, sources, self.sampler.steps_for(unit.lam), t0 - (ahead[1] if ahead else 0.0))
-            todo = batches(unit.items, sources, self.batch_size)
+            todo = batches(unit.items, sources.samples, self.batch_size)
             for k, batch in enumerate(todo):
                 images, dt = ahead if k == 0 and ahead is not None else self._sample(unit, batch, sources)
                 sample_s += dt
                 queue.submit(self._write, shard, batch, images,
-                             {"batch_seconds": dt, "batch_size": len(batch), "source_load_seconds": load_s},
+                             {"batch_seconds": dt, "batch_size": len(batch), "source_load_seconds": sources.seconds},
                              self._encoder_map(sampler_idle=next_unit is None and k == len(todo) - 1))
             finished = queue.submit(self._finish, shard, sample_s)
             if next_unit is not None:
