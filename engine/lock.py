@@ -6,8 +6,9 @@ killed run never blocks its rerun. Some locations have no ``flock``: local files
 without it (Lustre mounted without ``-o flock``, FUSE object stores: ``flock`` raises
 ``OSError``) and object-store URLs (``s3://``...). There the lock falls back to numbered
 owner files, ``.lock.owner.<generation>``: the newest generation is the lock. A driver
-claims the folder by creating the next generation only if absent (``link(2)`` locally, a
-conditional put, ``If-None-Match: *``, on object stores; ``engine.storage.create_exclusive``)
+claims the folder by creating the next generation only if absent (``link(2)`` locally,
+``O_EXCL`` without hard links, a conditional put, ``If-None-Match: *``, on object stores;
+``engine.storage.create_exclusive``)
 and then checking it is the newest, so of two drivers that both saw the same stale owner
 exactly one gets it (a delete-then-create takeover lets both proceed), and a driver that
 read an old generation long ago is refused although the newer holder pruned that number.
@@ -44,6 +45,7 @@ OWNER_PREFIX = ".lock.owner."
 OWNER_RE = re.compile(r"^\.lock\.owner\.([0-9]{9,})$")  # ASCII digits, zero-padded: foreign names never match
 HEARTBEAT_S = 5.0
 STALE_S = 60.0
+SETTLE_S = 0.5  # how long a half-written owner record gets to finish before it counts as garbage
 
 
 class Lease:
@@ -75,11 +77,20 @@ def _refuse(folder: storage.Location, holder: str) -> BadInputError:
                          "wait for it to finish (a rerun resumes), or choose another out_dir")
 
 
-def _read_owner(path: storage.Location) -> dict[str, Any]:
+def _read_owner(path: storage.Location, settle_s: float = SETTLE_S) -> dict[str, Any]:
     """The owner file's record; empty when it is gone or not a record (then it counts as stale).
-    Any other read error raises: a store's transient error must not look like a dead holder."""
+    Any other read error raises: a store's transient error must not look like a dead holder.
+    A record that does not parse is read once more after ``settle_s``: on a filesystem without
+    hard links an owner file is created empty and then written, so a racer may catch it half-written."""
+    def parse() -> Any:
+        return json.loads(storage.read_text(path))
+
     try:
-        record = json.loads(storage.read_text(path))
+        try:
+            record = parse()
+        except ValueError:
+            time.sleep(settle_s)
+            record = parse()
     except (FileNotFoundError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
@@ -125,8 +136,7 @@ def _claim(folder: storage.Location, me: dict[str, Any], stale_s: float) -> int:
                 raise _refuse(folder, f" (owner {other.get('host')}:{other.get('pid')}, heartbeat {age:.0f} s ago)")
         mine = seen[-1] + 1 if seen else 0
         path = owner_file(folder, mine)
-        # A put retried after its reply was lost finds its own record there: that claim is ours.
-        if not storage.create_exclusive(path, _record(me)) and _read_owner(path).get("token") != me["token"]:
+        if not storage.create_exclusive(path, _record(me)):
             raise _refuse(folder, " (another driver claimed it at the same moment)")
         if generations(folder)[-1] != mine:  # read long ago: a later driver has claimed (and pruned) since
             storage.remove(path)

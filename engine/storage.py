@@ -12,8 +12,9 @@ Atomicity. A reader must never see half an output. On a filesystem that is a tem
 sibling renamed over the target (:class:`AtomicOutput`, ``os.replace``); on an object
 store it is one whole-object put of a file staged on local disk (an object store shows an
 object only once its upload has completed, multipart uploads included). Exclusive creation
-(:func:`create_exclusive`, for lock owner files) is ``link(2)`` locally and a conditional
-put (``If-None-Match: *``, fsspec's ``mode="create"``) on object stores.
+(:func:`create_exclusive`, for lock owner files) is ``link(2)`` locally (``O_EXCL`` where the
+filesystem has no hard links) and a conditional put (``If-None-Match: *``, fsspec's
+``mode="create"``) on object stores.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import IO, Any, Union
 
@@ -30,6 +32,7 @@ from engine.errors import BadInputError
 
 Location = Union[str, "os.PathLike[str]"]
 TMP_SUFFIX = ".tmp"
+CREATE_RETRY_S = (0.2, 0.5, 1.0)  # a conditional put that conflicted with another is tried again after these
 MODEL_CACHE_ENV = "SCRIBBLEGEN_CACHE"  # where URL model folders are copied to (default ~/.cache/scribblegen)
 
 
@@ -140,9 +143,20 @@ def open_read(location: Location) -> IO[bytes]:
     return fs.open(path, "rb")
 
 
-def read_text(location: Location) -> str:
+def read_bytes(location: Location) -> bytes:
     with open_read(location) as fh:
-        return fh.read().decode()
+        return fh.read()
+
+
+def read_text(location: Location) -> str:
+    return read_bytes(location).decode()
+
+
+def _bytes_if_present(location: Location) -> bytes | None:
+    try:
+        return read_bytes(location)
+    except FileNotFoundError:
+        return None
 
 
 def remove(location: Location) -> None:
@@ -253,29 +267,54 @@ class AtomicOutput:
 
 
 def create_exclusive(location: Location, data: bytes) -> bool:
-    """Write ``data`` to ``location`` only if nothing is there; False if something is.
+    """Write ``data`` to ``location`` only if nothing is there; True when ``data`` is there
+    now (written by this call), False when something else is.
 
-    Whole or nothing and race-free: ``link(2)`` of a finished temp file locally (so a reader
-    never sees an empty file), a conditional put on object stores.
+    Race-free. Locally ``link(2)`` of a finished temp file, so a reader never sees an empty
+    file; on a filesystem without hard links (FUSE object stores) ``O_EXCL``, which a reader
+    may see half-written. On object stores a conditional put, whose failures other than
+    "exists" are settled by reading the object back: a put retried after its reply was lost
+    finds its own bytes there (True), and a conflict with a concurrent put (S3's 409
+    ``ConditionalRequestConflict``, or a 412 a store does not mark as If-None-Match) finds
+    the other's (False) or nothing, and is tried again.
     """
     if is_local(location):
-        target = local_path(location)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TMP_SUFFIX)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.link(tmp, target)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
+        return _create_local(local_path(location), data)
     fs, path = fs_and_path(location)
+    retries = list(CREATE_RETRY_S)
+    while True:
+        try:
+            fs.pipe_file(path, data, mode="create")
+            return True
+        except (PermissionError, FileNotFoundError):  # credentials, no bucket: nothing to settle
+            raise
+        except OSError as exc:
+            held = _bytes_if_present(location)
+            if held is not None or isinstance(exc, FileExistsError):  # gone since: another's, pruned
+                return held == data
+            if not retries:
+                raise
+            time.sleep(retries.pop(0))
+
+
+def _create_local(target: Path, data: bytes) -> bool:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TMP_SUFFIX)
     try:
-        fs.pipe_file(path, data, mode="create")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.link(tmp, target)
         return True
     except FileExistsError:
         return False
+    except OSError:  # no hard links here (FUSE object stores): create-if-absent, then write
+        try:
+            with open(target, "xb") as fh:
+                fh.write(data)
+            return True
+        except FileExistsError:
+            return False
+    finally:
+        os.unlink(tmp)
 
 
 def local_copy(location: Location) -> Path:

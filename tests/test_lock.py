@@ -1,8 +1,6 @@
 """The output-folder lock: flock, and the owner-file fallback where the filesystem has no flock."""
 
-import errno
 import json
-import os
 import threading
 import time
 
@@ -10,14 +8,9 @@ import pytest
 
 import engine.lock as lock
 from engine import storage
+from engine.atomic import write_text
 from engine.errors import BadInputError
-
-
-def _no_flock(monkeypatch):
-    def refuse(*_a, **_k):
-        raise OSError(errno.ENOLCK, "No locks available")
-
-    monkeypatch.setattr(lock.fcntl, "flock", refuse)
+from fs_fixtures import fuse_object_store, no_flock
 
 
 def newest(folder) -> dict:
@@ -32,11 +25,12 @@ def stale_owner(folder, generation: int = 0) -> None:
     assert storage.create_exclusive(lock.owner_file(folder, generation), json.dumps(record).encode())
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(params=["local", "fuse", "memory"])
 def folder(request, tmp_path, monkeypatch):
-    """A local folder without flock, or an in-memory object store: both use the owner files."""
-    if request.param == "local":
-        _no_flock(monkeypatch)
+    """A local folder without flock, one without flock and hard links (a FUSE object store),
+    or an in-memory object store: all use the owner files."""
+    if request.param != "memory":
+        (no_flock if request.param == "local" else fuse_object_store)(monkeypatch)
         return tmp_path / "out"
     from fsspec.implementations.memory import MemoryFileSystem
 
@@ -209,19 +203,6 @@ def test_foreign_names_beside_the_owner_files_are_ignored(folder, foreign):
                 pass
 
 
-def test_a_claim_whose_put_landed_but_was_retried_is_ours(folder, monkeypatch):
-    """A conditional put whose reply was lost is retried and finds the object there: its own record."""
-    create = storage.create_exclusive
-
-    def lost_reply(path, data):
-        create(path, data)
-        return False  # the retry's answer: something is already there
-
-    monkeypatch.setattr(storage, "create_exclusive", lost_reply)
-    with lock.exclusive_folder(folder, heartbeat_s=60.0):
-        assert lock.generations(folder) == [0] and newest(folder)["pid"] == os.getpid()
-
-
 def test_a_same_named_host_in_another_pid_namespace_is_not_taken_for_dead(folder, monkeypatch):
     """Containers can share a host name (host networking) but not pids: a record from another
     pid namespace is never 'dead here', so it waits for stale_s."""
@@ -239,3 +220,28 @@ def test_a_same_named_host_in_another_pid_namespace_is_not_taken_for_dead(folder
     assert storage.create_exclusive(lock.owner_file(folder, 0), json.dumps(record).encode())
     with lock.exclusive_folder(folder, heartbeat_s=60.0):
         assert lock.generations(folder) == [1]
+
+
+def test_a_half_written_owner_record_is_read_again_before_it_counts_as_stale(folder, monkeypatch):
+    """Without hard links an owner file is created empty and then written: a racer that reads
+    it in between reads it again after a pause, finds the holder and is refused. A record
+    still unreadable after that pause is garbage, and stale."""
+    storage.makedirs(folder)
+    path = lock.owner_file(folder, 0)
+    assert storage.create_exclusive(path, b"")  # created, its record not written yet
+    record = {"host": "elsewhere", "pid": 1, "token": "x", "heartbeat": time.time(), "released": False}
+    pauses = []
+
+    def settle(seconds):  # the creator finishes its write during the reader's pause
+        pauses.append(seconds)
+        write_text(path, json.dumps(record))
+
+    monkeypatch.setattr(lock.time, "sleep", settle)
+    with pytest.raises(BadInputError, match="another generate run.*elsewhere:1"):
+        with lock.exclusive_folder(folder):
+            pass
+    assert pauses == [lock.SETTLE_S]
+    monkeypatch.setattr(lock.time, "sleep", pauses.append)  # nobody finishes it: garbage
+    write_text(path, '{"host": "elsewh')
+    with lock.exclusive_folder(folder, heartbeat_s=60.0):
+        assert lock.generations(folder) == [1] and len(pauses) == 2

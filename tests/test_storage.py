@@ -11,6 +11,7 @@ falls back to an owner file with a conditional create and says so.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import uuid
@@ -30,6 +31,7 @@ from engine.ingest import main as ingest_main
 from engine.manifest import read_manifest
 from engine.shards import ShardWriter, read_shard, sha256_file
 from engine.verify import verify_manifest
+from fs_fixtures import fuse_object_store
 from gen_fixtures import standin_factory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,10 +39,13 @@ TINY_INGEST = ["--config", str(REPO / "configs/ingest/tiny.yaml"), "--set", "sou
                "--set", "source.procedural.num_val=3", "--set", "source.procedural.size=16", "--set", "samples_per_shard=4"]
 
 
-@pytest.fixture(params=["local", "memory"])
-def root(request, tmp_path: Path) -> Iterator[str]:
-    """A fresh folder: a local path, or a memory:// URL (removed afterwards)."""
-    if request.param == "local":
+@pytest.fixture(params=["local", "fuse", "memory"])
+def root(request, tmp_path: Path, monkeypatch) -> Iterator[str]:
+    """A fresh folder: a local path, one on a simulated FUSE object store (no flock, no hard
+    links), or a memory:// URL (removed afterwards)."""
+    if request.param != "memory":
+        if request.param == "fuse":
+            fuse_object_store(monkeypatch)
         yield str(tmp_path / "store")
         return
     url = f"memory://t-{uuid.uuid4().hex[:8]}"
@@ -108,6 +113,59 @@ def test_atomic_output_and_exclusive_create(root: str) -> None:
     storage.remove(storage.join(root, "sub", "once"))
     storage.remove(storage.join(root, "sub", "once"))  # missing is fine
     assert storage.list_files(storage.join(root, "nothing-here")) == {}
+
+
+def _flaky_puts(monkeypatch, answers: list[str]) -> list[str]:
+    """Make memory:// conditional puts answer as an object store can, one answer per put:
+    ``ok``; ``conflict`` (S3's 409 ConditionalRequestConflict: nothing written); ``lost`` (the
+    put landed, its reply was lost and the retry was told the object exists); ``other`` (a
+    concurrent put landed first, this one got a 412 the store did not mark as If-None-Match);
+    ``denied``. Returns the answers used."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    put, used = MemoryFileSystem.pipe_file, []
+
+    def answer(self, path, value, **kwargs):
+        used.append(kind := answers.pop(0))
+        if kind == "ok":
+            return put(self, path, value, **kwargs)
+        if kind == "lost":
+            put(self, path, value, **kwargs)
+            raise FileExistsError(path)
+        if kind == "other":
+            put(self, path, b"another driver's", **kwargs)
+            raise OSError(errno.EINVAL, "At least one of the pre-conditions you specified did not hold")
+        if kind == "denied":
+            raise PermissionError(errno.EACCES, "Access Denied")
+        raise OSError(errno.EIO, "ConditionalRequestConflict: a conflicting operation is in progress")
+
+    monkeypatch.setattr(MemoryFileSystem, "pipe_file", answer)
+    monkeypatch.setattr(storage, "CREATE_RETRY_S", (0.0, 0.0, 0.0))
+    return used
+
+
+@pytest.mark.parametrize("answers, created, puts", [
+    (["lost"], True, 1),  # its own bytes are there: the claim is this call's
+    (["conflict", "ok"], True, 2),  # nothing there after a conflict: tried again
+    (["conflict", "conflict", "other"], False, 3),  # the concurrent put won
+    (["other"], False, 1),
+])
+def test_a_conditional_put_that_fails_is_settled_by_reading_the_object_back(monkeypatch, answers, created, puts):
+    target = f"memory://x-{uuid.uuid4().hex[:8]}/once"
+    used = _flaky_puts(monkeypatch, answers)
+    assert storage.create_exclusive(target, b"mine") is created
+    assert storage.read_text(target) == ("mine" if created else "another driver's") and len(used) == puts
+
+
+def test_a_conditional_put_that_keeps_conflicting_or_is_denied_raises(monkeypatch):
+    target = f"memory://x-{uuid.uuid4().hex[:8]}/once"
+    used = _flaky_puts(monkeypatch, ["conflict"] * 4 + ["denied"])
+    with pytest.raises(OSError, match="ConditionalRequestConflict"):
+        storage.create_exclusive(target, b"mine")
+    assert len(used) == 1 + len(storage.CREATE_RETRY_S)
+    with pytest.raises(PermissionError):  # credentials: nothing to settle, no retry
+        storage.create_exclusive(target, b"mine")
+    assert len(used) == 5 and not storage.exists(target)
 
 
 def test_a_shard_is_invisible_until_whole(root: str) -> None:

@@ -92,6 +92,37 @@ def test_the_s3_lock_is_a_conditional_owner_file(s3: str, capsys) -> None:
     assert released(out)
 
 
+def test_an_s3_409_conflict_on_the_owner_file_is_settled_and_the_lock_taken(s3: str, monkeypatch) -> None:
+    """AWS answers a conditional put that races another with 409 ConditionalRequestConflict, a
+    code s3fs does not map (an OSError). The first put of each owner file gets that 409, raised
+    through s3fs's own error path; nothing is there, so it is tried again and the lock is held."""
+    import s3fs.core
+    from botocore.exceptions import ClientError
+
+    wrapped, conflicts = s3fs.core._error_wrapper, []
+
+    async def first_put_conflicts(func, *, args=(), kwargs=None, retries):
+        if getattr(func, "__name__", "") == "put_object" and (kwargs or {}).get("IfNoneMatch") == "*" \
+                and kwargs["Key"] not in conflicts:
+            conflicts.append(kwargs["Key"])
+
+            async def conflict(**_):
+                raise ClientError({"Error": {"Code": "ConditionalRequestConflict", "Message": "conflicting operation"},
+                                   "ResponseMetadata": {"HTTPStatusCode": 409}}, "PutObject")
+
+            func = conflict
+        return await wrapped(func, args=args, kwargs=kwargs, retries=retries)
+
+    monkeypatch.setattr(s3fs.core, "_error_wrapper", first_put_conflicts)
+    out = f"{s3}/conflicted"
+    with exclusive_folder(out, heartbeat_s=60.0):
+        assert generations(out) == [0] and len(conflicts) == 1
+        with pytest.raises(BadInputError, match="another generate run"):
+            with exclusive_folder(out):
+                pass
+    assert released(out) and len(conflicts) == 1  # the refused driver never put: it read a live holder
+
+
 def test_ray_actors_read_and_write_s3(s3: str, tmp_path: Path) -> None:
     """Real set, model folder and out_dir all on S3; actors (other processes) write the shards."""
     real_local = make_real_set(tmp_path / "real", n_train=6, n_val=2)
