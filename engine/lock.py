@@ -9,7 +9,7 @@ owner files, ``.lock.owner.<generation>``: the newest generation is the lock. A 
 claims the folder by creating the next generation only if absent (``link(2)`` locally,
 ``O_EXCL`` without hard links, a conditional put, ``If-None-Match: *``, on object stores;
 ``engine.storage.create_exclusive``)
-and then checking it is the newest, so of two drivers that both saw the same stale owner
+and then checking it is the newest and holds its record, so of two drivers that both saw the same stale owner
 exactly one gets it (a delete-then-create takeover lets both proceed), and a driver that
 read an old generation long ago is refused although the newer holder pruned that number.
 Its holder rewrites its heartbeat every ``HEARTBEAT_S`` seconds from a background thread
@@ -138,8 +138,13 @@ def _claim(folder: storage.Location, me: dict[str, Any], stale_s: float) -> int:
         path = owner_file(folder, mine)
         if not storage.create_exclusive(path, _record(me)):
             raise _refuse(folder, " (another driver claimed it at the same moment)")
-        if generations(folder)[-1] != mine:  # read long ago: a later driver has claimed (and pruned) since
-            storage.remove(path)
+        # Read long ago: a later driver has claimed (and pruned) since. Or the store ignored the
+        # condition (an O_EXCL that FUSE does not make atomic, an S3-compatible store without
+        # If-None-Match) and a racer's record overwrote this one: the last writer holds it.
+        ours = _read_owner(path).get("token") == me["token"]
+        if not ours or generations(folder)[-1] != mine:
+            if ours:
+                storage.remove(path)
             raise _refuse(folder, " (another driver claimed it at the same moment)")
     except OSError as exc:
         raise BadInputError(str(folder), f"cannot read or write the lock's owner files: {exc}",
@@ -161,7 +166,7 @@ def _owner_files(folder: storage.Location, heartbeat_s: float, stale_s: float) -
     stop = threading.Event()
 
     def still_mine() -> bool:
-        return generations(folder)[-1:] == [mine]
+        return generations(folder)[-1:] == [mine] and _read_owner(path).get("token") == me["token"]
 
     def beat() -> None:
         while not stop.wait(heartbeat_s):

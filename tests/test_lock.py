@@ -68,22 +68,28 @@ def test_a_stale_owner_file_is_taken_over(folder):
         assert lock.generations(folder) == [4] and newest(folder)["host"] != "gone"
 
 
-def test_two_drivers_taking_over_the_same_stale_owner_at_once_exactly_one_wins(folder, monkeypatch):
-    """Both read the stale record before either writes (a barrier holds them there): a
-    delete-then-create takeover lets both proceed; the next generation's conditional create lets one."""
-    stale_owner(folder)
+def both_read_first(monkeypatch) -> None:
+    """Two drivers' first reads of an owner record (the stale owner's) meet at a barrier: both
+    have read before either writes."""
     both_read = threading.Barrier(2, timeout=10)
     read = lock._read_owner
     waited = threading.local()
 
     def read_then_wait(path):
         record = read(path)
-        if not getattr(waited, "once", False):  # each driver's first read: the stale owner's
+        if not getattr(waited, "once", False):
             waited.once = True
             both_read.wait()
         return record
 
     monkeypatch.setattr(lock, "_read_owner", read_then_wait)
+
+
+def test_two_drivers_taking_over_the_same_stale_owner_at_once_exactly_one_wins(folder, monkeypatch):
+    """Both read the stale record before either writes (a barrier holds them there): a
+    delete-then-create takeover lets both proceed; the next generation's conditional create lets one."""
+    stale_owner(folder)
+    both_read_first(monkeypatch)
     outcomes: list[str] = []
 
     def driver() -> None:
@@ -101,6 +107,42 @@ def test_two_drivers_taking_over_the_same_stale_owner_at_once_exactly_one_wins(f
         t.join()
     assert sorted(outcomes, key=len)[0] == "held" and "claimed it at the same moment" in sorted(outcomes, key=len)[1]
     assert lock.generations(folder) == [1]
+
+
+def test_a_store_that_ignores_the_create_condition_still_lets_exactly_one_driver_in(folder, monkeypatch):
+    """Some stores do not honour the condition (an S3-compatible store without If-None-Match, an
+    O_EXCL that a FUSE mount does not make atomic across hosts): both drivers' puts of the next
+    generation succeed and the later one overwrites. Each reads the record back: the last writer holds it."""
+    stale_owner(folder)
+    both_read_first(monkeypatch)
+    both_wrote = threading.Barrier(2, timeout=10)
+
+    def unconditional(path, data):
+        fs, where = storage.fs_and_path(path)
+        fs.pipe_file(where, data)  # a plain put: the later one overwrites
+        both_wrote.wait()
+        return True
+
+    monkeypatch.setattr(storage, "create_exclusive", unconditional)
+    outcomes: list[str] = []
+    refused = threading.Event()
+
+    def driver() -> None:
+        try:
+            with lock.exclusive_folder(folder, heartbeat_s=60.0):
+                outcomes.append("held")
+                refused.wait(10)  # hold until the other driver is done
+        except BadInputError as exc:
+            outcomes.append(str(exc))
+            refused.set()
+
+    threads = [threading.Thread(target=driver) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes, key=len)[0] == "held" and "claimed it at the same moment" in sorted(outcomes, key=len)[1]
+    assert lock.generations(folder) == [1] and newest(folder)["released"]  # the winner's record, released
 
 
 def test_a_driver_that_read_a_stale_owner_long_ago_cannot_claim_a_later_holders_folder(folder, monkeypatch):
@@ -146,6 +188,19 @@ def test_a_holder_taken_over_stops_beating_and_says_so(folder, capsys):
         time.sleep(0.3)
         assert storage.read_text(lock.owner_file(folder, 0)) == last  # no more beats
     assert lock.generations(folder)[-1] == 1 and storage.read_text(lock.owner_file(folder, 1)) == "{}"  # left alone
+
+
+def test_a_holder_whose_record_a_racer_overwrote_stops_beating(folder, capsys):
+    """On a store that ignored the create condition a racer's record can replace the holder's
+    after its claim: its next heartbeat finds another token there and gives the lock up."""
+    with lock.exclusive_folder(folder, heartbeat_s=0.05, stale_s=5.0) as lease:
+        racer = {"host": "elsewhere", "pid": 1, "token": "racer", "heartbeat": time.time(), "released": False}
+        write_text(lock.owner_file(folder, 0), json.dumps(racer))
+        time.sleep(0.3)
+        assert "was taken over by another driver" in capsys.readouterr().err
+        with pytest.raises(BadInputError, match="took over"):
+            lease.check()
+    assert newest(folder)["token"] == "racer" and not newest(folder)["released"]  # the racer's record stays
 
 
 def test_a_lease_taken_over_stops_the_run_at_its_next_check(folder):
