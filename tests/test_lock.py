@@ -68,6 +68,12 @@ def test_a_stale_owner_file_is_taken_over(folder):
         assert lock.generations(folder) == [4] and newest(folder)["host"] != "gone"
 
 
+def put(path, data: bytes) -> None:
+    """A plain put, no temp name: safe beside the holder's own rewrites of the same file."""
+    fs, where = storage.fs_and_path(path)
+    fs.pipe_file(where, data)
+
+
 def both_read_first(monkeypatch) -> None:
     """Two drivers' first reads of an owner record (the stale owner's) meet at a barrier: both
     have read before either writes."""
@@ -118,8 +124,7 @@ def test_a_store_that_ignores_the_create_condition_still_lets_exactly_one_driver
     both_wrote = threading.Barrier(2, timeout=10)
 
     def unconditional(path, data):
-        fs, where = storage.fs_and_path(path)
-        fs.pipe_file(where, data)  # a plain put: the later one overwrites
+        put(path, data)  # the later one overwrites
         both_wrote.wait()
         return True
 
@@ -195,7 +200,7 @@ def test_a_holder_whose_record_a_racer_overwrote_stops_beating(folder, capsys):
     after its claim: its next heartbeat finds another token there and gives the lock up."""
     with lock.exclusive_folder(folder, heartbeat_s=0.05, stale_s=5.0) as lease:
         racer = {"host": "elsewhere", "pid": 1, "token": "racer", "heartbeat": time.time(), "released": False}
-        write_text(lock.owner_file(folder, 0), json.dumps(racer))
+        put(lock.owner_file(folder, 0), json.dumps(racer).encode())
         time.sleep(0.3)
         assert "was taken over by another driver" in capsys.readouterr().err
         with pytest.raises(BadInputError, match="took over"):
@@ -249,8 +254,7 @@ def test_an_unreadable_owner_record_refuses_instead_of_counting_as_stale(folder,
 @pytest.mark.parametrize("foreign", [".lock.owner.7", ".lock.owner.\u00b2", ".lock.owner.abc", ".lock.owner.000000001.tmp"])
 def test_foreign_names_beside_the_owner_files_are_ignored(folder, foreign):
     storage.makedirs(folder)
-    fs, path = storage.fs_and_path(storage.join(folder, foreign))
-    fs.pipe_file(path, b"junk")
+    put(storage.join(folder, foreign), b"junk")
     with lock.exclusive_folder(folder, heartbeat_s=60.0):
         assert lock.generations(folder) == [0]
         with pytest.raises(BadInputError, match="another generate run"):
