@@ -8,10 +8,12 @@ without it (Lustre mounted without ``-o flock``, FUSE object stores: ``flock`` r
 owner files, ``.lock.owner.<generation>``: the newest generation is the lock. A driver
 claims the folder by creating the next generation only if absent (``link(2)`` locally,
 ``O_EXCL`` without hard links, a conditional put, ``If-None-Match: *``, on object stores;
-``engine.storage.create_exclusive``)
-and then checking it is the newest and holds its record, so of two drivers that both saw the same stale owner
-exactly one gets it (a delete-then-create takeover lets both proceed), and a driver that
-read an old generation long ago is refused although the newer holder pruned that number.
+``engine.storage.create_exclusive``), after listing once more (nothing newer appeared while
+it read), and then checking it is the newest and holds its record. So of two drivers that
+both saw the same stale owner exactly one gets it (a delete-then-create takeover lets both
+proceed), and a driver that read an old generation long ago is refused although the newer
+holder pruned that number; the listing and the read-back also narrow the race where a store
+ignores the condition (see docs/reliability.md).
 Its holder rewrites its heartbeat every ``HEARTBEAT_S`` seconds from a background thread
 and, on release, marks its file released (not deleted). Another driver is refused while the newest heartbeat
 is fresh and takes over once it is older than ``STALE_S``, or at once when the holder ran
@@ -136,6 +138,8 @@ def _claim(folder: storage.Location, me: dict[str, Any], stale_s: float) -> int:
                 raise _refuse(folder, f" (owner {other.get('host')}:{other.get('pid')}, heartbeat {age:.0f} s ago)")
         mine = seen[-1] + 1 if seen else 0
         path = owner_file(folder, mine)
+        if generations(folder)[-1:] != seen[-1:]:  # claimed while this driver read (or stalled)
+            raise _refuse(folder, " (another driver claimed it at the same moment)")
         if not storage.create_exclusive(path, _record(me)):
             raise _refuse(folder, " (another driver claimed it at the same moment)")
         # Read long ago: a later driver has claimed (and pruned) since. Or the store ignored the

@@ -19,9 +19,11 @@ filesystem has no hard links) and a conditional put (``If-None-Match: *``, fsspe
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -32,7 +34,8 @@ from engine.errors import BadInputError
 
 Location = Union[str, "os.PathLike[str]"]
 TMP_SUFFIX = ".tmp"
-CREATE_RETRY_S = (0.2, 0.5, 1.0)  # a conditional put that conflicted with another is tried again after these
+CREATE_RETRY_S = (0.2, 0.5, 1.0)  # a conditional put that conflicted with another is tried again after about these
+NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}  # what link(2) says on FUSE object stores
 MODEL_CACHE_ENV = "SCRIBBLEGEN_CACHE"  # where URL model folders are copied to (default ~/.cache/scribblegen)
 
 
@@ -294,7 +297,7 @@ def create_exclusive(location: Location, data: bytes) -> bool:
                 return held == data
             if not retries:
                 raise
-            time.sleep(retries.pop(0))
+            time.sleep(retries.pop(0) * random.uniform(0.5, 1.5))  # two drivers that conflicted must not meet again
 
 
 def _create_local(target: Path, data: bytes) -> bool:
@@ -302,19 +305,21 @@ def _create_local(target: Path, data: bytes) -> bool:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        os.link(tmp, target)
-        return True
-    except FileExistsError:
-        return False
-    except OSError:  # no hard links here (FUSE object stores): create-if-absent, then write
         try:
-            with open(target, "xb") as fh:
-                fh.write(data)
+            os.link(tmp, target)
             return True
         except FileExistsError:
             return False
+        except OSError as exc:
+            if exc.errno not in NO_HARD_LINKS:
+                raise
+        with open(target, "xb") as fh:  # no hard links here (FUSE object stores): create-if-absent, then write
+            fh.write(data)
+        return True
+    except FileExistsError:
+        return False
     finally:
-        os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
 
 
 def local_copy(location: Location) -> Path:

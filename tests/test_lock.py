@@ -1,8 +1,10 @@
 """The output-folder lock: flock, and the owner-file fallback where the filesystem has no flock."""
 
 import json
+import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -69,7 +71,13 @@ def test_a_stale_owner_file_is_taken_over(folder):
 
 
 def put(path, data: bytes) -> None:
-    """A plain put, no temp name: safe beside the holder's own rewrites of the same file."""
+    """A plain put, as an unconditional store does it: whole (a uniquely named temp file renamed
+    into place locally), and beside the holder's own rewrites (which use another temp name)."""
+    if storage.is_local(path):
+        tmp = Path(f"{path}.{os.urandom(4).hex()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return
     fs, where = storage.fs_and_path(path)
     fs.pipe_file(where, data)
 
@@ -118,12 +126,13 @@ def test_two_drivers_taking_over_the_same_stale_owner_at_once_exactly_one_wins(f
 def test_a_store_that_ignores_the_create_condition_still_lets_exactly_one_driver_in(folder, monkeypatch):
     """Some stores do not honour the condition (an S3-compatible store without If-None-Match, an
     O_EXCL that a FUSE mount does not make atomic across hosts): both drivers' puts of the next
-    generation succeed and the later one overwrites. Each reads the record back: the last writer holds it."""
+    generation succeed and the later one overwrites. Each reads the record back: the last writer holds it.
+    (Barriers hold both after their last listing and after their put.)"""
     stale_owner(folder)
-    both_read_first(monkeypatch)
-    both_wrote = threading.Barrier(2, timeout=10)
+    both_putting, both_wrote = threading.Barrier(2, timeout=10), threading.Barrier(2, timeout=10)
 
     def unconditional(path, data):
+        both_putting.wait()  # both have read and listed: neither has put yet
         put(path, data)  # the later one overwrites
         both_wrote.wait()
         return True
@@ -148,6 +157,42 @@ def test_a_store_that_ignores_the_create_condition_still_lets_exactly_one_driver
         t.join()
     assert sorted(outcomes, key=len)[0] == "held" and "claimed it at the same moment" in sorted(outcomes, key=len)[1]
     assert lock.generations(folder) == [1] and newest(folder)["released"]  # the winner's record, released
+
+
+def test_on_a_store_that_ignores_the_condition_a_stalled_claimer_does_not_evict_a_live_holder(folder, monkeypatch):
+    """B reads the stale generation 0 and stalls; A claims generation 1 and holds. B's put of
+    generation 1 would overwrite A's record (nothing stops it on such a store), so B lists
+    again just before putting and withdraws."""
+    stale_owner(folder)
+    monkeypatch.setattr(storage, "create_exclusive", lambda path, data: put(path, data) or True)
+    read = lock._read_owner
+    held, b_done = threading.Event(), threading.Event()
+
+    def a_holds() -> None:
+        with lock.exclusive_folder(folder, heartbeat_s=60.0) as lease:
+            held.set()
+            b_done.wait(10)
+            lease.check()  # not taken over
+
+    a = threading.Thread(target=a_holds)
+
+    def stalled_read(path):
+        monkeypatch.setattr(lock, "_read_owner", read)
+        record = read(path)
+        a.start()
+        assert held.wait(10)
+        return record
+
+    monkeypatch.setattr(lock, "_read_owner", stalled_read)
+    try:
+        with pytest.raises(BadInputError, match="claimed it at the same moment"):
+            with lock.exclusive_folder(folder, heartbeat_s=60.0):  # B
+                pass
+        assert lock.generations(folder) == [1] and not newest(folder)["released"]  # A's record, untouched
+    finally:
+        b_done.set()
+        a.join()
+    assert newest(folder)["released"]
 
 
 def test_a_driver_that_read_a_stale_owner_long_ago_cannot_claim_a_later_holders_folder(folder, monkeypatch):
@@ -200,9 +245,11 @@ def test_a_holder_whose_record_a_racer_overwrote_stops_beating(folder, capsys):
     after its claim: its next heartbeat finds another token there and gives the lock up."""
     with lock.exclusive_folder(folder, heartbeat_s=0.05, stale_s=5.0) as lease:
         racer = {"host": "elsewhere", "pid": 1, "token": "racer", "heartbeat": time.time(), "released": False}
-        put(lock.owner_file(folder, 0), json.dumps(racer).encode())
-        time.sleep(0.3)
-        assert "was taken over by another driver" in capsys.readouterr().err
+        for _ in range(100):  # a put between the holder's check and its rewrite is undone by that rewrite
+            put(lock.owner_file(folder, 0), json.dumps(racer).encode())
+            if lease.lost.wait(0.2):
+                break
+        assert lease.lost.is_set() and "was taken over by another driver" in capsys.readouterr().err
         with pytest.raises(BadInputError, match="took over"):
             lease.check()
     assert newest(folder)["token"] == "racer" and not newest(folder)["released"]  # the racer's record stays
