@@ -159,74 +159,77 @@ def test_a_store_that_ignores_the_create_condition_still_lets_exactly_one_driver
     assert lock.generations(folder) == [1] and newest(folder)["released"]  # the winner's record, released
 
 
+class Holder(threading.Thread):
+    """A driver that claims ``folder`` in a thread and holds it until released."""
+
+    def __init__(self, folder) -> None:
+        super().__init__()
+        self.folder, self.held, self.done, self.lost = folder, threading.Event(), threading.Event(), None
+
+    def run(self) -> None:
+        with lock.exclusive_folder(self.folder, heartbeat_s=60.0) as lease:
+            self.held.set()
+            self.done.wait(10)
+            self.lost = lease.lost.is_set()
+
+    def start_holding(self) -> None:
+        self.start()
+        assert self.held.wait(10)
+
+    def release(self) -> None:
+        self.done.set()
+        if self.ident is not None:
+            self.join()
+
+
+def claim_after_a_stall(folder, monkeypatch, meanwhile) -> None:
+    """A driver whose first owner read (the stale owner's) stalls while ``meanwhile`` runs
+    (other drivers come and go) is refused when it goes on."""
+    read = lock._read_owner
+
+    def stalled_read(path):
+        monkeypatch.setattr(lock, "_read_owner", read)
+        record = read(path)
+        meanwhile()
+        return record
+
+    monkeypatch.setattr(lock, "_read_owner", stalled_read)
+    with pytest.raises(BadInputError, match="claimed it at the same moment"):
+        with lock.exclusive_folder(folder, heartbeat_s=60.0):
+            pass
+
+
 def test_on_a_store_that_ignores_the_condition_a_stalled_claimer_does_not_evict_a_live_holder(folder, monkeypatch):
     """B reads the stale generation 0 and stalls; A claims generation 1 and holds. B's put of
     generation 1 would overwrite A's record (nothing stops it on such a store), so B lists
     again just before putting and withdraws."""
     stale_owner(folder)
     monkeypatch.setattr(storage, "create_exclusive", lambda path, data: put(path, data) or True)
-    read = lock._read_owner
-    held, b_done = threading.Event(), threading.Event()
-
-    def a_holds() -> None:
-        with lock.exclusive_folder(folder, heartbeat_s=60.0) as lease:
-            held.set()
-            b_done.wait(10)
-            lease.check()  # not taken over
-
-    a = threading.Thread(target=a_holds)
-
-    def stalled_read(path):
-        monkeypatch.setattr(lock, "_read_owner", read)
-        record = read(path)
-        a.start()
-        assert held.wait(10)
-        return record
-
-    monkeypatch.setattr(lock, "_read_owner", stalled_read)
+    a = Holder(folder)
     try:
-        with pytest.raises(BadInputError, match="claimed it at the same moment"):
-            with lock.exclusive_folder(folder, heartbeat_s=60.0):  # B
-                pass
+        claim_after_a_stall(folder, monkeypatch, a.start_holding)  # B
         assert lock.generations(folder) == [1] and not newest(folder)["released"]  # A's record, untouched
     finally:
-        b_done.set()
-        a.join()
-    assert newest(folder)["released"]
+        a.release()
+    assert a.lost is False and newest(folder)["released"]
 
 
 def test_a_driver_that_read_a_stale_owner_long_ago_cannot_claim_a_later_holders_folder(folder, monkeypatch):
     """Driver C reads the stale generation 0 and stalls; meanwhile A takes over (1) and releases, and D
-    claims (2). C then tries generation 1, which exists: refused, although nothing else stops it."""
+    claims (2). C then goes on to claim generation 1: refused, although D pruned it."""
     stale_owner(folder)
-    read = lock._read_owner
-    held, c_done = threading.Event(), threading.Event()
+    d = Holder(folder)
 
-    def d_holds() -> None:
-        with lock.exclusive_folder(folder, heartbeat_s=60.0):
-            held.set()
-            c_done.wait(10)
-
-    d = threading.Thread(target=d_holds)
-
-    def stalled_read(path):
-        record = read(path)
-        monkeypatch.setattr(lock, "_read_owner", read)
+    def a_comes_and_goes_then_d_holds() -> None:
         with lock.exclusive_folder(folder, heartbeat_s=60.0):  # A
             pass
-        d.start()
-        held.wait(10)
-        return record
+        d.start_holding()
 
-    monkeypatch.setattr(lock, "_read_owner", stalled_read)
     try:
-        with pytest.raises(BadInputError, match="claimed it at the same moment"):
-            with lock.exclusive_folder(folder, heartbeat_s=60.0):  # C
-                pass
+        claim_after_a_stall(folder, monkeypatch, a_comes_and_goes_then_d_holds)  # C
         assert lock.generations(folder) == [2] and not newest(folder)["released"]  # D holds; C left nothing behind
     finally:
-        c_done.set()
-        d.join()
+        d.release()
 
 
 def test_a_holder_taken_over_stops_beating_and_says_so(folder, capsys):
