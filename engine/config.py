@@ -19,13 +19,24 @@ import yaml
 from engine.errors import BadInputError
 
 T = TypeVar("T")
+REPO = Path(__file__).resolve().parents[1]  # where a relative config path is looked for after the working directory
+
+
+def find_config(path: str | Path) -> Path:
+    """``path`` itself, or, when it is relative and not in the working directory, the repo's
+    file of that name: the jobs run as scripts from any folder and default to ``configs/...``."""
+    path = Path(path)
+    if path.is_file() or path.is_absolute() or not (REPO / path).is_file():
+        return path
+    return REPO / path
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing or malformed file is a :class:`BadInputError`."""
-    path = Path(path)
+    path = find_config(path)
     if not path.is_file():
-        raise BadInputError(str(path), "config file not found", "pass an existing YAML file, e.g. configs/tiny.yaml")
+        raise BadInputError(str(path), "config file not found",
+                            f"pass an existing YAML file; {REPO / 'configs'} holds one folder per job")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -98,7 +98,8 @@ def select_subset(records: list[SourceRecord], fraction: float, seed: int) -> li
 
 def prepare_out(out: storage.Location, overwrite: bool) -> None:
     """Refuse a non-empty ``out``; with ``overwrite`` remove only earlier ingest outputs."""
-    entries = storage.entries(out)
+    with storage.reached(out):
+        entries = storage.entries(out)
     if not entries:
         storage.makedirs(out)
         return

@@ -129,7 +129,9 @@ def read_table(path: storage.Location, columns: list[str] | None = None) -> pa.T
 
 def read_manifest(path: storage.Location) -> tuple[pa.Table, DatasetInfo]:
     """Read a manifest; a missing or non-Parquet file raises naming it."""
-    if not storage.is_file(path):
+    with storage.reached(path):
+        found = storage.is_file(path)
+    if not found:
         raise BadInputError(str(path), "manifest not found", "pass the manifest.parquet written by ingest or generate")
     try:
         table = read_table(path)

@@ -27,14 +27,17 @@ import random
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Union
+from typing import IO, Any, Iterator, Union
 
 from engine.errors import BadInputError
 
 Location = Union[str, "os.PathLike[str]"]
 TMP_SUFFIX = ".tmp"
 CREATE_RETRY_S = (0.2, 0.5, 1.0)  # a conditional put that conflicted with another is tried again after about these
+STORE_HINT = ("check the endpoint, credentials and network; for S3 these are AWS_ENDPOINT_URL, AWS_PROFILE or "
+              "AWS_ACCESS_KEY_ID, for GCS GOOGLE_APPLICATION_CREDENTIALS")
 NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}  # what link(2) says on FUSE object stores
 MODEL_CACHE_ENV = "SCRIBBLEGEN_CACHE"  # where URL model folders are copied to (default ~/.cache/scribblegen)
 
@@ -109,6 +112,25 @@ def relative(location: Location, root: Location) -> str:
     return text[len(prefix):] if text.startswith(prefix) else text
 
 
+@contextmanager
+def reached(location: Location) -> Iterator[None]:
+    """A driver's first access to ``location``: when its store cannot be reached or refuses
+    access (endpoint, credentials, permissions), fail with a :class:`BadInputError` naming it.
+    Each backend raises its own types (botocore's ``EndpointConnectionError`` after s3fs's
+    retries, google.auth's errors), so anything but "not found" counts. Only drivers use it:
+    in a worker, a store's transient error must stay retryable."""
+    if is_local(location):
+        yield
+        return
+    try:
+        yield
+    except (BadInputError, FileNotFoundError):
+        raise
+    except Exception as exc:
+        raise BadInputError(os.fspath(location), f"its store cannot be reached or refuses access "
+                            f"({type(exc).__name__}: {exc})", STORE_HINT) from None
+
+
 def exists(location: Location) -> bool:
     if is_local(location):
         return local_path(location).exists()
@@ -117,10 +139,15 @@ def exists(location: Location) -> bool:
 
 
 def is_file(location: Location) -> bool:
+    """A file. A store that cannot answer raises (fsspec's ``isfile`` would say False, and an
+    unreachable endpoint would read as "not found")."""
     if is_local(location):
         return local_path(location).is_file()
     fs, path = fs_and_path(location)
-    return fs.isfile(path)
+    try:
+        return fs.info(path)["type"] == "file"
+    except FileNotFoundError:
+        return False
 
 
 def is_dir(location: Location) -> bool:

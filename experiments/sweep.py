@@ -358,7 +358,9 @@ def stage_controlnet(cfg: SweepConfig, out: Path, real_manifest: storage.Locatio
     given ``model_dir`` may be a path or a URL."""
     if cfg.model_dir:
         info.update(reused=True, external=cfg.model_dir)
-        if not storage.is_dir(cfg.model_dir):
+        with storage.reached(cfg.model_dir):
+            found = storage.is_dir(cfg.model_dir)
+        if not found:
             raise BadInputError(cfg.model_dir, "model folder not found")
         return storage.as_location(cfg.model_dir)
     from tqdm import tqdm

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script from any cwd
 
 from engine.config import add_config_args, load_config  # noqa: E402
+from engine import storage  # noqa: E402
 from engine.errors import BadInputError  # noqa: E402
 from engine.generate import GenerateConfig, run_generate  # noqa: E402
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=1))
-    print(f"wrote {summary['samples']} samples in {summary['shards']} shards to {Path(cfg.out_dir).resolve()}")
+    print(f"wrote {summary['samples']} samples in {summary['shards']} shards to {storage.resolve(cfg.out_dir)}")
     return 0
 
 

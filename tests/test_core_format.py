@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.config import apply_overrides, load_config
+from engine.config import apply_overrides, load_config, load_yaml
 from engine.errors import BadInputError
 from engine.manifest import DatasetInfo, read_manifest, sample_row, shard_rows, skip_row, write_manifest
 from engine.shards import Sample, ShardWriter, check_key, read_shard, shard_name, synthetic_key
@@ -176,6 +176,18 @@ def test_config_overrides_and_unknown_keys(tmp_path: Path) -> None:
     assert load_config(Cfg, path, ["inner.lr=2e-9"]).inner.lr == 2e-9  # PyYAML reads this as a string
     with pytest.raises(BadInputError, match=r"inner.lr='fast': expected a number"):
         load_config(Cfg, path, ["inner.lr=fast"])
+
+
+def test_a_relative_config_is_read_from_the_working_directory_then_from_the_repo(tmp_path: Path, monkeypatch) -> None:
+    """``python /repo/jobs/generate.py`` from another folder finds its default ``configs/...``."""
+    monkeypatch.chdir(tmp_path)
+    repo_config = Path(__file__).resolve().parents[1] / "configs/generate/tiny.yaml"
+    assert load_yaml("configs/generate/tiny.yaml") == load_yaml(repo_config)
+    (tmp_path / "configs/generate").mkdir(parents=True)
+    (tmp_path / "configs/generate/tiny.yaml").write_text("mine: 1\n")
+    assert load_yaml("configs/generate/tiny.yaml") == {"mine": 1}  # the working directory's comes first
+    with pytest.raises(BadInputError, match=r"configs/generate/nope.yaml: config file not found.*configs holds one folder per job"):
+        load_yaml("configs/generate/nope.yaml")
 
 
 def test_bad_input_error_survives_pickling() -> None:

@@ -115,6 +115,32 @@ def test_atomic_output_and_exclusive_create(root: str) -> None:
     assert storage.list_files(storage.join(root, "nothing-here")) == {}
 
 
+def test_a_store_error_is_not_a_missing_file_and_a_drivers_first_access_names_it(monkeypatch, tmp_path) -> None:
+    """``is_file`` lets a store's error through (fsspec's ``isfile`` says False); ``reached``
+    turns any error but "not found" into a BadInputError naming the URL, and leaves local paths alone."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class EndpointConnectionError(Exception):  # a backend's own type, as botocore's is
+        pass
+
+    url = f"memory://x-{uuid.uuid4().hex[:8]}/manifest.parquet"
+    assert not storage.is_file(url)
+    with pytest.raises(BadInputError, match="manifest not found"):
+        read_manifest(url)
+
+    def unreachable(self, path, **kwargs):
+        raise EndpointConnectionError("Could not connect to the endpoint URL")
+
+    monkeypatch.setattr(MemoryFileSystem, "info", unreachable)
+    with pytest.raises(EndpointConnectionError):
+        storage.is_file(url)
+    with pytest.raises(BadInputError, match=f"^{url}: its store cannot be reached.*EndpointConnectionError.*AWS_ENDPOINT_URL"):
+        read_manifest(url)
+    with pytest.raises(EndpointConnectionError):
+        with storage.reached(tmp_path):
+            raise EndpointConnectionError("local paths are not translated")
+
+
 def _flaky_puts(monkeypatch, answers: list[str]) -> list[str]:
     """Make memory:// conditional puts answer as an object store can, one answer per put:
     ``ok``; ``conflict`` (S3's 409 ConditionalRequestConflict: nothing written); ``lost`` (the

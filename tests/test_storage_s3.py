@@ -36,6 +36,7 @@ from gen_fixtures import local_ray, make_real_set, standin_factory  # noqa: E402
 from test_storage import copy_tree, generate_cfg, ingest_to, keys_of  # noqa: E402
 
 BUCKET = "scribblegen-test"
+REPO = Path(__file__).resolve().parents[1]
 tiny_model = test_faults.tiny_model  # the same fixture: the embedded tiny model, random init, 8 px
 
 
@@ -121,6 +122,31 @@ def test_an_s3_409_conflict_on_the_owner_file_is_settled_and_the_lock_taken(s3: 
             with exclusive_folder(out):
                 pass
     assert released(out) and len(conflicts) == 1  # the refused driver never put: it read a live holder
+
+
+@pytest.mark.parametrize("job", ["generate", "seg", "ingest"])
+def test_a_store_that_does_not_answer_is_named_in_one_line(job: str, tiny_model: Path, tmp_path: Path) -> None:
+    """A wrong endpoint is the commonest store mistake: each job stops with exit 2 and one line
+    naming the URL, the cause and what to check (before: botocore's traceback, or for a manifest
+    "not found", since fsspec's isfile answers False to any error)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed once the block ends: nothing answers there
+    url = "s3://nowhere/set"
+    real = make_real_set(tmp_path / "real")
+    argv = {
+        "generate": ["jobs/generate.py", "--no-progress", "--set", f"real_manifest={real}", "--set",
+                     f"model_dir={tiny_model}", "--set", f"out_dir={url}"],
+        "seg": ["-m", "seg.train", "--shards", f"{url}/manifest.parquet", "--out", str(tmp_path / "seg")],
+        "ingest": ["-m", "jobs.ingest", "--out", url],
+    }[job]
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1"}
+    proc = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {url}") and "cannot be reached or refuses access (EndpointConnectionError" in last
+    assert "AWS_ENDPOINT_URL" in last
 
 
 def test_ray_actors_read_and_write_s3(s3: str, tmp_path: Path) -> None:

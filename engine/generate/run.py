@@ -184,7 +184,9 @@ def run_generate_sets(
                                 "sampler or Ray settings", "generate it on its own")
     t_start = time.perf_counter()
     model_dir = storage.resolve(cfgs[0].model_dir)
-    if not storage.is_dir(model_dir):
+    with storage.reached(model_dir):
+        found = storage.is_dir(model_dir)
+    if not found:
         raise BadInputError(str(model_dir), "model folder not found", "train one with jobs/train_controlnet.py first")
     outs = [storage.resolve(cfg.out_dir) for cfg in cfgs]
     if len(set(outs)) != len(outs):
@@ -196,7 +198,8 @@ def run_generate_sets(
         stats: list[dict[str, Any]] = []
         leases = []
         for cfg, plan, out in zip(cfgs, plans, outs):
-            leases.append(locks.enter_context(exclusive_folder(out)))
+            with storage.reached(out):
+                leases.append(locks.enter_context(exclusive_folder(out)))
             generation_identity(cfg, plan, model_dir).claim(out, "synthetic set")  # refuses other plans / models
             with atomic_path(storage.join(out, "config.yaml")) as tmp:
                 save_config(cfg, tmp)
