@@ -44,12 +44,15 @@ def setup_distributed(device_cfg: str) -> tuple[int, int, torch.device]:
     if device.type == "cuda" and world > 1 and device.index is not None:
         raise BadInputError(f"train.device={device_cfg}", f"under torchrun each of the {world} ranks uses its own GPU "
                             "(cuda:LOCAL_RANK)", "set train.device=cuda or auto")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else device.index or 0)
         torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        # NCCL bound to this rank's GPU up front: otherwise its first barrier guesses the
+        # device from the rank and can put every rank's barrier on one card.
+        group = {"backend": "nccl", "device_id": device} if device.type == "cuda" else {"backend": "gloo"}
+        dist.init_process_group(**group)
+    rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, world, device
 
 

@@ -47,6 +47,23 @@ def test_one_process_helpers_are_no_ops():
     check_same_on_all_ranks(3, "x", "y")
 
 
+def test_a_cuda_rank_binds_its_own_gpu_before_nccl_starts(monkeypatch):
+    """Under torchrun each CUDA rank takes cuda:LOCAL_RANK and hands it to NCCL at init (a group
+    started before that guesses the device for its barriers). No GPU here: CUDA is faked."""
+    import engine.distributed as distributed
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", str(device))))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: bool(calls) and calls[-1][0] == "init")
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: calls.append(("init", kw)))
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 1)
+    assert distributed.setup_distributed("cuda") == (1, 2, torch.device("cuda", 1))
+    assert calls == [("set_device", "cuda:1"), ("init", {"backend": "nccl", "device_id": torch.device("cuda", 1)})]
+
+
 def test_in_memory_shares_of_a_batch_are_the_batch(tmp_path):
     shards, names = _shards_of_split(str(write_real_shards(tmp_path)), "train")
     data = InMemoryData(shards, "train", 16, "stretch", names)
