@@ -150,6 +150,9 @@ def _claim(folder: storage.Location, me: dict[str, Any], stale_s: float) -> int:
             if ours:
                 storage.remove(path)
             raise _refuse(folder, " (another driver claimed it at the same moment)")
+    except FileNotFoundError as exc:  # the put found no bucket (a local folder is made before)
+        raise BadInputError(str(folder), f"cannot create the lock's owner file: {exc}",
+                            "create the bucket first (for S3: `aws s3 mb s3://BUCKET`), or check the URL") from None
     except OSError as exc:
         raise BadInputError(str(folder), f"cannot read or write the lock's owner files: {exc}",
                             "retry; if it persists, check the store's credentials and permissions") from None

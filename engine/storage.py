@@ -37,7 +37,9 @@ Location = Union[str, "os.PathLike[str]"]
 TMP_SUFFIX = ".tmp"
 CREATE_RETRY_S = (0.2, 0.5, 1.0)  # a conditional put that conflicted with another is tried again after about these
 STORE_HINT = ("check the endpoint, credentials and network; for S3 these are AWS_ENDPOINT_URL, AWS_PROFILE or "
-              "AWS_ACCESS_KEY_ID, for GCS GOOGLE_APPLICATION_CREDENTIALS")
+              "AWS_ACCESS_KEY_ID, for GCS GOOGLE_APPLICATION_CREDENTIALS. A Ray node has the environment of its "
+              "`ray start`: export them before it, or pass them with `ray job submit --runtime-env-json "
+              "'{\"env_vars\": {...}}'`")
 NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}  # what link(2) says on FUSE object stores
 MODEL_CACHE_ENV = "SCRIBBLEGEN_CACHE"  # where URL model folders are copied to (default ~/.cache/scribblegen)
 
@@ -113,12 +115,13 @@ def relative(location: Location, root: Location) -> str:
 
 
 @contextmanager
-def reached(location: Location) -> Iterator[None]:
-    """A driver's first access to ``location``: when its store cannot be reached or refuses
-    access (endpoint, credentials, permissions), fail with a :class:`BadInputError` naming it.
-    Each backend raises its own types (botocore's ``EndpointConnectionError`` after s3fs's
-    retries, google.auth's errors), so anything but "not found" counts. Only drivers use it:
-    in a worker, a store's transient error must stay retryable."""
+def reached(location: Location, where: str = "") -> Iterator[None]:
+    """A run's first access to ``location`` (on the driver, or ``where`` an actor starts): when
+    its store cannot be reached or refuses access (endpoint, credentials, permissions), fail
+    with a :class:`BadInputError` naming it. Each backend raises its own types (botocore's
+    ``EndpointConnectionError`` after s3fs's retries, ``NoCredentialsError``, google.auth's
+    errors), so anything but "not found" counts. Not for a running unit's reads and writes:
+    there a store's transient error must stay retryable."""
     if is_local(location):
         yield
         return
@@ -127,8 +130,8 @@ def reached(location: Location) -> Iterator[None]:
     except (BadInputError, FileNotFoundError):
         raise
     except Exception as exc:
-        raise BadInputError(os.fspath(location), f"its store cannot be reached or refuses access "
-                            f"({type(exc).__name__}: {exc})", STORE_HINT) from None
+        raise BadInputError(os.fspath(location), f"its store cannot be reached or refuses access"
+                            f"{' from ' + where if where else ''} ({type(exc).__name__}: {exc})", STORE_HINT) from None
 
 
 def exists(location: Location) -> bool:

@@ -52,6 +52,7 @@ from engine.config import apply_overrides, from_dict, load_yaml, to_dict
 from engine.errors import BadInputError
 from engine.fid import FIDConfig, FIDScorer, manifest_images
 from engine.generate import GenerateConfig, PlanConfig
+from engine.generate.distributor import check_job_paths
 from engine.generate.plan import shard_prefix
 from engine.ingest import IngestConfig
 from engine.manifest import read_manifest
@@ -780,6 +781,7 @@ def main(argv: list[str] | None = None, default_config: str | None = None, prog:
     t0 = time.perf_counter()
     try:
         cfg = load_sweep_config(args.config, overrides, [FAST_OVERLAY] if args.fast else [])
+        check_job_paths({"out": str(cfg.out)}, {})
         index = run_sweep(cfg)
     except BadInputError as exc:
         print(f"error: {exc}", file=sys.stderr)

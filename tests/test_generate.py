@@ -346,3 +346,24 @@ def test_several_sets_share_one_actor_pool_and_stay_separate(ray_session, real: 
     b.sampler.num_steps = 7  # sets that do not share the actors' settings are refused before any work
     with pytest.raises(BadInputError, match="differs from the others"):
         run_generate_sets([a, b], factory=standin_factory, progress=False)
+
+
+def test_relative_paths_in_a_job_submitted_with_a_working_dir_are_refused(tmp_path, monkeypatch) -> None:
+    """``ray job submit --working-dir .`` runs the job in Ray's temporary copy of the repo: a
+    relative out_dir wrote the set there and the job said it succeeded; a relative model_dir
+    said "model folder not found". Both now name the key and the fix; absolute paths and URLs pass."""
+    from engine.generate.distributor import JOB_CONFIG_ENV, check_job_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    check_job_paths({"out_dir": "runs/syn"}, {"model_dir": "model"})  # not a submitted job: as before
+    monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}))
+    with pytest.raises(BadInputError, match=r"^out_dir=runs/syn: is a relative path in a job submitted with "
+                                            r"--working-dir.*which Ray deletes \(give an absolute path"):
+        check_job_paths({"out_dir": "runs/syn"}, {})
+    with pytest.raises(BadInputError, match=r"^model_dir=runs/model: .*where it does not exist"):
+        check_job_paths({"out_dir": str(tmp_path / "syn")}, {"model_dir": "runs/model"})
+    check_job_paths({"out_dir": "s3://b/syn"}, {"model_dir": "model"})  # a URL, and an input the copy holds
+    with pytest.raises(BadInputError, match="out_dir=rel"):
+        run_generate(GenerateConfig(real_manifest=str(tmp_path / "m.parquet"), model_dir=str(tmp_path / "model"),
+                                    out_dir="rel"), progress=False)

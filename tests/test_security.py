@@ -210,6 +210,24 @@ def test_an_explicit_cluster_address_is_passed_through_untouched(monkeypatch) ->
     assert fake.calls == [{"address": "10.0.0.5:6379"}]
 
 
+def test_a_cluster_joined_through_ray_address_counts_as_joined(monkeypatch) -> None:
+    """``ray job submit`` sets $RAY_ADDRESS: the driver joins that cluster (whose nodes have their
+    own environment, so URLs are probed on them), and says so."""
+    import ray
+
+    from engine.generate.distributor import connect
+
+    fake = _FakeRay()
+    monkeypatch.setattr(ray, "is_initialized", fake.is_initialized)
+    monkeypatch.setattr(ray, "init", fake.init)
+    monkeypatch.setattr("engine.generate.distributor.check_reachable", lambda address, source: None)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert connect(None) == "cluster"
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr("engine.generate.distributor._last_ray_start", lambda: None)
+    assert connect(None) == "default"
+
+
 def test_ray_start_commands_bind_the_dashboard_to_localhost() -> None:
     """Every ``ray start --head`` the repo runs (argument lists) or documents (command lines in
     the README and configs) passes ``--dashboard-host 127.0.0.1``."""

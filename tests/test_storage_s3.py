@@ -91,6 +91,9 @@ def test_the_s3_lock_is_a_conditional_owner_file(s3: str, capsys) -> None:
             with exclusive_folder(out):
                 pass
     assert released(out)
+    with pytest.raises(BadInputError, match=r"^s3://no-such-bucket/out: cannot create the lock's owner file.*aws s3 mb"):
+        with exclusive_folder("s3://no-such-bucket/out"):
+            pass
 
 
 def test_an_s3_409_conflict_on_the_owner_file_is_settled_and_the_lock_taken(s3: str, monkeypatch) -> None:
@@ -147,6 +150,25 @@ def test_a_store_that_does_not_answer_is_named_in_one_line(job: str, tiny_model:
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {url}") and "cannot be reached or refuses access (EndpointConnectionError" in last
     assert "AWS_ENDPOINT_URL" in last
+
+
+def test_a_ray_node_without_the_stores_endpoint_is_named_before_any_actor_starts(monkeypatch) -> None:
+    """A node's environment is its ``ray start``'s: a joined cluster whose node cannot reach the
+    store (here: the workers' endpoint is a closed port) stops the run at the visibility probe,
+    naming the URL, the node and the cause, not as an actor traceback or as "not visible"."""
+    from engine.generate.distributor import check_visible_everywhere
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+                       "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)  # before ray.init: the workers inherit it
+    with local_ray():
+        check_visible_everywhere(["s3://nowhere/out"])  # a private one-node instance: nothing to probe
+        with pytest.raises(BadInputError, match=rf"^s3://nowhere/out: its store cannot be reached or refuses access "
+                                                rf"from Ray node {socket.gethostname()} \(EndpointConnectionError.*ray start"):
+            check_visible_everywhere(["s3://nowhere/out"], joined=True)
 
 
 def test_ray_actors_read_and_write_s3(s3: str, tmp_path: Path) -> None:

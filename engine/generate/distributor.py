@@ -14,6 +14,7 @@ actor is left, when one unit keeps failing, or at once on a :class:`BadInputErro
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -22,6 +23,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from engine import storage
 from engine.errors import BadInputError
 from engine.generate.config import GenerateConfig
 from engine.generate.plan import WorkUnit
@@ -80,7 +82,8 @@ def check_reachable(address: str | None, source: str, timeout: float = PROBE_SEC
 
 
 def connect(address: str | None = None, local_num_cpus: int | None = None) -> str:
-    """Join the run's Ray cluster; return ``"existing"``, ``"cluster"``, ``"local"`` or ``"default"``.
+    """Join the run's Ray cluster; return ``"existing"`` (already initialised), ``"cluster"`` (joined
+    a running one), ``"local"`` or ``"default"`` (started a private one).
 
     Order: an already initialised Ray (tests, notebooks); ``address`` from the config
     (``"local"`` forces a private instance); else Ray's default (``"default"``):
@@ -94,7 +97,8 @@ def connect(address: str | None = None, local_num_cpus: int | None = None) -> st
     if ray.is_initialized():
         return "existing"
     local = dict(address="local", num_cpus=local_num_cpus, include_dashboard=False, dashboard_host="127.0.0.1")
-    check_reachable(*cluster_address(address))
+    joins, source = cluster_address(address)
+    check_reachable(joins, source)
     try:
         if address == "local":
             ray.init(**local)
@@ -103,39 +107,69 @@ def connect(address: str | None = None, local_num_cpus: int | None = None) -> st
             ray.init(address=address)
             return "cluster"
         ray.init(**{**local, "address": None})
-        return "default"
+        return "cluster" if joins else "default"
     except (ValueError, ConnectionError) as exc:  # unreachable, or RAY_ADDRESS=http://... (the job API's)
         raise BadInputError(f"Ray address {address or os.environ.get('RAY_ADDRESS')!r}", str(exc)) from None
 
 
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # Ray sets it for the entrypoint of a submitted job
+
+
+def check_job_paths(outputs: dict[str, str], inputs: dict[str, str]) -> None:
+    """Refuse relative paths in a job submitted with ``--working-dir``: its entrypoint runs in
+    Ray's temporary copy of the repo, so a relative output would land in a folder Ray deletes
+    (the run succeeds and the set is lost) and a relative input is looked for in that copy,
+    which holds no ``runs/``. ``outputs`` / ``inputs``: config key -> location."""
+    job = json.loads(os.environ.get(JOB_CONFIG_ENV) or "{}")
+    if not (job.get("runtime_env") or {}).get("working_dir"):
+        return
+    for key, location in {**inputs, **outputs}.items():
+        if not storage.is_local(location) or storage.local_path(location).is_absolute():
+            continue
+        if key in outputs or not storage.exists(location):
+            fate = "which Ray deletes" if key in outputs else "where it does not exist"
+            raise BadInputError(f"{key}={location}", f"is a relative path in a job submitted with --working-dir: it "
+                                f"resolves inside Ray's temporary copy of the repo ({os.getcwd()}), {fate}",
+                                f"give an absolute path (--set {key}=/abs/path) or a URL")
+
+
 def _path_exists(location: str) -> bool:
-    """Does this node see ``location`` (a path, or a URL it can reach with its credentials)?"""
-    from engine import storage
+    """Does this node see ``location``? A path: exists here. A URL: its store answers with this
+    node's credentials and endpoint (else a BadInputError naming the node and the cause)."""
+    with storage.reached(location, where=f"Ray node {socket.gethostname()}"):
+        try:
+            return storage.exists(location)
+        except OSError:  # a path this node cannot stat
+            return False
 
-    try:
-        return storage.exists(location)
-    except Exception:  # no backend or no access on this node: not visible from it
-        return False
 
-
-def check_visible_everywhere(paths: list[str], timeout: float = 60.0) -> None:
-    """On a multi-node cluster, refuse paths that some node cannot see (a node-local folder).
+def check_visible_everywhere(paths: list[str], joined: bool = False, timeout: float = 60.0) -> None:
+    """On a multi-node cluster, refuse paths that some node cannot see (a node-local folder),
+    and URLs whose store some node cannot reach (its environment lacks the credentials).
 
     Actors read sources and write shards on whatever node they run; a path that exists on
     the driver's node only would scatter the parts and fail the merge. One zero-CPU task
-    per alive node checks each path (an existing file or folder) where it runs.
+    per alive node checks each path (an existing file or folder) where it runs. On a
+    cluster this driver ``joined`` (not one it started) URLs are checked even on one node:
+    that node's environment is its ``ray start``'s, not the driver's.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from ray.exceptions import RayTaskError
+
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) < 2:
-        return
+    if len(nodes) < 2 and not (joined and any(not storage.is_local(p) for p in paths)):
+        return  # one node, started by this driver: its workers share the driver's environment
     probe = ray.remote(_path_exists)
     refs = {(n["NodeManagerAddress"], p): probe.options(
         num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(p)
         for n in nodes for p in paths}
-    answers = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout)))
+    try:
+        answers = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout)))
+    except RayTaskError as exc:  # a node without the store's credentials or endpoint
+        cause = task_cause(exc)
+        raise cause if isinstance(cause, BadInputError) else exc from None
     missing = sorted({(host, p) for (host, p), ok in answers.items() if not ok})
     if missing:
         host, path = missing[0]

@@ -39,7 +39,7 @@ from engine.atomic import atomic_path, write_json
 from engine.config import save_config, to_dict
 from engine.errors import BadInputError
 from engine.generate.config import GenerateConfig
-from engine.generate.distributor import Distributor, check_visible_everywhere, connect, pool_shape
+from engine.generate.distributor import Distributor, check_job_paths, check_visible_everywhere, connect, pool_shape
 from engine.generate.plan import Plan, WorkUnit, build_plan
 from engine.generate.worker import PARTS_DIR, SamplerFactory, ShardResult, load_sampler, part_path
 from engine.identity import Identity
@@ -177,6 +177,8 @@ def run_generate_sets(
     """
     if not cfgs:
         return []
+    for cfg in cfgs:
+        check_job_paths({"out_dir": cfg.out_dir}, {"model_dir": cfg.model_dir, "real_manifest": cfg.real_manifest})
     key = _pool_key(cfgs[0])
     for cfg in cfgs[1:]:
         if _pool_key(cfg) != key:
@@ -256,10 +258,10 @@ def _distribute(
 ) -> dict[str, Any]:
     """Run ``todo`` on an actor pool with a progress bar; return the pool's stats. ``visible``:
     paths every node of a multi-node cluster must see (refused otherwise)."""
-    connect(cfg.ray.address, cfg.ray.local_num_cpus)
+    mode = connect(cfg.ray.address, cfg.ray.local_num_cpus)
     import ray
 
-    check_visible_everywhere(list(visible))
+    check_visible_everywhere(list(visible), joined=mode == "cluster")
 
     shape = pool_shape(cfg, ray.cluster_resources())
     actor_kwargs = dict(
