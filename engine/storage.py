@@ -352,18 +352,21 @@ def _create_local(target: Path, data: bytes) -> bool:
         Path(tmp).unlink(missing_ok=True)
 
 
-def local_copy(location: Location) -> Path:
+def local_copy(location: Location, where: str = "") -> Path:
     """A local folder with the contents of ``location`` (a model folder): itself when local,
     else a cached copy under ``$SCRIBBLEGEN_CACHE`` (``~/.cache/scribblegen``).
 
     Diffusers and safetensors load from local files only. The cache key is the URL plus
     every file's relative name and size, so a changed folder is copied again; the copy is
     made in a temp folder and renamed into place, so a crash never leaves half a model.
+    A store that does not answer is named, with ``where`` (see :func:`reached`).
     """
     if is_local(location):
         return local_path(location)
     fs, path = fs_and_path(location)
-    files = sorted((relative(p, path.rstrip("/")), int(info["size"])) for p, info in fs.find(path, detail=True).items())
+    with reached(location, where):  # the store's first answer; the cache's own disk errors stay what they are
+        found = fs.find(path, detail=True)
+    files = sorted((relative(p, path.rstrip("/")), int(info["size"])) for p, info in found.items())
     if not files:
         raise BadInputError(os.fspath(location), "holds no files", "check the URL")
     key = hashlib.sha256(json.dumps([os.fspath(location), files]).encode()).hexdigest()[:16]

@@ -48,7 +48,7 @@ import numpy as np
 from engine import storage
 from engine.atomic import write_json
 from engine.identity import Identity, drop_keys, file_digest, plain
-from engine.config import apply_overrides, from_dict, load_yaml, to_dict
+from engine.config import apply_overrides, find_config, from_dict, load_yaml, to_dict
 from engine.errors import BadInputError
 from engine.fid import FIDConfig, FIDScorer, manifest_images
 from engine.generate import GenerateConfig, PlanConfig
@@ -209,9 +209,9 @@ def resolve_bases(data: Any, here: Path, seen: tuple[Path, ...] = ()) -> Any:
 def load_sweep_config(path: str | Path, overrides: list[str] | None = None, overlays: list[str | Path] = ()) -> SweepConfig:
     """Config file (bases resolved) + overlay files merged over it + ``--set`` overrides."""
     path = Path(path)
-    data = resolve_bases(load_yaml(path), path.resolve().parent)
+    data = resolve_bases(load_yaml(path), find_config(path).resolve().parent)
     for overlay in overlays:
-        data = deep_merge(data, resolve_bases(load_yaml(overlay), Path(overlay).resolve().parent))
+        data = deep_merge(data, resolve_bases(load_yaml(overlay), find_config(overlay).resolve().parent))
     apply_overrides(data, overrides or [])
     return from_dict(SweepConfig, data, str(path))
 

@@ -354,10 +354,14 @@ def test_relative_paths_in_a_job_submitted_with_a_working_dir_are_refused(tmp_pa
     said "model folder not found". Both now name the key and the fix; absolute paths and URLs pass."""
     from engine.generate.distributor import JOB_CONFIG_ENV, check_job_paths
 
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "model").mkdir()
+    copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_x"  # where Ray runs the entrypoint
+    (copy / "model").mkdir(parents=True)
+    monkeypatch.chdir(copy)
     check_job_paths({"out_dir": "runs/syn"}, {"model_dir": "model"})  # not a submitted job: as before
     monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}))
+    monkeypatch.chdir(tmp_path)
+    check_job_paths({"out_dir": "runs/syn"}, {})  # the entrypoint changed directory first: its choice
+    monkeypatch.chdir(copy)
     with pytest.raises(BadInputError, match=r"^out_dir=runs/syn: is a relative path in a job submitted with "
                                             r"--working-dir.*which Ray deletes \(give an absolute path"):
         check_job_paths({"out_dir": "runs/syn"}, {})

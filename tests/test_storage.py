@@ -141,6 +141,24 @@ def test_a_store_error_is_not_a_missing_file_and_a_drivers_first_access_names_it
             raise EndpointConnectionError("local paths are not translated")
 
 
+def test_the_node_probe_names_a_refused_url_and_answers_for_paths(monkeypatch, tmp_path) -> None:
+    """The per-node probe (a Ray task, called here in-process): a URL whose store refuses this
+    node (a 403 is a PermissionError, an OSError) is a BadInputError naming the node, not "not
+    visible"; a local path is a plain yes or no."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from engine.generate.distributor import _path_exists
+
+    assert _path_exists(str(tmp_path)) and not _path_exists(str(tmp_path / "absent"))
+
+    def denied(self, path, **kwargs):
+        raise PermissionError(13, "Access Denied")
+
+    monkeypatch.setattr(MemoryFileSystem, "exists", denied)
+    with pytest.raises(BadInputError, match=r"^memory://b/out: .* refuses access from Ray node .*PermissionError"):
+        _path_exists("memory://b/out")
+
+
 def _flaky_puts(monkeypatch, answers: list[str]) -> list[str]:
     """Make memory:// conditional puts answer as an object store can, one answer per put:
     ``ok``; ``conflict`` (S3's 409 ConditionalRequestConflict: nothing written); ``lost`` (the

@@ -152,7 +152,7 @@ def test_a_store_that_does_not_answer_is_named_in_one_line(job: str, tiny_model:
     assert "AWS_ENDPOINT_URL" in last
 
 
-def test_a_ray_node_without_the_stores_endpoint_is_named_before_any_actor_starts(monkeypatch) -> None:
+def test_a_ray_node_without_the_stores_endpoint_is_named_before_any_actor_starts(monkeypatch, tmp_path) -> None:
     """A node's environment is its ``ray start``'s: a joined cluster whose node cannot reach the
     store (here: the workers' endpoint is a closed port) stops the run at the visibility probe,
     naming the URL, the node and the cause, not as an actor traceback or as "not visible"."""
@@ -165,10 +165,12 @@ def test_a_ray_node_without_the_stores_endpoint_is_named_before_any_actor_starts
                        "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(key, value)  # before ray.init: the workers inherit it
     with local_ray():
-        check_visible_everywhere(["s3://nowhere/out"])  # a private one-node instance: nothing to probe
+        with pytest.raises(BadInputError, match=r"^s3://nowhere/out: Ray node .* did not answer whether it sees this "
+                                                r"within 0.001 s \(1 of 1 checks\)"):
+            check_visible_everywhere(["s3://nowhere/out"], timeout=0.001)  # a task cannot even start that fast
         with pytest.raises(BadInputError, match=rf"^s3://nowhere/out: its store cannot be reached or refuses access "
                                                 rf"from Ray node {socket.gethostname()} \(EndpointConnectionError.*ray start"):
-            check_visible_everywhere(["s3://nowhere/out"], joined=True)
+            check_visible_everywhere(["s3://nowhere/out", str(tmp_path)])  # one node: only the URL is probed
 
 
 def test_ray_actors_read_and_write_s3(s3: str, tmp_path: Path) -> None:

@@ -48,7 +48,9 @@ def test_base_cycle_is_an_error(tmp_path):
         load_sweep_config(tmp_path / "a.yaml")
 
 
-def test_demo_config_fast_and_overrides():
+def test_demo_config_fast_and_overrides(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative names are found in the repo, bases beside the file found
+    assert load_sweep_config("configs/demo/tiny.yaml", [], ["configs/demo/fast.yaml"]) == load_sweep_config(DEMO, [], [FAST_OVERLAY])
     cfg = load_sweep_config(DEMO, ["controlnet.train.steps=5", "grid.w=[1.5, 2.0]"], [FAST_OVERLAY])
     assert cfg.controlnet.train.steps == 5  # --set wins over the overlay
     assert cfg.ingest.source.procedural.num_train == 24  # the overlay wins over the config

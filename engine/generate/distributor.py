@@ -121,7 +121,8 @@ def check_job_paths(outputs: dict[str, str], inputs: dict[str, str]) -> None:
     (the run succeeds and the set is lost) and a relative input is looked for in that copy,
     which holds no ``runs/``. ``outputs`` / ``inputs``: config key -> location."""
     job = json.loads(os.environ.get(JOB_CONFIG_ENV) or "{}")
-    if not (job.get("runtime_env") or {}).get("working_dir"):
+    in_copy = f"{os.sep}working_dir_files{os.sep}" in os.getcwd()  # an entrypoint may `cd` elsewhere first
+    if not (job.get("runtime_env") or {}).get("working_dir") or not in_copy:
         return
     for key, location in {**inputs, **outputs}.items():
         if not storage.is_local(location) or storage.local_path(location).is_absolute():
@@ -136,31 +137,33 @@ def check_job_paths(outputs: dict[str, str], inputs: dict[str, str]) -> None:
 def _path_exists(location: str) -> bool:
     """Does this node see ``location``? A path: exists here. A URL: its store answers with this
     node's credentials and endpoint (else a BadInputError naming the node and the cause)."""
-    with storage.reached(location, where=f"Ray node {socket.gethostname()}"):
+    if storage.is_local(location):
         try:
             return storage.exists(location)
         except OSError:  # a path this node cannot stat
             return False
+    with storage.reached(location, where=f"Ray node {socket.gethostname()}"):
+        return storage.exists(location)
 
 
-def check_visible_everywhere(paths: list[str], joined: bool = False, timeout: float = 60.0) -> None:
-    """On a multi-node cluster, refuse paths that some node cannot see (a node-local folder),
+def check_visible_everywhere(paths: list[str], timeout: float = 60.0) -> None:
+    """Refuse paths that some node cannot see (a node-local folder on a multi-node cluster),
     and URLs whose store some node cannot reach (its environment lacks the credentials).
 
     Actors read sources and write shards on whatever node they run; a path that exists on
     the driver's node only would scatter the parts and fail the merge. One zero-CPU task
-    per alive node checks each path (an existing file or folder) where it runs. On a
-    cluster this driver ``joined`` (not one it started) URLs are checked even on one node:
-    that node's environment is its ``ray start``'s, not the driver's.
+    per alive node checks each path (an existing file or folder) where it runs. URLs are
+    checked on one node too: a node's environment is its ``ray start``'s, not the driver's.
     """
     import ray
+    from ray.exceptions import GetTimeoutError, RayTaskError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from ray.exceptions import RayTaskError
-
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) < 2 and not (joined and any(not storage.is_local(p) for p in paths)):
-        return  # one node, started by this driver: its workers share the driver's environment
+    if len(nodes) < 2:
+        paths = [p for p in paths if not storage.is_local(p)]
+    if not paths:
+        return
     probe = ray.remote(_path_exists)
     refs = {(n["NodeManagerAddress"], p): probe.options(
         num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(p)
@@ -170,6 +173,13 @@ def check_visible_everywhere(paths: list[str], joined: bool = False, timeout: fl
     except RayTaskError as exc:  # a node without the store's credentials or endpoint
         cause = task_cause(exc)
         raise cause if isinstance(cause, BadInputError) else exc from None
+    except GetTimeoutError:
+        _, late = ray.wait(list(refs.values()), num_returns=len(refs), timeout=0)
+        for ref in late:
+            ray.cancel(ref, force=True)
+        host, path = next(key for key, ref in refs.items() if ref in late)
+        raise BadInputError(path, f"Ray node {host} did not answer whether it sees this within {timeout:g} s "
+                            f"({len(late)} of {len(refs)} checks)", storage.STORE_HINT) from None
     missing = sorted({(host, p) for (host, p), ok in answers.items() if not ok})
     if missing:
         host, path = missing[0]
@@ -404,6 +414,9 @@ class Distributor:
                         print(f"generate: actor {i} is gone for good: {str(exc).splitlines()[0]}", file=sys.stderr)
                     else:
                         probe(i)
+                except RayTaskError as exc:  # restarted, but could not load the model there (its node's store access)
+                    state[i] = "dead"
+                    print(f"generate: actor {i} is gone for good: it restarted but {task_cause(exc)}", file=sys.stderr)
                 continue
             load[i] -= 1
             try:

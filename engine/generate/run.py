@@ -258,10 +258,10 @@ def _distribute(
 ) -> dict[str, Any]:
     """Run ``todo`` on an actor pool with a progress bar; return the pool's stats. ``visible``:
     paths every node of a multi-node cluster must see (refused otherwise)."""
-    mode = connect(cfg.ray.address, cfg.ray.local_num_cpus)
+    connect(cfg.ray.address, cfg.ray.local_num_cpus)
     import ray
 
-    check_visible_everywhere(list(visible), joined=mode == "cluster")
+    check_visible_everywhere(list(visible))
 
     shape = pool_shape(cfg, ray.cluster_resources())
     actor_kwargs = dict(

@@ -79,9 +79,7 @@ def load_sampler(model_dir: str, device: str, cfg: SamplerConfig) -> Sampler:
     from engine.models import ScribbleGenModel
     from engine.sampler import ScribbleSampler
 
-    with storage.reached(model_dir, where=f"the generation actor on {socket.gethostname()}"):
-        local = storage.local_copy(model_dir)
-    model = ScribbleGenModel.from_pretrained(local)
+    model = ScribbleGenModel.from_pretrained(storage.local_copy(model_dir, where=f"the generation actor on {socket.gethostname()}"))
     if cfg.resolution is not None and cfg.resolution != model.resolution:
         print(f"generate: sampling at {cfg.resolution} px, model trained at {model.resolution} px", file=sys.stderr)
     if cfg.resolution is not None and model.resize is not None and cfg.resize != model.resize:
