@@ -157,6 +157,14 @@ def test_the_node_probe_names_a_refused_url_and_answers_for_paths(monkeypatch, t
     monkeypatch.setattr(MemoryFileSystem, "exists", denied)
     with pytest.raises(BadInputError, match=r"^memory://b/out: .* refuses access from Ray node .*PermissionError"):
         _path_exists("memory://b/out")
+    import fsspec.core
+
+    def no_backend(url, **kwargs):
+        raise ImportError("Install gcsfs to access Google Storage")
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", no_backend)  # this node lacks the backend
+    with pytest.raises(BadInputError, match=r"^gs://b/out: no filesystem for gs:// .*\(on Ray node .*\) \(pip install gcsfs\)"):
+        _path_exists("gs://b/out")
 
 
 def _flaky_puts(monkeypatch, answers: list[str]) -> list[str]:
