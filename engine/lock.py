@@ -79,6 +79,10 @@ def _refuse(folder: storage.Location, holder: str) -> BadInputError:
                          "wait for it to finish (a rerun resumes), or choose another out_dir")
 
 
+def _raced(folder: storage.Location) -> BadInputError:
+    return _refuse(folder, " (another driver claimed it at the same moment)")
+
+
 def _read_owner(path: storage.Location, settle_s: float = SETTLE_S) -> dict[str, Any]:
     """The owner file's record; empty when it is gone or not a record (then it counts as stale).
     Any other read error raises: a store's transient error must not look like a dead holder.
@@ -139,9 +143,9 @@ def _claim(folder: storage.Location, me: dict[str, Any], stale_s: float) -> int:
         mine = seen[-1] + 1 if seen else 0
         path = owner_file(folder, mine)
         if generations(folder)[-1:] != seen[-1:]:  # claimed while this driver read (or stalled)
-            raise _refuse(folder, " (another driver claimed it at the same moment)")
+            raise _raced(folder)
         if not storage.create_exclusive(path, _record(me)):
-            raise _refuse(folder, " (another driver claimed it at the same moment)")
+            raise _raced(folder)
         # Read long ago: a later driver has claimed (and pruned) since. Or the store ignored the
         # condition (an O_EXCL that FUSE does not make atomic, an S3-compatible store without
         # If-None-Match) and a racer's record overwrote this one: the last writer holds it.
@@ -149,7 +153,7 @@ def _claim(folder: storage.Location, me: dict[str, Any], stale_s: float) -> int:
         if not ours or generations(folder)[-1] != mine:
             if ours:
                 storage.remove(path)
-            raise _refuse(folder, " (another driver claimed it at the same moment)")
+            raise _raced(folder)
     except FileNotFoundError as exc:  # the put found no bucket (a local folder is made before)
         raise BadInputError(str(folder), f"cannot create the lock's owner file: {exc}",
                             "create the bucket first (for S3: `aws s3 mb s3://BUCKET`), or check the URL") from None

@@ -120,14 +120,19 @@ def reached(location: Location, where: str = "") -> Iterator[None]:
     its store cannot be reached or refuses access (endpoint, credentials, permissions), fail
     with a :class:`BadInputError` naming it. Each backend raises its own types (botocore's
     ``EndpointConnectionError`` after s3fs's retries, ``NoCredentialsError``, google.auth's
-    errors), so anything but "not found" counts. Not for a running unit's reads and writes:
-    there a store's transient error must stay retryable."""
+    errors), so anything but "not found" counts; a BadInputError (a backend missing there) is
+    told ``where`` too. Not for a running unit's reads and writes: there a store's transient
+    error must stay retryable."""
     if is_local(location):
         yield
         return
     try:
         yield
-    except (BadInputError, FileNotFoundError):
+    except BadInputError as exc:
+        if not where:
+            raise
+        raise BadInputError(exc.what, f"{exc.problem} (on {where})", exc.hint) from None
+    except FileNotFoundError:
         raise
     except Exception as exc:
         raise BadInputError(os.fspath(location), f"its store cannot be reached or refuses access"
@@ -363,8 +368,8 @@ def local_copy(location: Location, where: str = "") -> Path:
     """
     if is_local(location):
         return local_path(location)
-    fs, path = fs_and_path(location)
     with reached(location, where):  # the store's first answer; the cache's own disk errors stay what they are
+        fs, path = fs_and_path(location)
         found = fs.find(path, detail=True)
     files = sorted((relative(p, path.rstrip("/")), int(info["size"])) for p, info in found.items())
     if not files:

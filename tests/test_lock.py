@@ -99,20 +99,20 @@ def both_read_first(monkeypatch) -> None:
     monkeypatch.setattr(lock, "_read_owner", read_then_wait)
 
 
-def test_two_drivers_taking_over_the_same_stale_owner_at_once_exactly_one_wins(folder, monkeypatch):
-    """Both read the stale record before either writes (a barrier holds them there): a
-    delete-then-create takeover lets both proceed; the next generation's conditional create lets one."""
-    stale_owner(folder)
-    both_read_first(monkeypatch)
+def race_two_drivers(folder) -> None:
+    """Two drivers claim ``folder`` at once, the winner holding until the other is done: exactly
+    one holds it, the other is refused as a racer."""
     outcomes: list[str] = []
+    refused = threading.Event()
 
     def driver() -> None:
         try:
             with lock.exclusive_folder(folder, heartbeat_s=60.0):
                 outcomes.append("held")
-                time.sleep(0.3)  # overlap with the other driver
+                refused.wait(10)  # overlap with the other driver until it is done
         except BadInputError as exc:
             outcomes.append(str(exc))
+            refused.set()
 
     threads = [threading.Thread(target=driver) for _ in range(2)]
     for t in threads:
@@ -120,6 +120,14 @@ def test_two_drivers_taking_over_the_same_stale_owner_at_once_exactly_one_wins(f
     for t in threads:
         t.join()
     assert sorted(outcomes, key=len)[0] == "held" and "claimed it at the same moment" in sorted(outcomes, key=len)[1]
+
+
+def test_two_drivers_taking_over_the_same_stale_owner_at_once_exactly_one_wins(folder, monkeypatch):
+    """Both read the stale record before either writes (a barrier holds them there): a
+    delete-then-create takeover lets both proceed; the next generation's conditional create lets one."""
+    stale_owner(folder)
+    both_read_first(monkeypatch)
+    race_two_drivers(folder)
     assert lock.generations(folder) == [1]
 
 
@@ -138,24 +146,7 @@ def test_a_store_that_ignores_the_create_condition_still_lets_exactly_one_driver
         return True
 
     monkeypatch.setattr(storage, "create_exclusive", unconditional)
-    outcomes: list[str] = []
-    refused = threading.Event()
-
-    def driver() -> None:
-        try:
-            with lock.exclusive_folder(folder, heartbeat_s=60.0):
-                outcomes.append("held")
-                refused.wait(10)  # hold until the other driver is done
-        except BadInputError as exc:
-            outcomes.append(str(exc))
-            refused.set()
-
-    threads = [threading.Thread(target=driver) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(outcomes, key=len)[0] == "held" and "claimed it at the same moment" in sorted(outcomes, key=len)[1]
+    race_two_drivers(folder)
     assert lock.generations(folder) == [1] and newest(folder)["released"]  # the winner's record, released
 
 

@@ -142,12 +142,8 @@ def _path_exists(location: str) -> bool:
             return storage.exists(location)
         except OSError:  # a path this node cannot stat
             return False
-    node = f"Ray node {socket.gethostname()}"
-    try:
-        with storage.reached(location, where=node):
-            return storage.exists(location)
-    except BadInputError as exc:  # e.g. this node lacks the URL's fsspec backend
-        raise exc if node in exc.problem else BadInputError(exc.what, f"{exc.problem} (on {node})", exc.hint) from None
+    with storage.reached(location, where=f"Ray node {socket.gethostname()}"):
+        return storage.exists(location)
 
 
 def check_visible_everywhere(paths: list[str], timeout: float = 60.0) -> None:

@@ -171,8 +171,8 @@ def fit_sources(sources: dict[str, Sample], size: int | None, resize: str) -> di
 
 def present_classes(scribble: np.ndarray) -> list[int]:
     """Class ids drawn in a uint8 scribble (255 = unlabelled left out): a crop can drop some.
-    A histogram, not ``np.unique``'s sort: 4x faster at 512 px, and it runs between two
-    sampler calls for every image."""
+    A histogram, not ``np.unique``'s sort: 4x faster at 512 px, for every source of a unit
+    (in the loader thread, while the sampler runs)."""
     if scribble.dtype != np.uint8:  # not a decoded scribble: ids may be anything
         return [int(c) for c in np.unique(scribble) if c != UNLABELLED]
     counts = np.bincount(scribble.ravel(), minlength=UNLABELLED + 1)
