@@ -4,6 +4,7 @@ Output folder (``out``)::
 
     real-train-000000.tar ...   train split, ``samples_per_shard`` samples per shard
     real-val-000000.tar ...     val split (kept whole by ``--subset``)
+    real-test-000000.tar ...    held-out test split, where the source has one (kept whole)
     ingest.yaml                 the resolved config
     manifest.parquet            one row per sample (and per skipped input), written last
 
@@ -27,7 +28,6 @@ from fractions import Fraction
 from functools import partial
 from typing import Any, Iterable, Iterator
 
-import numpy as np
 from tqdm import tqdm
 
 from engine import storage
@@ -35,11 +35,14 @@ from engine.atomic import atomic_path
 from engine.config import add_config_args, load_config, save_config, to_dict
 from engine.data.record import SourceRecord, to_sample
 from engine.data.registry import open_source
+from engine.data.subset import draw_subset
 from engine.data.sources import SourceConfig
 from engine.errors import BadInputError
 from engine.identity import IDENTITY_FILE
 from engine.manifest import DatasetInfo, read_manifest, sample_row, shard_rows, skip_row, write_manifest
 from engine.shards import Sample, ShardWriter, shard_name
+
+SPLITS = ("train", "val", "test")  # test: held out for reported numbers, never used to choose anything
 
 DEFAULT_CONFIG = "configs/ingest/tiny.yaml"
 MANIFEST = "manifest.parquet"
@@ -64,7 +67,7 @@ class IngestConfig:
 
     source: SourceConfig = field(default_factory=SourceConfig)
     out: str = "runs/tiny/real"
-    subset: Any = 1.0  # fraction of the train split kept: 0.0625 or "1/16"; val is kept whole
+    subset: Any = 1.0  # fraction of the train split kept: 0.0625 or "1/16"; val and test are kept whole
     subset_seed: int = 0
     samples_per_shard: int = 256
     image_format: str = "png"  # "png" (lossless) or "jpg"
@@ -83,17 +86,12 @@ class IngestConfig:
 
 
 def select_subset(records: list[SourceRecord], fraction: float, seed: int) -> list[SourceRecord]:
-    """Deterministic seeded subset of the train records (val records all kept, order kept).
-
-    ``round(fraction * n_train)`` (at least 1) train records are taken from the front of
-    one seeded permutation, so smaller subsets are nested inside larger ones.
-    """
-    train = [i for i, r in enumerate(records) if r.split == "train"]
-    if fraction >= 1.0 or not train:
+    """The records of the seeded low-data draw of the train split (``engine.data.subset``,
+    the same draw seg's ``data.real_fraction`` makes); every other split kept whole, order kept."""
+    if fraction >= 1.0:
         return records
-    k = max(1, round(fraction * len(train)))
-    keep = {train[i] for i in np.random.default_rng(seed).permutation(len(train))[:k]}
-    return [r for i, r in enumerate(records) if r.split != "train" or i in keep]
+    keep = draw_subset((r.source_id for r in records if r.split == "train"), fraction, seed)
+    return [r for r in records if r.split != "train" or r.source_id in keep]
 
 
 def prepare_out(out: storage.Location, overwrite: bool) -> None:
@@ -191,8 +189,10 @@ def run_ingest(cfg: IngestConfig) -> storage.Location:
     out = storage.as_location(cfg.out)
     prepare_out(out, cfg.overwrite)
     rows: list[dict[str, Any]] = []
-    for split in ("train", "val"):
-        rows += write_split([r for r in records if r.split == split], split, cfg, out, len(class_names))
+    for split in SPLITS:
+        in_split = [r for r in records if r.split == split]
+        if in_split or split != "test":  # a source without a test split writes no empty bar for it
+            rows += write_split(in_split, split, cfg, out, len(class_names))
     with atomic_path(storage.join(out, CONFIG_COPY)) as tmp:
         save_config(cfg, tmp)
     info = DatasetInfo(class_names=class_names, kind="real", extra={"source": cfg.source.kind, "config": to_dict(cfg)})
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_config_args(parser, DEFAULT_CONFIG)
     parser.add_argument("--out", help="output folder (overrides config 'out')")
-    parser.add_argument("--subset", help="keep this fraction of the train split, e.g. 0.0625 or 1/16 (seeded; val kept whole)")
+    parser.add_argument("--subset", help="keep this fraction of the train split, e.g. 0.0625 or 1/16 (seeded, engine.data.subset; val and test kept whole)")
     parser.add_argument("--skip-bad", action="store_true", help="record bad inputs as skipped manifest rows instead of stopping")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier ingest in the output folder")
     args = parser.parse_args(argv)
@@ -229,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     table, _ = read_manifest(manifest)
     status = table.column("status").to_pylist()
     splits = table.column("split").to_pylist()
-    counts = {s: sum(1 for st, sp in zip(status, splits) if st == "ok" and sp == s) for s in ("train", "val")}
+    counts = {s: sum(1 for st, sp in zip(status, splits) if st == "ok" and sp == s) for s in SPLITS}
     print(
-        f"{manifest}: {counts['train']} train + {counts['val']} val samples, "
+        f"{manifest}: " + " + ".join(f"{n} {s}" for s, n in counts.items() if n or s != "test") + " samples, "
         f"{status.count('skipped')} skipped, in {time.perf_counter() - t0:.1f} s"
     )
     return 0

@@ -78,10 +78,29 @@ class GridConfig:
 
     w: list[float] = field(default_factory=lambda: [2.0])
     lambdas: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    # λ -> images a source for that λ's cells, instead of generate.plan.samples_per_source
+    # (the headline makes 16 a scene at λ = 1 for fixed, 4 at each λ < 1 for uniform/adaptive).
+    samples_per_source: dict[float, int] = field(default_factory=dict)
 
     def validate(self) -> None:
         PlanConfig(w=self.w, lambdas=self.lambdas).validate()  # the generator's own checks
         self.w, self.lambdas = [float(v) for v in self.w], [float(v) for v in self.lambdas]
+        counts = {}
+        for lam, n in self.samples_per_source.items():
+            try:
+                lam = float(lam)
+            except (TypeError, ValueError):
+                raise BadInputError(f"grid.samples_per_source key {lam!r}", "is not a number (λ)") from None
+            if not any(abs(lam - a) < 5e-3 for a in self.lambdas):
+                raise BadInputError(f"grid.samples_per_source[{lam:g}]", f"is not in the grid's λ {self.lambdas}")
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise BadInputError(f"grid.samples_per_source[{lam:g}]", f"must be an integer >= 1, got {n!r}")
+            counts[lam] = n
+        self.samples_per_source = counts
+
+    def samples_for(self, lam: float, default: int) -> int:
+        """Images a source at ``lam``: its own count where the grid names one, else ``default``."""
+        return next((n for key, n in self.samples_per_source.items() if abs(key - lam) < 5e-3), default)
 
 
 @dataclass
@@ -454,6 +473,7 @@ def generate_config_for(cfg: SweepConfig, out: Path, real_manifest: storage.Loca
     gen.real_manifest, gen.model_dir = str(real_manifest), str(model_dir)
     gen.out_dir = str(out / "synthetic" / cell_name(w, lam))
     gen.plan.w, gen.plan.lambdas = [w], [lam]
+    gen.plan.samples_per_source = cfg.grid.samples_for(lam, gen.plan.samples_per_source)
     gen.validate()
     return gen
 

@@ -16,7 +16,6 @@ which keeps the split a partition.
 from __future__ import annotations
 
 import itertools
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -25,6 +24,7 @@ import numpy as np
 import webdataset as wds
 from torch.utils.data import IterableDataset
 
+from engine.data.subset import draw_subset
 from engine.errors import BadInputError
 from engine.manifest import missing_shards, read_manifest, resolve_shard
 from engine.shards import Sample, decode_sample, open_shard
@@ -105,13 +105,6 @@ class DataIndex:
         return sorted(self.synthetic)
 
 
-def _subset_ids(source_ids: Sequence[str], fraction: float, seed: int) -> set[str]:
-    """A fixed ``fraction`` of the source ids (at least one), the same on every run."""
-    ids = sorted(set(source_ids))
-    random.Random(seed).shuffle(ids)
-    return set(ids[: max(1, round(len(ids) * fraction))])
-
-
 def index_manifests(
     paths: Sequence[str | Path],
     train_split: str = "train",
@@ -144,7 +137,7 @@ def index_manifests(
     if not class_names:
         raise BadInputError(", ".join(map(str, paths)), "no manifest records class names", "re-create the real manifest with ingest")
     real_sources = [r[2] for r in rows if r[4] == 0.0 and r[3] == train_split]
-    keep = _subset_ids(real_sources, real_fraction, subset_seed) if real_fraction < 1.0 else None
+    keep = draw_subset(real_sources, real_fraction, subset_seed) if real_fraction < 1.0 else None
     index = DataIndex(class_names=class_names, real=ShardGroup(), val=ShardGroup(), synthetic={})
     for url, key, source, split, lam in rows:
         if lam == 0.0 and split == val_split:

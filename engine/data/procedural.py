@@ -136,11 +136,12 @@ def _load(index: int, seed: int, size: int, split: str) -> tuple[np.ndarray, np.
     return scene.image, scene.scribble, scene.mask
 
 
-def procedural_records(num_train: int, num_val: int, size: int = 32, seed: int = 0) -> list[SourceRecord]:
-    """Lazy records ``proc-{split}-{i:06d}`` of the built-in dataset (picklable loaders)."""
+def procedural_records(num_train: int, num_val: int, size: int = 32, seed: int = 0, num_test: int = 0) -> list[SourceRecord]:
+    """Lazy records ``proc-{split}-{i:06d}`` of the built-in dataset (picklable loaders):
+    train, then val (for choices), then test (held out for reported numbers)."""
     return [
         SourceRecord(f"proc-{split}-{i:06d}", split, partial(_load, i, seed, size, split))
-        for split, n in (("train", num_train), ("val", num_val))
+        for split, n in (("train", num_train), ("val", num_val), ("test", num_test))
         for i in range(n)
     ]
 

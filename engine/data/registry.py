@@ -19,7 +19,7 @@ Reader = Callable[[Any], tuple[list[SourceRecord], list[str]]]
 
 
 def _procedural(cfg: ProceduralSource) -> tuple[list[SourceRecord], list[str]]:
-    return procedural_records(cfg.num_train, cfg.num_val, cfg.size, cfg.seed), list(CLASS_NAMES)
+    return procedural_records(cfg.num_train, cfg.num_val, cfg.size, cfg.seed, cfg.num_test), list(CLASS_NAMES)
 
 
 READERS: dict[str, Reader] = {"procedural": _procedural, "voc": voc_records, "folder": folder_records}

@@ -35,12 +35,13 @@ class ProceduralSource:
 
     num_train: int = 2000
     num_val: int = 200
+    num_test: int = 0  # held-out scenes for reported numbers (their own stream: never val's or train's)
     size: int = 64
     seed: int = 0
 
     def validate(self) -> None:
-        if self.num_train < 1 or self.num_val < 0:
-            raise BadInputError("source.procedural", "num_train must be >= 1 and num_val >= 0")
+        if self.num_train < 1 or self.num_val < 0 or self.num_test < 0:
+            raise BadInputError("source.procedural", "num_train must be >= 1, num_val and num_test >= 0")
         if not 16 <= self.size <= 2048:
             raise BadInputError("source.procedural.size", f"{self.size} is out of range 16..2048")
 
