@@ -10,7 +10,9 @@ and prints mIoU mean ± std over the seeds as a Markdown table:
 
 Each run lives in ``OUT/<scheme>-seed<k>/`` (the usual seg.train outputs); a finished run
 (summary.json present) is reused and an interrupted one resumed, so the script can be
-re-run after a crash. Results also go to ``OUT/headline.md`` and ``OUT/headline.json``.
+re-run after a crash -- but only while the identity the run recorded (its config and the
+digests of its manifests, as the sweep runner records it) is today's: a folder made with
+another config or other inputs is refused, naming what differs. Results also go to ``OUT/headline.md`` and ``OUT/headline.json``.
 If the real manifest was already ingested with ``--subset 1/16``, pass ``--fraction 1``.
 """
 
@@ -26,6 +28,8 @@ from typing import Any
 
 from engine.config import add_config_args, load_config
 from engine.errors import BadInputError
+from engine.identity import file_digest
+from experiments.sweep import RUN_ONLY, stage_identity
 from seg.schemes import SCHEMES
 from seg.train import DEFAULT_CONFIG, SegConfig, format_summary, train
 
@@ -42,7 +46,10 @@ def parse_fraction(text: str) -> float:
 
 
 def run_one(cfg: SegConfig, manifests: list[str], out: Path) -> dict[str, Any]:
-    """Summary of one (scheme, seed) run: reused if finished, resumed if interrupted."""
+    """Summary of one (scheme, seed) run: reused if finished, resumed if interrupted, either
+    only under the identity it recorded (refused otherwise)."""
+    inputs = {f"manifest{i}": file_digest(m) for i, m in enumerate(manifests)}
+    stage_identity(cfg, RUN_ONLY["seg"], inputs).claim(out, "seg run")
     summary = out / "summary.json"
     if summary.exists():
         return json.loads(summary.read_text())

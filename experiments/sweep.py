@@ -135,10 +135,77 @@ class LambdaStudy:
 
 
 @dataclass
+class Arm:
+    """One arm of a controlled comparison: a scheme, its cells' λ at ``ArmsStudy.w`` (none for
+    real only), and seg settings of its own (dotted keys, e.g. ``augment.vflip: true``)."""
+
+    scheme: str = "real"
+    lambdas: list[float] = field(default_factory=list)
+    set: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise BadInputError(f"arm scheme {self.scheme!r}", f"unknown; choose from {list(SCHEMES)}")
+        self.lambdas = [float(v) for v in self.lambdas]
+        if (self.scheme == "real") != (not self.lambdas):
+            raise BadInputError(f"arm scheme {self.scheme!r} with lambdas {self.lambdas}",
+                                "real only takes no λ, every other scheme at least one")
+        if self.scheme == "fixed" and len(self.lambdas) != 1:
+            raise BadInputError(f"arm scheme 'fixed' with lambdas {self.lambdas}", "fixed takes exactly one λ")
+
+
+@dataclass
+class ArmsStudy:
+    """Named arms trained with the same seeds and steps, each against ``baseline`` (paired)."""
+
+    enabled: bool = False
+    w: float = 2.0
+    seeds: list[int] = field(default_factory=lambda: [0])
+    baseline: str = "real"
+    arms: dict[str, Arm] = field(default_factory=dict)
+    contrasts: list[list[str]] = field(default_factory=list)  # [a, b]: a − b over draws, besides each arm − baseline
+    target_points: float = 3.0  # the verdict: the best of lambda_aware beats the baseline by this, interval above 0
+    lambda_aware: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        self.arms = {name: arm if isinstance(arm, Arm) else from_dict(Arm, arm, f"studies.arms.arms.{name}")
+                     for name, arm in self.arms.items()}
+        for name in self.arms:
+            if not name.replace("_", "").isalnum():
+                raise BadInputError(f"studies.arms.arms.{name}", "arm names are letters, digits and _ (they name run folders)")
+        if self.enabled and self.baseline not in self.arms:
+            raise BadInputError(f"studies.arms.baseline={self.baseline!r}", f"is not one of the arms {list(self.arms)}")
+        named = [("studies.arms.lambda_aware", n) for n in self.lambda_aware]
+        for pair in self.contrasts:
+            if not (isinstance(pair, list) and len(pair) == 2):
+                raise BadInputError(f"studies.arms.contrasts {pair!r}", "each contrast is a pair [a, b] of arm names (a − b)")
+            named += [("studies.arms.contrasts", n) for n in pair]
+        for where, name in named:
+            if self.enabled and name not in self.arms:
+                raise BadInputError(f"{where}: {name!r}", f"is not one of the arms {list(self.arms)}")
+
+
+@dataclass
 class StudiesConfig:
     schemes: SchemesStudy = field(default_factory=SchemesStudy)
     w_sweep: WStudy = field(default_factory=WStudy)
     lambda_sweep: LambdaStudy = field(default_factory=LambdaStudy)
+    arms: ArmsStudy = field(default_factory=ArmsStudy)
+
+
+@dataclass
+class DrawsConfig:
+    """Labelled-subset draws: each seed is the whole pipeline on ``ingest.subset_seed`` = seed,
+    in ``<out>/draw-<seed>`` (experiments/draws.py); empty = one run in ``out`` as before."""
+
+    seeds: list[int] = field(default_factory=list)
+    confidence: float = 0.95  # of the paired t interval over draws
+
+    def validate(self) -> None:
+        if len(set(self.seeds)) != len(self.seeds):
+            raise BadInputError(f"draws.seeds={self.seeds}", "repeats a seed")
+        if not 0.5 < self.confidence < 1.0:
+            raise BadInputError(f"draws.confidence={self.confidence}", "must be in (0.5, 1)")
 
 
 @dataclass
@@ -174,6 +241,7 @@ class SweepConfig:
     seg: SegConfig = field(default_factory=SegConfig)
     studies: StudiesConfig = field(default_factory=StudiesConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    draws: DrawsConfig = field(default_factory=DrawsConfig)
 
     def validate(self) -> None:
         s = self.studies
@@ -190,6 +258,10 @@ class SweepConfig:
             needs.append(("studies.w_sweep.lam", s.w_sweep.lam, self.grid.lambdas))
         if s.lambda_sweep.enabled:
             needs.append(("studies.lambda_sweep.w", s.lambda_sweep.w, self.grid.w))
+        if s.arms.enabled and any(a.lambdas for a in s.arms.arms.values()):
+            needs.append(("studies.arms.w", s.arms.w, self.grid.w))
+            for name, arm in s.arms.arms.items():
+                needs += [(f"studies.arms.arms.{name}.lambdas", lam, self.grid.lambdas) for lam in arm.lambdas]
         for where, value, allowed in needs:
             if not any(abs(value - a) < 5e-3 for a in allowed):
                 raise BadInputError(f"{where}={value}", f"is not in the grid {allowed}", "add it to grid.w / grid.lambdas")
@@ -254,9 +326,13 @@ class SegRun:
     lambdas: list[float]
     seed: int
     studies: list[str] = field(default_factory=list)
+    arm: str | None = None  # an arms study's run: named by its arm, with the arm's own seg settings
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
+        if self.arm is not None:
+            return f"arm-{self.arm}-seed{self.seed}"
         if self.scheme == "real":
             return f"real-seed{self.seed}"
         lams = "_".join(_fmt(x) for x in self.lambdas)
@@ -294,12 +370,21 @@ def plan_seg_runs(cfg: SweepConfig) -> list[SegRun]:
                 add(SegRun("real", None, [], seed), "lambda_sweep")
             for lam in lams:
                 add(SegRun("fixed", s.lambda_sweep.w, [lam], seed), "lambda_sweep")
+    if s.arms.enabled:
+        for seed in s.arms.seeds:
+            for name, arm in s.arms.arms.items():
+                add(SegRun(arm.scheme, s.arms.w if arm.lambdas else None, list(arm.lambdas), seed, arm=name,
+                           overrides=dict(arm.set)), "arms")
     return list(runs.values())
 
 
 def seg_config_for(cfg: SweepConfig, run: SegRun) -> SegConfig:
-    """The sweep's seg section with this run's scheme, fixed λ and seed."""
+    """The sweep's seg section with this run's scheme, fixed λ and seed (and an arm's own settings)."""
     seg = copy.deepcopy(cfg.seg)
+    if run.overrides:
+        data = to_dict(seg)
+        apply_overrides(data, [f"{key}={json.dumps(value)}" for key, value in run.overrides.items()])
+        seg = from_dict(SegConfig, data, f"seg settings of arm {run.arm!r}")
     seg.scheme.name = run.scheme
     seg.scheme.fixed_lambda = run.lambdas[0] if run.scheme == "fixed" else None
     seg.train.seed = run.seed
@@ -656,10 +741,9 @@ def stage_seg(cfg: SweepConfig, out: Path, real_manifest: storage.Location, cell
     digests = {"real": file_digest(real_manifest), **{name: file_digest(m) for name, m in cells.items()}}
     todo = []
     for run in runs:
-        seg = seg_config_for(cfg, run)
+        seg, identity = seg_identity(cfg, run, digests)
         folder = out / "seg" / run.name
         manifests = [str(real_manifest)] + [str(cells[c]) for c in run.cells]
-        identity = stage_identity(seg, RUN_ONLY["seg"], {k: digests[k] for k in ["real", *run.cells]})
         recorded = Identity.load(folder)
         changed = identity.differences(recorded) if recorded is not None else []
         if changed and all(d.startswith("input:") for d in changed):
@@ -676,6 +760,13 @@ def stage_seg(cfg: SweepConfig, out: Path, real_manifest: storage.Location, cell
         with ray_session(cfg.generate.ray.address, cfg.generate.ray.local_num_cpus):
             summaries.update(_train_seg_runs(todo, cfg.seg_cpus_per_run))
     return {r.name: summaries[r.name] for r in runs}
+
+
+def seg_identity(cfg: SweepConfig, run: SegRun, digests: dict[str, str]) -> tuple[SegConfig, Identity]:
+    """A seg run's config and the identity it records: that config and the digests of the real
+    manifest (``digests["real"]``) and of each cell it draws from (``digests[cell name]``)."""
+    seg = seg_config_for(cfg, run)
+    return seg, stage_identity(seg, RUN_ONLY["seg"], {k: digests[k] for k in ["real", *run.cells]})
 
 
 def _train_seg(seg: SegConfig, manifests: list[str], folder: str) -> dict[str, Any]:
@@ -802,9 +893,15 @@ def main(argv: list[str] | None = None, default_config: str | None = None, prog:
     try:
         cfg = load_sweep_config(args.config, overrides, [FAST_OVERLAY] if args.fast else [])
         check_job_paths({"out": str(cfg.out)}, {})
-        index = run_sweep(cfg)
+        if cfg.draws.seeds:
+            from experiments.draws import run_draws
+
+            index = run_draws(cfg)
+        else:
+            index = run_sweep(cfg)
     except BadInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"\nreport: {index} (and index.html beside it); total {time.perf_counter() - t0:.1f} s")
+    beside = "headline.json beside it, each draw's report in its folder" if cfg.draws.seeds else "index.html beside it"
+    print(f"\nreport: {index} ({beside}); total {time.perf_counter() - t0:.1f} s")
     return 0

@@ -34,6 +34,13 @@ def test_headline_table_over_schemes_and_seeds(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(headline, "train", lambda *a, **k: pytest.fail("finished runs must be reused"))
     assert headline.main(argv) == 0
+    capsys.readouterr()
+    # ... but never under another config or other inputs: the summaries found are refused, named.
+    assert headline.main(argv + ["--set", "optim.lr=0.5"]) == 2
+    assert "differs in optim.lr" in capsys.readouterr().err
+    other = make_synthetic(tmp_path / "other", (0.2, 0.5, 1.0), n_train=32, per_shard=7, size=24)  # other shards
+    assert headline.main([*argv[:3], str(other), *argv[4:]]) == 2
+    assert "differs in input:manifest1" in capsys.readouterr().err
 
 
 def test_headline_bad_fraction(tmp_path, capsys):

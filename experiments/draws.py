@@ -1,0 +1,187 @@
+"""One experiment over several labelled draws, and the paired comparison of its arms over them.
+
+A result on one labelled subset says little: another draw of 128 scenes moved real only by
+as much as the synthetic gain. With ``draws.seeds`` set, a sweep runs its whole pipeline
+once per draw, in ``<out>/draw-<seed>/`` with ``ingest.subset_seed = seed`` (each draw
+trains its own ControlNet, generates its own cells and trains every arm with the same seg
+seeds), then compares each arm with the baseline **within** each draw and summarises the
+paired differences over draws (:func:`collect`):
+
+    <out>/draw-1/ ...            run_sweep's run folder of draw 1 (its own report included)
+    <out>/headline.json          every arm's mIoU per draw and seed, paired means and intervals
+    <out>/headline.md            the same as a table, an interval and a verdict
+
+A draw's mean over seg seeds is one observation; the interval is a t interval over draws
+of (arm − baseline), which covers the variation of subset, ControlNet, generation and seg
+seeds together. Rerunning resumes: each draw is a sweep (every stage resumes), and the
+summary is rewritten after every draw, so a run stopped between sessions keeps what it has.
+A seg run counts only while its recorded identity (config and input digests) is what the
+config would make today; anything else is listed as stale, never averaged in.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any, Sequence
+
+from engine.atomic import write_json, write_text
+from engine.errors import BadInputError
+from engine.identity import Identity, file_digest, plain
+from engine.config import to_dict
+from experiments.sweep import REPO, SweepConfig, plan_seg_runs, run_sweep, seg_identity
+
+RESULT_JSON = "headline.json"
+RESULT_MD = "headline.md"
+
+
+def draw_dir(out: str | Path, seed: int) -> Path:
+    return Path(out) / f"draw-{seed}"
+
+
+def draw_config(cfg: SweepConfig, seed: int) -> SweepConfig:
+    """The sweep of one draw: the same config on ``ingest.subset_seed = seed``, in its own folder."""
+    sub = copy.deepcopy(cfg)
+    sub.out = str(draw_dir(cfg.out, seed))
+    sub.ingest.subset_seed = seed
+    sub.draws.seeds = []
+    sub.report.title = f"{cfg.report.title or cfg.name}: draw {seed}"
+    return sub
+
+
+def check_draws_config(cfg: SweepConfig) -> None:
+    """Draws each make their own real set and ControlNet, and compare arms: say so if they cannot."""
+    if cfg.real_manifest or cfg.model_dir:
+        raise BadInputError("real_manifest / model_dir", "are shared by every draw, but each draw must ingest its own subset "
+                            "and train its own ControlNet", "remove them (set both to null) when draws.seeds is set")
+    if not cfg.studies.arms.enabled:
+        raise BadInputError("draws.seeds", "compare arms over draws, but studies.arms is not enabled",
+                            "enable studies.arms with a baseline, or leave draws.seeds empty")
+
+
+def git_commit() -> str:
+    """The repo's HEAD (with ``+dirty`` when tracked files differ), or ``unknown`` outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        sha = git("rev-parse", "HEAD")
+        return sha + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_draws(cfg: SweepConfig) -> Path:
+    """Run (or resume) every draw in turn, rewriting the summary after each; return its markdown."""
+    check_draws_config(cfg)
+    out = Path(cfg.out)
+    for i, seed in enumerate(cfg.draws.seeds, 1):
+        print(f"\n######## draw {seed} ({i}/{len(cfg.draws.seeds)}) -> {draw_dir(out, seed)}", flush=True)
+        run_sweep(draw_config(cfg, seed))
+        stamp = draw_dir(out, seed) / "commit.json"
+        if not stamp.is_file():  # the code its runs finished at (an earlier session's, when reused)
+            write_json(stamp, {"commit": git_commit()})
+        write_summary(cfg, collect(cfg))
+    return out / RESULT_MD
+
+
+def write_summary(cfg: SweepConfig, result: dict[str, Any]) -> None:
+    from experiments.report import headline_markdown
+
+    out = Path(cfg.out)
+    write_json(out / RESULT_JSON, result)
+    write_text(out / RESULT_MD, headline_markdown(result) + "\n")
+
+
+# -- collecting ------------------------------------------------------------------------------
+def _current_runs(cfg: SweepConfig, seed: int) -> tuple[dict[str, float], list[str]]:
+    """mIoU (%) of each finished seg run of one draw whose identity is today's; and the stale ones."""
+    folder = draw_dir(cfg.out, seed)
+    sub = draw_config(cfg, seed)
+    real = folder / "real" / "manifest.parquet"
+    if not real.is_file():
+        return {}, []
+    digests = {"real": file_digest(real)}
+    found, stale = {}, []
+    for run in plan_seg_runs(sub):
+        run_dir = folder / "seg" / run.name
+        summary = run_dir / "summary.json"
+        if not summary.is_file():
+            continue
+        cells = {c: folder / "synthetic" / c / "manifest.parquet" for c in run.cells}
+        if not all(m.is_file() for m in cells.values()):
+            stale.append(f"draw-{seed}/seg/{run.name}")
+            continue
+        digests.update({c: file_digest(m) for c, m in cells.items() if c not in digests})
+        _, identity = seg_identity(sub, run, digests)
+        recorded = Identity.load(run_dir)
+        if recorded is None or identity.differences(recorded):
+            stale.append(f"draw-{seed}/seg/{run.name}")
+            continue
+        found[run.name] = 100.0 * json.loads(summary.read_text())["miou"]
+    return found, stale
+
+
+def paired(arm: Sequence[Sequence[float | None] | None], base: Sequence[Sequence[float | None] | None],
+           confidence: float) -> dict[str, Any]:
+    """Mean of (arm − base) over the draws where both have every seed, with a t interval.
+
+    Each draw contributes the difference of its seed means (the seeds are shared, so this
+    is also the mean of per-seed differences); the interval is ``mean ± t · sd / √n``
+    with n − 1 degrees of freedom, None below two draws.
+    """
+    from scipy import stats
+
+    def complete(values: Sequence[float | None] | None) -> bool:
+        return bool(values) and all(v is not None for v in values)  # type: ignore[union-attr]
+
+    diffs = [statistics.mean(a) - statistics.mean(b) for a, b in zip(arm, base) if complete(a) and complete(b)]  # type: ignore[arg-type]
+    n = len(diffs)
+    result: dict[str, Any] = {"n_draws": n, "mean": statistics.mean(diffs) if diffs else None, "ci95": None,
+                              "per_draw": [round(d, 4) for d in diffs]}
+    if n >= 2:
+        half = stats.t.ppf(0.5 + confidence / 2, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+        result["ci95"] = [result["mean"] - half, result["mean"] + half]
+    return result
+
+
+def collect(cfg: SweepConfig) -> dict[str, Any]:
+    """The headline record of every draw of ``cfg`` found on disk (see the module doc)."""
+    study = cfg.studies.arms
+    per_draw: dict[str, list[list[float | None] | None]] = {name: [] for name in study.arms}
+    stale: list[str] = []
+    commits = {}
+    for seed in cfg.draws.seeds:
+        found, old = _current_runs(cfg, seed)
+        stale += old
+        stamp = draw_dir(cfg.out, seed) / "commit.json"
+        if stamp.is_file():
+            commits[str(seed)] = json.loads(stamp.read_text())["commit"]
+        for name in study.arms:
+            values = [found.get(f"arm-{name}-seed{k}") for k in study.seeds]
+            per_draw[name].append(None if all(v is None for v in values) else [None if v is None else round(v, 4) for v in values])
+    base = per_draw[study.baseline]
+    result: dict[str, Any] = {
+        "split": cfg.seg.data.val_split,
+        "commit": git_commit(),
+        "draw_commits": commits,
+        "config": cfg.name,
+        "config_digest": Identity(plain(to_dict(cfg)), {}).digest,
+        "draws": list(cfg.draws.seeds),
+        "seg_seeds": list(study.seeds),
+        "baseline": study.baseline,
+        "interval": f"t interval over draws of (arm − baseline), each draw the mean of its seg seeds, "
+                    f"{100 * cfg.draws.confidence:g} %",
+        "arms": {name: {"scheme": arm.scheme, "lambdas": arm.lambdas, "set": arm.set, "per_draw": per_draw[name]}
+                 for name, arm in study.arms.items()},
+        "paired": {name: paired(per_draw[name], base, cfg.draws.confidence) for name in study.arms if name != study.baseline},
+        "contrasts": {f"{a} - {b}": paired(per_draw[a], per_draw[b], cfg.draws.confidence) for a, b in study.contrasts},
+        "target": {"points": study.target_points, "lambda_aware": list(study.lambda_aware)},
+        "stale": stale,
+    }
+    return result
+

@@ -1,0 +1,116 @@
+"""Arms and draws (experiments/draws.py): planning, the paired interval, what collect counts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from engine.errors import BadInputError
+from engine.identity import file_digest
+from experiments.draws import check_draws_config, collect, draw_config, draw_dir, paired
+from experiments.sweep import REPO, load_sweep_config, plan_seg_runs, seg_identity
+
+DEMO = REPO / "configs" / "demo" / "tiny.yaml"
+ARMS = [
+    "studies.schemes.enabled=false", "studies.arms.enabled=true", "studies.arms.seeds=[0, 1]", "studies.arms.w=2.0",
+    "studies.arms.baseline=real", "grid.w=[2.0]", "grid.lambdas=[0.5, 1.0]",
+    "studies.arms.arms={real: {}, longer: {set: {train.steps: 1200}}, fixed: {scheme: fixed, lambdas: [1.0]}, "
+    "uniform: {scheme: uniform, lambdas: [0.5, 1.0]}}",
+    "studies.arms.contrasts=[[uniform, fixed]]", "studies.arms.lambda_aware=[fixed, uniform]",
+    "draws.seeds=[3, 5, 8]", "real_manifest=null", "model_dir=null",
+]
+
+
+def test_arms_are_planned_with_their_own_settings():
+    cfg = load_sweep_config(DEMO, ARMS)
+    runs = {r.name: r for r in plan_seg_runs(cfg)}
+    assert set(runs) == {f"arm-{a}-seed{k}" for a in ("real", "longer", "fixed", "uniform") for k in (0, 1)}
+    assert runs["arm-uniform-seed1"].cells == ["w2p00-l0p50", "w2p00-l1p00"] and runs["arm-real-seed0"].cells == []
+    steps = {name: seg_identity(cfg, run, {"real": "r", "w2p00-l0p50": "a", "w2p00-l1p00": "b"})[0].train.steps
+             for name, run in runs.items()}
+    assert steps["arm-longer-seed0"] == 1200 and steps["arm-real-seed0"] == cfg.seg.train.steps != 1200
+
+
+@pytest.mark.parametrize("sets, match", [
+    (["studies.arms.baseline=best"], "is not one of the arms"),
+    (["studies.arms.arms.fixed.lambdas=[0.7]"], "not in the grid"),
+    (["studies.arms.arms.fixed.lambdas=[0.5, 1.0]"], "exactly one"),
+    (["studies.arms.arms.real.lambdas=[1.0]"], "real only takes no"),
+    (["studies.arms.contrasts=[[uniform]]"], "pair"),
+    (["studies.arms.lambda_aware=[adaptive]"], "is not one of the arms"),
+    (["draws.seeds=[1, 1]"], "repeats"),
+])
+def test_bad_arms_and_draws(sets, match):
+    with pytest.raises(BadInputError, match=match):
+        load_sweep_config(DEMO, ARMS + sets)
+
+
+def test_draws_need_their_own_ingest_and_controlnet():
+    with pytest.raises(BadInputError, match="each draw must ingest"):
+        check_draws_config(load_sweep_config(DEMO, ARMS + ["model_dir=runs/x"]))
+    with pytest.raises(BadInputError, match="studies.arms is not enabled"):
+        check_draws_config(load_sweep_config(DEMO, ARMS + ["studies.arms.enabled=false"]))
+    sub = draw_config(load_sweep_config(DEMO, ARMS + ["out=runs/e"]), 5)
+    assert (sub.out, sub.ingest.subset_seed, sub.draws.seeds) == (str(Path("runs/e/draw-5")), 5, [])
+
+
+def test_paired_t_interval_against_a_hand_computation():
+    arm = [[31.0, 33.0], [30.0, 30.0], [35.0, 33.0], None]
+    base = [[29.0, 29.0], [29.5, 28.5], [30.0, 30.0], [28.0, 28.0]]
+    result = paired(arm, base, 0.95)
+    diffs = [3.0, 1.0, 4.0]  # seed means 32 - 29, 30 - 29, 34 - 30; the 4th draw has no arm runs
+    mean = sum(diffs) / 3
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    half = 4.302652729749464 * sd / math.sqrt(3)  # t(0.975, 2 df), from a table
+    assert result["n_draws"] == 3 and result["per_draw"] == diffs
+    assert result["mean"] == pytest.approx(mean)
+    assert result["ci95"] == pytest.approx([mean - half, mean + half])
+    one = paired([[31.0, None], [32.0, 30.0]], [[29.0, 29.0], [29.0, 29.0]], 0.95)  # a draw with a missing seed is out
+    assert one == {"n_draws": 1, "mean": 2.0, "ci95": None, "per_draw": [2.0]}
+
+
+def _fake_draw(cfg, seed: int, miou: dict[str, float]) -> None:
+    """A draw folder as run_sweep leaves it: manifests (any bytes: only their digests matter),
+    and each named seg run with its recorded identity and summary."""
+    sub = draw_config(cfg, seed)
+    folder = draw_dir(cfg.out, seed)
+    (folder / "real").mkdir(parents=True)
+    (folder / "real" / "manifest.parquet").write_bytes(f"real {seed}".encode())
+    digests = {"real": file_digest(folder / "real" / "manifest.parquet")}
+    for cell in ("w2p00-l0p50", "w2p00-l1p00"):
+        (folder / "synthetic" / cell).mkdir(parents=True)
+        (folder / "synthetic" / cell / "manifest.parquet").write_bytes(f"{cell} {seed}".encode())
+        digests[cell] = file_digest(folder / "synthetic" / cell / "manifest.parquet")
+    for run in plan_seg_runs(sub):
+        if run.name not in miou:
+            continue
+        _, identity = seg_identity(sub, run, digests)
+        identity.save(folder / "seg" / run.name)
+        (folder / "seg" / run.name / "summary.json").write_text(json.dumps({"miou": miou[run.name] / 100}))
+
+
+def test_collect_pairs_arms_within_draws_and_skips_stale_runs(tmp_path):
+    cfg = load_sweep_config(DEMO, ARMS + [f"out={tmp_path}"])
+    everything = {f"arm-{a}-seed{k}": v + k for a, v in (("real", 30.0), ("longer", 31.0), ("fixed", 33.0), ("uniform", 32.0))
+                  for k in (0, 1)}
+    _fake_draw(cfg, 3, everything)
+    _fake_draw(cfg, 5, {**everything, "arm-fixed-seed0": 36.0})
+    _fake_draw(cfg, 8, {"arm-real-seed0": 30.0})  # under way: one run finished
+    result = collect(cfg)
+    assert result["draws"] == [3, 5, 8] and result["seg_seeds"] == [0, 1] and result["baseline"] == "real"
+    assert result["arms"]["fixed"]["per_draw"] == [[33.0, 34.0], [36.0, 34.0], None]
+    assert result["arms"]["real"]["per_draw"][2] == [30.0, None]
+    assert result["paired"]["fixed"]["per_draw"] == [3.0, 4.5] and result["paired"]["fixed"]["n_draws"] == 2
+    assert result["contrasts"]["uniform - fixed"]["per_draw"] == [-1.0, -2.5]
+    assert result["target"] == {"points": 3.0, "lambda_aware": ["fixed", "uniform"]} and result["stale"] == []
+    # A cell generated again under a finished run: that run no longer counts, and is named.
+    (draw_dir(tmp_path, 5) / "synthetic" / "w2p00-l1p00" / "manifest.parquet").write_bytes(b"regenerated")
+    result = collect(cfg)
+    assert result["arms"]["fixed"]["per_draw"][1] is None and result["arms"]["real"]["per_draw"][1] == [30.0, 31.0]
+    assert "draw-5/seg/arm-fixed-seed0" in result["stale"] and result["paired"]["fixed"]["n_draws"] == 1
+    # A config change (the seg budget) makes every run stale.
+    changed = load_sweep_config(DEMO, ARMS + [f"out={tmp_path}", "seg.train.steps=99"])
+    assert all(v is None for v in collect(changed)["arms"]["real"]["per_draw"])
