@@ -174,3 +174,29 @@ def test_workers_give_byte_identical_shards(tmp_path):
     assert ingest(tmp_path / "two", "--set", "workers=2", num_train=12) == 0
     for tar in sorted((tmp_path / "one").glob("*.tar")):
         assert tar.read_bytes() == (tmp_path / "two" / tar.name).read_bytes()
+
+
+def test_test_split_is_held_out_whole_and_seg_draws_the_same_subset(tmp_path):
+    """``num_test`` scenes come from their own stream, survive --subset whole, and seg's
+    ``real_fraction`` on the full set keeps exactly the scenes ingest's --subset keeps."""
+    from engine.data.subset import draw_subset
+    from seg.stream import index_manifests
+
+    full, low = tmp_path / "full", tmp_path / "low"
+    assert ingest(full, "--set", "source.procedural.num_test=5", num_train=48) == 0
+    assert ingest(low, "--set", "source.procedural.num_test=5", "--subset", "1/4", "--set", "subset_seed=3", num_train=48) == 0
+    rows = read_manifest(low / "manifest.parquet")[0].to_pylist()
+    assert [r["split"] for r in rows].count("test") == 5 and (low / "real-test-000000.tar").is_file()
+    test_ids = sorted(r["source_id"] for r in rows if r["split"] == "test")
+    assert test_ids == [f"proc-test-{i:06d}" for i in range(5)]
+    # A test scene is neither a train nor a val scene of the same index (its own stream).
+    assert not np.array_equal(make_scene(0, split="test").image, make_scene(0, split="val").image)
+    kept = {r["source_id"] for r in rows if r["split"] == "train"}
+    assert len(kept) == 12 and kept == draw_subset([f"proc-train-{i:06d}" for i in range(48)], 0.25, 3)
+    index = index_manifests([full / "manifest.parquet"], real_fraction=0.25, subset_seed=3, val_split="test")
+    seg_kept = {key for keys in index.real.allowed.values() for key in keys}
+    assert seg_kept == kept and len(index.val) == 5
+    # Nested and order-free: a smaller share of the same seed lies inside; shuffling the ids changes nothing.
+    ids = [f"s{i:03d}" for i in range(100)]
+    assert draw_subset(ids, 0.1, 7) <= draw_subset(ids, 0.3, 7) and draw_subset(ids[::-1], 0.3, 7) == draw_subset(ids, 0.3, 7)
+    assert draw_subset(ids, 0.3, 7) != draw_subset(ids, 0.3, 8)
