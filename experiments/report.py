@@ -9,7 +9,14 @@ fabricated files. Inputs (paths relative to the run folder):
   ``summary.json`` (generation totals, images/s);
 - ``fid.json`` and ``judge.json`` (either may be absent); each seg run's ``summary.json``;
   the ControlNet's ``loss.jsonl``;
-- the real manifest and the synthetic shards, for the sample grids.
+- the real manifest and the synthetic shards, for the sample grids;
+- the repo's ``docs/results/headline.json`` (the pre-registered headline, :func:`render_headline`),
+  or, while it is absent, the command that makes it.
+
+A sweep's own scheme table is not the result: with one seed per scheme it ranks nothing; the
+report says so (:func:`seeds_note`) and points to the headline. All cells of an invocation share
+one actor pool, whose stats every cell's ``summary.json`` repeats: :func:`generation_pools`
+counts each pool once.
 
 Figures have fixed pixel sizes (no tight bounding box), see :data:`PLOT_PX` and
 :func:`grid_px`. Sample grid tiles are :data:`TILE_PX` pixels: a 32 px sample is drawn
@@ -99,45 +106,57 @@ class Page:
         self.blocks.append(("img", (file, alt)))
 
     def markdown(self) -> str:
-        out = [f"# {self.title}", ""]
-        for kind, item in self.blocks:
-            if kind == "h2":
-                out += [f"## {item}", ""]
-            elif kind == "p":
-                out += [item, ""]
-            elif kind == "img":
-                out += [f"![{item[1]}]({item[0]})", ""]
-            else:
-                if item.caption:
-                    out += [item.caption, ""]
-                out.append("| " + " | ".join(item.header) + " |")
-                out.append("|" + "|".join(" --- " for _ in item.header) + "|")
-                out += ["| " + " | ".join(row) + " |" for row in item.rows]
-                out.append("")
-        return "\n".join(out)
+        return "\n".join([f"# {self.title}", "", blocks_markdown(self.blocks)])
 
     def html(self) -> str:
         e = html.escape
-        body = [f"<h1>{e(self.title)}</h1>"]
-        for kind, item in self.blocks:
-            if kind == "h2":
-                body.append(f"<h2>{e(item)}</h2>")
-            elif kind == "p":
-                body.append(f"<p>{_inline_code(e(item))}</p>")
-            elif kind == "img":
-                body.append(f'<figure><img src="{e(item[0])}" alt="{e(item[1])}"><figcaption>{e(item[1])}</figcaption></figure>')
-            else:
-                cap = f"<caption>{_inline_code(e(item.caption))}</caption>" if item.caption else ""
-                head = "".join(f"<th>{e(h)}</th>" for h in item.header)
-                rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in item.rows)
-                body.append(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
         style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
                  "table{border-collapse:collapse;margin:1em 0}caption{text-align:left;color:#555;padding:.3em 0}"
                  "th,td{border:1px solid #ccc;padding:.3em .7em;text-align:right}th{background:#f3f3f3}"
                  "td:first-child,th:first-child{text-align:left}img{max-width:100%}figure{margin:1em 0}"
                  "figcaption{color:#555;font-size:.9em}code{background:#f3f3f3;padding:0 .2em}")
         return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{e(self.title)}</title>"
-                f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+                f"<style>{style}</style></head><body>\n<h1>{e(self.title)}</h1>\n" + blocks_html(self.blocks)
+                + "\n</body></html>\n")
+
+
+def blocks_markdown(blocks: Sequence[tuple[str, Any]]) -> str:
+    """Page blocks (``h2``, ``p``, ``img``, ``table``) as Markdown, each followed by a blank line."""
+    out: list[str] = []
+    for kind, item in blocks:
+        if kind == "h2":
+            out += [f"## {item}", ""]
+        elif kind == "p":
+            out += [item, ""]
+        elif kind == "img":
+            out += [f"![{item[1]}]({item[0]})", ""]
+        else:
+            if item.caption:
+                out += [item.caption, ""]
+            out.append("| " + " | ".join(item.header) + " |")
+            out.append("|" + "|".join(" --- " for _ in item.header) + "|")
+            out += ["| " + " | ".join(row) + " |" for row in item.rows]
+            out.append("")
+    return "\n".join(out)
+
+
+def blocks_html(blocks: Sequence[tuple[str, Any]]) -> str:
+    """Page blocks as HTML elements, one a line."""
+    e = html.escape
+    body = []
+    for kind, item in blocks:
+        if kind == "h2":
+            body.append(f"<h2>{e(item)}</h2>")
+        elif kind == "p":
+            body.append(f"<p>{_inline_code(e(item))}</p>")
+        elif kind == "img":
+            body.append(f'<figure><img src="{e(item[0])}" alt="{e(item[1])}"><figcaption>{e(item[1])}</figcaption></figure>')
+        else:
+            cap = f"<caption>{_inline_code(e(item.caption))}</caption>" if item.caption else ""
+            head = "".join(f"<th>{e(h)}</th>" for h in item.header)
+            rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in item.rows)
+            body.append(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+    return "\n".join(body)
 
 
 def _inline_code(text: str) -> str:
@@ -369,6 +388,49 @@ def section_overview(page: Page, run: RunData) -> None:
                          "main process only (Ray actors excluded)."))
 
 
+@dataclass
+class Pool:
+    """One actor pool of the generate stage: the cells it served, its wall time, the images it made."""
+
+    cells: list[str]
+    seconds: float  # the pool's wall time (from when every replica had loaded its model)
+    images: int  # images it generated (resumed shards of earlier pools not counted)
+    actors: int | None = None
+    device: str | None = None
+
+    @property
+    def images_per_s(self) -> float | None:
+        return self.images / self.seconds if self.seconds > 0 else None
+
+
+def generation_pools(cells: Sequence[CellData]) -> list[Pool]:
+    """The actor pools that generated ``cells``, each once.
+
+    ``run_generate_sets`` serves every cell of an invocation with ONE pool and writes the
+    pool's stats into each cell's ``summary.json`` (``generate_seconds``, ``actors``,
+    ``sets_in_pool``, ``pool_samples_this_run``): summing them over cells counts the pool's
+    wall time once per cell. Cells whose pool stats are equal were served by one pool (a
+    ``pool`` id, where a summary has one, decides instead). A summary without pool stats
+    (generated alone, or before pools were shared) is its own pool.
+    """
+    pools: dict[Any, Pool] = {}
+    for c in sorted(cells, key=lambda c: (c.w, c.lam)):
+        s = c.summary
+        if "pool" in s:
+            key: Any = ("pool", json.dumps(s["pool"], sort_keys=True))
+        elif "sets_in_pool" in s:
+            key = tuple(json.dumps(s.get(k), sort_keys=True) for k in
+                        ("generate_seconds", "pool_samples_this_run", "sets_in_pool", "actors", "device",
+                         "actor_deaths", "unit_failures"))
+        else:
+            key = ("cell", c.name)
+        if key not in pools:
+            images = s.get("pool_samples_this_run", s.get("samples_this_run", s.get("samples", len(c.seconds))))
+            pools[key] = Pool([], float(s.get("generate_seconds") or 0.0), int(images), s.get("actors"), s.get("device"))
+        pools[key].cells.append(c.name)
+    return list(pools.values())
+
+
 def section_compute(page: Page, run: RunData) -> None:
     page.h("Compute")
     totals = []
@@ -376,11 +438,13 @@ def section_compute(page: Page, run: RunData) -> None:
     if lines:
         totals.append(["ControlNet training", fmt_num(lines[-1]["seconds"], 1), str(sum(x["samples"] for x in lines)),
                        f"{lines[-1]['step']} steps"])
-    gen_s = sum(c.summary.get("generate_seconds", 0.0) for c in run.cells)
-    gen_n = sum(len(c.seconds) for c in run.cells)
+    pools = generation_pools(run.cells)
+    timed = [p for p in pools if p.seconds > 0]
     if run.cells:
-        totals.append(["generation (all cells)", fmt_num(gen_s, 1), str(gen_n),
-                       f"{fmt_num(gen_n / gen_s if gen_s else 0, 3)} images/s incl. overhead"])
+        gen_s, made = sum(p.seconds for p in timed), sum(p.images for p in timed)
+        totals.append(["generation (all cells)", fmt_num(gen_s, 1), str(sum(len(c.seconds) for c in run.cells)),
+                       f"{len(timed)} actor pool(s) for {len(run.cells)} cell(s): {made} images generated at "
+                       f"{fmt_num(made / gen_s if gen_s else None, 3)} images/s (pool wall time)"])
     for name, scores in (("FID", run.fid), ("judge", run.judge)):
         seconds = sum(c.get("seconds", 0.0) for c in scores["cells"].values())
         if seconds:
@@ -390,18 +454,27 @@ def section_compute(page: Page, run: RunData) -> None:
         totals.append(["segmentation training", fmt_num(sum(r.summary["seconds"] for r in seg_done), 1), "–",
                        f"{len(seg_done)} run(s), {sum(r.summary['steps'] for r in seg_done)} steps"])
     if totals:
-        page.table(Table(["work", "seconds", "images", "notes"], totals, "Compute per kind of work (all invocations)."))
+        page.table(Table(["work", "seconds", "images", "notes"], totals,
+                         "Compute per kind of work (all invocations). Generation: every cell of an invocation is "
+                         "generated on one shared actor pool, so its seconds are the pools' wall times, each counted "
+                         "once, and images/s is the images those pools generated over that time."))
     if not run.cells:
         return
+    label = {name: f"pool {i + 1}" for i, p in enumerate(pools) for name in p.cells}
+    page.table(Table(["pool", "cells", "actors", "device", "wall s", "images generated", "images / s"],
+                     [[f"pool {i + 1}", ", ".join(p.cells), "–" if p.actors is None else str(p.actors), p.device or "–",
+                       fmt_num(p.seconds, 1), str(p.images), fmt_num(p.images_per_s, 3)] for i, p in enumerate(pools)],
+                     "Generation per actor pool (each cell's summary.json repeats its pool's wall time and rate; "
+                     "they are counted here once per pool)."))
     rows = []
     for c in sorted(run.cells, key=lambda c: (c.w, c.lam)):
-        s = c.summary
         rows.append([c.name, fmt_g(c.w), fmt_g(c.lam), str(len(c.seconds)), str(c.steps),
-                     fmt_num(statistics.mean(c.seconds) if c.seconds else None, 4),
-                     fmt_num(s.get("generate_seconds"), 1), fmt_num(s.get("images_per_s"), 3)])
-    page.table(Table(["cell", "w", "λ", "images", "DDIM steps", "s / image", "generate s", "images / s"], rows,
+                     fmt_num(statistics.mean(c.seconds) if c.seconds else None, 4), fmt_num(sum(c.seconds), 1),
+                     label[c.name]])
+    page.table(Table(["cell", "w", "λ", "images", "DDIM steps", "s / image", "sampler s", "pool"], rows,
                      "Generation per (w, λ) cell: s / image is the mean of the manifest's per-sample `seconds` "
-                     "(sampler time); generate s and images / s come from the cell's summary.json (actor wall time)."))
+                     "(sampler time on one actor) and sampler s their sum, the cell's share of its pool's actor "
+                     "time; the pool's wall time and images / s are in the pool table."))
     by_lam = cost_by_lambda(run.cells)
     top = by_lam[max(by_lam)][0]
     page.table(Table(["λ", "s / synthetic image", "relative to λ = " + fmt_g(max(by_lam)), "images"],
@@ -522,16 +595,248 @@ def section_schemes(page: Page, run: RunData) -> None:
     desc = {}
     for r in runs:
         desc[r.scheme] = "real only" if r.scheme == "real" else f"w = {fmt_g(r.w)}, λ ∈ {{{', '.join(map(fmt_g, r.lambdas))}}}"
+    page.p(seeds_note(run, runs, by, order))
     base = statistics.mean(by["real"]) if by.get("real") else None
     rows = []
     for s in order:
         v = by.get(s, [])
         delta = fmt_num(100 * (statistics.mean(v) - base)) if v and base is not None and s != "real" else "–"
-        rows.append([s, desc[s], fmt_pm(v), delta, ", ".join(fmt_miou(x) for x in v) or "–"])
-    page.table(Table(["scheme", "synthetic data", "mIoU (%)", "Δ vs real", "per seed"], rows,
-                     "Same step budget for every scheme; mean ± sample std over seeds."))
+        rows.append([s, desc[s], fmt_pm(v), delta, ", ".join(fmt_miou(x) for x in v) or "–", str(len(v))])
+    page.table(Table(["scheme", "synthetic data", "mIoU (%)", "Δ vs real", "per seed", "seeds"], rows,
+                     "Same step budget for every scheme; mean ± sample std over seeds. A Δ within the seeds' spread "
+                     "ranks nothing."))
     page.img(plot_bars(order, [[100 * x for x in by.get(s, [])] for s in order], "mIoU by scheme", "mIoU (%)",
                        run.out_dir / "schemes.png"), "mIoU by scheme (error bars: std over seeds)")
+
+
+# How far seg seeds alone move the embedded default's mIoU (points): the headline's seed spread,
+# docs/embedded-default.md. Quoted where a run has too few seeds to measure its own.
+SEED_SPREAD_PTS = (0.5, 1.2)
+
+
+def seeds_note(run: RunData, runs: Sequence[SegData], by: dict[str, list[float]], order: Sequence[str]) -> str:
+    """How many seeds the scheme table rests on and what that allows, from the run's numbers.
+
+    With fewer than 2 seeds for any scheme: that single-seed values rank nothing (the seed
+    spread, :data:`SEED_SPREAD_PTS`, against the spread of the scheme means here), and what
+    such a budget does show -- the judge margin of the cells the schemes drew from.
+    """
+    counts = {s: len(by.get(s, [])) for s in order}
+    if len(set(counts.values())) == 1:
+        text = f"Seeds: {next(iter(counts.values()))} per scheme."
+    else:
+        text = "Seeds per scheme: " + ", ".join(f"{s} {n}" for s, n in counts.items()) + "."
+    stds = [100 * statistics.stdev(v) for v in by.values() if len(v) > 1]
+    if stds:
+        text += (f" Seg seeds alone move a scheme's mIoU by {fmt_num(min(stds))}–{fmt_num(max(stds))} points "
+                 "(sample std) here.")
+    if min(counts.values()) >= 2:
+        return text
+    means = {s: 100 * statistics.mean(v) for s, v in by.items() if v}
+    lo, hi = SEED_SPREAD_PTS
+    text += (f" Single-seed values rank nothing: seg seeds alone move mIoU by about {lo:g}–{hi:g} points on this setup "
+             "(the headline's seed spread, docs/embedded-default.md)")
+    if len(means) > 1:
+        top, bottom = max(means, key=means.get), min(means, key=means.get)
+        text += (f", and the scheme means here span {fmt_num(means[top] - means[bottom])} points "
+                 f"({bottom} {fmt_num(means[bottom])} to {top} {fmt_num(means[top])})")
+    text += "."
+    parts = []
+    for w in sorted({r.w for r in runs if r.w is not None}):
+        cells = sorted((c for c in run.cells if c.judge and abs(c.w - w) < 5e-3), key=lambda c: c.lam)
+        if cells:
+            parts.append(f"at w = {fmt_g(w)} by " + _and([f"{fmt_miou(c.judge['judge_margin'])} (λ = {fmt_g(c.lam)})"
+                                                          for c in cells]))
+    if parts:
+        text += (" What this budget can show is whether the images follow their scribbles: the judge's mIoU against "
+                 "each image's own source mask exceeds its mIoU against a mismatched mask " + "; ".join(parts)
+                 + " points (own − mismatched; the judge section).")
+    return text + " The comparison of schemes is the pre-registered headline (section The headline)."
+
+
+def _and(items: Sequence[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+# -- the headline: the pre-registered result (docs/results/headline.json) ------------------------
+REPO = Path(__file__).resolve().parents[1]
+HEADLINE_JSON = REPO / "docs" / "results" / "headline.json"
+HEADLINE_CONFIG = "configs/sweeps/headline.yaml"
+CONTROL_ARM = "mismatched"  # the control arm of the headline's contrasts (synthetic images, wrong scribbles)
+
+
+def _command(data: dict[str, Any]) -> str:
+    """The command that makes (or resumes) the headline: its config file where the record names one."""
+    config = str(data.get("config") or "")
+    return f"python -m jobs.sweep --config {config if config.endswith(('.yaml', '.yml')) else HEADLINE_CONFIG}"
+
+
+def _draw_values(per_draw: Sequence[Any] | None, i: int) -> list[float | None] | None:
+    """Draw ``i``'s per-seed values of an arm (None: the draw was not run)."""
+    if per_draw is None or i >= len(per_draw) or per_draw[i] is None:
+        return None
+    return list(per_draw[i])
+
+
+def _complete(values: list[float | None] | None) -> bool:
+    return bool(values) and all(v is not None for v in values)  # type: ignore[union-attr]
+
+
+def _draw_cell(values: list[float | None] | None, seeds: int) -> str:
+    """Mean over a draw's seeds; ``(k/n seeds)`` when only some ran; "–" when none did."""
+    done = [v for v in values or [] if v is not None]
+    if not done:
+        return "–"
+    n = max(seeds, len(values or []))
+    return fmt_num(statistics.mean(done)) + ("" if len(done) == n else f" ({len(done)}/{n} seeds)")
+
+
+def _signed(x: float | None) -> str:
+    return "–" if x is None else f"{x:+.2f}"
+
+
+def _interval(ci: Sequence[float] | None) -> str:
+    return "–" if not ci else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def _n(stats: dict[str, Any] | None) -> int:
+    return int((stats or {}).get("n_draws") or 0)
+
+
+def render_headline(data: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Report blocks (for :class:`Page`, :func:`blocks_markdown`, :func:`blocks_html`) of a
+    ``headline.json``: where it comes from, arms × draws with the paired difference to the
+    baseline and its interval, the contrasts, and the verdict (:func:`headline_verdict`)."""
+    draws, seeds = list(data.get("draws", [])), list(data.get("seg_seeds", []))
+    baseline, arms, paired = data.get("baseline", "?"), data.get("arms", {}), data.get("paired", {})
+    commit, frozen = str(data.get("commit", "?")), data.get("frozen_commit")
+    blocks: list[tuple[str, Any]] = [("p", (
+        f"Pre-registered protocol `{data.get('config') or HEADLINE_CONFIG}` at commit `{commit[:12]}`"
+        + (f" (settings frozen at `{str(frozen)[:12]}`)" if frozen else "")
+        + f", scored on the `{data.get('split', '?')}` split: {len(draws)} labelled draw(s) "
+        f"({', '.join(map(str, draws))}), seg seeds {', '.join(map(str, seeds)) or '?'} in each; mIoU in %. "
+        f"Command: `{_command(data)}`."))]
+    target = data.get("target", {})
+    aware = list(target.get("lambda_aware", []))
+    order = [baseline] * (baseline in arms) + [a for a in aware if a in arms and a != baseline]
+    order += [a for a in arms if a not in order]
+    rows = []
+    for arm in order:
+        per_draw = arms[arm].get("per_draw")
+        values = [_draw_values(per_draw, i) for i in range(len(draws))]
+        complete = [statistics.mean(v) for v in values if _complete(v)]  # type: ignore[arg-type]
+        d = paired.get(arm) if arm != baseline else None
+        rows.append([arm] + [_draw_cell(v, len(seeds)) for v in values]
+                    + [fmt_num(statistics.mean(complete) if complete else None),
+                       "–" if d is None else _signed(d.get("mean")), "–" if d is None else _interval(d.get("ci95")),
+                       "–" if d is None else str(_n(d))])
+    blocks.append(("table", Table(
+        ["arm"] + [f"draw {x}" for x in draws] + ["mean (complete draws)", f"Δ vs {baseline}", "95 % interval", "n draws"],
+        rows, f"mIoU (%) per labelled draw: the mean over that draw's seg seeds (– = not run). Δ: the paired "
+              f"difference arm − {baseline} over the complete draws, with its {data.get('interval', '95 % interval')}.")))
+    contrasts = data.get("contrasts", {})
+    if contrasts:
+        blocks.append(("table", Table(
+            ["contrast", "mean", "95 % interval", "n draws", "per draw"],
+            [[name, _signed(c.get("mean")), _interval(c.get("ci95")), str(_n(c)),
+              ", ".join(_signed(x) for x in c.get("per_draw") or []) or "–"] for name, c in contrasts.items()],
+            "Paired differences (mIoU points) between arms over the complete draws.")))
+    stale = list(data.get("stale") or [])
+    if stale:
+        blocks.append(("p", f"Not counted: {len(stale)} finished run(s) made under another identity than today's "
+                            f"({', '.join(f'`{x}`' for x in stale)})."))
+    blocks.append(("p", headline_verdict(data)))
+    return blocks
+
+
+def headline_verdict(data: dict[str, Any]) -> str:
+    """The verdict, computed from the numbers: the best λ-aware arm by paired mean; whether the
+    target (``target.points`` or more with the interval's lower bound above 0) is met, not met or
+    cannot be judged yet (fewer than 2 complete draws); the control and adaptive vs fixed."""
+    baseline, paired = data.get("baseline", "?"), data.get("paired", {})
+    target = data.get("target", {})
+    points, aware = float(target.get("points", 0.0)), list(target.get("lambda_aware", []))
+    total = len(data.get("draws", []))
+    goal = f"Target (≥ {points:g} points over {baseline}, the interval's lower bound above 0)"
+    ran = {a: paired[a] for a in aware if _n(paired.get(a)) >= 1 and paired[a].get("mean") is not None}
+    if not ran:
+        text = (f"Verdict: none of the λ-aware arms ({', '.join(aware)}) has a complete draw beside {baseline} yet. "
+                f"{goal}: cannot be judged yet.")
+    else:
+        best = max(ran, key=lambda a: ran[a]["mean"])
+        d = ran[best]
+        n, mean, ci = _n(d), float(d["mean"]), d.get("ci95")
+        so_far = f"{n} of {total} draws" if total else f"{n} draw(s)"
+        text = (f"Verdict: the best λ-aware arm by paired mean is {best}, {mean:+.2f} points over {baseline} ("
+                + (f"95 % interval {_interval(ci)}, " if ci else "no interval yet, ") + f"{so_far}). ")
+        if n < 2 or not ci:
+            text += f"{goal}: cannot be judged yet: {n} complete draw(s), an interval needs at least 2."
+        elif mean >= points and ci[0] > 0:
+            text += f"{goal}: met" + (f" on {so_far} so far." if total and n < total else ".")
+        else:
+            why = ([f"the mean {mean:+.2f} is below {points:g}"] if mean < points else []) + \
+                  ([f"the interval's lower bound {ci[0]:.2f} is not above 0"] if ci[0] <= 0 else [])
+            text += f"{goal}: not met ({' and '.join(why)})" + (f" on {so_far} so far." if total and n < total else ".")
+    contrasts = data.get("contrasts", {})
+    for name in sorted(contrasts, key=lambda k: CONTROL_ARM not in k.split(" - ")):  # the control first
+        text += " " + _contrast_sentence(name, contrasts[name])
+    return text
+
+
+def _contrast_sentence(name: str, c: dict[str, Any] | None) -> str:
+    """``a - b``: a beat b / b beat a (interval clear of 0), not separated, or not judged yet."""
+    a, _, b = (x.strip() for x in name.partition(" - "))
+    control = CONTROL_ARM in (a, b)
+    who = f"The control ({CONTROL_ARM})" if control else None
+    n = _n(c)
+    if not c or n == 0 or c.get("mean") is None:
+        return f"{a} − {b}: not run yet."
+    mean, ci = float(c["mean"]), c.get("ci95")
+    nums = f"{a} − {b} = {mean:+.2f} points (" + (f"95 % interval {_interval(ci)}, " if ci else "") + f"{n} draw(s))"
+    if n < 2 or not ci:
+        return f"{nums}: cannot be judged yet."
+    if ci[0] > 0 or ci[1] < 0:
+        winner, loser = (a, b) if ci[0] > 0 else (b, a)
+        if control:
+            verb = "lost against" if loser == CONTROL_ARM else "beat"
+            other = winner if loser == CONTROL_ARM else loser
+            return f"{who} {verb} {other}: {nums}."
+        return f"{winner} beat {loser}: {nums}."
+    if control:
+        other = a if b == CONTROL_ARM else b
+        return f"{who} did not clearly lose against {other}: {nums}, the interval includes 0."
+    return f"{a} did not clearly beat {b}: {nums}, the interval includes 0."
+
+
+def headline_markdown(data: dict[str, Any]) -> str:
+    """The headline as a standalone Markdown section (for the README and docs)."""
+    return "## The headline\n\n" + blocks_markdown(render_headline(data))
+
+
+def section_headline(page: Page, path: Path | None = None) -> None:
+    """Where the result is: the pre-registered headline (``docs/results/headline.json``), not this run."""
+    path = HEADLINE_JSON if path is None else path
+    page.h("The headline")
+    if not path.is_file():
+        page.p("The pre-registered headline (held-out test scenes, several labelled draws, paired intervals) has not "
+               f"been run yet: no `{_repo_rel(path)}`. Command: `{_command({})}`. Until then no table in this report "
+               "ranks the schemes.")
+        return
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BadInputError(str(path), f"is not JSON ({exc})") from None
+    page.p(f"The result this project reports is the pre-registered headline, `{_repo_rel(path)}`; this run's own tables "
+           "below are a smaller budget.")
+    page.blocks += render_headline(data)
+
+
+def _repo_rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
 
 
 def section_seg_runs(page: Page, run: RunData) -> None:
@@ -584,6 +889,7 @@ def build_report(root: str | Path, report_dir: str = "report", progress: bool = 
     page = Page(f"ScribbleGen: {run.record.get('title') or run.record.get('name', 'sweep')}")
     sections = [
         lambda: section_overview(page, run),
+        lambda: section_headline(page),
         lambda: section_fid(page, run),
         lambda: section_judge(page, run),
         lambda: section_sweep(page, run, "w_sweep", "w"),

@@ -13,9 +13,10 @@ from engine.config import from_dict
 from engine.manifest import DatasetInfo, sample_row, shard_rows, write_manifest
 from engine.plots import PLOT_PX
 from engine.render import PALETTE
+from experiments import report as report_module
 from experiments.report import (
-    DPI, GRID_LEFT_IN, GRID_TOP_IN, GRID_CELL_IN, GRID_MARGIN_IN, OVERLAY_ALPHA, TILE_PX, build_report, grid_px,
-    overlay_scribble, upscale,
+    DPI, GRID_LEFT_IN, GRID_TOP_IN, GRID_CELL_IN, GRID_MARGIN_IN, OVERLAY_ALPHA, TILE_PX, CellData, build_report,
+    generation_pools, grid_px, overlay_scribble, upscale,
 )
 from engine.shards import Sample, ShardWriter, synthetic_key
 from experiments.sweep import RECORD, SweepConfig, cell_entries, cell_name, new_record, plan_seg_runs
@@ -70,11 +71,22 @@ def _write_set(folder: Path, prefix: str, samples: list[Sample], kind: str, extr
     return write_manifest(rows, folder / "manifest.parquet", DatasetInfo(CLASSES, kind, extra or {}))
 
 
-def fabricate_run(root: Path) -> SweepConfig:
-    """A run folder as the sweep leaves it: real set, 4 cells, FID, seg summaries, loss log, record."""
+POOL_SECONDS = 6.0  # wall time of the one actor pool that generated all 4 cells
+
+
+def pool_summary(samples: int, seconds: float, cells: int, pooled: int) -> dict:
+    """A cell's summary.json as run_generate_sets writes it: the cell's own totals + its pool's stats."""
+    return {"samples": samples, "samples_this_run": samples, "shards_resumed": 0, "generate_seconds": seconds,
+            "device": "cpu", "actors": 2, "actor_deaths": 0, "unit_failures": 0, "sets_in_pool": cells,
+            "pool_samples_this_run": pooled, "seconds": seconds + 1.0, "images_per_s": pooled / seconds}
+
+
+def fabricate_run(root: Path, seeds: tuple[int, ...] = (0, 1)) -> SweepConfig:
+    """A run folder as the sweep leaves it: real set, 4 cells (one actor pool), FID, seg summaries,
+    loss log, record."""
     cfg = from_dict(SweepConfig, {
         "out": str(root), "grid": {"w": W, "lambdas": LAMS},
-        "studies": {"schemes": {"w": 1.5, "fixed_lambda": 1.0, "seeds": [0, 1]},
+        "studies": {"schemes": {"w": 1.5, "fixed_lambda": 1.0, "seeds": list(seeds)},
                     "w_sweep": {"enabled": True, "lam": 1.0}, "lambda_sweep": {"enabled": True, "w": 1.5}},
         "report": {"grid_sources": 2, "title": "fabricated"},
     })
@@ -90,7 +102,7 @@ def fabricate_run(root: Path) -> SweepConfig:
                                "seconds": seconds_of(w, lam, i)}) for i, sid in enumerate(SOURCES)]
             folder = root / "synthetic" / cell_name(w, lam)
             manifests[cell_name(w, lam)] = _write_set(folder, "syn", samples, "synthetic", {"plan": {"fingerprint": "x"}})
-            (folder / "summary.json").write_text(json.dumps({"samples": 3, "generate_seconds": 2.0 * lam, "images_per_s": 1.5 / lam}))
+            (folder / "summary.json").write_text(json.dumps(pool_summary(3, POOL_SECONDS, 4, 12)))
     fid = {"setup": {"feature": "random", "split": "train"},
            "cells": {cell_name(w, lam): {"w": w, "lambda": lam, "fid": fid_of(w, lam), "samples": 3, "reference_samples": 3,
                                          "seconds": 0.5} for w in W for lam in LAMS}}
@@ -123,7 +135,9 @@ def fabricate_run(root: Path) -> SweepConfig:
 def report(tmp_path_factory) -> tuple[Path, str]:
     root = tmp_path_factory.mktemp("run")
     fabricate_run(root)
-    index = build_report(root)
+    with pytest.MonkeyPatch.context() as mp:  # the repo's own headline result must not change these pages
+        mp.setattr(report_module, "HEADLINE_JSON", root / "no-headline.json")
+        index = build_report(root)
     return root / "report", index.read_text()
 
 
@@ -200,6 +214,7 @@ def test_scheme_table(report):
         row = _row(md, scheme)
         assert row[2] == f"{mean:.2f} ± {std:.2f}"
         assert row[4] == ", ".join(f"{100 * v:.2f}" for v in vals)
+        assert row[5] == "2"  # seeds
         if scheme != "real":
             assert row[3] == f"{mean - 100 * np.mean(SCHEME_MIOU['real']):.2f}"
 
@@ -251,6 +266,7 @@ def test_compute_tables(report):
             row = _row(compute, cell_name(w, lam))
             assert row[3] == "3" and row[4] == str(int(10 * lam))
             assert row[5] == f"{np.mean([seconds_of(w, lam, i) for i in range(3)]):.4f}"
+            assert row[6] == f"{sum(seconds_of(w, lam, i) for i in range(3)):.1f}" and row[7] == "pool 1"
     cost = md.split("Cost per synthetic image by λ")[1]
     top = np.mean([seconds_of(w, 1.0, i) for w in W for i in range(3)])
     for lam in LAMS:
@@ -265,3 +281,99 @@ def test_report_needs_record(tmp_path):
 
     with pytest.raises(BadInputError, match="sweep.json"):
         build_report(tmp_path)
+
+
+# -- generation compute: a shared actor pool counts once --------------------------------------------
+def _totals(md: str) -> list[str]:
+    return _row(md.split("## Compute")[1], "generation (all cells)")
+
+
+def test_generation_totals_count_a_shared_pool_once(report):
+    """All 4 cells name the same pool (6 s, 12 images): the total is 6 s at 2 images/s, not 4 x 6 s."""
+    _, md = report
+    total = _totals(md)
+    assert total[1:3] == [f"{POOL_SECONDS:.1f}", "12"]
+    assert "1 actor pool(s) for 4 cell(s): 12 images generated at 2.000 images/s" in total[3]
+    pool = _row(md.split("## Compute")[1], "pool 1")
+    assert pool[1] == ", ".join(cell_name(w, lam) for w in W for lam in LAMS)
+    assert pool[2:] == ["2", "cpu", "6.0", "12", "2.000"]
+
+
+def _cell(name: str, summary: dict, images: int = 3) -> CellData:
+    return CellData(name, 2.0, 1.0, Path("m.parquet"), [0.5] * images, 10, summary)
+
+
+def test_generation_pools_two_cells_one_pool():
+    t = 396.0
+    cells = [_cell("a", pool_summary(128, t, 2, 256), 128), _cell("b", pool_summary(128, t, 2, 256), 128)]
+    [pool] = generation_pools(cells)
+    assert pool.cells == ["a", "b"] and pool.seconds == t and pool.images == 256
+    assert pool.images_per_s == pytest.approx(256 / t)
+    # two invocations: two pools; summaries from before pools were shared: a pool per cell
+    second = _cell("c", pool_summary(128, 100.0, 1, 128), 128)
+    assert [p.cells for p in generation_pools(cells + [second])] == [["a", "b"], ["c"]]
+    old = [_cell(n, {"samples": 3, "samples_this_run": 3, "generate_seconds": 2.0}) for n in "xy"]
+    assert [(p.cells, p.seconds, p.images) for p in generation_pools(old)] == [(["x"], 2.0, 3), (["y"], 2.0, 3)]
+
+
+def test_report_totals_over_two_pools(tmp_path):
+    """λ = 0.5 cells on one pool (7.5 s), λ = 1 cells on another (12.5 s): 20 s and 12 / 20 images/s."""
+    fabricate_run(tmp_path)
+    for w in W:
+        for lam, t in ((0.5, 7.5), (1.0, 12.5)):
+            (tmp_path / "synthetic" / cell_name(w, lam) / "summary.json").write_text(json.dumps(pool_summary(3, t, 2, 6)))
+    md = build_report(tmp_path).read_text()
+    total = _totals(md)
+    assert total[1:3] == ["20.0", "12"] and "2 actor pool(s) for 4 cell(s): 12 images generated at 0.600 images/s" in total[3]
+    compute = md.split("## Compute")[1]
+    assert _row(compute, "pool 1")[1:] == [f"{cell_name(1.5, 0.5)}, {cell_name(3.0, 0.5)}", "2", "cpu", "7.5", "6", "0.800"]
+    assert _row(compute, "pool 2")[5:] == ["6", "0.480"]
+    assert _row(compute, cell_name(3.0, 1.0))[7] == "pool 2"
+
+
+# -- what the scheme table can and cannot say ----------------------------------------------------------
+def test_schemes_with_two_seeds_say_so(report):
+    _, md = report
+    part = md.split("## Schemes")[1].split("##")[0]
+    stds = [100 * np.std(v, ddof=1) for v in SCHEME_MIOU.values()]
+    assert f"Seeds: 2 per scheme. Seg seeds alone move a scheme's mIoU by {min(stds):.2f}–{max(stds):.2f} points" in part
+    assert "rank nothing:" not in part
+
+
+def test_single_seed_schemes_say_they_rank_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(report_module, "HEADLINE_JSON", tmp_path / "absent.json")
+    fabricate_run(tmp_path, seeds=(0,))
+    md = build_report(tmp_path).read_text()
+    part = md.split("## Schemes")[1].split("##")[0]
+    means = {s: 100 * v[0] for s, v in SCHEME_MIOU.items()}
+    assert "Seeds: 1 per scheme. Single-seed values rank nothing: seg seeds alone move mIoU by about 0.5–1.2 points" in part
+    assert f"the scheme means here span {means['adaptive'] - means['real']:.2f} points (real 40.00 to adaptive 47.00)" in part
+    # what the budget can show: the judge margin of the cells the schemes drew from (w = 1.5)
+    margins = [f"{100 * judge_of(1.5, lam)['judge_margin']:.2f} (λ = {lam:g})" for lam in LAMS]
+    assert f"exceeds its mIoU against a mismatched mask at w = 1.5 by {margins[0]} and {margins[1]} points" in part
+    assert _row(part, "fixed")[5] == "1"
+
+
+# -- the headline section: the pre-registered result, or the command that makes it ---------------------
+def test_headline_section_without_a_result(report):
+    folder, md = report
+    part = md.split("## The headline")[1].split("##")[0]
+    assert "has not been run yet" in part and "`python -m jobs.sweep --config configs/sweeps/headline.yaml`" in part
+    assert md.index("## The headline") < md.index("## Schemes")
+    assert "<code>python -m jobs.sweep --config configs/sweeps/headline.yaml</code>" in (folder / "index.html").read_text()
+
+
+def test_headline_section_renders_the_result(tmp_path, monkeypatch):
+    from test_report_headline import met
+
+    path = tmp_path / "headline.json"
+    path.write_text(json.dumps(met()))
+    monkeypatch.setattr(report_module, "HEADLINE_JSON", path)
+    fabricate_run(tmp_path / "run")
+    md = build_report(tmp_path / "run").read_text()
+    part = md.split("## The headline")[1].split("\n## ")[0]
+    assert "`python -m jobs.sweep --config configs/sweeps/headline.yaml`" in part
+    assert _row(part, "fixed")[1:4] == ["33.00", "32.00", "34.00"]
+    assert "Target (≥ 3 points over real_classical, the interval's lower bound above 0): met." in part
+    html = (tmp_path / "run" / "report" / "index.html").read_text()
+    assert "<td>fixed</td><td>33.00</td>" in html and "Target (≥ 3 points" in html

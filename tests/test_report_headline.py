@@ -1,0 +1,144 @@
+"""The headline result (``docs/results/headline.json``) rendered: tables and a verdict computed
+from the numbers, on hand-made files: target met, not met, and not yet judgeable."""
+
+from __future__ import annotations
+
+import copy
+
+from experiments.report import Page, headline_markdown, headline_verdict, render_headline
+
+LAMBDA_AWARE = ["fixed", "uniform", "adaptive"]
+
+
+def _row(md: str, first: str) -> list[str]:
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first:
+            return cells
+    raise AssertionError(f"no table row starting with {first!r}")
+
+
+def _stats(per_draw: list[float], ci: list[float] | None) -> dict:
+    return {"n_draws": len(per_draw), "mean": sum(per_draw) / len(per_draw), "ci95": ci, "per_draw": per_draw}
+
+
+def met() -> dict:
+    """3 complete draws; fixed gains 4 points (interval [1.5, 6.5]); the control loses against fixed."""
+    return {
+        "split": "test", "commit": "a" * 40, "config": "configs/sweeps/headline.yaml", "frozen_commit": "b" * 40,
+        "draws": [1, 2, 3], "seg_seeds": [0, 1], "baseline": "real_classical",
+        "interval": "t interval over draws (mean of each draw's seeds), 95 %",
+        "arms": {
+            "real_classical": {"per_draw": [[29.0, 29.0], [28.0, 28.0], [30.0, 30.0]]},
+            "fixed": {"per_draw": [[33.0, 33.0], [32.5, 31.5], [34.0, 34.0]]},
+            "uniform": {"per_draw": [[30.0, 31.0], [29.0, 29.0], [31.0, 31.0]]},
+            "adaptive": {"per_draw": [[32.0, 32.0], [31.0, 31.0], [33.0, 33.0]]},
+            "mismatched": {"per_draw": [[28.0, 28.0], [27.0, 27.0], [29.0, 29.0]]},
+        },
+        "paired": {"fixed": _stats([4.0, 4.0, 4.0], [1.5, 6.5]), "uniform": _stats([1.5, 1.0, 1.0], [0.4, 2.2]),
+                   "adaptive": _stats([3.0, 3.0, 3.0], [2.0, 4.0]), "mismatched": _stats([-1.0, -1.0, -1.0], [-1.5, -0.5])},
+        "contrasts": {"adaptive - fixed": _stats([-1.0, -1.0, -1.0], [-2.0, 0.3]),
+                      "fixed - mismatched": _stats([5.0, 5.0, 5.0], [3.0, 7.0])},
+        "target": {"points": 3.0, "lambda_aware": LAMBDA_AWARE},
+    }
+
+
+def not_met() -> dict:
+    """The best arm's mean is above 3 but its interval reaches below 0; the control is not separated."""
+    data = met()
+    data["paired"]["fixed"] = _stats([6.0, -0.5, 4.0], [-4.5, 10.5])
+    data["paired"]["adaptive"] = _stats([2.0, 2.5, 2.0], [1.5, 2.9])
+    data["contrasts"]["fixed - mismatched"] = _stats([3.0, -2.0, 2.0], [-4.0, 6.0])
+    data["contrasts"]["adaptive - fixed"] = _stats([-4.0, 3.0, -2.0], [-9.0, 7.0])
+    return data
+
+
+def incomplete() -> dict:
+    """Only draw 1 complete; draw 2 half run; draw 3 not started: no interval yet."""
+    data = copy.deepcopy(met())
+    for arm in data["arms"].values():
+        first, second, _ = arm["per_draw"]
+        arm["per_draw"] = [first, [second[0], None], None]
+    data["paired"] = {a: {"n_draws": 1, "mean": m, "ci95": None, "per_draw": [m]}
+                      for a, m in (("fixed", 4.0), ("uniform", 1.5), ("adaptive", 3.0), ("mismatched", -1.0))}
+    data["contrasts"] = {"adaptive - fixed": {"n_draws": 1, "mean": -1.0, "ci95": None, "per_draw": [-1.0]},
+                         "fixed - mismatched": {"n_draws": 1, "mean": 5.0, "ci95": None, "per_draw": [5.0]}}
+    return data
+
+
+def test_met():
+    data = met()
+    md = headline_markdown(data)
+    assert md.startswith("## The headline\n")
+    assert "`python -m jobs.sweep --config configs/sweeps/headline.yaml`" in md and "`aaaaaaaaaaaa`" in md
+    assert _row(md, "arm") == ["arm", "draw 1", "draw 2", "draw 3", "mean (complete draws)", "Δ vs real_classical",
+                               "95 % interval", "n draws"]
+    assert _row(md, "real_classical")[1:] == ["29.00", "28.00", "30.00", "29.00", "–", "–", "–"]
+    assert _row(md, "fixed")[1:] == ["33.00", "32.00", "34.00", "33.00", "+4.00", "[1.50, 6.50]", "3"]
+    assert [r[0] for r in (_row(md, a) for a in ("real_classical", *LAMBDA_AWARE, "mismatched"))]  # every arm a row
+    assert md.index("| real_classical") < md.index("| fixed") < md.index("| adaptive") < md.index("| mismatched")
+    assert _row(md, "fixed - mismatched")[1:] == ["+5.00", "[3.00, 7.00]", "3", "+5.00, +5.00, +5.00"]
+    verdict = headline_verdict(data)
+    assert "the best λ-aware arm by paired mean is fixed, +4.00 points over real_classical " \
+           "(95 % interval [1.50, 6.50], 3 of 3 draws)" in verdict
+    assert "Target (≥ 3 points over real_classical, the interval's lower bound above 0): met." in verdict
+    assert "The control (mismatched) lost against fixed: fixed − mismatched = +5.00 points" in verdict
+    assert "adaptive did not clearly beat fixed: adaptive − fixed = -1.00 points (95 % interval [-2.00, 0.30], " \
+           "3 draw(s)), the interval includes 0." in verdict
+    assert verdict in md
+
+
+def test_not_met():
+    verdict = headline_verdict(not_met())
+    assert "best λ-aware arm by paired mean is fixed, +3.17 points" in verdict
+    assert ": not met (the interval's lower bound -4.50 is not above 0)." in verdict
+    assert "The control (mismatched) did not clearly lose against fixed: fixed − mismatched = +1.00 points" in verdict
+    assert "adaptive did not clearly beat fixed" in verdict
+    # a mean below the target is named as a reason too
+    data = not_met()
+    data["paired"]["fixed"] = _stats([2.0, 2.5, 2.0], [1.0, 3.0])
+    data["paired"]["adaptive"] = _stats([1.0, 1.0, 1.0], [0.5, 1.5])
+    assert ": not met (the mean +2.17 is below 3)." in headline_verdict(data)
+    # the control beating the λ-aware arm is said as such
+    data["contrasts"]["fixed - mismatched"] = _stats([-3.0, -2.0, -2.5], [-3.7, -1.3])
+    assert "The control (mismatched) beat fixed: fixed − mismatched = -2.50 points" in headline_verdict(data)
+
+
+def test_incomplete():
+    data = incomplete()
+    md = headline_markdown(data)
+    assert _row(md, "fixed")[1:] == ["33.00", "32.50 (1/2 seeds)", "–", "33.00", "+4.00", "–", "1"]
+    assert _row(md, "adaptive - fixed")[1:] == ["-1.00", "–", "1", "-1.00"]
+    verdict = headline_verdict(data)
+    assert "fixed, +4.00 points over real_classical (no interval yet, 1 of 3 draws)" in verdict
+    assert "cannot be judged yet: 1 complete draw(s), an interval needs at least 2." in verdict
+    assert "adaptive − fixed = -1.00 points (1 draw(s)): cannot be judged yet." in verdict
+    assert "met" not in verdict.replace("not met", "")
+    # nothing run at all
+    data["paired"], data["contrasts"] = {}, {}
+    assert "none of the λ-aware arms (fixed, uniform, adaptive) has a complete draw" in headline_verdict(data)
+
+
+def test_partial_draws_say_so_far():
+    data = met()
+    for name in ("fixed", "uniform", "adaptive"):
+        data["paired"][name] = {**data["paired"][name], "n_draws": 2, "per_draw": data["paired"][name]["per_draw"][:2]}
+    assert ": met on 2 of 3 draws so far." in headline_verdict(data)
+
+
+def test_html_of_the_blocks():
+    page = Page("t")
+    page.blocks += render_headline(met())
+    html = page.html()
+    assert "<th>Δ vs real_classical</th>" in html and "<td>fixed</td><td>33.00</td><td>32.00</td>" in html
+    assert "<code>python -m jobs.sweep --config configs/sweeps/headline.yaml</code>" in html
+
+
+def test_record_of_experiments_draws():
+    """The shape experiments.draws.collect writes: config by name, no frozen commit, stale runs named."""
+    data = incomplete()
+    data.update(config="headline", stale=["draw-2/seg/arm-fixed-seed1"])
+    del data["frozen_commit"]
+    md = headline_markdown(data)
+    assert "`python -m jobs.sweep --config configs/sweeps/headline.yaml`" in md and "frozen" not in md
+    assert "Not counted: 1 finished run(s) made under another identity than today's (`draw-2/seg/arm-fixed-seed1`)." in md
