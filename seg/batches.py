@@ -6,11 +6,14 @@ batch it makes: the DataLoader takes batches from its workers round-robin, so wo
 asked for the λ values allowed at exactly that step's training progress. Per batch:
 draw how many samples are synthetic, draw their λ from the scheme, then take the next
 sample of the per-λ (and the real) endless stream. Augmentation (random scale, crop,
-flip) transforms image, scribble and mask together.
+flip; optionally the classical rotation, vertical flip and colour jitter) transforms
+image, scribble and mask together. The mismatched-scribble control swaps each synthetic
+sample's scribble for another scene's (:class:`MismatchedScribbles`).
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -18,31 +21,58 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
+from PIL import Image, ImageEnhance
 from torch.utils.data import IterableDataset
 
 from engine.errors import BadInputError
 from engine.shards import UNLABELLED, Sample
 from seg.schemes import SchemeConfig, check_available, draw_lambdas, synthetic_count
-from seg.stream import DataIndex, endless
+from seg.stream import DataIndex, StreamError, endless, real_scribbles
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+FILL_RGB = tuple(round(255 * m) for m in MEAN.flatten().tolist())  # pixels rotated in: the mean colour, 0 once normalised
+CLASSICAL_ON = ("real", "all")
 
 
 @dataclass
 class AugmentConfig:
-    """Random scale-crop-flip of the training samples (the usual segmentation recipe)."""
+    """Random scale-crop-flip of the training samples (the usual segmentation recipe), and
+    the classical augmentations that compete with generative ones (all off by default).
+
+    ``rotate``, ``vflip`` and ``color_jitter`` are the classical ops; ``classical_on``
+    says which samples get them: ``real`` (the experiment's choice: synthetic images keep
+    plain scale-crop-flip) or ``all``.
+    """
 
     crop: int = 64
     scale_min: float = 0.75
     scale_max: float = 1.5
     hflip: bool = True
+    rotate: float = 0.0  # max degrees: angle uniform in [-rotate, rotate]; 0 = off
+    vflip: bool = False  # vertical flip with p 0.5
+    color_jitter: float = 0.0  # strength s: brightness/contrast/saturation x [1-s, 1+s], hue ± s/2 turn; 0 = off
+    classical_on: str = "real"  # real | all: which samples get rotate, vflip and color_jitter
 
     def validate(self) -> None:
         if self.crop < 8:
             raise BadInputError(f"augment.crop={self.crop}", "must be >= 8")
         if not 0.0 < self.scale_min <= self.scale_max:
             raise BadInputError(f"augment.scale_min/max={self.scale_min}/{self.scale_max}", "need 0 < scale_min <= scale_max")
+        if not isinstance(self.rotate, (int, float)) or isinstance(self.rotate, bool) or not 0.0 <= self.rotate <= 180.0:
+            raise BadInputError(f"augment.rotate={self.rotate!r}", "must be a number of degrees in [0, 180] (0 = off)")
+        if not isinstance(self.vflip, bool):
+            raise BadInputError(f"augment.vflip={self.vflip!r}", "must be true or false")
+        if not isinstance(self.color_jitter, (int, float)) or isinstance(self.color_jitter, bool) or not 0.0 <= self.color_jitter <= 1.0:
+            raise BadInputError(f"augment.color_jitter={self.color_jitter!r}",
+                                "must be in [0, 1] (0 = off; the hue shift is ± half of it)")
+        if self.classical_on not in CLASSICAL_ON:
+            raise BadInputError(f"augment.classical_on={self.classical_on!r}", f"choose one of {list(CLASSICAL_ON)}")
+
+    @property
+    def classical(self) -> bool:
+        """Whether any classical op is on."""
+        return bool(self.rotate or self.vflip or self.color_jitter)
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -60,14 +90,51 @@ def _resize_label(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(label[None, None].float(), size=size, mode="nearest-exact")[0, 0].to(torch.uint8)
 
 
-def augment(
-    image: np.ndarray, labels: list[np.ndarray], cfg: AugmentConfig, rng: np.random.Generator
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Scale by a random factor, pad (labels with 255) to the crop size, crop, maybe flip.
+def color_jitter(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """torchvision's ``ColorJitter(s, s, s, s / 2)`` on an HxWx3 uint8 image, in a fixed order.
 
-    ``labels`` are HxW class maps (scribble, and the mask when wanted); they get the same
-    geometry as the image with nearest-neighbour resampling so class ids stay exact.
+    Brightness, contrast and saturation factors are drawn uniform in [1 - s, 1 + s] and
+    applied with PIL's ``ImageEnhance`` (as torchvision does for PIL images), then the hue
+    is turned by a shift uniform in [-s/2, s/2] of a full turn in PIL's HSV space. The
+    order is always brightness, contrast, saturation, hue (torchvision draws a random one).
     """
+    b, c, sat = rng.uniform(1.0 - strength, 1.0 + strength, 3)
+    hue = rng.uniform(-strength / 2, strength / 2)
+    img = Image.fromarray(np.ascontiguousarray(image))
+    img = ImageEnhance.Brightness(img).enhance(b)
+    img = ImageEnhance.Contrast(img).enhance(c)
+    img = ImageEnhance.Color(img).enhance(sat)
+    h, s, v = img.convert("HSV").split()
+    shift = round(hue * 255)
+    h = h.point([(i + shift) % 256 for i in range(256)])  # around the hue circle
+    return np.array(Image.merge("HSV", (h, s, v)).convert("RGB"))
+
+
+def rotate(image: np.ndarray, labels: list[np.ndarray], degrees: float) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Rotate about the centre, same size: the image bilinear, labels nearest; pixels rotated
+    in from outside are the mean colour in the image and 255 in every label map."""
+    img = Image.fromarray(np.ascontiguousarray(image)).rotate(degrees, Image.Resampling.BILINEAR, fillcolor=FILL_RGB)
+    ys = [np.array(Image.fromarray(np.ascontiguousarray(y)).rotate(degrees, Image.Resampling.NEAREST, fillcolor=UNLABELLED))
+          for y in labels]
+    return np.array(img), ys
+
+
+def augment(
+    image: np.ndarray, labels: list[np.ndarray], cfg: AugmentConfig, rng: np.random.Generator, classical: bool = True
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Colour jitter and rotate (if on), scale by a random factor, pad (labels with 255) to
+    the crop size, crop, maybe flip horizontally, and (if on) vertically.
+
+    ``labels`` are HxW uint8 class maps (scribble, and the mask when wanted); they get the
+    same geometry as the image with nearest-neighbour resampling so class ids stay exact.
+    ``classical`` False skips the classical ops (rotate, vflip, color_jitter) for this
+    sample. An op that is off draws nothing from ``rng``, so with all of them off the
+    draws (and the batches) are those of the plain scale-crop-flip recipe.
+    """
+    if classical and cfg.color_jitter:
+        image = color_jitter(image, cfg.color_jitter, rng)
+    if classical and cfg.rotate:
+        image, labels = rotate(image, labels, rng.uniform(-cfg.rotate, cfg.rotate))
     x = to_tensor(image)
     ys = [torch.from_numpy(np.ascontiguousarray(y)) for y in labels]
     h, w = x.shape[1:]
@@ -86,7 +153,50 @@ def augment(
     ys = [y[top : top + cfg.crop, left : left + cfg.crop] for y in ys]
     if cfg.hflip and rng.random() < 0.5:
         x, ys = x.flip(-1), [y.flip(-1) for y in ys]
+    if classical and cfg.vflip and rng.random() < 0.5:
+        x, ys = x.flip(-2), [y.flip(-2) for y in ys]
     return x.contiguous(), [y.contiguous() for y in ys]
+
+
+class MismatchedScribbles:
+    """The control arm: each synthetic sample paired with ANOTHER scene's real scribble.
+
+    The pairing is fixed: :func:`seg.judge.derangement` over the sorted source ids of the
+    real train scribbles given (those kept in this run), so source ``ids[i]`` gets the
+    scribble of ``ids[i - 1]``. ``scribbles`` maps source id -> the ``scribble.png`` bytes
+    of its real sample (:func:`seg.stream.real_scribbles`), decoded only when used.
+    """
+
+    def __init__(self, scribbles: dict[str, bytes]) -> None:
+        from seg.judge import derangement  # here, not at the top: seg.judge imports this module
+
+        ids = sorted(scribbles)
+        if len(ids) < 2:
+            raise BadInputError("data.mismatched_scribbles",
+                                f"needs >= 2 real train sources to pair with each other; this run keeps {len(ids)}")
+        self.partner = {source: ids[other] for source, other in zip(ids, derangement(len(ids)))}
+        self.scribbles = scribbles
+
+    def check(self, sources: set[str]) -> None:
+        """Fail before training when a synthetic source has no real scribble in the run."""
+        missing = sorted(sources - set(self.partner))
+        if missing:
+            raise BadInputError(f"synthetic samples of source {missing[0]!r}", f"have no real train scribble in this run "
+                                f"({len(missing)} such source(s)), so data.mismatched_scribbles cannot pair them",
+                                "pass the real manifest these samples were generated from, with the same data.real_fraction")
+
+    def __call__(self, sample: Sample) -> np.ndarray:
+        """The partner's scribble, resized (nearest) to the sample's image size."""
+        source = sample.meta.get("source_id", "")
+        if source not in self.partner:
+            raise StreamError(f"synthetic sample {sample.key}", f"its source {source!r} has no real train scribble in this run",
+                              "data.mismatched_scribbles pairs only sources whose real sample is in the run")
+        with Image.open(io.BytesIO(self.scribbles[self.partner[source]])) as img:
+            scribble = np.array(img.convert("L"))
+        size = sample.image.shape[:2]
+        if scribble.shape != size:
+            scribble = _resize_label(torch.from_numpy(np.ascontiguousarray(scribble)), size).numpy()
+        return scribble
 
 
 class MixedBatches(IterableDataset):
@@ -108,6 +218,7 @@ class MixedBatches(IterableDataset):
         start_step: int = 0,
         seed: int = 0,
         shuffle_buffer: int = 256,
+        mismatched_scribbles: bool = False,
     ) -> None:
         super().__init__()
         self.lambdas = check_available(scheme, index.lambdas)
@@ -117,6 +228,10 @@ class MixedBatches(IterableDataset):
         self.index, self.scheme = index, scheme
         self.batch_size, self.total_steps, self.start_step = batch_size, total_steps, start_step
         self.augment_cfg, self.seed, self.shuffle_buffer = augment_cfg, seed, shuffle_buffer
+        self.mismatched: MismatchedScribbles | None = None
+        if mismatched_scribbles:  # loaded once here; the workers get a copy of the (small) PNG bytes
+            self.mismatched = MismatchedScribbles(real_scribbles(index.real))
+            self.mismatched.check(index.synthetic_sources)
 
     def _stream(self, lam: float) -> Iterator[Sample]:
         group = self.index.real if lam == 0.0 else self.index.synthetic[lam]
@@ -138,9 +253,11 @@ class MixedBatches(IterableDataset):
                 if lam not in streams:
                     streams[lam] = self._stream(lam)
                 sample = next(streams[lam])
-                # A map of ones rides along as a label: padding turns it to 255, which marks the roi.
-                inside = np.ones_like(sample.scribble)
-                x, (y, valid) = augment(sample.image, [sample.scribble, inside], self.augment_cfg, rng)
+                scribble = self.mismatched(sample) if self.mismatched and lam > 0 else sample.scribble
+                # A map of ones rides along as a label: padding (and rotation) turns it to 255, which marks the roi.
+                inside = np.ones_like(scribble)
+                classical = lam == 0.0 or self.augment_cfg.classical_on == "all"
+                x, (y, valid) = augment(sample.image, [scribble, inside], self.augment_cfg, rng, classical)
                 images.append(x)
                 scribbles.append(y)
                 rois.append(valid == 1)

@@ -16,6 +16,7 @@ which keeps the split a partition.
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -93,12 +94,14 @@ class ShardGroup:
 
 @dataclass
 class DataIndex:
-    """What the manifests offer: real train samples, the val split, synthetic sets by λ."""
+    """What the manifests offer: real train samples, the val split, synthetic sets by λ
+    (and the source ids those synthetic samples were generated from)."""
 
     class_names: list[str]
     real: ShardGroup
     val: ShardGroup
     synthetic: dict[float, ShardGroup]
+    synthetic_sources: set[str] = field(default_factory=set)
 
     @property
     def lambdas(self) -> list[float]:
@@ -111,13 +114,20 @@ def index_manifests(
     val_split: str = "val",
     real_fraction: float = 1.0,
     subset_seed: int = 0,
+    synthetic_per_source: int = 0,
 ) -> DataIndex:
     """Group the ``ok`` rows of all manifests into real/val/per-λ synthetic groups.
 
     A row with λ = 0 is real, λ > 0 synthetic. ``real_fraction`` < 1 keeps a fixed random
     subset of the real training sources (the low-data regime) and only the synthetic
     samples generated from those sources, so no label outside the subset leaks in.
+    ``synthetic_per_source`` > 0 keeps at most that many synthetic samples per (source, λ):
+    the ones with the smallest keys (string order). Generated keys end in a hashed seed
+    (``engine.shards.synthetic_key``), so that is a fixed pseudo-random pick, and a smaller
+    N keeps a subset of what a larger one keeps.
     """
+    if not isinstance(synthetic_per_source, int) or isinstance(synthetic_per_source, bool) or synthetic_per_source < 0:
+        raise BadInputError(f"data.synthetic_per_source={synthetic_per_source!r}", "must be an integer >= 0 (0 = all)")
     if not paths:
         raise BadInputError("--shards", "no manifest given", "pass at least the real manifest.parquet")
     class_names: list[str] = []
@@ -139,6 +149,7 @@ def index_manifests(
     real_sources = [r[2] for r in rows if r[4] == 0.0 and r[3] == train_split]
     keep = draw_subset(real_sources, real_fraction, subset_seed) if real_fraction < 1.0 else None
     index = DataIndex(class_names=class_names, real=ShardGroup(), val=ShardGroup(), synthetic={})
+    cells: dict[tuple[str, float], list[tuple[str, str]]] = {}  # (source, λ) -> (key, shard URL), with synthetic_per_source
     for url, key, source, split, lam in rows:
         if lam == 0.0 and split == val_split:
             index.val.add(url, key)
@@ -146,8 +157,15 @@ def index_manifests(
             continue
         elif lam == 0.0:
             index.real.add(url, key)
+        elif synthetic_per_source:
+            cells.setdefault((source, lam), []).append((key, url))
         else:
             index.synthetic.setdefault(lam, ShardGroup()).add(url, key)
+            index.synthetic_sources.add(source)
+    for (source, lam), members in sorted(cells.items()):
+        for key, url in sorted(members)[:synthetic_per_source]:
+            index.synthetic.setdefault(lam, ShardGroup()).add(url, key)
+        index.synthetic_sources.add(source)
     return index
 
 
@@ -226,6 +244,30 @@ def endless(group: ShardGroup, seed: int, shuffle_buffer: int = 256) -> Iterator
         if not yielded:
             raise StreamError(", ".join(group.urls[:3]), "no sample of this group could be read from its shards",
                                 "the manifest and shards disagree; re-create them or run `python -m engine.verify`")
+
+
+def real_scribbles(group: ShardGroup) -> dict[str, bytes]:
+    """Source id -> ``scribble.png`` bytes of every sample in ``group``, read whole in this
+    process (no split over readers) and without decoding any image: the mismatched-scribble
+    control keeps them in memory (PNG-compressed scribbles are a few kB each)."""
+    if not group.allowed:
+        return {}
+    out: dict[str, bytes] = {}
+    read = 0
+    for record in wds.DataPipeline(wds.SimpleShardList(group.urls), _tar_samples, wds.select(_keep(group))):
+        read += 1
+        where = f"{record.get('__url__', 'shard')}:{record['__key__']}"
+        if "scribble.png" not in record or "json" not in record:
+            raise StreamError(where, "sample lacks scribble.png or json", "the shard is incomplete; re-create it")
+        try:
+            source = json.loads(record["json"]).get("source_id") or record["__key__"]
+        except ValueError as exc:
+            raise StreamError(where, f"cannot decode the json member: {exc}") from None
+        out[source] = record["scribble.png"]
+    if read < len(group):
+        raise StreamError(", ".join(group.urls[:3]), f"only {read} of the {len(group)} real samples listed were found in their shards",
+                          "the manifest and shards disagree; re-create them or run `python -m engine.verify`")
+    return out
 
 
 class EpochDataset(IterableDataset):

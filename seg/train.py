@@ -51,12 +51,18 @@ class DataConfig:
     subset_seed: int = 0  # which subset; fixed across training seeds on purpose
     workers: int = 2
     shuffle_buffer: int = 256
+    synthetic_per_source: int = 0  # > 0: at most N synthetic samples per (source, λ), the smallest keys; 0 = all
+    mismatched_scribbles: bool = False  # the control: each synthetic sample gets another scene's real scribble
 
     def validate(self) -> None:
         if not 0.0 < self.real_fraction <= 1.0:
             raise BadInputError(f"data.real_fraction={self.real_fraction}", "must be in (0, 1]")
         if self.workers < 0 or self.shuffle_buffer < 0:
             raise BadInputError("data.workers / data.shuffle_buffer", "must be >= 0")
+        if not isinstance(self.synthetic_per_source, int) or isinstance(self.synthetic_per_source, bool) or self.synthetic_per_source < 0:
+            raise BadInputError(f"data.synthetic_per_source={self.synthetic_per_source!r}", "must be an integer >= 0 (0 = all)")
+        if not isinstance(self.mismatched_scribbles, bool):
+            raise BadInputError(f"data.mismatched_scribbles={self.mismatched_scribbles!r}", "must be true or false")
 
 
 @dataclass
@@ -179,7 +185,8 @@ def train(cfg: SegConfig, manifests: list[str], out: str | Path, resume: bool = 
     rank, world, device = setup_distributed(cfg.train.device)
     main_rank = is_main(rank)
     torch.manual_seed(cfg.train.seed)
-    index: DataIndex = index_manifests(manifests, cfg.data.train_split, cfg.data.val_split, cfg.data.real_fraction, cfg.data.subset_seed)
+    index: DataIndex = index_manifests(manifests, cfg.data.train_split, cfg.data.val_split, cfg.data.real_fraction, cfg.data.subset_seed,
+                                       cfg.data.synthetic_per_source)
     num_classes = len(index.class_names)
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = build_model(cfg.model, num_classes).to(device, memory_format=fmt)
@@ -193,7 +200,7 @@ def train(cfg: SegConfig, manifests: list[str], out: str | Path, resume: bool = 
         lam_counts = Counter({float(k): v for k, v in ckpt["lam_counts"].items()})
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     batches = MixedBatches(index, cfg.scheme, cfg.train.batch_size, cfg.train.steps, cfg.augment, start_step,
-                           cfg.train.seed, cfg.data.shuffle_buffer)
+                           cfg.train.seed, cfg.data.shuffle_buffer, cfg.data.mismatched_scribbles)
     loader = DataLoader(batches, batch_size=None, num_workers=cfg.data.workers)
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
@@ -268,6 +275,10 @@ def train(cfg: SegConfig, manifests: list[str], out: str | Path, resume: bool = 
         "lam_counts": {str(k): v for k, v in sorted(lam_counts.items())},
         "real_train_samples": len(index.real),
         "synthetic_samples": {str(k): len(g) for k, g in index.synthetic.items()},
+        "synthetic_per_source": cfg.data.synthetic_per_source,
+        "mismatched_scribbles": cfg.data.mismatched_scribbles,
+        "classical_augment": ({k: getattr(cfg.augment, k) for k in ("rotate", "vflip", "color_jitter", "classical_on")}
+                              if cfg.augment.classical else None),
         "val_samples": len(index.val),
         "manifests": [str(m) for m in manifests],
         "device": str(device),

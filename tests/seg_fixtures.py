@@ -68,7 +68,8 @@ def make_real(root: Path, n_train: int = 24, n_val: int = 8, per_shard: int = 8,
     return _write(samples, root / "real", "real", per_shard, "real", [skipped])
 
 
-def make_synthetic(root: Path, lambdas: tuple[float, ...] = (0.2, 0.5, 1.0), n_train: int = 24, per_shard: int = 20, size: int = 32) -> Path:
-    """Synthetic manifest: every real train scene at every λ, λ values mixed within shards."""
-    samples = [synthetic(make_scene(i, "train", size), lam) for i in range(n_train) for lam in lambdas]
-    return _write(samples, root / "synthetic", "synth", per_shard, "synthetic")
+def make_synthetic(root: Path, lambdas: tuple[float, ...] = (0.2, 0.5, 1.0), n_train: int = 24, per_shard: int = 20, size: int = 32,
+                   seeds: tuple[int, ...] = (0,), folder: str = "synthetic") -> Path:
+    """Synthetic manifest: every real train scene at every λ (and seed), λ values mixed within shards."""
+    samples = [synthetic(make_scene(i, "train", size), lam, seed) for i in range(n_train) for lam in lambdas for seed in seeds]
+    return _write(samples, root / folder, "synth", per_shard, "synthetic")
