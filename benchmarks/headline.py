@@ -63,9 +63,10 @@ def table(results: dict[str, list[dict[str, Any]]], fraction: float) -> str:
     means = {s: statistics.mean(r["miou"] for r in runs) for s, runs in results.items()}
     base = means.get("real")
     any_runs = next(iter(results.values()))
+    split = any_runs[0].get("eval_split", "val")
     lines = [
         f"Low-data regime: {fraction:g} of the real training sources ({any_runs[0]['real_train_samples']} images), "
-        f"{any_runs[0]['steps']} steps, seeds {[r['seed'] for r in any_runs]}, val images: {any_runs[0]['val_samples']}.",
+        f"{any_runs[0]['steps']} steps, seeds {[r['seed'] for r in any_runs]}, {split} images: {any_runs[0]['val_samples']}.",
         "",
         "| scheme | mIoU (mean ± std) | per seed | Δ vs real-only |",
         "| --- | --- | --- | --- |",
@@ -77,7 +78,7 @@ def table(results: dict[str, list[dict[str, Any]]], fraction: float) -> str:
         per_seed = ", ".join(f"{100 * v:.2f}" for v in vals)
         lines.append(f"| {scheme} | {100 * means[scheme]:.2f} ± {100 * std:.2f} | {per_seed} | {delta} |")
     lines.append("")
-    lines.append("mIoU in %, on the full masks of the val split.")
+    lines.append(f"mIoU in %, on the full masks of the {split} split.")
     return "\n".join(lines)
 
 

@@ -8,7 +8,9 @@ fraction as a Markdown table (README, "learning curve"):
     python benchmarks/learning_curve.py --real runs/tiny/real/manifest.parquet --out runs/tiny/curve
 
 The subset of a fraction is seg's ``data.real_fraction`` subset (fixed ``subset_seed``,
-nested: 1/16 lies inside 1/8 ...); seeds vary the training. Runs live in
+nested: 1/16 lies inside 1/8 ...), the same draw ingest's ``--subset`` makes
+(``engine.data.subset``); seeds vary the training. ``--set data.val_split=test`` reports on
+the held-out test split (ingest with ``--set source.procedural.num_test=1000``). Runs live in
 ``OUT/f<fraction>-seed<k>/`` and are reused or resumed as in ``benchmarks/headline.py``;
 ``--jobs 2`` trains two runs at a time, one thread each (the fastest use of 2 cores).
 Results also go to ``OUT/curve.md`` and ``OUT/curve.json``.
@@ -48,7 +50,7 @@ def _run(cfg: SegConfig, manifest: str, out: Path, threads: int) -> dict[str, An
 def table(results: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown: one row per fraction, mIoU mean ± std (sample std over seeds), per seed."""
     first = next(iter(results.values()))[0]
-    lines = [f"Real scribbles only, {first['steps']} steps, val images: {first['val_samples']}.", "",
+    lines = [f"Real scribbles only, {first['steps']} steps, {first.get('eval_split', 'val')} images: {first['val_samples']}.", "",
              "| labelled share | images | mIoU % (mean ± std) | per seed |", "| --- | --- | --- | --- |"]
     for frac, runs in results.items():
         vals = [100 * r["miou"] for r in runs]

@@ -194,7 +194,7 @@ def seg_phase(root: Path, real: str, synthetic: str, samples: int, batch_size: i
         "scheme.name=uniform", "scheme.synth_fraction=1.0", f"train.steps={steps}", f"train.batch_size={batch_size}",
         f"train.log_every={max(1, steps // 40)}", "train.eval_every=0", "train.checkpoint_every=0",
         f"data.workers={workers}", "data.shuffle_buffer=64", f"augment.crop={size}", "augment.scale_min=1.0",
-        "augment.scale_max=1.0", "model.width=8", "train.device=cpu"])
+        "augment.scale_max=1.0", "model.width=8", 'model.backbone_weights=""', "train.device=cpu"])
     me = psutil.Process()
     metrics = out / "metrics.jsonl"
 

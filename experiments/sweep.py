@@ -61,6 +61,7 @@ from engine.data.geometry import fit_sample
 from engine.train_controlnet import TrainControlNetConfig
 from experiments import tasks
 from seg.judge import Agreement, JudgeConfig, chunks, derangement, judge_on_real, manifest_samples, predict
+from seg.models import backbone_weights_file
 from seg.schemes import SCHEMES
 from seg.train import SegConfig
 
@@ -764,9 +765,14 @@ def stage_seg(cfg: SweepConfig, out: Path, real_manifest: storage.Location, cell
 
 def seg_identity(cfg: SweepConfig, run: SegRun, digests: dict[str, str]) -> tuple[SegConfig, Identity]:
     """A seg run's config and the identity it records: that config and the digests of the real
-    manifest (``digests["real"]``) and of each cell it draws from (``digests[cell name]``)."""
+    manifest (``digests["real"]``), of each cell it draws from (``digests[cell name]``) and of
+    the pretrained backbone it starts from (``builtin`` names a file that a release may change)."""
     seg = seg_config_for(cfg, run)
-    return seg, stage_identity(seg, RUN_ONLY["seg"], {k: digests[k] for k in ["real", *run.cells]})
+    inputs = {k: digests[k] for k in ["real", *run.cells]}
+    backbone = backbone_weights_file(seg.model)
+    if backbone is not None:
+        inputs["backbone"] = file_digest(backbone)
+    return seg, stage_identity(seg, RUN_ONLY["seg"], inputs)
 
 
 def _train_seg(seg: SegConfig, manifests: list[str], folder: str) -> dict[str, Any]:

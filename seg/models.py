@@ -8,10 +8,16 @@ stride 16 or 8 replaces the stride of the last one or two stages with dilation, 
 DeepLab does. The tiny model is the same DeepLabV3+ on a narrow 4-stage ResNet with one
 basic block per stage: small enough to train on 64x64 images on two CPU cores. The
 MobileNet-v2 backbone (``seg.mobilenet``) is the one the paper's RLoss runs use.
+
+The tiny model's analog of an ImageNet checkpoint ships inside the package
+(``seg/assets/tiny-backbone``, made by ``python -m jobs.pretrain_backbone``):
+``model.backbone_weights: builtin`` loads it, after checking that the architecture its
+``backbone.json`` records is the one being built.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +30,19 @@ from seg.mobilenet import MobileNetV2
 
 MODELS = ("tiny", "deeplabv3plus_resnet50", "deeplabv3plus_resnet101", "deeplabv3plus_mobilenet")
 
+# The shipped pretrained tiny backbone (seg/pretrain_backbone.py made it): ``backbone_weights: builtin``.
+BUILTIN = "builtin"
+BUILTIN_BACKBONE = Path(__file__).resolve().parent / "assets" / "tiny-backbone"
+BACKBONE_FILE = "backbone.safetensors"
+BACKBONE_RECORD = "backbone.json"  # beside the weights: the architecture, command, digest, held-out score
+# The model keys that decide the backbone network (the ASPP head's keys do not).
+ARCH_KEYS = ("name", "width", "stem_pool", "output_stride")
+
 
 @dataclass
 class ModelConfig:
-    """Which network; ``backbone_weights`` is a local safetensors/.pth ImageNet ResNet."""
+    """Which network; ``backbone_weights`` is a local safetensors/.pth ImageNet ResNet, or
+    ``builtin`` (tiny only): the shipped backbone pretrained on the built-in corpus."""
 
     name: str = "tiny"
     width: int = 16  # tiny only: channels of the first stage (doubling per stage)
@@ -42,8 +57,50 @@ class ModelConfig:
             raise BadInputError(f"model.name={self.name!r}", f"unknown model; choose one of {list(MODELS)}")
         if self.output_stride not in (8, 16):
             raise BadInputError(f"model.output_stride={self.output_stride}", "must be 8 or 16")
-        if self.backbone_weights and not Path(self.backbone_weights).is_file():
-            raise BadInputError(f"model.backbone_weights={self.backbone_weights}", "file not found", "give a local .safetensors or .pth file")
+        backbone_weights_file(self)  # refuses a missing file, or builtin for another architecture
+
+
+def backbone_arch(cfg: ModelConfig) -> dict:
+    """The keys of ``cfg`` that decide the backbone network (recorded beside pretrained weights)."""
+    return {k: getattr(cfg, k) for k in ARCH_KEYS}
+
+
+def backbone_weights_file(cfg: ModelConfig) -> Path | None:
+    """The file ``cfg.backbone_weights`` names (``builtin``: the shipped one), or None for none.
+
+    When a ``backbone.json`` record lies beside the file and describes it (always for
+    ``builtin``), the architecture it records must be ``cfg``'s: a stem pool or output
+    stride changes the network without changing a single weight shape, so the shapes
+    alone would not catch it.
+    """
+    if not cfg.backbone_weights:
+        return None
+    what = f"model.backbone_weights={cfg.backbone_weights}"
+    if cfg.backbone_weights == BUILTIN:
+        if cfg.name != "tiny":
+            raise BadInputError(what, f"the shipped backbone ({BUILTIN_BACKBONE}) is the tiny model's, not {cfg.name}'s",
+                                'give a local .safetensors or .pth file of ImageNet weights, or "" to train from scratch')
+        path = BUILTIN_BACKBONE / BACKBONE_FILE
+        if not path.is_file() or not (BUILTIN_BACKBONE / BACKBONE_RECORD).is_file():
+            raise BadInputError(what, f"the shipped backbone is missing from {BUILTIN_BACKBONE}", "reinstall the package")
+    else:
+        path = Path(cfg.backbone_weights)
+        if not path.is_file():
+            raise BadInputError(what, "file not found", "give a local .safetensors or .pth file")
+    record = path.parent / BACKBONE_RECORD
+    try:
+        meta = json.loads(record.read_text()) if record.is_file() else {}
+    except ValueError as exc:
+        raise BadInputError(str(record), f"not valid JSON: {exc}") from None
+    if meta.get("weights_file") == path.name:
+        want, got = meta.get("architecture"), backbone_arch(cfg)
+        if want != got:
+            keys = sorted(k for k in ARCH_KEYS if (want or {}).get(k) != got[k])
+            raise BadInputError(what, f"{record} records weights for the architecture {want}, but the model being built "
+                                      f"is {got} (differs in {keys})",
+                                'set model.backbone_weights="" to train this model from scratch, or pretrain a backbone '
+                                "for it: python -m jobs.pretrain_backbone --set seg_config=<its seg config>")
+    return path
 
 
 def _bn_relu_conv(cin: int, cout: int, k: int, dilation: int = 1) -> nn.Sequential:
@@ -208,16 +265,20 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     backbone.load_state_dict(state)
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> DeepLabV3Plus:
-    """The configured network with ``num_classes`` outputs (weights loaded when given)."""
-    backbone: nn.Module
+def build_backbone(cfg: ModelConfig) -> ResNet | MobileNetV2:
+    """The configured backbone, randomly initialised (``cfg.backbone_weights`` not read)."""
     if cfg.name == "tiny":
-        backbone = ResNet(BasicBlock, [1, 1, 1, 1], width=cfg.width, output_stride=cfg.output_stride, stem_pool=cfg.stem_pool)
-    elif cfg.name == "deeplabv3plus_mobilenet":
-        backbone = MobileNetV2(cfg.output_stride)
-    else:
-        layers = [3, 4, 6, 3] if cfg.name.endswith("resnet50") else [3, 4, 23, 3]
-        backbone = ResNet(Bottleneck, layers, width=64, output_stride=cfg.output_stride)
-    if cfg.backbone_weights:
-        load_backbone_weights(backbone, cfg.backbone_weights)
+        return ResNet(BasicBlock, [1, 1, 1, 1], width=cfg.width, output_stride=cfg.output_stride, stem_pool=cfg.stem_pool)
+    if cfg.name == "deeplabv3plus_mobilenet":
+        return MobileNetV2(cfg.output_stride)
+    layers = [3, 4, 6, 3] if cfg.name.endswith("resnet50") else [3, 4, 23, 3]
+    return ResNet(Bottleneck, layers, width=64, output_stride=cfg.output_stride)
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> DeepLabV3Plus:
+    """The configured network with ``num_classes`` outputs (backbone weights loaded when given)."""
+    backbone = build_backbone(cfg)
+    path = backbone_weights_file(cfg)
+    if path is not None:
+        load_backbone_weights(backbone, path)
     return DeepLabV3Plus(backbone, num_classes, cfg.aspp_channels, list(cfg.aspp_rates))

@@ -46,7 +46,7 @@ class DataConfig:
     """Which samples: splits, the low-data subset, and how they are streamed."""
 
     train_split: str = "train"
-    val_split: str = "val"
+    val_split: str = "val"  # the split every eval reports on: val to choose, test (held out) to report
     real_fraction: float = 1.0  # < 1: low-data regime, a fixed subset of the real train sources
     subset_seed: int = 0  # which subset; fixed across training seeds on purpose
     workers: int = 2
@@ -280,6 +280,7 @@ def train(cfg: SegConfig, manifests: list[str], out: str | Path, resume: bool = 
         "classical_augment": ({k: getattr(cfg.augment, k) for k in ("rotate", "vflip", "color_jitter", "classical_on")}
                               if cfg.augment.classical else None),
         "val_samples": len(index.val),
+        "eval_split": cfg.data.val_split,
         "manifests": [str(m) for m in manifests],
         "device": str(device),
         "world_size": world,
@@ -294,7 +295,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     """Human-readable end-of-run report."""
     lines = [
         f"scheme {summary['scheme']}  seed {summary['seed']}  steps {summary['steps']}  ({summary['seconds']:.1f} s on {summary['device']})",
-        f"mIoU {summary['miou']:.4f}  pixel acc {summary['pixel_acc']:.4f}  (val samples: {summary['val_samples']}, "
+        f"mIoU {summary['miou']:.4f}  pixel acc {summary['pixel_acc']:.4f}  ({summary.get('eval_split', 'val')} samples: {summary['val_samples']}, "
         f"{summary['eval_protocol']} evaluation)",
         "per-class IoU: " + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in summary["per_class_iou"].items()),
         "training samples by λ: " + ", ".join(f"{k}: {v}" for k, v in summary["lam_counts"].items()),

@@ -226,7 +226,7 @@ def _missing(shard: Path) -> None:
 
 
 SEG_FAST = ["--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "augment.crop=16",
-            "--set", "model.width=8", "--set", "train.checkpoint_every=0", "--set", "train.eval_every=0",
+            "--set", "model.width=8", "--set", 'model.backbone_weights=""', "--set", "train.checkpoint_every=0", "--set", "train.eval_every=0",
             "--set", "data.workers=2", "--set", "data.shuffle_buffer=4"]
 
 

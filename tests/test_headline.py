@@ -11,7 +11,7 @@ from scripts import load_script
 from seg_fixtures import make_real, make_synthetic
 
 TINY = ["--set", "train.steps=2", "--set", "train.batch_size=4", "--set", "augment.crop=16", "--set", "data.workers=0",
-        "--set", "model.width=8", "--set", "train.eval_every=0", "--set", "train.log_every=1", "--set", "scheme.fixed_lambda=0.5"]
+        "--set", "model.width=8", "--set", 'model.backbone_weights=""', "--set", "train.eval_every=0", "--set", "train.log_every=1", "--set", "scheme.fixed_lambda=0.5"]
 
 
 @pytest.mark.slow

@@ -155,7 +155,7 @@ def test_seg_resume_from_a_pickle_trap_is_refused_unopened(tmp_path: Path, capsy
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
     ckpt = _trap_file(out / "checkpoints" / "last.pt", marker)
-    argv = ["--shards", str(real), "--out", str(out), "--resume", "--set", "model.width=8", "--set", "data.workers=0"]
+    argv = ["--shards", str(real), "--out", str(out), "--resume", "--set", "model.width=8", "--set", 'model.backbone_weights=""', "--set", "data.workers=0"]
     assert seg_train.main(argv) == 2
     err = capsys.readouterr().err
     assert f"error: {ckpt}: cannot read checkpoint" in err and "Traceback" not in err

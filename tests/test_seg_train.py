@@ -16,7 +16,7 @@ from seg.models import ModelConfig, build_model, load_backbone_weights
 from seg_fixtures import make_real, make_synthetic
 
 FAST = ["--set", "train.steps=12", "--set", "train.batch_size=4", "--set", "augment.crop=32", "--set", "data.workers=0",
-        "--set", "train.log_every=2", "--set", "train.eval_every=6", "--set", "train.checkpoint_every=4", "--set", "model.width=8",
+        "--set", "train.log_every=2", "--set", "train.eval_every=6", "--set", "train.checkpoint_every=4", "--set", "model.width=8", "--set", 'model.backbone_weights=""',
         "--set", "optim.lr=0.05"]
 
 
