@@ -114,3 +114,46 @@ def test_collect_pairs_arms_within_draws_and_skips_stale_runs(tmp_path):
     # A config change (the seg budget) makes every run stale.
     changed = load_sweep_config(DEMO, ARMS + [f"out={tmp_path}", "seg.train.steps=99"])
     assert all(v is None for v in collect(changed)["arms"]["real"]["per_draw"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_headline_protocol_end_to_end_on_a_smoke_budget(tmp_path):
+    """The shipped protocol (configs/sweeps/headline.yaml) at a smoke budget: two draws, each
+    its own subset, ControlNet, cells and every arm; headline.json pairs them; a rerun reuses all."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "effect"
+    sets = ["source.procedural.num_test=12", "subset=0.5"]
+    argv = [sys.executable, "-m", "jobs.sweep", "--config", "configs/sweeps/headline.yaml", "--fast", "--out", str(out),
+            "--set", "grid.w=[2.0]", "--set", "grid.lambdas=[0.4, 0.6, 0.8, 1.0]", "--set", "grid.samples_per_source={1.0: 2}",
+            "--set", "generate.plan.samples_per_source=1", "--set", "generate.plan.max_sources=null",
+            "--set", "studies.arms.seeds=[0]", "--set", "draws.seeds=[1, 2]", "--set", "judge.enabled=false",
+            *[a for s in sets for a in ("--set", f"ingest.{s}")]]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    first = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=800)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    result = json.loads((out / "headline.json").read_text())
+    assert result["split"] == "test" and result["draws"] == [1, 2] and result["stale"] == []
+    assert set(result["arms"]) == {"real", "real_classical", "fixed", "uniform", "adaptive", "mismatched"}
+    for name, arm in result["arms"].items():
+        assert [len(d) for d in arm["per_draw"]] == [1, 1] and all(0 <= d[0] <= 100 for d in arm["per_draw"]), name
+    baseline = result["baseline"]
+    fixed = result["paired"]["fixed"]
+    diffs = [a[0] - b[0] for a, b in zip(result["arms"]["fixed"]["per_draw"], result["arms"][baseline]["per_draw"])]
+    assert fixed["n_draws"] == 2 and fixed["per_draw"] == pytest.approx(diffs, abs=1e-3) and len(fixed["ci95"]) == 2
+    assert "## The headline" in (out / "headline.md").read_text()
+    # Each draw is its own subset: 12 of 24 train scenes, drawn by its seed; test whole in both.
+    import pyarrow.parquet as pq
+
+    kept = [{s for s, sp in zip(*pq.read_table(out / f"draw-{d}" / "real" / "manifest.parquet", columns=["source_id", "split"])
+                                   .to_pydict().values()) if sp == "train"} for d in (1, 2)]
+    assert len(kept[0]) == len(kept[1]) == 12 and kept[0] != kept[1]
+    summary = json.loads((out / "draw-1" / "seg" / "arm-uniform-seed0" / "summary.json").read_text())
+    assert summary["eval_split"] == "test" and summary["val_samples"] == 12
+    assert summary["synthetic_samples"] == {"0.4": 12, "0.6": 12, "0.8": 12, "1.0": 24}  # all: under the cap of 4 a scene
+    assert json.loads((out / "draw-1" / "seg" / "arm-fixed-seed0" / "summary.json").read_text())["synthetic_samples"] == {"1.0": 24}
+    again = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=800)
+    assert again.returncode == 0 and again.stdout.count("(reused, mIoU") == 12 and json.loads((out / "headline.json").read_text())["arms"] == result["arms"]

@@ -353,7 +353,7 @@ def test_train_with_all_options_records_them(data, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["--shards", str(real), str(synth), "--scheme", "uniform", "--out", str(out),
             "--set", "train.steps=4", "--set", "train.batch_size=4", "--set", "augment.crop=32", "--set", "data.workers=0",
-            "--set", "train.checkpoint_every=0", "--set", "model.width=8", "--set", "loss.name=pce",
+            "--set", "train.checkpoint_every=0", "--set", "model.width=8", "--set", "model.backbone_weights=\"\"", "--set", "loss.name=pce",
             "--set", "augment.rotate=30", "--set", "augment.vflip=true", "--set", "augment.color_jitter=0.3",
             "--set", "data.synthetic_per_source=2", "--set", "data.mismatched_scribbles=true"]
     assert seg_train.main(argv) == 0, capsys.readouterr().err
