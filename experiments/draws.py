@@ -33,7 +33,7 @@ from engine.atomic import write_json, write_text
 from engine.errors import BadInputError
 from engine.identity import Identity, file_digest, plain
 from engine.config import to_dict
-from experiments.sweep import REPO, SweepConfig, plan_seg_runs, run_sweep, seg_identity
+from experiments.sweep import COMMIT_FILE, REPO, SweepConfig, git_commit, plan_seg_runs, run_sweep, seg_identity
 
 RESULT_JSON = "headline.json"
 RESULT_MD = "headline.md"
@@ -61,32 +61,38 @@ def check_draws_config(cfg: SweepConfig) -> None:
     if not cfg.studies.arms.enabled:
         raise BadInputError("draws.seeds", "compare arms over draws, but studies.arms is not enabled",
                             "enable studies.arms with a baseline, or leave draws.seeds empty")
+    if cfg.ingest.subset >= 1.0:
+        raise BadInputError(f"ingest.subset={cfg.ingest.subset}", "keeps every train scene, so every draw would be the same data",
+                            "set a fraction below 1, e.g. 1/16")
+    if cfg.seg.data.real_fraction < 1.0:
+        raise BadInputError(f"seg.data.real_fraction={cfg.seg.data.real_fraction}",
+                            "would draw again inside each draw's ingested subset", "set it to 1: the draw is made by ingest")
 
 
-def git_commit() -> str:
-    """The repo's HEAD (with ``+dirty`` when tracked files differ), or ``unknown`` outside git."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        sha = git("rev-parse", "HEAD")
-        return sha + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def run_draws(cfg: SweepConfig) -> Path:
+def run_draws(cfg: SweepConfig, config_path: str | Path | None = None) -> Path:
     """Run (or resume) every draw in turn, rewriting the summary after each; return its markdown."""
     check_draws_config(cfg)
     out = Path(cfg.out)
     for i, seed in enumerate(cfg.draws.seeds, 1):
         print(f"\n######## draw {seed} ({i}/{len(cfg.draws.seeds)}) -> {draw_dir(out, seed)}", flush=True)
         run_sweep(draw_config(cfg, seed))
-        stamp = draw_dir(out, seed) / "commit.json"
-        if not stamp.is_file():  # the code its runs finished at (an earlier session's, when reused)
-            write_json(stamp, {"commit": git_commit()})
-        write_summary(cfg, collect(cfg))
+        write_summary(cfg, collect(cfg, config_path))
     return out / RESULT_MD
+
+
+def frozen_at(config_path: str | Path) -> dict[str, Any]:
+    """The commit that last changed the config file, and whether the file differs from it now:
+    a pre-registered protocol names the commit it was frozen in."""
+    path = Path(config_path).resolve()
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        rel = str(path.relative_to(REPO))
+        return {"config": rel, "frozen_commit": git("log", "-1", "--format=%H", "--", rel) or None,
+                "config_changed_since": bool(git("status", "--porcelain", "--", rel))}
+    except (ValueError, OSError, subprocess.CalledProcessError):
+        return {"config": str(config_path), "frozen_commit": None, "config_changed_since": None}
 
 
 def write_summary(cfg: SweepConfig, result: dict[str, Any]) -> None:
@@ -98,15 +104,16 @@ def write_summary(cfg: SweepConfig, result: dict[str, Any]) -> None:
 
 
 # -- collecting ------------------------------------------------------------------------------
-def _current_runs(cfg: SweepConfig, seed: int) -> tuple[dict[str, float], list[str]]:
-    """mIoU (%) of each finished seg run of one draw whose identity is today's; and the stale ones."""
+def _current_runs(cfg: SweepConfig, seed: int) -> tuple[dict[str, float], list[str], set[str]]:
+    """mIoU (%) of each finished seg run of one draw whose identity is today's; the stale ones;
+    and the commits the counted runs were trained at."""
     folder = draw_dir(cfg.out, seed)
     sub = draw_config(cfg, seed)
     real = folder / "real" / "manifest.parquet"
     if not real.is_file():
-        return {}, []
+        return {}, [], set()
     digests = {"real": file_digest(real)}
-    found, stale = {}, []
+    found, stale, commits = {}, [], set()
     for run in plan_seg_runs(sub):
         run_dir = folder / "seg" / run.name
         summary = run_dir / "summary.json"
@@ -123,44 +130,55 @@ def _current_runs(cfg: SweepConfig, seed: int) -> tuple[dict[str, float], list[s
             stale.append(f"draw-{seed}/seg/{run.name}")
             continue
         found[run.name] = 100.0 * json.loads(summary.read_text())["miou"]
-    return found, stale
+        stamp = run_dir / COMMIT_FILE
+        commits.add(json.loads(stamp.read_text())["commit"] if stamp.is_file() else "unknown")
+    return found, stale, commits
 
 
 def paired(arm: Sequence[Sequence[float | None] | None], base: Sequence[Sequence[float | None] | None],
-           confidence: float) -> dict[str, Any]:
+           confidence: float, comparisons: int = 1) -> dict[str, Any]:
     """Mean of (arm − base) over the draws where both have every seed, with a t interval.
 
     Each draw contributes the difference of its seed means (the seeds are shared, so this
     is also the mean of per-seed differences); the interval is ``mean ± t · sd / √n``
-    with n − 1 degrees of freedom, None below two draws.
+    with n − 1 degrees of freedom, None below two draws. With ``comparisons`` m > 1 (the
+    verdict takes the best of m arms) a Bonferroni interval at 1 − (1 − confidence) / m is
+    added as ``ci_adjusted``: choosing the best arm on test must not borrow the plain one.
     """
     from scipy import stats
 
     def complete(values: Sequence[float | None] | None) -> bool:
         return bool(values) and all(v is not None for v in values)  # type: ignore[union-attr]
 
-    diffs = [statistics.mean(a) - statistics.mean(b) for a, b in zip(arm, base) if complete(a) and complete(b)]  # type: ignore[arg-type]
+    pairs = [(i, a, b) for i, (a, b) in enumerate(zip(arm, base)) if complete(a) and complete(b)]
+    diffs = [statistics.mean(a) - statistics.mean(b) for _, a, b in pairs]  # type: ignore[arg-type]
     n = len(diffs)
     result: dict[str, Any] = {"n_draws": n, "mean": statistics.mean(diffs) if diffs else None, "ci95": None,
-                              "per_draw": [round(d, 4) for d in diffs]}
+                              "per_draw": [round(d, 4) for d in diffs], "draw_index": [i for i, _, _ in pairs]}
+
+    def interval(level: float) -> list[float]:
+        half = stats.t.ppf(0.5 + level / 2, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+        return [result["mean"] - half, result["mean"] + half]
+
     if n >= 2:
-        half = stats.t.ppf(0.5 + confidence / 2, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
-        result["ci95"] = [result["mean"] - half, result["mean"] + half]
+        result["ci95"] = interval(confidence)
+        if comparisons > 1:
+            result["adjusted_confidence"] = 1 - (1 - confidence) / comparisons
+            result["ci_adjusted"] = interval(result["adjusted_confidence"])
     return result
 
 
-def collect(cfg: SweepConfig) -> dict[str, Any]:
+def collect(cfg: SweepConfig, config_path: str | Path | None = None) -> dict[str, Any]:
     """The headline record of every draw of ``cfg`` found on disk (see the module doc)."""
     study = cfg.studies.arms
     per_draw: dict[str, list[list[float | None] | None]] = {name: [] for name in study.arms}
     stale: list[str] = []
     commits = {}
     for seed in cfg.draws.seeds:
-        found, old = _current_runs(cfg, seed)
+        found, old, trained_at = _current_runs(cfg, seed)
         stale += old
-        stamp = draw_dir(cfg.out, seed) / "commit.json"
-        if stamp.is_file():
-            commits[str(seed)] = json.loads(stamp.read_text())["commit"]
+        if trained_at:
+            commits[str(seed)] = sorted(trained_at)
         for name in study.arms:
             values = [found.get(f"arm-{name}-seed{k}") for k in study.seeds]
             per_draw[name].append(None if all(v is None for v in values) else [None if v is None else round(v, 4) for v in values])
@@ -168,8 +186,8 @@ def collect(cfg: SweepConfig) -> dict[str, Any]:
     result: dict[str, Any] = {
         "split": cfg.seg.data.val_split,
         "commit": git_commit(),
-        "draw_commits": commits,
-        "config": cfg.name,
+        "draw_commits": commits,  # per draw: the commits its counted seg runs were trained at
+        **(frozen_at(config_path) if config_path else {"config": cfg.name}),
         "config_digest": Identity(plain(to_dict(cfg)), {}).digest,
         "draws": list(cfg.draws.seeds),
         "seg_seeds": list(study.seeds),
@@ -178,7 +196,9 @@ def collect(cfg: SweepConfig) -> dict[str, Any]:
                     f"{100 * cfg.draws.confidence:g} %",
         "arms": {name: {"scheme": arm.scheme, "lambdas": arm.lambdas, "set": arm.set, "per_draw": per_draw[name]}
                  for name, arm in study.arms.items()},
-        "paired": {name: paired(per_draw[name], base, cfg.draws.confidence) for name in study.arms if name != study.baseline},
+        "paired": {name: paired(per_draw[name], base, cfg.draws.confidence,
+                                comparisons=len(study.lambda_aware) if name in study.lambda_aware else 1)
+                   for name in study.arms if name != study.baseline},
         "contrasts": {f"{a} - {b}": paired(per_draw[a], per_draw[b], cfg.draws.confidence) for a, b in study.contrasts},
         "target": {"points": study.target_points, "lambda_aware": list(study.lambda_aware)},
         "stale": stale,

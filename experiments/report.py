@@ -778,6 +778,13 @@ def headline_verdict(data: dict[str, Any]) -> str:
             why = ([f"the mean {mean:+.2f} is below {points:g}"] if mean < points else []) + \
                   ([f"the interval's lower bound {ci[0]:.2f} is not above 0"] if ci[0] <= 0 else [])
             text += f"{goal}: not met ({' and '.join(why)})" + (f" on {so_far} so far." if total and n < total else ".")
+        adjusted = d.get("ci_adjusted")
+        if adjusted and len(ran) > 1:  # the best of several arms: its interval widened for the choice (Bonferroni)
+            text += (f" Chosen as the best of {len(aware)} arms, its interval widened for that choice (Bonferroni, "
+                     f"{100 * float(d.get('adjusted_confidence', 0)):.1f} %) is {_interval(adjusted)}"
+                     f"{' (above 0)' if adjusted[0] > 0 else ' (not above 0)'}.")
+        if total and n < total:
+            text = f"Interim ({n} of {total} draws complete; the verdict stands only when all are in). " + text
     contrasts = data.get("contrasts", {})
     for name in sorted(contrasts, key=lambda k: CONTROL_ARM not in k.split(" - ")):  # the control first
         text += " " + _contrast_sentence(name, contrasts[name])
@@ -845,7 +852,8 @@ def section_seg_runs(page: Page, run: RunData) -> None:
     page.h("All segmentation runs")
     protocols = sorted({(r.summary or {}).get("eval_protocol", "full") for r in run.seg if r.summary})
     if protocols:
-        page.p("mIoU on the val split's full masks, evaluated with the "
+        splits = sorted({(r.summary or {}).get("eval_split", "val") for r in run.seg if r.summary})
+        page.p(f"mIoU on the {' / '.join(splits)} split's full masks, evaluated with the "
                + " / ".join(f"`{p}`" for p in protocols) + " protocol (`full`: every pixel at the image's own size; "
                "`fixscalecrop-N`: the paper's centre N x N crop after resizing the short side to N).")
     rows = []

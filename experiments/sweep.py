@@ -35,6 +35,7 @@ import copy
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -67,6 +68,7 @@ from seg.train import SegConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RECORD = "sweep.json"
+COMMIT_FILE = "commit.json"  # beside a seg run's summary: the code it was trained at
 FID_FILE = "fid.json"
 JUDGE_FILE = "judge.json"
 JUDGE_SPLIT = "val"  # never a generation source: the judge is an instrument, like FID's feature net
@@ -775,21 +777,38 @@ def seg_identity(cfg: SweepConfig, run: SegRun, digests: dict[str, str]) -> tupl
     return seg, stage_identity(seg, RUN_ONLY["seg"], inputs)
 
 
-def _train_seg(seg: SegConfig, manifests: list[str], folder: str) -> dict[str, Any]:
-    """One seg training inside a Ray task (resumed from its checkpoint if there is one)."""
+def _train_seg(seg: SegConfig, manifests: list[str], folder: str, commit: str) -> dict[str, Any]:
+    """One seg training inside a Ray task (resumed from its checkpoint if there is one); the
+    commit it finished at is recorded beside its summary (identities hold config and inputs,
+    not code: a reader of results made across sessions sees which code made each)."""
     from seg.train import train
 
-    return train(seg, manifests, folder, resume=(Path(folder) / "checkpoints" / "last.pt").is_file())
+    summary = train(seg, manifests, folder, resume=(Path(folder) / "checkpoints" / "last.pt").is_file())
+    write_json(Path(folder) / COMMIT_FILE, {"commit": commit})
+    return summary
 
 
 def _train_seg_runs(todo: list[tuple[str, SegConfig, list[str], Path]], cpus: float) -> dict[str, dict[str, Any]]:
     """Submit every run as a task; collect summaries as they finish (a failure cancels the rest)."""
     resources = tasks.task_resources(cpus)
     task = tasks.remote(_train_seg, resources)
-    refs = {task.remote(seg, manifests, str(folder)): name for name, seg, manifests, folder in todo}
+    commit = git_commit()
+    refs = {task.remote(seg, manifests, str(folder), commit): name for name, seg, manifests, folder in todo}
     print(f"    {len(refs)} seg run(s) as Ray tasks ({resources} each)", flush=True)
     return tasks.gather(refs, on_done=lambda name, summary: print(
         f"    seg {name}: mIoU {summary['miou']:.4f} in {summary['seconds']:.1f} s", flush=True))
+
+
+def git_commit() -> str:
+    """The repo's HEAD (with ``+dirty`` when tracked files differ), or ``unknown`` outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        sha = git("rev-parse", "HEAD")
+        return sha + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 @contextmanager
@@ -902,7 +921,7 @@ def main(argv: list[str] | None = None, default_config: str | None = None, prog:
         if cfg.draws.seeds:
             from experiments.draws import run_draws
 
-            index = run_draws(cfg)
+            index = run_draws(cfg, find_config(args.config))
         else:
             index = run_sweep(cfg)
     except BadInputError as exc:

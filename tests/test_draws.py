@@ -53,6 +53,10 @@ def test_draws_need_their_own_ingest_and_controlnet():
         check_draws_config(load_sweep_config(DEMO, ARMS + ["model_dir=runs/x"]))
     with pytest.raises(BadInputError, match="studies.arms is not enabled"):
         check_draws_config(load_sweep_config(DEMO, ARMS + ["studies.arms.enabled=false"]))
+    with pytest.raises(BadInputError, match="every draw would be the same data"):
+        check_draws_config(load_sweep_config(DEMO, ARMS + ["ingest.subset=1"]))
+    with pytest.raises(BadInputError, match="would draw again"):
+        check_draws_config(load_sweep_config(DEMO, ARMS + ["seg.data.real_fraction=0.5"]))
     sub = draw_config(load_sweep_config(DEMO, ARMS + ["out=runs/e"]), 5)
     assert (sub.out, sub.ingest.subset_seed, sub.draws.seeds) == (str(Path("runs/e/draw-5")), 5, [])
 
@@ -64,12 +68,20 @@ def test_paired_t_interval_against_a_hand_computation():
     diffs = [3.0, 1.0, 4.0]  # seed means 32 - 29, 30 - 29, 34 - 30; the 4th draw has no arm runs
     mean = sum(diffs) / 3
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
-    half = 4.302652729749464 * sd / math.sqrt(3)  # t(0.975, 2 df), from a table
-    assert result["n_draws"] == 3 and result["per_draw"] == diffs
+    def t_2df(level: float) -> float:  # Student's t with 2 df in closed form: F(t) = 1/2 + t / (2 sqrt(2 + t²))
+        return level * math.sqrt(2 / (1 - level ** 2))
+
+    half = t_2df(0.95) * sd / math.sqrt(3)
+    assert t_2df(0.95) == pytest.approx(4.302652729749464)  # the table's t(0.975, 2)
+    assert result["n_draws"] == 3 and result["per_draw"] == diffs and result["draw_index"] == [0, 1, 2]
     assert result["mean"] == pytest.approx(mean)
-    assert result["ci95"] == pytest.approx([mean - half, mean + half])
+    assert result["ci95"] == pytest.approx([mean - half, mean + half]) and "ci_adjusted" not in result
+    # The best of 3 arms: a Bonferroni interval at 1 - 0.05 / 3 beside the plain one.
+    best = paired(arm, base, 0.95, comparisons=3)
+    wide = t_2df(1 - 0.05 / 3) * sd / math.sqrt(3)
+    assert best["ci95"] == result["ci95"] and best["ci_adjusted"] == pytest.approx([mean - wide, mean + wide])
     one = paired([[31.0, None], [32.0, 30.0]], [[29.0, 29.0], [29.0, 29.0]], 0.95)  # a draw with a missing seed is out
-    assert one == {"n_draws": 1, "mean": 2.0, "ci95": None, "per_draw": [2.0]}
+    assert one == {"n_draws": 1, "mean": 2.0, "ci95": None, "per_draw": [2.0], "draw_index": [1]}
 
 
 def _fake_draw(cfg, seed: int, miou: dict[str, float]) -> None:
@@ -90,6 +102,7 @@ def _fake_draw(cfg, seed: int, miou: dict[str, float]) -> None:
         _, identity = seg_identity(sub, run, digests)
         identity.save(folder / "seg" / run.name)
         (folder / "seg" / run.name / "summary.json").write_text(json.dumps({"miou": miou[run.name] / 100}))
+        (folder / "seg" / run.name / "commit.json").write_text(json.dumps({"commit": f"sha{seed}"}))
 
 
 def test_collect_pairs_arms_within_draws_and_skips_stale_runs(tmp_path):
@@ -106,6 +119,9 @@ def test_collect_pairs_arms_within_draws_and_skips_stale_runs(tmp_path):
     assert result["paired"]["fixed"]["per_draw"] == [3.0, 4.5] and result["paired"]["fixed"]["n_draws"] == 2
     assert result["contrasts"]["uniform - fixed"]["per_draw"] == [-1.0, -2.5]
     assert result["target"] == {"points": 3.0, "lambda_aware": ["fixed", "uniform"]} and result["stale"] == []
+    assert result["draw_commits"] == {"3": ["sha3"], "5": ["sha5"], "8": ["sha8"]}
+    assert "ci_adjusted" not in result["paired"]["longer"] and result["paired"]["fixed"]["n_draws"] == 2
+    assert result["paired"]["fixed"]["adjusted_confidence"] == pytest.approx(0.975)  # the best of 2 λ-aware arms
     # A cell generated again under a finished run: that run no longer counts, and is named.
     (draw_dir(tmp_path, 5) / "synthetic" / "w2p00-l1p00" / "manifest.parquet").write_bytes(b"regenerated")
     result = collect(cfg)
