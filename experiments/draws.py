@@ -33,7 +33,7 @@ from engine.atomic import write_json, write_text
 from engine.errors import BadInputError
 from engine.identity import Identity, file_digest, plain
 from engine.config import to_dict
-from experiments.sweep import COMMIT_FILE, REPO, SweepConfig, git_commit, plan_seg_runs, run_sweep, seg_identity
+from experiments.sweep import COMMIT_FILE, REPO, SweepConfig, git, git_commit, plan_seg_runs, run_sweep, seg_identity
 
 RESULT_JSON = "headline.json"
 RESULT_MD = "headline.md"
@@ -84,9 +84,6 @@ def frozen_at(config_path: str | Path) -> dict[str, Any]:
     """The commit that last changed the config file, and whether the file differs from it now:
     a pre-registered protocol names the commit it was frozen in."""
     path = Path(config_path).resolve()
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-
     try:
         rel = str(path.relative_to(REPO))
         return {"config": rel, "frozen_commit": git("log", "-1", "--format=%H", "--", rel) or None,
@@ -104,8 +101,8 @@ def write_summary(cfg: SweepConfig, result: dict[str, Any]) -> None:
 
 
 # -- collecting ------------------------------------------------------------------------------
-def _current_runs(cfg: SweepConfig, seed: int) -> tuple[dict[str, float], list[str], set[str]]:
-    """mIoU (%) of each finished seg run of one draw whose identity is today's; the stale ones;
+def _current_runs(cfg: SweepConfig, seed: int) -> tuple[dict[tuple[str, int], float], list[str], set[str]]:
+    """mIoU (%) of each finished seg run of one draw whose identity is today's, by (arm, seg seed); the stale ones;
     and the commits the counted runs were trained at."""
     folder = draw_dir(cfg.out, seed)
     sub = draw_config(cfg, seed)
@@ -129,7 +126,7 @@ def _current_runs(cfg: SweepConfig, seed: int) -> tuple[dict[str, float], list[s
         if recorded is None or identity.differences(recorded):
             stale.append(f"draw-{seed}/seg/{run.name}")
             continue
-        found[run.name] = 100.0 * json.loads(summary.read_text())["miou"]
+        found[(run.arm, run.seed)] = 100.0 * json.loads(summary.read_text())["miou"]
         stamp = run_dir / COMMIT_FILE
         commits.add(json.loads(stamp.read_text())["commit"] if stamp.is_file() else "unknown")
     return found, stale, commits
@@ -180,7 +177,7 @@ def collect(cfg: SweepConfig, config_path: str | Path | None = None) -> dict[str
         if trained_at:
             commits[str(seed)] = sorted(trained_at)
         for name in study.arms:
-            values = [found.get(f"arm-{name}-seed{k}") for k in study.seeds]
+            values = [found.get((name, k)) for k in study.seeds]
             per_draw[name].append(None if all(v is None for v in values) else [None if v is None else round(v, 4) for v in values])
     base = per_draw[study.baseline]
     result: dict[str, Any] = {

@@ -799,11 +799,13 @@ def _train_seg_runs(todo: list[tuple[str, SegConfig, list[str], Path]], cpus: fl
         f"    seg {name}: mIoU {summary['miou']:.4f} in {summary['seconds']:.1f} s", flush=True))
 
 
+def git(*args: str) -> str:
+    """``git ARGS`` in the repo, its output stripped (raises OSError / CalledProcessError outside git)."""
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
+
 def git_commit() -> str:
     """The repo's HEAD (with ``+dirty`` when tracked files differ), or ``unknown`` outside git."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-
     try:
         sha = git("rev-parse", "HEAD")
         return sha + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")

@@ -54,7 +54,6 @@ from engine.config import add_config_args, from_dict, load_config, load_yaml, sa
 from engine.data.procedural import CLASS_NAMES, make_scene
 from engine.distributed import pick_device
 from engine.errors import BadInputError
-from engine.shards import UNLABELLED
 from seg.batches import AugmentConfig, augment, to_tensor
 from seg.models import BACKBONE_FILE, BACKBONE_RECORD, ModelConfig, ResNet, backbone_arch, build_backbone
 

@@ -6,16 +6,9 @@ from __future__ import annotations
 import copy
 
 from experiments.report import Page, headline_markdown, headline_verdict, render_headline
+from test_report import _row
 
 LAMBDA_AWARE = ["fixed", "uniform", "adaptive"]
-
-
-def _row(md: str, first: str) -> list[str]:
-    for line in md.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and cells[0] == first:
-            return cells
-    raise AssertionError(f"no table row starting with {first!r}")
 
 
 def _stats(per_draw: list[float], ci: list[float] | None) -> dict:
