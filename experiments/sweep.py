@@ -30,7 +30,6 @@ it. Sections use it to take a job's own config (``controlnet: {base:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -53,7 +52,6 @@ from engine.config import apply_overrides, find_config, from_dict, load_yaml, to
 from engine.errors import BadInputError
 from engine.fid import FIDConfig, FIDScorer, manifest_images
 from engine.generate import GenerateConfig, PlanConfig
-from engine.generate.distributor import check_job_paths
 from engine.generate.plan import shard_prefix
 from engine.ingest import IngestConfig
 from engine.manifest import read_manifest
@@ -895,40 +893,5 @@ def run_sweep(cfg: SweepConfig) -> Path:
     return index
 
 
-# -- CLI -------------------------------------------------------------------------------------
+# The demo's smoke budget, merged over a config by --fast (experiments.cli).
 FAST_OVERLAY = REPO / "configs" / "demo" / "fast.yaml"
-
-
-def main(argv: list[str] | None = None, default_config: str | None = None, prog: str = "python -m jobs.sweep") -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Run a ScribbleGen experiment end to end: ingest -> ControlNet -> Ray generation over a "
-                    "(w, λ) grid -> FID, judge -> segmentation schemes -> report. Rerunning resumes.",
-        epilog="examples: python -m jobs.demo | python -m jobs.sweep --config configs/sweeps/w.yaml | "
-               "python -m jobs.demo --fast --out runs/demo-fast",
-    )
-    parser.add_argument("--config", default=default_config, required=default_config is None,
-                        help=f"sweep YAML (default: {default_config})" if default_config else "sweep YAML, e.g. configs/sweeps/w.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, dotted path (e.g. --set controlnet.train.steps=100); repeatable")
-    parser.add_argument("--out", help="run folder (overrides config 'out')")
-    parser.add_argument("--fast", action="store_true",
-                        help=f"a much smaller budget (merges {FAST_OVERLAY.relative_to(REPO)} over the config): a smoke run")
-    args = parser.parse_args(argv)
-    overrides = list(args.overrides) + ([f"out={json.dumps(args.out)}"] if args.out else [])
-    t0 = time.perf_counter()
-    try:
-        cfg = load_sweep_config(args.config, overrides, [FAST_OVERLAY] if args.fast else [])
-        check_job_paths({"out": str(cfg.out)}, {})
-        if cfg.draws.seeds:
-            from experiments.draws import run_draws
-
-            index = run_draws(cfg, find_config(args.config))
-        else:
-            index = run_sweep(cfg)
-    except BadInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    beside = "headline.json beside it, each draw's report in its folder" if cfg.draws.seeds else "index.html beside it"
-    print(f"\nreport: {index} ({beside}); total {time.perf_counter() - t0:.1f} s")
-    return 0

@@ -17,7 +17,8 @@ if __package__ in (None, ""):
     # Run as a file: make the repo root importable in case the package is not pip-installed.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.sweep import REPO, main  # noqa: E402
+from experiments.cli import main
+from experiments.sweep import REPO  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "demo" / "tiny.yaml"
 

@@ -16,7 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.sweep import main  # noqa: E402
+from experiments.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(prog="python -m jobs.sweep"))

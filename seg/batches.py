@@ -158,18 +158,27 @@ def augment(
     return x.contiguous(), [y.contiguous() for y in ys]
 
 
+def derangement(n: int) -> np.ndarray:
+    """Item ``i`` paired with item ``i - 1`` (mod n): with another one, never with itself.
+
+    The one pairing of a source with another scene's scribble or mask, used by the control arm
+    (:class:`MismatchedScribbles`) and by the judge's chance level (:mod:`seg.judge`).
+    """
+    if n < 2:
+        raise BadInputError(f"{n} source(s)", "pairing each source with another one needs >= 2")
+    return np.roll(np.arange(n), 1)
+
+
 class MismatchedScribbles:
     """The control arm: each synthetic sample paired with ANOTHER scene's real scribble.
 
-    The pairing is fixed: :func:`seg.judge.derangement` over the sorted source ids of the
+    The pairing is fixed: :func:`derangement` over the sorted source ids of the
     real train scribbles given (those kept in this run), so source ``ids[i]`` gets the
     scribble of ``ids[i - 1]``. ``scribbles`` maps source id -> the ``scribble.png`` bytes
     of its real sample (:func:`seg.stream.real_scribbles`), decoded only when used.
     """
 
     def __init__(self, scribbles: dict[str, bytes]) -> None:
-        from seg.judge import derangement  # here, not at the top: seg.judge imports this module
-
         ids = sorted(scribbles)
         if len(ids) < 2:
             raise BadInputError("data.mismatched_scribbles",

@@ -27,7 +27,7 @@ from torch import nn
 from engine.errors import BadInputError
 from engine.manifest import read_manifest, resolve_shard
 from engine.shards import UNLABELLED, Sample
-from seg.batches import to_tensor
+from seg.batches import derangement, to_tensor
 from seg.metrics import SegMetrics
 from seg.models import ModelConfig, build_model
 from seg.stream import ShardGroup, one_pass
@@ -116,13 +116,6 @@ def predict(net: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndar
 
 
 # -- scoring ---------------------------------------------------------------------------------------
-def derangement(n: int) -> np.ndarray:
-    """Item ``i`` paired with item ``i - 1`` (mod n): with another one, never with itself."""
-    if n < 2:
-        raise BadInputError(f"{n} source(s)", "the mismatched score pairs each source with another one; needs >= 2")
-    return np.roll(np.arange(n), 1)
-
-
 class Agreement:
     """The judge's predictions against own and mismatched masks, accumulated over batches.
 

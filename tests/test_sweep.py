@@ -14,10 +14,11 @@ from engine.errors import BadInputError
 from engine.manifest import DatasetInfo, sample_row, shard_rows, write_manifest
 from engine.shards import Sample, ShardWriter
 from experiments.sweep import (
-    FAST_OVERLAY, JUDGE_FILE, REPO, RUN_ONLY, SweepConfig, cell_name, load_sweep_config, main, stage_identity,
+    FAST_OVERLAY, JUDGE_FILE, REPO, RUN_ONLY, SweepConfig, cell_name, load_sweep_config, stage_identity,
     plan_seg_runs, resolve_bases, stage_judge,
 )
 from engine.config import from_dict
+from experiments.cli import main
 from seg.judge import derangement
 from seg_fixtures import CLASS_NAMES, make_real, make_scene
 from test_judge import brute_force
