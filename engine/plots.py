@@ -16,6 +16,10 @@ import numpy as np
 DPI = 100
 PLOT_IN = (7.2, 4.2)
 PLOT_PX = (round(PLOT_IN[0] * DPI), round(PLOT_IN[1] * DPI))  # (width, height) of every plot
+TILE_PX = 128  # side of a picture tile in pixels (the axes; the grid cell adds a margin)
+GRID_MARGIN_IN = 0.04  # around each tile
+GRID_CELL_IN = TILE_PX / DPI + 2 * GRID_MARGIN_IN
+GRID_LEFT_IN, GRID_TOP_IN, GRID_PAD_IN = 0.75, 0.75, 0.08
 
 
 def fmt_g(x: float) -> str:
@@ -103,3 +107,55 @@ def plot_loss(lines: list[dict[str, Any]], title: str, path: Path) -> str:
     ax.plot([x["step"] for x in lines], [x["loss"] for x in lines])
     ax.set_yscale("log")
     return save_figure(fig, path)
+
+
+def upscale(picture: np.ndarray, side: int = TILE_PX) -> np.ndarray:
+    """``picture`` repeated by the whole factor that makes it at least ``side`` pixels (nearest
+    neighbour): a 32 px sample stays sharp, so a person sees where its shapes sit."""
+    factor = max(1, -(-side // max(picture.shape[:2])))
+    return picture.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def grid_px(rows: int, cols: int, left_in: float = GRID_LEFT_IN, title_in: float = 0.0) -> tuple[int, int]:
+    """(width, height) in pixels of a :class:`TileGrid` of ``rows`` x ``cols`` tiles."""
+    w_in = left_in + cols * GRID_CELL_IN + GRID_PAD_IN
+    h_in = GRID_TOP_IN + rows * (GRID_CELL_IN + title_in) + GRID_PAD_IN
+    return round(w_in * DPI), round(h_in * DPI)
+
+
+class TileGrid:
+    """A figure of ``rows`` x ``cols`` pictures, each :data:`TILE_PX` pixels (upscaled, no
+    smoothing), with row labels on the left (``left_in`` inches), room above every row for
+    tile titles (``title_in`` inches; the first row's sit in the top margin) and a title on top:
+    the report's sample grids and ``jobs.show``'s contact sheets. Its size is :func:`grid_px`."""
+
+    def __init__(self, rows: int, cols: int, left_in: float = GRID_LEFT_IN, title_in: float = 0.0) -> None:
+        width, height = grid_px(rows, cols, left_in, title_in)
+        self.fig = pyplot().figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+        self.fw, self.fh, self.left_in, self.row_in = width / DPI, height / DPI, left_in, GRID_CELL_IN + title_in
+
+    def tile(self, r: int, c: int):
+        """The axes of tile (r, c), without a frame (it would cover the tile's outer pixels)."""
+        left = (self.left_in + c * GRID_CELL_IN + GRID_MARGIN_IN) / self.fw
+        bottom = 1 - (GRID_TOP_IN + r * self.row_in + GRID_CELL_IN - GRID_MARGIN_IN) / self.fh
+        ax = self.fig.add_axes((left, bottom, TILE_PX / DPI / self.fw, TILE_PX / DPI / self.fh))
+        ax.set_axis_off()
+        return ax
+
+    def show(self, r: int, c: int, picture: np.ndarray, title: str = "", fontsize: float = 10):
+        """Draw ``picture`` upscaled in tile (r, c), with an optional title above it."""
+        ax = self.tile(r, c)
+        ax.imshow(upscale(picture), interpolation="nearest")
+        if title:
+            ax.set_title(title, fontsize=fontsize)
+        return ax
+
+    def row_label(self, r: int, text: str, fontsize: float = 10) -> None:
+        self.fig.text(0.1 / self.fw, 1 - (GRID_TOP_IN + r * self.row_in + 0.5 * GRID_CELL_IN) / self.fh, text, va="center",
+                      fontsize=fontsize)
+
+    def title(self, text: str) -> None:
+        self.fig.text(0.5, 1 - 0.2 / self.fh, text, ha="center", va="center", fontsize=11, weight="bold")
+
+    def save(self, path: Path) -> str:
+        return save_figure(self.fig, path)

@@ -18,6 +18,7 @@ from engine.shards import UNLABELLED
 
 BACKGROUND_COLOUR = (255, 255, 255)
 UNLABELLED_COLOUR = (0, 0, 0)
+OVERLAY_ALPHA = 0.6  # scribble strokes drawn over a sample: the image stays visible beneath them
 
 
 def voc_palette(n: int = 256) -> np.ndarray:
@@ -53,3 +54,11 @@ def render_scribble(scribble: np.ndarray) -> np.ndarray:
             "scribble", f"expected an HxW uint8 class-id map, got shape {scribble.shape} {scribble.dtype}"
         )
     return PALETTE[scribble]
+
+
+def overlay_scribble(image: np.ndarray, scribble: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """``image`` with the scribble's class colours (:func:`render_scribble`) blended in at its
+    labelled pixels; unlabelled (255) pixels keep the image. How every picture of a sample in
+    this project shows its labels (report grids, contact sheets)."""
+    blend = np.rint(alpha * render_scribble(scribble) + (1.0 - alpha) * image)
+    return np.where((scribble != UNLABELLED)[..., None], blend, image).astype(np.uint8)

@@ -19,7 +19,7 @@ one actor pool, whose stats every cell's ``summary.json`` repeats: :func:`genera
 counts each pool once.
 
 Figures have fixed pixel sizes (no tight bounding box), see :data:`PLOT_PX` and
-:func:`grid_px`. Sample grid tiles are :data:`TILE_PX` pixels: a 32 px sample is drawn
+:func:`engine.plots.grid_px`. Sample grid tiles are :data:`engine.plots.TILE_PX` pixels: a 32 px sample is drawn
 4x with nearest-neighbour, its scribble over it, so a person can see whether the
 generated shapes sit where the strokes are.
 """
@@ -42,23 +42,11 @@ from engine import storage
 from engine.atomic import write_text
 from engine.data.geometry import DEFAULT_RESIZE
 from engine.errors import BadInputError
-from engine.plots import DPI, fmt_g, plot_bars, plot_lines, plot_loss, pyplot, save_figure
+from engine.plots import TILE_PX, TileGrid, fmt_g, plot_bars, plot_lines, plot_loss
 from engine.manifest import read_manifest, resolve_shard
-from engine.render import render_scribble
+from engine.render import OVERLAY_ALPHA, overlay_scribble, render_scribble
 from engine.shards import UNLABELLED, Sample, decode_sample, iter_records
 
-TILE_PX = 128  # side of a sample grid tile in pixels (the axes; the grid cell adds a margin)
-GRID_MARGIN_IN = 0.04  # around each tile
-GRID_CELL_IN = TILE_PX / DPI + 2 * GRID_MARGIN_IN
-GRID_LEFT_IN, GRID_TOP_IN, GRID_PAD_IN = 0.75, 0.75, 0.08
-OVERLAY_ALPHA = 0.6  # scribble strokes drawn over a sample: the image stays visible beneath them
-
-
-def grid_px(rows: int, cols: int) -> tuple[int, int]:
-    """(width, height) in pixels of a sample grid with ``rows`` λ rows and ``cols`` columns."""
-    w_in = GRID_LEFT_IN + cols * GRID_CELL_IN + GRID_PAD_IN
-    h_in = GRID_TOP_IN + rows * GRID_CELL_IN + GRID_PAD_IN
-    return round(w_in * DPI), round(h_in * DPI)
 
 
 # -- formatting --------------------------------------------------------------------------------
@@ -273,67 +261,35 @@ def read_sample(manifest: storage.Location, key: str) -> Sample:
     raise BadInputError(rows[key], f"does not hold {key!r} listed in {manifest}")
 
 
-def overlay_scribble(image: np.ndarray, scribble: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    """``image`` with the scribble's class colours (:func:`render_scribble`) blended in at its
-    labelled pixels; unlabelled (255) pixels keep the image."""
-    blend = np.rint(alpha * render_scribble(scribble) + (1.0 - alpha) * image)
-    return np.where((scribble != UNLABELLED)[..., None], blend, image).astype(np.uint8)
-
-
-def upscale(picture: np.ndarray, side: int = TILE_PX) -> np.ndarray:
-    """``picture`` repeated by the whole factor that makes it at least ``side`` pixels (nearest neighbour)."""
-    factor = max(1, -(-side // max(picture.shape[:2])))
-    return picture.repeat(factor, axis=0).repeat(factor, axis=1)
-
-
 def sample_grid(run: RunData, source_id: str, path: Path, seed_index: int = 0) -> str:
     """Rows λ, columns w; the source image and its rendered scribble in the first two columns.
 
-    Every image tile shows its sample's scribble over it (:func:`overlay_scribble`), all
-    tiles upscaled to :data:`TILE_PX` (:func:`upscale`).
+    Every image tile shows its sample's scribble over it (:func:`engine.render.overlay_scribble`),
+    all tiles upscaled to :data:`engine.plots.TILE_PX` (:class:`engine.plots.TileGrid`).
     """
     from engine.data.geometry import fit_to
 
-    plt = pyplot()
     ws, lams = run.ws, run.lambdas
-    rows, cols = len(lams), 2 + len(ws)
-    width, height = grid_px(rows, cols)
-    fig = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
-    fw, fh = width / DPI, height / DPI
-
-    def axes_at(r: int, c: int):
-        left = (GRID_LEFT_IN + c * GRID_CELL_IN + GRID_MARGIN_IN) / fw
-        bottom = 1 - (GRID_TOP_IN + (r + 1) * GRID_CELL_IN - GRID_MARGIN_IN) / fh
-        ax = fig.add_axes((left, bottom, TILE_PX / DPI / fw, TILE_PX / DPI / fh))
-        ax.set_axis_off()  # no frame: it would cover the tile's outer pixels
-        return ax
-
-    def show(ax, picture: np.ndarray) -> None:
-        ax.imshow(upscale(picture), interpolation="nearest")
-
+    grid = TileGrid(len(lams), 2 + len(ws))
     size = None
     for r, lam in enumerate(lams):
         for c, w in enumerate(ws):
-            ax = axes_at(r, 2 + c)
             cell = run.cell(w, lam)
             key = _pick_key(cell.manifest, source_id, seed_index) if cell else None
             if key is None:
+                ax = grid.tile(r, 2 + c)
                 ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes, color="0.5")
                 continue
             sample = read_sample(cell.manifest, key)
             size = sample.image.shape[0]
-            show(ax, overlay_scribble(sample.image, sample.scribble))
-            if r == 0:
-                ax.set_title(f"w = {fmt_g(w)}", fontsize=10)
-        fig.text(0.1 / fw, 1 - (GRID_TOP_IN + (r + 0.5) * GRID_CELL_IN) / fh, f"λ = {fmt_g(lam)}", va="center", fontsize=10)
+            grid.show(r, 2 + c, overlay_scribble(sample.image, sample.scribble), f"w = {fmt_g(w)}" if r == 0 else "")
+        grid.row_label(r, f"λ = {fmt_g(lam)}")
     src = read_sample(run.located(run.record["real_manifest"]), source_id)
     image, scribble = (src.image, src.scribble) if size is None else fit_to(src.image, src.scribble, size, run.resize)
-    for c, (pic, title) in enumerate([(overlay_scribble(image, scribble), "source"), (render_scribble(scribble), "scribble")]):
-        ax = axes_at(0, c)
-        show(ax, pic)
-        ax.set_title(title, fontsize=10)
-    fig.text(0.5, 1 - 0.2 / fh, source_id, ha="center", va="center", fontsize=11, weight="bold")
-    return save_figure(fig, path)
+    grid.show(0, 0, overlay_scribble(image, scribble), "source")
+    grid.show(0, 1, render_scribble(scribble), "scribble")
+    grid.title(source_id)
+    return grid.save(path)
 
 
 def _pick_key(manifest: Path, source_id: str, seed_index: int) -> str | None:

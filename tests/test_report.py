@@ -11,13 +11,10 @@ from PIL import Image
 
 from engine.config import from_dict
 from engine.manifest import DatasetInfo, sample_row, shard_rows, write_manifest
-from engine.plots import PLOT_PX
-from engine.render import PALETTE
 from experiments import report as report_module
-from experiments.report import (
-    DPI, GRID_LEFT_IN, GRID_TOP_IN, GRID_CELL_IN, GRID_MARGIN_IN, OVERLAY_ALPHA, TILE_PX, CellData, build_report,
-    generation_pools, grid_px, overlay_scribble, upscale,
-)
+from engine.plots import DPI, GRID_LEFT_IN, GRID_TOP_IN, GRID_CELL_IN, GRID_MARGIN_IN, PLOT_PX, TILE_PX, grid_px, upscale
+from engine.render import OVERLAY_ALPHA, PALETTE, overlay_scribble
+from experiments.report import CellData, build_report, generation_pools
 from engine.shards import Sample, ShardWriter, synthetic_key
 from experiments.sweep import RECORD, SweepConfig, cell_entries, cell_name, new_record, plan_seg_runs
 

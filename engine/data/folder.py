@@ -7,8 +7,10 @@ Expected layout under ``root``::
     masks/<stem>.png                  optional full masks (evaluation only), same encoding
     classes.txt                       optional: one class name per line, line index = id (0 = background)
     val.txt                           optional: stems that form the val split
+    test.txt                          optional: stems that form the held-out test split
 
-Without ``val.txt`` a seeded ``val_fraction`` of the images goes to val. Without
+Without ``val.txt`` a seeded ``val_fraction`` of the images goes to val (never one that
+``test.txt`` names: a test scene stays out of train and val). Without
 ``classes.txt`` the class count is the largest id found in the scribbles and masks plus
 one, named ``class_<id>`` (``background`` for 0). Stems become sample keys, so characters
 other than letters, digits, ``_`` and ``-`` are replaced by ``_``.
@@ -53,20 +55,25 @@ def _class_names(root: Path, label_files: list[Path]) -> list[str]:
     return ["background"] + [f"class_{i}" for i in range(1, top + 1)]
 
 
+def _stems(path: Path) -> set[str] | None:
+    """The stems a split list names, one per line; None when there is no such file."""
+    return {line.strip() for line in path.read_text().splitlines() if line.strip()} if path.is_file() else None
+
+
 def folder_records(cfg: FolderSource) -> tuple[list[TaggedRecord], list[str]]:
-    """Records (train then val) and class names of a plain folder."""
+    """Records (train, val, then test) and class names of a plain folder."""
     root = Path(cfg.root)
     images = sorted(p for p in (root / "images").glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise BadInputError(str(root / "images"), "no .jpg/.png images found", "see the folder layout in docs/data.md")
-    val_file = root / "val.txt"
-    if val_file.is_file():
-        val = {line.strip() for line in val_file.read_text().splitlines() if line.strip()}
-    else:
+    test = _stems(root / "test.txt") or set()
+    val = _stems(root / "val.txt")
+    if val is None:
+        pool = [p for p in images if p.stem not in test]
         rng = np.random.default_rng(cfg.seed)
-        n_val = int(round(cfg.val_fraction * len(images)))
-        val = {images[i].stem for i in rng.permutation(len(images))[:n_val]}
-    records, seen, label_files = {"train": [], "val": []}, {}, []
+        n_val = int(round(cfg.val_fraction * len(pool)))
+        val = {pool[i].stem for i in rng.permutation(len(pool))[:n_val]}
+    records, seen, label_files = {"train": [], "val": [], "test": []}, {}, []
     for image in images:
         key = re.sub(r"[^A-Za-z0-9_\-]", "_", image.stem)
         if key in seen:
@@ -76,7 +83,7 @@ def folder_records(cfg: FolderSource) -> tuple[list[TaggedRecord], list[str]]:
         mask = root / "masks" / f"{image.stem}.png"
         mask = mask if mask.is_file() else None
         label_files += [scribble] + ([mask] if mask else [])
-        split = "val" if image.stem in val else "train"
+        split = "test" if image.stem in test else "val" if image.stem in val else "train"
         origin = ", ".join(str(p) for p in (image, scribble, mask) if p is not None)
         records[split].append(TaggedRecord(key, split, partial(_load, image, scribble, mask), origin=origin))
-    return records["train"] + records["val"], _class_names(root, label_files)
+    return records["train"] + records["val"] + records["test"], _class_names(root, label_files)

@@ -55,6 +55,18 @@ def encode_png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def encode_palette_png(labels: np.ndarray, palette: np.ndarray) -> bytes:
+    """A class-id map as a palette PNG (mode P): the id is the palette index, as VOC and
+    ScribbleSup label files are stored, so viewers show colours and :func:`read_labels` reads ids."""
+    if labels.dtype != np.uint8 or labels.ndim != 2:
+        raise BadInputError("label map", f"expected an HxW uint8 class-id map, got {labels.shape} {labels.dtype}")
+    img = Image.frombytes("P", (labels.shape[1], labels.shape[0]), np.ascontiguousarray(labels).tobytes())
+    img.putpalette(palette.astype(np.uint8).tobytes())
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
 def encode_image(array: np.ndarray, fmt: str) -> bytes:
     """Encode an RGB uint8 array as ``png`` (lossless) or ``jpg`` (quality 95)."""
     if fmt == "png":
