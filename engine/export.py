@@ -37,7 +37,6 @@ import io
 import json
 import sys
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -48,9 +47,9 @@ from engine.atomic import write_json, write_text
 from engine.data.imageio import encode_image, encode_palette_png
 from engine.errors import BadInputError
 from engine.identity import file_digest
-from engine.manifest import read_manifest, resolve_shard
+from engine.manifest import iter_samples, read_manifest
 from engine.render import voc_palette
-from engine.shards import Sample, check_key, decode_sample, iter_records
+from engine.shards import Sample, check_key
 
 REQUEST_FILE = "export.json"
 TAG_COLUMNS = ("key", "source_id", "split", "w", "lambda", "seed", "height", "width", "classes", "model", "steps")
@@ -209,24 +208,12 @@ def run_export(manifest: storage.Location, out: storage.Location, layout_name: s
     with storage.reached(out):
         _claim(out, request, overwrite)
     done = _listing(out, layout, "image")
-    todo: dict[str, set[str]] = defaultdict(set)  # shard -> keys still to write
-    for r in rows:
-        if storage.name(layout.path("image", r["key"])) not in done:
-            todo[r["shard"]].add(r["key"])
-    written = 0
-    with tqdm(total=len(rows), initial=len(rows) - sum(map(len, todo.values())), desc=f"export {layout_name}",
-              unit="img", mininterval=0.5, disable=not progress) as bar:
-        for shard, keys in sorted(todo.items()):
-            location = resolve_shard(manifest, shard)
-            for record in iter_records(location):
-                if record["__key__"] in keys:
-                    write_sample(out, layout, decode_sample(record))
-                    keys.discard(record["__key__"])
-                    written += 1
-                    bar.update()
-            if keys:
-                raise BadInputError(location, f"does not hold {len(keys)} key(s) the manifest lists, e.g. {sorted(keys)[0]!r}",
-                                    f"run python -m engine.verify {manifest}")
+    todo = {r["key"] for r in rows if storage.name(layout.path("image", r["key"])) not in done}
+    with tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"export {layout_name}", unit="img",
+              mininterval=0.5, disable=not progress) as bar:
+        for _, sample in iter_samples(manifest, lambda r: r["key"] in todo):
+            write_sample(out, layout, sample)
+            bar.update()
     masks = {n.rsplit(".", 1)[0] for n in _listing(out, layout, "mask")} & {r["key"] for r in rows}
     for relpath, text in {**layout.index(rows, class_names), "tags.csv": tags_csv(rows, layout, masks)}.items():
         target = storage.join(out, *relpath.split("/"))
@@ -234,7 +221,7 @@ def run_export(manifest: storage.Location, out: storage.Location, layout_name: s
         write_text(target, text)
     write_json(storage.join(out, REQUEST_FILE), {"request": request, "complete": True, "samples": len(rows),
                                                  "masks": len(masks)})
-    return ExportResult(out, len(rows), written, len(masks), time.perf_counter() - t0)
+    return ExportResult(out, len(rows), len(todo), len(masks), time.perf_counter() - t0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,8 +27,7 @@ import torch
 from torch import nn
 
 from engine.errors import BadInputError
-from engine.manifest import read_manifest, resolve_shard
-from engine.shards import read_shard
+from engine.manifest import iter_samples, read_manifest
 
 FEATURES = ("random", "inception")
 
@@ -128,20 +127,13 @@ def fit_square(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def manifest_images(manifest: str | Path, split: str | None = None, limit: int | None = None) -> Iterator[np.ndarray]:
-    """RGB images of a manifest's ``ok`` rows (optionally one split), in key order, streamed."""
+    """RGB images of a manifest's ``ok`` rows (optionally one split; ``limit``: the first keys in
+    key order), streamed in shard order."""
     table, _ = read_manifest(manifest)
-    rows = [r for r in table.select(["key", "shard", "split", "status"]).to_pylist()
-            if r["status"] == "ok" and (split is None or r["split"] == split)]
-    rows.sort(key=lambda r: r["key"])
-    if limit is not None:
-        rows = rows[:limit]
-    wanted: dict[str, set[str]] = {}
-    for r in rows:
-        wanted.setdefault(r["shard"], set()).add(r["key"])
-    for shard in sorted(wanted):
-        for sample in read_shard(resolve_shard(manifest, shard), with_mask=False):
-            if sample.key in wanted[shard]:
-                yield sample.image
+    keys = sorted(k for k, st, sp in zip(*(table.column(c).to_pylist() for c in ("key", "status", "split")))
+                  if st == "ok" and (split is None or sp == split))
+    chosen = set(keys[:limit] if limit is not None else keys)
+    return (sample.image for _, sample in iter_samples(manifest, lambda r: r["key"] in chosen, with_mask=False))
 
 
 def _batches(images: Iterable[np.ndarray], size: int, batch: int) -> Iterator[torch.Tensor]:

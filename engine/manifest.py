@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from engine import storage
 from engine.atomic import atomic_path
 from engine.errors import BadInputError
-from engine.shards import Sample, ShardInfo
+from engine.shards import Sample, ShardInfo, decode_sample, iter_records
 
 SCHEMA = pa.schema(
     [
@@ -156,6 +156,30 @@ def resolve_shard(manifest_path: storage.Location, shard: str) -> str:
     if "://" in shard or os.path.isabs(shard):
         return shard
     return str(storage.join(storage.parent(storage.resolve(manifest_path)), shard))
+
+
+def iter_samples(manifest: storage.Location, keep: Callable[[dict[str, Any]], bool] = lambda row: True,
+                 with_mask: bool = True) -> Iterator[tuple[dict[str, Any], Sample]]:
+    """(row, sample) for each ``ok`` row of ``manifest`` that ``keep`` accepts, streamed.
+
+    Only the shards holding such rows are read, each once, in sorted order, samples in shard
+    order; a listed key its shard lacks raises naming both (``engine.verify`` says more).
+    """
+    table, _ = read_manifest(manifest)
+    wanted: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in table.to_pylist():
+        if row["status"] == "ok" and keep(row):
+            wanted.setdefault(row["shard"], {})[row["key"]] = row
+    for shard, rows in sorted(wanted.items()):
+        location = resolve_shard(manifest, shard)
+        left = dict(rows)
+        for record in iter_records(location):
+            row = left.pop(record["__key__"], None)
+            if row is not None:
+                yield row, decode_sample(record, with_mask=with_mask)
+        if left:
+            raise BadInputError(location, f"does not hold {len(left)} key(s) {manifest} lists, e.g. {sorted(left)[0]!r}",
+                                f"run python -m engine.verify {manifest}")
 
 
 def missing_shards(locations: Iterable[str]) -> list[str]:

@@ -19,10 +19,9 @@ from typing import Any, Sequence
 
 from engine import storage
 from engine.errors import BadInputError
-from engine.manifest import read_manifest, resolve_shard
+from engine.manifest import iter_samples, read_manifest
 from engine.plots import TileGrid, fmt_g
 from engine.render import overlay_scribble
-from engine.shards import Sample, decode_sample, iter_records
 
 Group = tuple[str, float, float]  # (split, w, λ)
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
@@ -102,29 +101,13 @@ def pick(rows: list[dict[str, Any]], per_group: int, max_groups: int) -> dict[Gr
     return {g: [r for *_, r in sorted(groups[g], key=lambda t: t[:2])[:per_group]] for g in chosen}
 
 
-def load(manifest: storage.Location, rows: list[dict[str, Any]]) -> dict[str, Sample]:
-    """The samples of ``rows``, reading each shard that holds one once."""
-    by_shard: dict[str, set[str]] = defaultdict(set)
-    for r in rows:
-        by_shard[r["shard"]].add(r["key"])
-    found: dict[str, Sample] = {}
-    for shard, keys in sorted(by_shard.items()):
-        for record in iter_records(resolve_shard(manifest, shard)):
-            if record["__key__"] in keys:
-                found[record["__key__"]] = decode_sample(record, with_mask=False)
-    missing = {r["key"] for r in rows} - set(found)
-    if missing:
-        raise BadInputError(str(manifest), f"lists {len(missing)} sample(s) its shards lack, e.g. {sorted(missing)[0]!r}",
-                            f"run python -m engine.verify {manifest}")
-    return found
-
-
 def contact_sheet(manifest: storage.Location, rows: list[dict[str, Any]], path: Path, per_group: int = 8,
                   max_groups: int = 8, columns: int = 8) -> Path:
     """Write the contact sheet PNG of ``rows`` (ok rows of ``manifest``) to ``path``: each
     group's samples fill rows of ``columns`` tiles, labelled on their first row."""
     chosen = pick(rows, per_group, max_groups)
-    samples = load(manifest, [r for group in chosen.values() for r in group])
+    keys = {r["key"] for group in chosen.values() for r in group}
+    samples = {s.key: s for _, s in iter_samples(manifest, lambda r: r["key"] in keys, with_mask=False)}
     width = min(columns, max(len(g) for g in chosen.values()))
     lines = [(group, group_rows[i:i + width], i == 0) for group, group_rows in chosen.items()
              for i in range(0, len(group_rows), width)]

@@ -33,7 +33,7 @@ from engine.atomic import write_json, write_text
 from engine.errors import BadInputError
 from engine.identity import Identity, file_digest, plain
 from engine.config import to_dict
-from experiments.sweep import COMMIT_FILE, REPO, SweepConfig, git, git_commit, plan_seg_runs, run_sweep, seg_identity
+from experiments.sweep import COMMIT_FILE, MEMORIZATION_FILE, REPO, SweepConfig, git, git_commit, plan_seg_runs, run_sweep, seg_identity
 
 RESULT_JSON = "headline.json"
 RESULT_MD = "headline.md"
@@ -101,6 +101,15 @@ def write_summary(cfg: SweepConfig, result: dict[str, Any]) -> None:
 
 
 # -- collecting ------------------------------------------------------------------------------
+def draw_memorization(cfg: SweepConfig, seed: int) -> dict[str, dict[str, float]]:
+    """Per cell of one draw, its generator check (``memorization.json``): L1 to own source and the
+    share whose nearest real image is their own source. Empty until the draw's check has run."""
+    path = draw_dir(cfg.out, seed) / MEMORIZATION_FILE
+    cells = json.loads(path.read_text()).get("cells", {}) if path.is_file() else {}
+    return {name: {"lambda": c["lambda"], "l1_own": round(c["l1_own"], 2), "nearest_is_own": round(c["nearest_is_own"], 4)}
+            for name, c in sorted(cells.items())}
+
+
 def _current_runs(cfg: SweepConfig, seed: int) -> tuple[dict[tuple[str, int], float], list[str], set[str]]:
     """mIoU (%) of each finished seg run of one draw whose identity is today's, by (arm, seg seed); the stale ones;
     and the commits the counted runs were trained at."""
@@ -198,6 +207,7 @@ def collect(cfg: SweepConfig, config_path: str | Path | None = None) -> dict[str
                    for name in study.arms if name != study.baseline},
         "contrasts": {f"{a} - {b}": paired(per_draw[a], per_draw[b], cfg.draws.confidence) for a, b in study.contrasts},
         "target": {"points": study.target_points, "lambda_aware": list(study.lambda_aware)},
+        "memorization": {str(seed): draw_memorization(cfg, seed) for seed in cfg.draws.seeds},
         "stale": stale,
     }
     return result

@@ -7,7 +7,7 @@ fabricated files. Inputs (paths relative to the run folder):
 - ``<report dir>/sweep.json``: the sweep record (grid, cells, seg runs, stage timings);
 - each cell's ``manifest.parquet`` (the ``seconds`` column: cost per sample) and
   ``summary.json`` (generation totals, images/s);
-- ``fid.json`` and ``judge.json`` (either may be absent); each seg run's ``summary.json``;
+- ``fid.json``, ``judge.json`` and ``memorization.json`` (any may be absent); each seg run's ``summary.json``;
   the ControlNet's ``loss.jsonl``;
 - the real manifest and the synthetic shards, for the sample grids;
 - the repo's ``docs/results/headline.json`` (the pre-registered headline, :func:`render_headline`),
@@ -165,6 +165,7 @@ class CellData:
     summary: dict[str, Any]
     fid: float | None = None
     judge: dict[str, Any] | None = None  # the cell's entry of judge.json
+    memorization: dict[str, Any] | None = None  # the cell's entry of memorization.json
 
 
 @dataclass
@@ -191,6 +192,7 @@ class RunData:
     seg: list[SegData]
     fid: dict[str, Any]
     judge: dict[str, Any]
+    memorization: dict[str, Any]
 
     @property
     def ws(self) -> list[float]:
@@ -232,6 +234,7 @@ def load_run(root: str | Path, report_dir: str = "report") -> RunData:
         raise BadInputError(str(root / report_dir / "sweep.json"), "sweep record not found", "run the sweep (python -m jobs.sweep) first")
     fid = _read_json(root / "fid.json") or {"cells": {}}
     judge = _read_json(root / "judge.json") or {"cells": {}}
+    memo = _read_json(root / "memorization.json") or {"cells": {}}
     cells = []
     for c in record.get("cells", []):
         manifest = root / c["manifest"]
@@ -243,10 +246,11 @@ def load_run(root: str | Path, report_dir: str = "report") -> RunData:
         steps = max(table.column("steps").to_pylist() or [0])
         summary = _read_json(manifest.parent / "summary.json") or {}
         cells.append(CellData(c["name"], float(c["w"]), float(c["lambda"]), manifest, seconds, int(steps or 0), summary,
-                              fid["cells"].get(c["name"], {}).get("fid"), judge["cells"].get(c["name"])))
+                              fid["cells"].get(c["name"], {}).get("fid"), judge["cells"].get(c["name"]),
+                              memo["cells"].get(c["name"])))
     seg = [SegData(r["name"], r["scheme"], r["w"], list(r["lambdas"]), int(r["seed"]), list(r["studies"]),
                    _read_json(root / r["dir"] / "summary.json")) for r in record.get("seg_runs", [])]
-    return RunData(root, root / report_dir, record, cells, seg, fid, judge)
+    return RunData(root, root / report_dir, record, cells, seg, fid, judge, memo)
 
 
 def read_sample(manifest: storage.Location, key: str) -> Sample:
@@ -401,7 +405,7 @@ def section_compute(page: Page, run: RunData) -> None:
         totals.append(["generation (all cells)", fmt_num(gen_s, 1), str(sum(len(c.seconds) for c in run.cells)),
                        f"{len(timed)} actor pool(s) for {len(run.cells)} cell(s): {made} images generated at "
                        f"{fmt_num(made / gen_s if gen_s else None, 3)} images/s (pool wall time)"])
-    for name, scores in (("FID", run.fid), ("judge", run.judge)):
+    for name, scores in (("FID", run.fid), ("judge", run.judge), ("memorization", run.memorization)):
         seconds = sum(c.get("seconds", 0.0) for c in scores["cells"].values())
         if seconds:
             totals.append([name, fmt_num(seconds, 1), str(sum(c.get("samples", 0) for c in scores["cells"].values())), ""])
@@ -484,6 +488,22 @@ def plot_vs_w(run: RunData, cells: Sequence[CellData], value, name: str, ylabel:
     series = {f"λ = {fmt_g(lam)}": [(c.w, value(c), 0.0) for c in cells if c.lam == lam] for lam in run.lambdas}
     return plot_lines({k: v for k, v in series.items() if v}, f"{name} vs guidance scale w", "guidance scale w (log scale)",
                       ylabel, path, legend_title="encode ratio", log_x=True)
+
+
+def section_memorization(page: Page, run: RunData) -> None:
+    cells = sorted((c for c in run.cells if c.memorization), key=lambda c: (c.w, c.lam))
+    if not cells:
+        return
+    page.h("Memorization")
+    chance = cells[0].memorization["chance"]
+    page.p("Are the images new scenes or copies of their sources (`engine.memorization`)? For each synthetic image: "
+           "its mean L1 pixel distance (0–255) to its own source and to the other real train images, and whether "
+           f"the nearest real train image is its own source (chance {fmt_num(100 * chance, 1)} %). Near 100 % at "
+           "λ = 1, where generation starts from pure noise, means the ControlNet redraws its scenes: FID and the "
+           "judge score such copies well, but they add no new scenes.")
+    rows = [[c.name, fmt_g(c.w), fmt_g(c.lam), fmt_num(m["l1_own"], 1), fmt_num(m["l1_other"], 1),
+             fmt_num(100 * m["nearest_is_own"], 1), str(m["samples"])] for c in cells for m in [c.memorization]]
+    page.table(Table(["cell", "w", "λ", "L1 to own source", "L1 to the others", "nearest = own (%)", "images"], rows))
 
 
 def section_judge(page: Page, run: RunData) -> None:
@@ -698,6 +718,13 @@ def render_headline(data: dict[str, Any]) -> list[tuple[str, Any]]:
             [[name, _signed(c.get("mean")), _interval(c.get("ci95")), str(_n(c)),
               ", ".join(_signed(x) for x in c.get("per_draw") or []) or "–"] for name, c in contrasts.items()],
             "Paired differences (mIoU points) between arms over the complete draws.")))
+    memo = {d: cells for d, cells in (data.get("memorization") or {}).items() if cells}
+    if memo:
+        blocks.append(("p", "Generator check (`engine.memorization`; near 100 % = the images copy their sources): "
+                            "share of synthetic images whose nearest real train image is their own source, per draw, "
+                            + "; ".join(f"draw {d}: " + ", ".join(f"λ = {fmt_g(c['lambda'])} {fmt_num(100 * c['nearest_is_own'], 1)} %"
+                                                              for c in cells.values()) for d, cells in memo.items())
+                            + "."))
     stale = list(data.get("stale") or [])
     if stale:
         blocks.append(("p", f"Not counted: {len(stale)} finished run(s) made under another identity than today's "
@@ -856,6 +883,7 @@ def build_report(root: str | Path, report_dir: str = "report", progress: bool = 
         lambda: section_headline(page),
         lambda: section_fid(page, run),
         lambda: section_judge(page, run),
+        lambda: section_memorization(page, run),
         lambda: section_sweep(page, run, "w_sweep", "w"),
         lambda: section_sweep(page, run, "lambda_sweep", "lambda"),
         lambda: section_schemes(page, run),

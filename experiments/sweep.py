@@ -55,6 +55,7 @@ from engine.generate import GenerateConfig, PlanConfig
 from engine.generate.plan import shard_prefix
 from engine.ingest import IngestConfig
 from engine.manifest import read_manifest
+from engine.memorization import MemorizationConfig, describe, memorization, train_images
 from engine.shards import Sample
 from engine.data.geometry import fit_sample
 from engine.train_controlnet import TrainControlNetConfig
@@ -69,6 +70,7 @@ RECORD = "sweep.json"
 COMMIT_FILE = "commit.json"  # beside a seg run's summary: the code it was trained at
 FID_FILE = "fid.json"
 JUDGE_FILE = "judge.json"
+MEMORIZATION_FILE = "memorization.json"
 JUDGE_SPLIT = "val"  # never a generation source: the judge is an instrument, like FID's feature net
 
 
@@ -239,6 +241,7 @@ class SweepConfig:
     grid: GridConfig = field(default_factory=GridConfig)
     fid: FIDConfig = field(default_factory=FIDConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    memorization: MemorizationConfig = field(default_factory=MemorizationConfig)
     seg: SegConfig = field(default_factory=SegConfig)
     studies: StudiesConfig = field(default_factory=StudiesConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
@@ -696,6 +699,34 @@ def stage_judge(cfg: SweepConfig, out: Path, real_manifest: storage.Location, ce
     return cache
 
 
+def stage_memorization(cfg: SweepConfig, out: Path, real_manifest: storage.Location, cells: dict[str, Path],
+                       info: dict[str, Any]) -> dict[str, Any]:
+    """Are the cells' images new scenes or copies of their sources (:mod:`engine.memorization`)?
+    Cached per cell in ``memorization.json``; a real set too large to hold is skipped with the reason."""
+    path = out / MEMORIZATION_FILE
+    cache, todo = cell_cache(path, {**asdict(cfg.memorization), "reference": str(real_manifest), "split": "train"},
+                             cells, info)
+    if not todo:
+        return cache
+    size = _size_of(todo)
+    sources = sum(1 for sp, st in zip(*(read_manifest(real_manifest)[0].column(c).to_pylist() for c in ("split", "status")))
+                  if sp == "train" and st == "ok")
+    skip = cfg.memorization.skip_reason(sources, size)
+    if skip:
+        info["skipped"] = skip
+        print(f"    memorization skipped: {skip}", flush=True)
+        return cache
+    real = train_images(real_manifest, size, cfg.generate.sampler.resize)
+    for name, (manifest, table, identity) in todo.items():
+        t0 = time.perf_counter()
+        scores = memorization(manifest, real)
+        cache["cells"][name] = cell_entry(table, identity, time.perf_counter() - t0, **scores)
+        info["images"] += scores["samples"]
+        print(f"    memorization {name}: {describe(scores)}", flush=True)
+        write_json(path, cache)
+    return cache
+
+
 def _judge_skip(val_images: int, sources_with_mask: dict[str, int]) -> str | None:
     """Why the judge cannot run on these data (masks missing), or None."""
     if not val_images:
@@ -861,7 +892,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
     record = new_record(cfg, runs)
     save = lambda: write_json(report_dir / RECORD, record)  # noqa: E731
     stages = Stages(record, save)
-    stages.total = 4 + bool(cfg.fid.enabled) + bool(cfg.judge.enabled) + bool(runs)
+    stages.total = 4 + bool(cfg.fid.enabled) + bool(cfg.judge.enabled) + bool(cfg.memorization.enabled) + bool(runs)
     with stages.stage("ingest", f"ingest real data -> {out / 'real'}") as info:
         real = stage_ingest(cfg, out, info)
     # One Ray connection for every stage that runs on the cluster (a local instance starts once).
@@ -879,6 +910,9 @@ def run_sweep(cfg: SweepConfig) -> Path:
             with stages.stage("judge", f"judge agreement of {n_cells} cell(s) ({cfg.judge.steps} steps on real "
                                        f"{JUDGE_SPLIT}) -> {out / JUDGE_FILE}") as info:
                 stage_in_task(stage_judge, cfg, (cfg, out, real, cells), info)
+        if cfg.memorization.enabled:
+            with stages.stage("memorization", f"memorization check of {n_cells} cell(s) -> {out / MEMORIZATION_FILE}") as info:
+                stage_memorization(cfg, out, real, cells, info)
         if runs:
             with stages.stage("seg", f"train {len(runs)} segmentation model(s) -> {out / 'seg'}") as info:
                 stage_seg(cfg, out, real, cells, runs, info)

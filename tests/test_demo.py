@@ -37,8 +37,9 @@ def test_demo_fast_end_to_end_and_resume(tmp_path):
     out = tmp_path / "demo"
     first = _demo(out)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    for n, title in enumerate(["ingest", "train ControlNet", "generate", "FID", "judge", "train 4 segmentation", "report"], 1):
-        assert f"==> [{n}/7] {title}" in first.stdout  # a header per stage, in order
+    titles = ["ingest", "train ControlNet", "generate", "FID", "judge", "memorization", "train 4 segmentation", "report"]
+    for n, title in enumerate(titles, 1):
+        assert f"==> [{n}/{len(titles)}] {title}" in first.stdout  # a header per stage, in order
     report = out / "report"
     md = (report / "index.md").read_text()
     assert (report / "index.html").is_file()
@@ -47,7 +48,8 @@ def test_demo_fast_end_to_end_and_resume(tmp_path):
             assert im.size == PLOT_PX
     assert len(list(report.glob("samples_*.png"))) == 2
     record = json.loads((report / "sweep.json").read_text())
-    assert record["wall_seconds"] > 0 and set(record["stages"]) == {"ingest", "controlnet", "generate", "fid", "judge", "seg", "report"}
+    assert record["wall_seconds"] > 0 and set(record["stages"]) == {"ingest", "controlnet", "generate", "fid", "judge", "memorization", "seg",
+                                                             "report"}
 
     manifests = [out / "real" / "manifest.parquet"] + [out / c["manifest"] for c in record["cells"]]
     assert len(manifests) == 5  # real + 2 w x 2 λ
@@ -66,6 +68,9 @@ def test_demo_fast_end_to_end_and_resume(tmp_path):
         assert f"| {scheme} |" in md
     fid = json.loads((out / "fid.json").read_text())
     assert len(fid["cells"]) == 4 and all(c["fid"] >= 0 for c in fid["cells"].values())
+    memo = json.loads((out / "memorization.json").read_text())["cells"]
+    assert len(memo) == 4 and all(c["samples"] == 6 and c["l1_own"] <= c["l1_other"] for c in memo.values())
+    assert "## Memorization" in md
 
     second = _demo(out)  # everything is done: every stage must be reused
     assert second.returncode == 0, second.stderr[-3000:]
@@ -73,4 +78,4 @@ def test_demo_fast_end_to_end_and_resume(tmp_path):
     assert stages["ingest"]["reused"] and stages["controlnet"]["reused"]
     assert stages["generate"]["cells_reused"] == 4 and stages["generate"]["images_this_run"] == 0
     assert stages["fid"]["cells_reused"] == 4 and stages["seg"]["runs_reused"] == 4
-    assert stages["judge"]["cells_reused"] == 4
+    assert stages["judge"]["cells_reused"] == 4 and stages["memorization"]["cells_reused"] == 4

@@ -40,7 +40,7 @@ def test_copies_are_caught_and_distances_match_a_direct_computation(tmp_path: Pa
     assert mem.main(["--real", str(real_manifest), "--synthetic", str(synthetic), "--json", str(tmp_path / "m.json")]) == 0
     result = json.loads((tmp_path / "m.json").read_text())[str(synthetic)]
 
-    assert result["images"] == 6 and result["sources"] == 6
+    assert result["samples"] == 6 and result["sources"] == 6
     assert result["nearest_is_own"] == pytest.approx(0.5)
     assert result["chance"] == pytest.approx(1 / 6)
 
@@ -52,3 +52,11 @@ def test_copies_are_caught_and_distances_match_a_direct_computation(tmp_path: Pa
     assert result["l1_own"] == pytest.approx(own, rel=1e-5)
     assert result["l1_other"] == pytest.approx(other, rel=1e-5)
     assert result["l1_own"] < result["l1_other"]  # the copies pull "own" down
+
+
+def test_a_set_generated_from_other_sources_is_an_error_naming_the_sample(tmp_path: Path, capsys) -> None:
+    mem = load_script("benchmarks/memorization.py")
+    real_manifest = make_real_set(tmp_path / "real", n_train=3)
+    synthetic = write_synthetic(tmp_path / "syn", {"elsewhere-7": np.zeros((16, 16, 3), np.uint8)})
+    assert mem.main(["--real", str(real_manifest), "--synthetic", str(synthetic)]) == 2
+    assert "'elsewhere-7', which is not a train image of the real set" in capsys.readouterr().err

@@ -107,6 +107,10 @@ def fabricate_run(root: Path, seeds: tuple[int, ...] = (0, 1)) -> SweepConfig:
     judge = {"setup": {"steps": 300, "split": "val"}, "real": {**judge_of(0, 0), "samples": 1},
              "cells": {cell_name(w, lam): judge_of(w, lam) for w in W for lam in LAMS}}
     (root / "judge.json").write_text(json.dumps(judge))
+    memo = {"setup": {"enabled": True}, "cells": {cell_name(w, lam): {"w": w, "lambda": lam, "l1_own": 10 * lam, "l1_other": 50.0,
+                                                                     "nearest_is_own": lam / 2, "chance": 1 / 3, "samples": 3,
+                                                                     "seconds": 0.1} for w in W for lam in LAMS}}
+    (root / "memorization.json").write_text(json.dumps(memo))
     runs = plan_seg_runs(cfg)
     for run in runs:
         miou = miou_of(run.scheme, run.w, run.lambdas[0] if run.lambdas else None, run.seed)
@@ -245,6 +249,16 @@ def test_judge_table(report):
                 "30.00", "3"]
     assert f"scores {100 * judge_of(0, 0)['judge_miou']:.2f} % (mismatched 20.00 %)" in part  # the held-out ceiling
     assert _row(md, "judge")[1:3] == ["1.0", "12"]  # compute totals: 4 cells x 0.25 s, 3 samples
+
+
+def test_memorization_table(report):
+    _, md = report
+    part = md.split("## Memorization")[1].split("\n## ")[0]
+    assert "(chance 33.3 %)" in part
+    for w in W:
+        for lam in LAMS:
+            assert _row(part, cell_name(w, lam))[1:] == [f"{w:g}", f"{lam:g}", f"{10 * lam:.1f}", "50.0", f"{100 * lam / 2:.1f}", "3"]
+    assert _row(md.split("## Compute")[1], "memorization")[1:3] == [f"{0.1 * len(W) * len(LAMS):.1f}", str(3 * len(W) * len(LAMS))]
 
 
 def test_report_without_judge(tmp_path):

@@ -135,3 +135,12 @@ def test_record_of_experiments_draws():
     md = headline_markdown(data)
     assert "`python -m jobs.sweep --config configs/sweeps/headline.yaml`" in md and "frozen" not in md
     assert "Not counted: 1 finished run(s) made under another identity than today's (`draw-2/seg/arm-fixed-seed1`)." in md
+
+
+def test_generator_check_per_draw_is_shown_when_recorded():
+    data = met()
+    assert "Generator check" not in headline_markdown(data)  # older results have none
+    data["memorization"] = {"1": {"w2p00-l0p40": {"lambda": 0.4, "l1_own": 5.6, "nearest_is_own": 1.0},
+                                  "w2p00-l1p00": {"lambda": 1.0, "l1_own": 12.1, "nearest_is_own": 0.998}}, "2": {}}
+    md = headline_markdown(data)
+    assert "draw 1: λ = 0.4 100.0 %, λ = 1 99.8 %." in md and "draw 2" not in md.split("Generator check")[1].split("\n")[0]

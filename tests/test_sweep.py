@@ -18,6 +18,7 @@ from experiments.sweep import (
     plan_seg_runs, resolve_bases, stage_judge,
 )
 from engine.config import from_dict
+from engine.memorization import memorization, train_images
 from experiments.cli import main
 from seg.judge import derangement
 from seg_fixtures import CLASS_NAMES, make_real, make_scene
@@ -210,3 +211,23 @@ def test_judge_skips_without_masks(judge_run):
     info: dict = {}
     stage_judge(cfg, out, bare, cells, info)
     assert "no 'val' images with full masks" in info["skipped"] and not (out / JUDGE_FILE).exists()
+
+
+def test_memorization_stage_scores_every_cell_and_skips_a_set_too_large_to_hold(judge_run):
+    """The cells' images are their sources' masks drawn in grey: the check measures them against the
+    real train images exactly as engine.memorization does, per cell, cached; a tiny memory cap skips."""
+    out, real, cells, cfg = judge_run
+    info: dict = {}
+    cache = sweep.stage_memorization(cfg, out, real, cells, info)
+    reference = train_images(real)
+    for name, manifest in cells.items():
+        entry = cache["cells"][name]
+        assert {k: entry[k] for k in ("samples", "l1_own", "l1_other", "nearest_is_own")} == pytest.approx(
+            {k: v for k, v in memorization(manifest, reference).items() if k in ("samples", "l1_own", "l1_other", "nearest_is_own")})
+    assert info["images"] == 4 * SOURCES and json.loads((out / sweep.MEMORIZATION_FILE).read_text()) == cache
+    assert sweep.stage_memorization(cfg, out, real, cells, {}) == cache  # reused
+    capped = from_dict(SweepConfig, {"memorization": {"max_gib": 1e-9}})
+    (out / sweep.MEMORIZATION_FILE).unlink()
+    info = {}
+    assert sweep.stage_memorization(capped, out, real, cells, info)["cells"] == {}
+    assert "memorization.max_gib" in info["skipped"]
