@@ -1,8 +1,10 @@
-"""Figures shared by the library and the report: fixed-size matplotlib plots.
+"""Figures shared by the library and the report: fixed-size matplotlib plots and sample tiles.
 
 Every plot is :data:`PLOT_PX` pixels (no tight bounding box), so reports and docs images
 have stable sizes. ``engine.pretrain_base`` draws its loss curve here; the experiment
-report (``experiments.report``) draws all its figures with these helpers.
+report (``experiments.report``) draws all its figures with these helpers. A sample is
+shown the same way wherever it appears: its scribble drawn over it (:func:`overlay_scribble`),
+enlarged without smoothing (:func:`upscale`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from engine.render import render_scribble
+from engine.shards import UNLABELLED
+
 DPI = 100
 PLOT_IN = (7.2, 4.2)
 PLOT_PX = (round(PLOT_IN[0] * DPI), round(PLOT_IN[1] * DPI))  # (width, height) of every plot
+TILE_PX = 128  # side of a sample tile in pixels (the report's grids)
+OVERLAY_ALPHA = 0.6  # scribble strokes drawn over a sample: the image stays visible beneath them
 
 
 def fmt_g(x: float) -> str:
@@ -103,3 +110,16 @@ def plot_loss(lines: list[dict[str, Any]], title: str, path: Path) -> str:
     ax.plot([x["step"] for x in lines], [x["loss"] for x in lines])
     ax.set_yscale("log")
     return save_figure(fig, path)
+
+
+def overlay_scribble(image: np.ndarray, scribble: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """``image`` with the scribble's class colours (:func:`render_scribble`) blended in at its
+    labelled pixels; unlabelled (255) pixels keep the image."""
+    blend = np.rint(alpha * render_scribble(scribble) + (1.0 - alpha) * image)
+    return np.where((scribble != UNLABELLED)[..., None], blend, image).astype(np.uint8)
+
+
+def upscale(picture: np.ndarray, side: int = TILE_PX) -> np.ndarray:
+    """``picture`` repeated by the whole factor that makes it at least ``side`` pixels (nearest neighbour)."""
+    factor = max(1, -(-side // max(picture.shape[:2])))
+    return picture.repeat(factor, axis=0).repeat(factor, axis=1)

@@ -42,16 +42,16 @@ from engine import storage
 from engine.atomic import write_text
 from engine.data.geometry import DEFAULT_RESIZE
 from engine.errors import BadInputError
-from engine.plots import DPI, fmt_g, plot_bars, plot_lines, plot_loss, pyplot, save_figure
+from engine.plots import (
+    DPI, OVERLAY_ALPHA, TILE_PX, fmt_g, overlay_scribble, plot_bars, plot_lines, plot_loss, pyplot, save_figure, upscale,
+)
 from engine.manifest import read_manifest, resolve_shard
 from engine.render import render_scribble
-from engine.shards import UNLABELLED, Sample, decode_sample, iter_records
+from engine.shards import Sample, decode_sample, iter_records
 
-TILE_PX = 128  # side of a sample grid tile in pixels (the axes; the grid cell adds a margin)
 GRID_MARGIN_IN = 0.04  # around each tile
 GRID_CELL_IN = TILE_PX / DPI + 2 * GRID_MARGIN_IN
 GRID_LEFT_IN, GRID_TOP_IN, GRID_PAD_IN = 0.75, 0.75, 0.08
-OVERLAY_ALPHA = 0.6  # scribble strokes drawn over a sample: the image stays visible beneath them
 
 
 def grid_px(rows: int, cols: int) -> tuple[int, int]:
@@ -271,19 +271,6 @@ def read_sample(manifest: storage.Location, key: str) -> Sample:
         if record["__key__"] == key:
             return decode_sample(record, with_mask=False)
     raise BadInputError(rows[key], f"does not hold {key!r} listed in {manifest}")
-
-
-def overlay_scribble(image: np.ndarray, scribble: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    """``image`` with the scribble's class colours (:func:`render_scribble`) blended in at its
-    labelled pixels; unlabelled (255) pixels keep the image."""
-    blend = np.rint(alpha * render_scribble(scribble) + (1.0 - alpha) * image)
-    return np.where((scribble != UNLABELLED)[..., None], blend, image).astype(np.uint8)
-
-
-def upscale(picture: np.ndarray, side: int = TILE_PX) -> np.ndarray:
-    """``picture`` repeated by the whole factor that makes it at least ``side`` pixels (nearest neighbour)."""
-    factor = max(1, -(-side // max(picture.shape[:2])))
-    return picture.repeat(factor, axis=0).repeat(factor, axis=1)
 
 
 def sample_grid(run: RunData, source_id: str, path: Path, seed_index: int = 0) -> str:
