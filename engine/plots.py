@@ -3,7 +3,8 @@
 Every plot is :data:`PLOT_PX` pixels (no tight bounding box), so reports and docs images
 have stable sizes. ``engine.pretrain_base`` draws its loss curve here; the experiment
 report (``experiments.report``) draws all its figures with these helpers. A sample is
-shown the same way wherever it appears: its scribble drawn over it (:func:`overlay_scribble`),
+shown the same way wherever it appears (the report's grids, the ControlNet's TensorBoard
+previews, ``engine.preview``): its scribble drawn over it (:func:`overlay_scribble`),
 enlarged without smoothing (:func:`upscale`).
 """
 
@@ -21,7 +22,7 @@ from engine.shards import UNLABELLED
 DPI = 100
 PLOT_IN = (7.2, 4.2)
 PLOT_PX = (round(PLOT_IN[0] * DPI), round(PLOT_IN[1] * DPI))  # (width, height) of every plot
-TILE_PX = 128  # side of a sample tile in pixels (the report's grids)
+TILE_PX = 128  # side of a sample tile in pixels (the report's grids, the ControlNet's TensorBoard previews)
 OVERLAY_ALPHA = 0.6  # scribble strokes drawn over a sample: the image stays visible beneath them
 
 
