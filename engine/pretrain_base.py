@@ -16,8 +16,9 @@ Deterministic and resumable: the corpus is a pure function of ``corpus.seed``, t
 of step ``s`` is a per-epoch seeded permutation, and all noise comes from a generator
 seeded with ``(seed, s)``, so ``--resume`` after a kill replays an uninterrupted run.
 Outputs in ``out``: ``checkpoints/``, ``loss.jsonl`` and its plot ``loss.png``,
-``config.yaml``, ``samples.png`` (:func:`preview_grid` of the final weights) and the
-bundle in ``final/``.
+``config.yaml``, ``samples.png`` (:func:`preview_grid` of the final weights), the
+bundle in ``final/`` and, with ``log.tensorboard``, the ``loss.jsonl`` numbers as
+TensorBoard event files in ``tensorboard/``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from engine.config import add_config_args, load_config, save_config, to_dict
 from engine.data.procedural import CLASS_NAMES, make_scene
 from engine.errors import BadInputError
 from engine.models import BASE_FILE, FINAL_DIR, TinyArch, _replace_dir, tiny_denoiser, tiny_scheduler_config, weights_digest
+from engine.tensorboard_log import LogConfig, add_record, tensorboard_writer
 from engine.text import ClassTokenEncoder, names_for_ids
 from engine.train_controlnet import denoising_loss, noised_and_target, pick_device, shuffled_positions
 from engine.train_state import EMA, latest_checkpoint, resume_run, save_checkpoint
@@ -104,6 +106,7 @@ class PretrainBaseConfig:
     init_seed: int = 0
     corpus: CorpusSection = field(default_factory=CorpusSection)
     train: BaseTrainSection = field(default_factory=BaseTrainSection)
+    log: LogConfig = field(default_factory=LogConfig)
     export_dtype: str = "float16"  # the shipped bundle's weights (float16 halves its size)
     out: str = "runs/tiny/base"
 
@@ -241,7 +244,7 @@ def pretrain(cfg: PretrainBaseConfig, resume: bool = False, progress: bool = Tru
     box_t0 = t_warm = clock() if tc.max_minutes > 0 else 0.0
     bar = tqdm(total=tc.steps, initial=start, desc="pretrain base", disable=not progress, dynamic_ncols=True)
     acc, n_acc, t0 = torch.zeros((), device=device), 0, time.perf_counter()
-    with open(log_path, "a") as log:
+    with open(log_path, "a") as log, tensorboard_writer(cfg.log, out, start) as board:
         for step in range(start, tc.steps):
             gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
             for g in opt.param_groups:
@@ -276,6 +279,7 @@ def pretrain(cfg: PretrainBaseConfig, resume: bool = False, progress: bool = Tru
                        "seconds": round(time.perf_counter() - t0, 3)}
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
+                add_record(board, rec, "train")
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
                 acc, n_acc = torch.zeros((), device=device), 0
             if done % tc.save_every == 0 or done == tc.steps:

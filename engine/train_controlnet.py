@@ -21,8 +21,10 @@ flip. Randomness of step ``s`` comes from a generator seeded with ``(seed, s)``,
 resumed in-memory run replays exactly the batches and noise of an uninterrupted one.
 
 Outputs in ``out``: ``checkpoints/step-XXXXXXXX`` (atomic, newest ``keep_checkpoints``
-kept), ``loss.jsonl``, ``config.yaml``, and the finished bundle in ``final/``
-(``ScribbleGenModel.save_pretrained``; EMA weights when EMA is on).
+kept), ``loss.jsonl``, ``config.yaml``, the finished bundle in ``final/``
+(``ScribbleGenModel.save_pretrained``; EMA weights when EMA is on) and, with
+``log.tensorboard``, TensorBoard event files in ``tensorboard/``: the ``loss.jsonl`` numbers
+and, at each checkpoint, a few samples of fixed training scribbles (``engine.preview``).
 
 Several GPUs: ``torchrun --nproc_per_node N -m jobs.train_controlnet ...`` runs torch DDP over
 the trained parts; ``train.batch_size`` stays the global batch, each rank trains on its
@@ -42,6 +44,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
+from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterator, Sequence, TypeVar
 
@@ -57,7 +60,9 @@ from engine.distributed import (
 from engine.errors import BadInputError
 from engine.manifest import read_manifest, resolve_shard
 from engine.models import FINAL_DIR, HINT_ENCODINGS, TinyArch, ScribbleGenModel, build_tiny, from_base, from_stable_diffusion
+from engine.preview import COUNT as PREVIEW_COUNT, add_preview
 from engine.shards import read_shard
+from engine.tensorboard_log import LogConfig, add_record, tensorboard_writer
 from engine.text import names_for_ids
 from engine.train_state import EMA, latest_checkpoint, load_checkpoint, resume_run, save_checkpoint
 
@@ -143,6 +148,7 @@ class TrainControlNetConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    log: LogConfig = field(default_factory=LogConfig)
     out: str = "runs/tiny/controlnet"
 
 
@@ -419,6 +425,8 @@ def _train_rank(cfg: TrainControlNetConfig, resume: bool, progress: bool, rank: 
                              cfg.data.shuffle_buffer, tc.seed)
 
     model = build_model(cfg, class_names).to(device)
+    model.uncond = "hint+prompt" if cfg.train.drop_prompt else "hint"  # what the bundle records; previews sample with it
+    model.resize = cfg.data.resize
     parts = TrainedParts(model, tc.train_denoiser)
     params = trainable_params(model, parts)
     if tc.gradient_checkpointing:
@@ -448,7 +456,10 @@ def _train_rank(cfg: TrainControlNetConfig, resume: bool, progress: bool, rank: 
     bar = tqdm(total=budget.total, initial=start, desc="train controlnet", disable=not (progress and main_rank),
                dynamic_ncols=True)
     acc_loss, acc_n, acc_drop, t0 = 0.0, 0, 0, time.perf_counter()
-    with open(log_path, "a") if main_rank else contextlib.nullcontext() as log:
+    with (open(log_path, "a") if main_rank else contextlib.nullcontext() as log,
+          tensorboard_writer(cfg.log, out, start, enabled=main_rank) as board):
+        previews = list(islice(_iter_split(shards, cfg.data.split, res, cfg.data.resize, class_names),
+                               PREVIEW_COUNT)) if board else []
         for step in range(start, tc.steps):
             gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
             for g in opt.param_groups:  # linear warmup, then constant
@@ -485,10 +496,13 @@ def _train_rank(cfg: TrainControlNetConfig, resume: bool, progress: bool, rank: 
                 if log:
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
+                add_record(board, rec, "train")
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
                 acc_loss, acc_n, acc_drop = 0.0, 0, 0
             if main_rank and (done % tc.save_every == 0 or done == tc.steps or out_of_time):
                 save_checkpoint(ckpt_dir, done, params, opt, ema, keep=tc.keep_checkpoints)
+                if board:
+                    add_preview(board, model, previews, done)
             if out_of_time:
                 if main_rank:
                     bar.write(f"train.max_minutes={tc.max_minutes} reached at step {done}/{tc.steps}; --resume continues")
@@ -498,8 +512,6 @@ def _train_rank(cfg: TrainControlNetConfig, resume: bool, progress: bool, rank: 
         if ema is not None:
             ema.copy_to_params()
         model.eval()
-        model.uncond = "hint+prompt" if cfg.train.drop_prompt else "hint"
-        model.resize = cfg.data.resize
         model.save_pretrained(out / FINAL_DIR)
     barrier()  # every rank returns only once the bundle it names is there
     return out / FINAL_DIR

@@ -36,16 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import numpy as np
-
 from engine import storage
 from engine.atomic import write_text
 from engine.data.geometry import DEFAULT_RESIZE
 from engine.errors import BadInputError
 from engine.plots import TILE_PX, TileGrid, fmt_g, plot_bars, plot_lines, plot_loss
-from engine.manifest import read_manifest, resolve_shard
+from engine.manifest import iter_samples, read_manifest
 from engine.render import OVERLAY_ALPHA, overlay_scribble, render_scribble
-from engine.shards import UNLABELLED, Sample, decode_sample, iter_records
+from engine.shards import Sample
 
 
 
@@ -254,15 +252,10 @@ def load_run(root: str | Path, report_dir: str = "report") -> RunData:
 
 
 def read_sample(manifest: storage.Location, key: str) -> Sample:
-    """One sample by key, via the manifest's shard column."""
-    table, _ = read_manifest(manifest)
-    rows = {k: s for k, s in zip(table.column("key").to_pylist(), table.column("shard").to_pylist())}
-    if key not in rows:
-        raise BadInputError(str(manifest), f"has no sample {key!r}")
-    for record in iter_records(resolve_shard(manifest, rows[key])):
-        if record["__key__"] == key:
-            return decode_sample(record, with_mask=False)
-    raise BadInputError(rows[key], f"does not hold {key!r} listed in {manifest}")
+    """One sample by key (``engine.manifest.iter_samples`` reads only its shard)."""
+    for _, sample in iter_samples(manifest, lambda row: row["key"] == key, with_mask=False):
+        return sample
+    raise BadInputError(str(manifest), f"has no sample {key!r}")
 
 
 def sample_grid(run: RunData, source_id: str, path: Path, seed_index: int = 0) -> str:

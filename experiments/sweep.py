@@ -398,12 +398,14 @@ def seg_config_for(cfg: SweepConfig, run: SegRun) -> SegConfig:
 
 # -- reuse checks ----------------------------------------------------------------------------
 # -- reuse: one rule (engine.identity) ---------------------------------------------------------
-# Keys that change how a job runs, not what it computes: left out of a stage's identity.
+# Keys that change how a job runs, not what it computes: left out of a stage's identity. A
+# whole section goes by its name: ``log`` (TensorBoard files; engine.tensorboard_log) came after
+# runs had recorded identities without it, and those stay reusable.
 RUN_ONLY = {
     "ingest": {"out", "overwrite", "workers"},
     "controlnet": {"out", "data.manifest", "train.threads", "train.device", "train.save_every",
-                   "train.keep_checkpoints", "train.log_every"},
-    "seg": {"data.workers", "train.device", "train.log_every", "train.checkpoint_every", "train.eval_batch_size"},
+                   "train.keep_checkpoints", "train.log_every", "log"},
+    "seg": {"data.workers", "train.device", "train.log_every", "train.checkpoint_every", "train.eval_batch_size", "log"},
 }
 
 

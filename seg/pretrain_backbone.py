@@ -21,7 +21,8 @@ per-epoch seeded permutation, and its augmentation is drawn from a generator see
 scenes after the training range (per-class average precision, exact-match accuracy, and
 what a constant guess would score).
 
-Outputs in ``out``: ``config.yaml``, ``loss.jsonl`` and its plot ``loss.png``, and
+Outputs in ``out``: ``config.yaml``, ``loss.jsonl`` and its plot ``loss.png`` (with
+``log.tensorboard``, also as TensorBoard event files in ``tensorboard/``), and
 ``final/`` holding ``backbone.safetensors`` (the backbone's state dict, seg's key names),
 ``head.safetensors`` (the linear classifier, for the held-out score) and
 ``backbone.json`` (architecture, config, command, steps, digests, held-out score,
@@ -54,6 +55,7 @@ from engine.config import add_config_args, from_dict, load_config, load_yaml, sa
 from engine.data.procedural import CLASS_NAMES, make_scene
 from engine.distributed import pick_device
 from engine.errors import BadInputError
+from engine.tensorboard_log import LogConfig, add_record, tensorboard_writer
 from seg.batches import AugmentConfig, augment, to_tensor
 from seg.models import BACKBONE_FILE, BACKBONE_RECORD, ModelConfig, ResNet, backbone_arch, build_backbone
 
@@ -111,6 +113,7 @@ class PretrainBackboneConfig:
     corpus: BackboneCorpus = field(default_factory=BackboneCorpus)
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop=32))
     train: BackboneTrain = field(default_factory=BackboneTrain)
+    log: LogConfig = field(default_factory=LogConfig)
     out: str = "runs/tiny/backbone"
 
 
@@ -295,7 +298,8 @@ def pretrain(cfg: PretrainBackboneConfig, progress: bool = True, command: str = 
     log_path = out / "loss.jsonl"
     model.train()
     t0, acc, n_acc = time.perf_counter(), 0.0, 0
-    with open(log_path, "w") as log, tqdm(total=tc.steps, desc="pretrain backbone", disable=not progress, dynamic_ncols=True) as bar:
+    with (open(log_path, "w") as log, tensorboard_writer(cfg.log, out) as board,
+          tqdm(total=tc.steps, desc="pretrain backbone", disable=not progress, dynamic_ncols=True) as bar):
         for step in range(tc.steps):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, tc)
@@ -315,6 +319,7 @@ def pretrain(cfg: PretrainBackboneConfig, progress: bool = True, command: str = 
                        "seconds": round(time.perf_counter() - t0, 3)}
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
+                add_record(board, rec, "train")
                 bar.set_postfix(loss=f"{mean:.4f}")
                 acc, n_acc = 0.0, 0
     t_train = time.perf_counter() - t0

@@ -7,7 +7,8 @@ Training is measured in steps (a fixed budget, so schemes compare at equal compu
 the learning rate follows the poly schedule; partial cross-entropy on scribbles is the
 loss; the validation split's full masks give mIoU. Outputs in ``--out``: config.yaml,
 metrics.jsonl (train entries: step, loss, lr, λ stats; eval entries: mIoU...),
-checkpoints/last.pt (atomic, ``--resume`` continues from it) and summary.json.
+checkpoints/last.pt (atomic, ``--resume`` continues from it), summary.json and, with
+``log.tensorboard``, the metrics.jsonl numbers as TensorBoard event files in tensorboard/.
 Under ``torchrun`` each rank streams its own share of the shards (DDP).
 """
 
@@ -31,6 +32,7 @@ from engine.atomic import atomic_path, write_text
 from engine.config import add_config_args, load_config, save_config, to_dict
 from engine.distributed import is_main, setup_distributed, shutdown_distributed
 from engine.errors import BadInputError
+from engine.tensorboard_log import LogConfig, add_record, tensorboard_writer
 from seg.batches import AugmentConfig, MixedBatches, to_rgb255
 from seg.evaluate import PROTOCOLS, evaluate, read_checkpoint
 from seg.loss import LossConfig, training_loss
@@ -122,6 +124,7 @@ class SegConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -208,59 +211,63 @@ def train(cfg: SegConfig, manifests: list[str], out: str | Path, resume: bool = 
         save_config(cfg, out / "config.yaml")
     log = MetricsLog(out / "metrics.jsonl", start_step if resume else None) if main_rank else None
 
-    def run_eval(step: int) -> dict[str, Any]:
-        nonlocal best
-        result = evaluate(model, index.val, num_classes, device, cfg.train.eval_batch_size, cfg.data.workers,
-                          cfg.train.eval_protocol, cfg.train.eval_crop)
-        best = max(best, result["miou"])
-        if log:
-            log.write({"step": step, "eval": result})
-        return result
+    with tensorboard_writer(cfg.log, out, start_step, enabled=main_rank) as board:
+        def run_eval(step: int) -> dict[str, Any]:
+            nonlocal best
+            result = evaluate(model, index.val, num_classes, device, cfg.train.eval_batch_size, cfg.data.workers,
+                              cfg.train.eval_protocol, cfg.train.eval_crop)
+            best = max(best, result["miou"])
+            if log:
+                log.write({"step": step, "eval": result})
+            add_record(board, {"step": step, **result}, "eval")
+            return result
 
-    def save(step: int) -> None:
-        if main_rank:
-            _atomic_save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(), "config": to_dict(cfg),
-                          "class_names": index.class_names, "lam_counts": {str(k): v for k, v in lam_counts.items()},
-                          "best_miou": best}, ckpt_path)
+        def save(step: int) -> None:
+            if main_rank:
+                _atomic_save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(), "config": to_dict(cfg),
+                              "class_names": index.class_names, "lam_counts": {str(k): v for k, v in lam_counts.items()},
+                              "best_miou": best}, ckpt_path)
 
-    t0 = time.perf_counter()
-    window: dict[str, list] = {"loss": [], "lam": [], "parts": []}
-    bar = tqdm(total=cfg.train.steps, initial=start_step, desc=f"seg {cfg.scheme.name}", disable=not main_rank, dynamic_ncols=True)
-    try:  # close the bar however the loop ends, so an error message gets a line of its own
-        net.train()
-        for batch in loader:
-            step = batch["step"]
-            lr = _set_poly_lr(opt, step, cfg.train.steps, cfg.optim.poly_power)
-            image = batch["image"].to(device, non_blocking=True, memory_format=fmt)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.amp and device.type == "cuda"):
-                logits = net(image)
-            loss, parts = training_loss(cfg.loss, logits.float(), batch["scribble"].to(device, non_blocking=True),
-                                        to_rgb255(image), batch["roi"].to(device, non_blocking=True))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            lams = batch["lam"].tolist()
-            lam_counts.update(lams)
-            window["loss"].append(loss.item())
-            window["parts"].append(parts)
-            window["lam"] += lams
-            done = step + 1
-            bar.update(1)
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                mean_loss = sum(window["loss"]) / len(window["loss"])
-                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}")
-                if log:
-                    log.write({"step": done, "loss": mean_loss, "lr": lr, "progress": step / cfg.train.steps,
-                               **_mean_parts(window["parts"]), **_lam_stats(window["lam"])})
-                window = {"loss": [], "lam": [], "parts": []}
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps:
-                run_eval(done)
-            if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
-                save(done)
-    finally:
-        bar.close()
-    final = run_eval(cfg.train.steps)
-    save(cfg.train.steps)
+        t0 = time.perf_counter()
+        window: dict[str, list] = {"loss": [], "lam": [], "parts": []}
+        bar = tqdm(total=cfg.train.steps, initial=start_step, desc=f"seg {cfg.scheme.name}", disable=not main_rank, dynamic_ncols=True)
+        try:  # close the bar however the loop ends, so an error message gets a line of its own
+            net.train()
+            for batch in loader:
+                step = batch["step"]
+                lr = _set_poly_lr(opt, step, cfg.train.steps, cfg.optim.poly_power)
+                image = batch["image"].to(device, non_blocking=True, memory_format=fmt)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.amp and device.type == "cuda"):
+                    logits = net(image)
+                loss, parts = training_loss(cfg.loss, logits.float(), batch["scribble"].to(device, non_blocking=True),
+                                            to_rgb255(image), batch["roi"].to(device, non_blocking=True))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                lams = batch["lam"].tolist()
+                lam_counts.update(lams)
+                window["loss"].append(loss.item())
+                window["parts"].append(parts)
+                window["lam"] += lams
+                done = step + 1
+                bar.update(1)
+                if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                    mean_loss = sum(window["loss"]) / len(window["loss"])
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}")
+                    entry = {"step": done, "loss": mean_loss, "lr": lr, "progress": step / cfg.train.steps,
+                             **_mean_parts(window["parts"]), **_lam_stats(window["lam"])}
+                    if log:
+                        log.write(entry)
+                    add_record(board, entry, "train")
+                    window = {"loss": [], "lam": [], "parts": []}
+                if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps:
+                    run_eval(done)
+                if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
+                    save(done)
+        finally:
+            bar.close()
+        final = run_eval(cfg.train.steps)
+        save(cfg.train.steps)
     summary = {
         "scheme": cfg.scheme.name,
         "seed": cfg.train.seed,

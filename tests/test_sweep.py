@@ -17,7 +17,8 @@ from experiments.sweep import (
     FAST_OVERLAY, JUDGE_FILE, REPO, RUN_ONLY, SweepConfig, cell_name, load_sweep_config, stage_identity,
     plan_seg_runs, resolve_bases, stage_judge,
 )
-from engine.config import from_dict
+from engine.config import from_dict, to_dict
+from engine.identity import Identity, drop_keys, plain
 from engine.memorization import memorization, train_images
 from experiments.cli import main
 from seg.judge import derangement
@@ -124,6 +125,19 @@ def test_reuse_refused_when_config_changed(tmp_path):
     assert stage_identity(cfg.controlnet, RUN_ONLY["controlnet"], {"real": "abc"}).claim(tmp_path / "cn", "ControlNet")
     with pytest.raises(BadInputError, match=r"differs in input:real"):  # the real set changed under it
         stage_identity(cfg.controlnet, RUN_ONLY["controlnet"], {"real": "def"}).claim(tmp_path / "cn", "ControlNet")
+
+
+@pytest.mark.parametrize("stage", ["controlnet", "seg"])
+def test_the_log_section_leaves_recorded_identities_reusable(tmp_path, stage):
+    """Runs recorded before the ``log`` section existed (configs without it, RUN_ONLY without
+    it) keep their identity, whatever ``log`` says now."""
+    cfg = getattr(load_sweep_config(DEMO), stage)
+    before = plain(to_dict(cfg))
+    del before["log"]  # the config as the code before the section saw it
+    Identity(drop_keys(before, RUN_ONLY[stage] - {"log"}), {"real": "abc"}).save(tmp_path)
+    for on in (True, False):
+        cfg.log.tensorboard = on
+        assert stage_identity(cfg, RUN_ONLY[stage], {"real": "abc"}).claim(tmp_path, stage)
 
 
 def test_cli_reports_bad_input(capsys):
