@@ -1,4 +1,4 @@
-"""(w, λ) sampling: classifier-free guidance scale w and encode ratio λ over DDIM.
+"""(w, λ) sampling: classifier-free guidance scale w and encode ratio λ over DDIM or a multistep solver.
 
 ``eps = eps(z, ∅) + w · (eps(z, c) − eps(z, ∅))`` where ∅ is the learned null hint with
 the real prompt (``uncond="hint"``, the paper's) or with the null prompt (``"hint+prompt"``);
@@ -15,15 +15,26 @@ skips the unconditional half and w = 0 the conditional half (same formula, half 
   DDIM steps at the paper's ``linspace(0, 1000·λ, N+1)[:-1]`` cast to integers, + 1,
   which needs 1000·λ ≥ N. Cost does not shrink with λ.
 
+``scheduler`` picks the update rule; guidance, noising and λ stay the same:
+
+- ``ddim`` (the paper's): η = 0, written out below, byte for byte the sampler before the
+  solvers existed.
+- ``dpmsolver++`` / ``unipc``: diffusers' ``DPMSolverMultistepScheduler`` (DPM-Solver++(2M))
+  and ``UniPCMultistepScheduler`` (UniPC-bh2, order 2) on the model's noise schedule, run over
+  our timesteps. ``paper`` spacing gives them N steps from t = ⌊999·λ⌋ itself (where the
+  source was noised) down over [0, 999·λ], ``truncate`` the same timesteps as DDIM; their last
+  step lands on σ = 0 (x̂0).
+
 Determinism: the only randomness is the initial noise, drawn per sample from a CPU
 ``torch.Generator`` seeded with ``seeds[i]``, so sample i is the same alone or in any
-batch, on any device (DDIM with η = 0 is deterministic after that).
+batch, on any device (DDIM with η = 0 and the solvers are deterministic after that).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +43,48 @@ from engine.errors import BadInputError
 from engine.models import PREDICTION_TYPES, UNCOND, ScribbleGenModel
 
 SPACINGS = ("truncate", "paper")
+SCHEDULERS = ("ddim", "dpmsolver++", "unipc")
+
+EpsFn = Callable[[torch.Tensor, int], torch.Tensor]  # (z_t, t) -> the guided ε at z_t
+
+
+def multistep_solver(name: str, config: Mapping[str, Any], model_id: str) -> Any:
+    """diffusers' multistep solver ``name`` on the noise schedule of the DDIM ``config``.
+
+    It is fed the guided ε (a v-model's outputs are converted before guidance, as for DDIM),
+    hence ``prediction_type="epsilon"``, and ends on σ = 0 with a first-order step
+    (``final_sigmas_type="zero"``, diffusers' default). DDIM's x̂0 clipping to ±1
+    (``clip_sample``, the pixel-space tiny models) has no switch of its own there; their
+    dynamic thresholding with ``sample_max_value = 1`` is exactly it, since the percentile s
+    is clamped to [1, 1]: x̂0 is clamped to ±1 and divided by 1.
+    """
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    if config["clip_sample"] and config["clip_sample_range"] != 1.0:
+        raise BadInputError(f"model {model_id}", f"clip_sample_range {config['clip_sample_range']} has no "
+                            f"equivalent in {name} (only ±1 clipping does)", "use sampler.scheduler=ddim")
+    solvers = {"dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+               "unipc": (UniPCMultistepScheduler, {})}
+    cls, extra = solvers[name]
+    return cls.from_config(config, prediction_type="epsilon", final_sigmas_type="zero",
+                           thresholding=bool(config["clip_sample"]), sample_max_value=1.0, **extra)
+
+
+def set_custom_timesteps(solver: Any, timesteps: list[int]) -> None:
+    """Point ``solver`` at ``timesteps`` (then σ = 0) with a fresh history: a multistep solver
+    remembers its last outputs, so every ``sample()`` call starts it again.
+
+    ``DPMSolverMultistepScheduler.set_timesteps`` takes custom timesteps; UniPC's (diffusers
+    0.42) does not, so it gets the two tensors that call computes: σ_t = √((1 − ᾱ_t) / ᾱ_t)
+    at each timestep, then 0 (a test pins the two equal).
+    """
+    if "timesteps" in inspect.signature(solver.set_timesteps).parameters:
+        solver.set_timesteps(timesteps=timesteps)
+        return
+    solver.set_timesteps(len(timesteps))  # resets the history and the step index
+    alphas = solver.alphas_cumprod[torch.tensor(timesteps)]
+    solver.timesteps = torch.tensor(timesteps, dtype=torch.int64)
+    solver.sigmas = torch.cat([((1 - alphas) / alphas) ** 0.5, torch.zeros(1)])
 
 
 def fuse_attention_projections(module: torch.nn.Module) -> None:
@@ -57,11 +110,14 @@ class ScribbleSampler:
         spacing: str = "paper",
         dtype: torch.dtype = torch.float32,
         uncond: str = "hint",
+        scheduler: str = "ddim",
     ) -> None:
         from diffusers import DDIMScheduler
 
         if spacing not in SPACINGS:
             raise BadInputError(f"spacing {spacing!r}", f"must be one of {SPACINGS}")
+        if scheduler not in SCHEDULERS:
+            raise BadInputError(f"scheduler {scheduler!r}", f"must be one of {SCHEDULERS}")
         if uncond not in UNCOND:
             raise BadInputError(f"uncond {uncond!r}", f"must be one of {UNCOND}")
         if model.uncond is not None and model.uncond != uncond:
@@ -84,6 +140,8 @@ class ScribbleSampler:
         self.scheduler.set_timesteps(self.num_steps)
         self.alphas = self.scheduler.alphas_cumprod.double()
         self.model_id = model.model_id
+        # None: DDIM, written out in _ddim_step. Else the solver each sample() call resets.
+        self.solver = None if scheduler == "ddim" else multistep_solver(scheduler, self.scheduler.config, self.model_id)
 
     def compile(self, batch_size: int, size: tuple[int, int]) -> None:
         """``torch.compile`` the ControlNet and UNet (channels_last weights, fused attention
@@ -120,7 +178,8 @@ class ScribbleSampler:
             raise BadInputError(f"w={w}", "guidance scale must be a finite number >= 0")
 
     def schedule(self, lam: float) -> tuple[int, list[int], list[int]]:
-        """``(t_noise, timesteps, prev_timesteps)`` for encode ratio ``lam`` (descending t)."""
+        """``(t_noise, timesteps, prev_timesteps)`` for encode ratio ``lam`` (descending t); a
+        solver's last step lands on σ = 0 whatever its last ``prev_timesteps`` says."""
         self._check(1.0, lam)
         n = self.num_steps
         if self.spacing == "truncate":
@@ -128,19 +187,25 @@ class ScribbleSampler:
             ts = [int(t) for t in self.scheduler.timesteps[n - k:]]
             step = self.scheduler.config.num_train_timesteps // n
             return ts[0], ts, [t - step for t in ts]
-        span = math.floor(1000 * lam + 1e-9)
+        t_noise = math.floor(999 * lam + 1e-9)
+        # DDIM: the paper's dataset_generation, linspace(0, 1000·λ, N+1)[:-1] as integers, + 1
+        # (its first step is below t_noise). A solver: N steps from t_noise itself over
+        # [0, t_noise], N distinct integers when t_noise >= N.
+        scale = 1000 if self.solver is None else 999
+        span = math.floor(scale * lam + 1e-9)
         if span < n:
             raise BadInputError(
-                f"lambda={lam} with num_steps={n}", f"paper spacing needs 1000·λ >= N (got {span} < {n})",
-                f"use lambda >= {n / 1000:g}, fewer steps, or spacing=truncate",
+                f"lambda={lam} with num_steps={n}", f"paper spacing needs {scale}·λ >= N (got {span} < {n})",
+                f"use lambda >= {n / scale:.4g}, fewer steps, or spacing=truncate",
             )
-        # The paper's dataset_generation: linspace(0, 1000·λ, N+1)[:-1] as integers, + 1.
-        asc = (np.linspace(0, 1000 * lam, n + 1)[:-1].astype(np.int64) + 1).tolist()
-        ts = asc[::-1]
-        return math.floor(999 * lam + 1e-9), ts, ts[1:] + [0]
+        if self.solver is None:
+            ts = (np.linspace(0, 1000 * lam, n + 1)[:-1].astype(np.int64) + 1).tolist()[::-1]
+        else:
+            ts = np.linspace(t_noise, 0, n + 1)[:-1].round().astype(np.int64).tolist()
+        return t_noise, ts, ts[1:] + [0]
 
     def steps_for(self, lam: float) -> int:
-        """Denoiser evaluations (DDIM steps) one sample at ``lam`` costs."""
+        """Denoiser evaluations (steps of any scheduler) one sample at ``lam`` costs."""
         return len(self.schedule(lam)[1])
 
     # -- sampling ---------------------------------------------------------------------------
@@ -220,7 +285,23 @@ class ScribbleSampler:
         null_hint = self.model.null_hints(b, (h, wd))
         text = self.model.text.encode(class_names).to(self.dtype)
         null_text = text if self.uncond == "hint" else self.model.text.null(b).to(self.dtype)
-        for t, t_prev in zip(ts, prevs):
-            eps = self._guided_eps(z, t, hint, null_hint, text, null_text, float(w))
-            z = self._ddim_step(z, eps, t, t_prev)
-        return self.model.decode(z)
+
+        def eps(z_t: torch.Tensor, t: int) -> torch.Tensor:
+            return self._guided_eps(z_t, t, hint, null_hint, text, null_text, float(w))
+
+        return self.model.decode(self.denoise(z, ts, prevs, eps))
+
+    def denoise(self, z: torch.Tensor, ts: list[int], prevs: list[int], eps: EpsFn) -> torch.Tensor:
+        """``z`` at ``ts[0]`` run down ``ts`` with the guided ``eps``: DDIM written out, or the
+        solver, in float32 whatever the model's dtype. diffusers' DPM-Solver upcasts to float32
+        itself, UniPC computes in its input's dtype, and x̂0 = (z − √(1−ᾱ) ε) / √ᾱ divides by
+        √ᾱ_999 ≈ 5e-5 on the cosine schedule: float16 would lose it or overflow."""
+        if self.solver is None:
+            for t, t_prev in zip(ts, prevs):
+                z = self._ddim_step(z, eps(z, t), t, t_prev)
+            return z
+        set_custom_timesteps(self.solver, ts)
+        x = z.float()
+        for t in ts:
+            x = self.solver.step(eps(x.to(self.dtype), t).float(), t, x).prev_sample
+        return x.to(self.dtype)

@@ -424,8 +424,9 @@ def section_compute(page: Page, run: RunData) -> None:
         rows.append([c.name, fmt_g(c.w), fmt_g(c.lam), str(len(c.seconds)), str(c.steps),
                      fmt_num(statistics.mean(c.seconds) if c.seconds else None, 4), fmt_num(sum(c.seconds), 1),
                      label[c.name]])
-    page.table(Table(["cell", "w", "λ", "images", "DDIM steps", "s / image", "sampler s", "pool"], rows,
-                     "Generation per (w, λ) cell: s / image is the mean of the manifest's per-sample `seconds` "
+    page.table(Table(["cell", "w", "λ", "images", "steps", "s / image", "sampler s", "pool"], rows,
+                     "Generation per (w, λ) cell: steps are the denoiser steps of each image (the update rule is "
+                     "the config's `sampler.scheduler`); s / image is the mean of the manifest's per-sample `seconds` "
                      "(sampler time on one actor) and sampler s their sum, the cell's share of its pool's actor "
                      "time; the pool's wall time and images / s are in the pool table."))
     by_lam = cost_by_lambda(run.cells)

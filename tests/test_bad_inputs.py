@@ -341,6 +341,7 @@ def test_generate_refuses_a_file_that_is_not_a_manifest(tmp_path, capsys) -> Non
     ("plan.lambdas=[1.5]", "plan.lambdas"),
     ("plan.w=[-1]", "plan.w"),                    # w >= 0
     ("sampler.spacing=cosine", "sampler.spacing"),  # unknown spacing scheme
+    ("sampler.scheduler=euler", "sampler.scheduler"),  # unknown update rule
     ("sampler.num_steps=0", "sampler.num_steps"),
     ("plan.samples_per_shard=0", "plan.samples_per_shard"),
     ("ray.num_cpus_per_actor=0", "ray.num_cpus_per_actor"),

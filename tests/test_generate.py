@@ -60,6 +60,7 @@ def _keys(manifest: Path) -> list[str]:
 
 def test_worker_writes_tagged_shard_and_part_without_ray(real: Path, tmp_path: Path) -> None:
     cfg = _cfg(real, tmp_path)
+    cfg.sampler.scheduler = "unipc"  # the tag names the configured update rule (the stand-in has none)
     plan = build_plan(cfg.plan, real)
     gen = ShardGenerator(str(real.parent), str(tmp_path), CLASS_NAMES, cfg.sampler, factory=standin_factory)
     unit = plan.units[0]
@@ -76,6 +77,7 @@ def test_worker_writes_tagged_shard_and_part_without_ray(real: Path, tmp_path: P
         m = sample.meta
         assert (m["source_id"], m["w"], m["lambda"], m["seed"], m["split"]) == (item.source_id, 2.0, 0.5, item.seed, "train")
         assert m["classes"] == src.meta["classes"] and m["model"] == "standin" and m["steps"] == 5
+        assert m["scheduler"] == "unipc"
         assert m["seconds"] >= 0 and m["timings"]["batch_size"] in (1, 2, 3)
     table, info = read_manifest(part_path(tmp_path, unit.shard))
     assert table["key"].to_pylist() == unit.keys and info.kind == "synthetic"

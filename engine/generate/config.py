@@ -13,8 +13,8 @@ from numbers import Real
 from engine.errors import BadInputError
 from engine.data.geometry import DEFAULT_RESIZE, check_resize
 from engine.models import UNCOND
+from engine.sampler import SCHEDULERS, SPACINGS
 
-SPACINGS = ("truncate", "paper")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 IMAGE_FORMATS = ("png", "jpg")
@@ -74,6 +74,7 @@ class SamplerConfig:
 
     num_steps: int = 50
     spacing: str = "paper"  # paper: linspace(0, 1000·λ, N+1)[:-1] + 1 | truncate: diffusers img2img strength
+    scheduler: str = "ddim"  # the update rule: ddim (the paper's) | dpmsolver++ | unipc (diffusers' multistep solvers)
     uncond: str = "hint"  # CFG's unconditional branch: hint (the paper's) | hint+prompt; must match the model's training
     dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU
     device: str = "auto"  # auto: one GPU actor per GPU when the cluster has GPUs, else CPU actors
@@ -93,6 +94,8 @@ class SamplerConfig:
             raise BadInputError("sampler.resolution", f"must be null or an integer >= 8, got {self.resolution!r}")
         if self.spacing not in SPACINGS:
             raise BadInputError("sampler.spacing", f"must be one of {SPACINGS}, got {self.spacing!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise BadInputError("sampler.scheduler", f"must be one of {SCHEDULERS}, got {self.scheduler!r}")
         check_resize(self.resize, "sampler.resize")
         if self.uncond not in UNCOND:
             raise BadInputError("sampler.uncond", f"must be one of {UNCOND}, got {self.uncond!r}")

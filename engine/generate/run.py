@@ -52,10 +52,15 @@ SUMMARY = "summary.json"
 
 def generation_identity(cfg: GenerateConfig, plan: Plan, model_dir: storage.Location) -> Identity:
     """Everything that decides the pixels of the planned shards (batch size, device and the
-    Ray layout do not): the plan, the sampler, the image format and the model's weights."""
+    Ray layout do not): the plan, the sampler, the image format and the model's weights.
+
+    ``scheduler`` enters only when it is not ``ddim``: every set made before the solvers
+    existed was DDIM and recorded no such key, so its identity stays what it was."""
     s = cfg.sampler
     sampler = {"num_steps": s.num_steps, "spacing": s.spacing, "uncond": s.uncond, "dtype": s.dtype,
                "resolution": s.resolution, "resize": s.resize}
+    if s.scheduler != "ddim":
+        sampler["scheduler"] = s.scheduler
     return Identity({"plan": plan.fingerprint(), "image_format": cfg.image_format, "sampler": sampler},
                     {"model": model_weights_id(model_dir)})
 

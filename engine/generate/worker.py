@@ -84,7 +84,8 @@ def load_sampler(model_dir: str, device: str, cfg: SamplerConfig) -> Sampler:
         print(f"generate: sampling at {cfg.resolution} px, model trained at {model.resolution} px", file=sys.stderr)
     if cfg.resolution is not None and model.resize is not None and cfg.resize != model.resize:
         print(f"generate: sources fitted with resize={cfg.resize}, model trained with {model.resize}", file=sys.stderr)
-    sampler = ScribbleSampler(model, device, cfg.num_steps, cfg.spacing, resolve_dtype(cfg.dtype, device), cfg.uncond)
+    sampler = ScribbleSampler(model, device, cfg.num_steps, cfg.spacing, resolve_dtype(cfg.dtype, device), cfg.uncond,
+                              cfg.scheduler)
     if cfg.compile:
         side = cfg.resolution or model.resolution
         sampler.compile(cfg.batch_size, (side, side))
@@ -306,6 +307,7 @@ class ShardGenerator:
         self.batch_size = sampler_cfg.batch_size
         self.resolution = sampler_cfg.resolution
         self.resize = sampler_cfg.resize
+        self.scheduler = sampler_cfg.scheduler  # a tag of every sample, beside its steps
         self.image_format = image_format
         self.write_ahead = write_ahead  # batches queued for the writer thread (0: write inline)
         self.cache = SourceCache(source_cache_shards)  # used by the loader thread only
@@ -413,6 +415,7 @@ class ShardGenerator:
                 "classes": shard.sources.classes[item.source_id],
                 "model": self.sampler.model_id,
                 "steps": shard.steps,
+                "scheduler": self.scheduler,
                 "seconds": timings["batch_seconds"] / len(batch),
                 "timings": timings,
             }
