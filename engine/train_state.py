@@ -103,6 +103,11 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and CKPT_RE.match(p.name))
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The step a checkpoint folder ``step-XXXXXXXX`` holds, from its name."""
+    return int(CKPT_RE.match(Path(path).name).group(1))
+
+
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     found = list_checkpoints(ckpt_dir)
     return found[-1] if found else None

@@ -477,7 +477,7 @@ def stage_controlnet(cfg: SweepConfig, out: Path, real_manifest: storage.Locatio
     from tqdm import tqdm
 
     from engine.models import FINAL_DIR
-    from engine.train_state import latest_checkpoint
+    from engine.train_state import checkpoint_step, latest_checkpoint, trim_log
 
     cn = copy.deepcopy(cfg.controlnet)
     cn.out = str(out / "controlnet")
@@ -488,13 +488,15 @@ def stage_controlnet(cfg: SweepConfig, out: Path, real_manifest: storage.Locatio
     if final.is_dir():
         info["reused"] = True
         return final
-    resume = latest_checkpoint(Path(cn.out) / "checkpoints") is not None
-    info["resumed"] = resume
+    latest = latest_checkpoint(Path(cn.out) / "checkpoints")
+    info["resumed"] = resume = latest is not None
+    log_path = Path(cn.out) / "loss.jsonl"
+    if latest is not None:  # as the task will on resume: the bar then starts where training does
+        trim_log(log_path, checkpoint_step(latest))
     with ray_session(cfg.generate.ray.address, cfg.generate.ray.local_num_cpus):
         resources = tasks.task_resources(cfg.stage_cpus)
         cn.train.threads = resources.threads(cn.train.threads)
         print(f"    as a Ray task ({resources})", flush=True)
-        log_path = Path(cn.out) / "loss.jsonl"
         with tqdm(total=cn.train.steps, initial=last_step(log_path), desc="train controlnet", dynamic_ncols=True) as bar:
             ref = tasks.remote(tasks.train_controlnet, resources).remote(cn, resume)
             final, info["placement"] = tasks.gather({ref: "controlnet"}, poll=lambda: _show_step(bar, log_path))["controlnet"]

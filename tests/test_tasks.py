@@ -92,3 +92,32 @@ def test_last_step_reads_a_training_log(tmp_path):
     assert last_step(log) == 0
     log.write_text('{"step": 10, "loss": 1.0}\n{"step": 20, "loss": 0.5}\n')
     assert last_step(log) == 20
+
+
+def test_a_resumed_controlnet_stage_shows_progress_from_its_checkpoint(tmp_path, monkeypatch):
+    """The driver's bar starts where the resumed task starts: the log past the newest
+    checkpoint (written by the interrupted run) is trimmed before the task is submitted."""
+    from contextlib import nullcontext
+
+    import experiments.sweep as sweep
+    from engine.config import from_dict
+
+    cfg = from_dict(sweep.SweepConfig, {})
+    folder = tmp_path / "controlnet"
+    (folder / "checkpoints" / "step-00000750").mkdir(parents=True)
+    (folder / "loss.jsonl").write_text("".join(f'{{"step": {s}, "loss": 1.0}}\n' for s in (250, 500, 750, 1000, 1070)))
+    real = tmp_path / "manifest.parquet"
+    real.write_bytes(b"not read: only digested")
+    seen = {}
+
+    def gather(refs, poll=None):
+        seen["at_submit"] = last_step(folder / "loss.jsonl")
+        return {"controlnet": (str(folder / "final"), {})}
+
+    monkeypatch.setattr(sweep, "ray_session", lambda *a: nullcontext())
+    monkeypatch.setattr(tasks, "task_resources", lambda cpus: tasks.Resources(1.0, 0))
+    monkeypatch.setattr(tasks, "remote", lambda fn, resources: type("R", (), {"remote": staticmethod(lambda *a: "ref")}))
+    monkeypatch.setattr(tasks, "gather", gather)
+    info: dict = {}
+    sweep.stage_controlnet(cfg, tmp_path, real, info)
+    assert info["resumed"] and seen["at_submit"] == 750
