@@ -46,6 +46,26 @@ def drop_keys(config: dict[str, Any], dotted: set[str]) -> dict[str, Any]:
     return out
 
 
+_MISSING = object()
+
+
+def _get(config: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return _MISSING
+        config = config[part]
+    return config
+
+
+def drop_defaults(config: dict[str, Any], defaults: dict[str, Any], dotted: set[str]) -> dict[str, Any]:
+    """A copy of ``config`` without those ``dotted`` keys whose value equals ``defaults``'.
+
+    For keys added to a config after runs were recorded with it: at the default (the old
+    behaviour) they leave those runs' identities unchanged; any other value changes them.
+    """
+    return drop_keys(config, {d for d in dotted if _get(config, d) is not _MISSING and _get(config, d) == _get(defaults, d)})
+
+
 def file_digest(path: storage.Location) -> str:
     """SHA-256 of a file's bytes (first 16 hex digits): the identity of a manifest (a path or URL)."""
     h = hashlib.sha256()

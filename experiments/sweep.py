@@ -47,7 +47,7 @@ import numpy as np
 
 from engine import storage
 from engine.atomic import write_json
-from engine.identity import Identity, drop_keys, file_digest, plain
+from engine.identity import Identity, drop_defaults, drop_keys, file_digest, plain
 from engine.config import apply_overrides, find_config, from_dict, load_yaml, to_dict
 from engine.errors import BadInputError
 from engine.fid import FIDConfig, FIDScorer, manifest_images
@@ -409,9 +409,20 @@ RUN_ONLY = {
 }
 
 
+# Keys added to a stage's config after runs were recorded with it (dotted, per config class): left
+# out of the identity while at their dataclass default, which is the behaviour from before they
+# existed, so those runs stay reusable; any other value enters the identity.
+ADDED_LATER: dict[type, set[str]] = {IngestConfig: set(), TrainControlNetConfig: set(), SegConfig: set()}
+
+
 def stage_identity(config: Any, run_only: set[str], inputs: dict[str, str]) -> Identity:
-    """The identity a stage records: its config without the run-only keys, and its inputs."""
-    return Identity(drop_keys(plain(to_dict(config)), run_only), inputs)
+    """The identity a stage records: its config without the run-only keys (and without keys
+    added later while at their default, :data:`ADDED_LATER`), and its inputs."""
+    data = drop_keys(plain(to_dict(config)), run_only)
+    added = ADDED_LATER.get(type(config), set())
+    if added:
+        data = drop_defaults(data, plain(to_dict(type(config)())), added)
+    return Identity(data, inputs)
 
 
 # -- stages ----------------------------------------------------------------------------------

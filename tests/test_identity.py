@@ -43,3 +43,20 @@ def test_a_manifest_at_a_url_has_the_digest_of_its_bytes(tmp_path):
     with fsspec.open(url, "wb") as fh:
         fh.write(data)
     assert file_digest(url) == file_digest(local) == hashlib.sha256(data).hexdigest()[:16]
+
+
+def test_keys_added_later_leave_old_identities_unchanged_at_their_default(monkeypatch):
+    """A key added to a stage's config after runs were recorded: at its default the identity is
+    the one recorded without the key; at any other value it differs."""
+    import experiments.sweep as sweep
+    from engine.config import to_dict
+    from engine.identity import drop_defaults, drop_keys, plain
+    from seg.train import SegConfig
+
+    cfg = SegConfig()
+    before = Identity(drop_keys(drop_keys(plain(to_dict(cfg)), sweep.RUN_ONLY["seg"]), {"augment.vflip"}), {"real": "a"})
+    monkeypatch.setitem(sweep.ADDED_LATER, SegConfig, {"augment.vflip", "no.such.key"})
+    assert sweep.stage_identity(cfg, sweep.RUN_ONLY["seg"], {"real": "a"}).digest == before.digest
+    cfg.augment.vflip = not cfg.augment.vflip
+    assert sweep.stage_identity(cfg, sweep.RUN_ONLY["seg"], {"real": "a"}).digest != before.digest
+    assert drop_defaults({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}}, {"a.b", "a.c"}) == {"a": {"c": 2}}

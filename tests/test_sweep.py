@@ -68,7 +68,7 @@ def test_shipped_configs_load(path):
         return  # an overlay, not a config (loaded above)
     cfg = load_sweep_config(path, PAPER_SETS if "voc" in path.name else [])
     runs = plan_seg_runs(cfg)
-    assert runs, f"{path.name} trains no segmentation model"
+    assert runs or path.name == "solvers.yaml", f"{path.name} trains no segmentation model"  # solvers: generation only
     assert cfg.judge.enabled and cfg.judge.steps > 0
     if "voc" in path.name:
         assert cfg.controlnet.model.kind == "sd15" and cfg.ingest.source.kind == "voc"
