@@ -412,7 +412,14 @@ RUN_ONLY = {
 # Keys added to a stage's config after runs were recorded with it (dotted, per config class): left
 # out of the identity while at their dataclass default, which is the behaviour from before they
 # existed, so those runs stay reusable; any other value enters the identity.
-ADDED_LATER: dict[type, set[str]] = {IngestConfig: set(), TrainControlNetConfig: set(), SegConfig: set()}
+ADDED_LATER: dict[type, set[str]] = {
+    IngestConfig: set(),
+    TrainControlNetConfig: set(),
+    SegConfig: {  # issue 24, the paper's seg options (docs/paper-fidelity.md)
+        "model.aspp_dropout", "model.decoder_dropout", "model.multi_grid", "model.align_corners",
+        "augment.scale_mode", "augment.blur",
+    },
+}
 
 
 def stage_identity(config: Any, run_only: set[str], inputs: dict[str, str]) -> Identity:

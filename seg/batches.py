@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageFilter
 from torch.utils.data import IterableDataset
 
 from engine.errors import BadInputError
@@ -33,6 +33,7 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 FILL_RGB = tuple(round(255 * m) for m in MEAN.flatten().tolist())  # pixels rotated in: the mean colour, 0 once normalised
 CLASSICAL_ON = ("real", "all")
+SCALE_MODES = ("factor", "short_side")
 
 
 @dataclass
@@ -43,6 +44,13 @@ class AugmentConfig:
     ``rotate``, ``vflip`` and ``color_jitter`` are the classical ops; ``classical_on``
     says which samples get them: ``real`` (the experiment's choice: synthetic images keep
     plain scale-crop-flip) or ``all``.
+
+    ``scale_mode`` ``factor`` scales the image's own size by U(scale_min, scale_max);
+    ``short_side`` is the paper's ``RandomScaleCrop``: the short side becomes
+    ``randint(int(scale_min * crop), int(scale_max * crop))`` px (256 to 1026 at crop 513;
+    the paper's base size is its crop size), whatever the image's size. ``blur`` is the
+    paper's ``RandomGaussianBlur`` on every sample: with p 0.5, PIL's Gaussian blur of
+    radius U(0, 1) on the crop.
     """
 
     crop: int = 64
@@ -53,6 +61,8 @@ class AugmentConfig:
     vflip: bool = False  # vertical flip with p 0.5
     color_jitter: float = 0.0  # strength s: brightness/contrast/saturation x [1-s, 1+s], hue ± s/2 turn; 0 = off
     classical_on: str = "real"  # real | all: which samples get rotate, vflip and color_jitter
+    scale_mode: str = "factor"  # factor | short_side (the paper's absolute short side)
+    blur: bool = False  # the paper's RandomGaussianBlur (p 0.5, radius U(0, 1))
 
     def validate(self) -> None:
         if self.crop < 8:
@@ -68,6 +78,10 @@ class AugmentConfig:
                                 "must be in [0, 1] (0 = off; the hue shift is ± half of it)")
         if self.classical_on not in CLASSICAL_ON:
             raise BadInputError(f"augment.classical_on={self.classical_on!r}", f"choose one of {list(CLASSICAL_ON)}")
+        if self.scale_mode not in SCALE_MODES:
+            raise BadInputError(f"augment.scale_mode={self.scale_mode!r}", f"choose one of {list(SCALE_MODES)}")
+        if not isinstance(self.blur, bool):
+            raise BadInputError(f"augment.blur={self.blur!r}", "must be true or false")
 
     @property
     def classical(self) -> bool:
@@ -110,6 +124,26 @@ def color_jitter(image: np.ndarray, strength: float, rng: np.random.Generator) -
     return np.array(Image.merge("HSV", (h, s, v)).convert("RGB"))
 
 
+def gaussian_blur(x: torch.Tensor, radius: float) -> torch.Tensor:
+    """PIL's ``GaussianBlur(radius)`` on a normalised 3xHxW image, as the paper's
+    ``RandomGaussianBlur`` applies it to its 8-bit PIL crop (so the image passes through 8-bit colours)."""
+    rgb = to_rgb255(x[None])[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return to_tensor(np.array(Image.fromarray(rgb).filter(ImageFilter.GaussianBlur(radius))))
+
+
+def scaled_size(h: int, w: int, cfg: AugmentConfig, rng: np.random.Generator) -> tuple[int, int]:
+    """The (height, width) an ``h`` x ``w`` image is resized to before the crop (see ``scale_mode``).
+
+    ``short_side`` transcribes the paper's ``RandomScaleCrop``: the long side is
+    ``int(long * short / short_side)``, truncated as the paper's ``int()`` does.
+    """
+    if cfg.scale_mode == "short_side":
+        short = int(rng.integers(int(cfg.scale_min * cfg.crop), int(cfg.scale_max * cfg.crop) + 1))
+        return (short, int(w * short / h)) if h <= w else (int(h * short / w), short)
+    s = rng.uniform(cfg.scale_min, cfg.scale_max)
+    return max(1, round(h * s)), max(1, round(w * s))
+
+
 def rotate(image: np.ndarray, labels: list[np.ndarray], degrees: float) -> tuple[np.ndarray, list[np.ndarray]]:
     """Rotate about the centre, same size: the image bilinear, labels nearest; pixels rotated
     in from outside are the mean colour in the image and 255 in every label map."""
@@ -122,8 +156,8 @@ def rotate(image: np.ndarray, labels: list[np.ndarray], degrees: float) -> tuple
 def augment(
     image: np.ndarray, labels: list[np.ndarray], cfg: AugmentConfig, rng: np.random.Generator, classical: bool = True
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Colour jitter and rotate (if on), scale by a random factor, pad (labels with 255) to
-    the crop size, crop, maybe flip horizontally, and (if on) vertically.
+    """Colour jitter and rotate (if on), scale (:func:`scaled_size`), pad (labels with 255) to
+    the crop size, crop, maybe flip horizontally, blur (if on), and (if on) flip vertically.
 
     ``labels`` are HxW uint8 class maps (scribble, and the mask when wanted); they get the
     same geometry as the image with nearest-neighbour resampling so class ids stay exact.
@@ -137,10 +171,8 @@ def augment(
         image, labels = rotate(image, labels, rng.uniform(-cfg.rotate, cfg.rotate))
     x = to_tensor(image)
     ys = [torch.from_numpy(np.ascontiguousarray(y)) for y in labels]
-    h, w = x.shape[1:]
-    s = rng.uniform(cfg.scale_min, cfg.scale_max)
-    size = (max(1, round(h * s)), max(1, round(w * s)))
-    if size != (h, w):
+    size = scaled_size(*x.shape[1:], cfg, rng)
+    if size != tuple(x.shape[1:]):
         x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
         ys = [_resize_label(y, size) for y in ys]
     ph, pw = max(0, cfg.crop - size[0]), max(0, cfg.crop - size[1])
@@ -153,6 +185,8 @@ def augment(
     ys = [y[top : top + cfg.crop, left : left + cfg.crop] for y in ys]
     if cfg.hflip and rng.random() < 0.5:
         x, ys = x.flip(-1), [y.flip(-1) for y in ys]
+    if cfg.blur and rng.random() < 0.5:
+        x = gaussian_blur(x, rng.uniform(0.0, 1.0))
     if classical and cfg.vflip and rng.random() < 0.5:
         x, ys = x.flip(-2), [y.flip(-2) for y in ys]
     return x.contiguous(), [y.contiguous() for y in ys]

@@ -116,7 +116,7 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from seg.models import ModelConfig, build_model
+    from seg.models import RANDOM, ModelConfig, build_model
     from seg.stream import index_manifests
     from engine.config import from_dict
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ckpt = read_checkpoint(args.checkpoint)
         index = index_manifests(args.shards, val_split=args.split)
-        model_cfg = from_dict(ModelConfig, {**ckpt["config"]["model"], "backbone_weights": ""}, "checkpoint model config")
+        model_cfg = from_dict(ModelConfig, {**ckpt["config"]["model"], "backbone_weights": RANDOM}, "checkpoint model config")
         model = build_model(model_cfg, len(ckpt["class_names"]))
         model.load_state_dict(ckpt["model"])
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -37,12 +37,24 @@ BACKBONE_FILE = "backbone.safetensors"
 BACKBONE_RECORD = "backbone.json"  # beside the weights: the architecture, command, digest, held-out score
 # The model keys that decide the backbone network (the ASPP head's keys do not).
 ARCH_KEYS = ("name", "width", "stem_pool", "output_stride")
+# ``backbone_weights: random``: an ImageNet-sized backbone trained from random weights on purpose
+# ("" is refused for those: the paper always starts from ImageNet weights).
+RANDOM = "random"
+LAYER4_BLOCKS = {"tiny": 1, "deeplabv3plus_resnet50": 3, "deeplabv3plus_resnet101": 3}  # what multi_grid applies to
+IMAGENET_BACKBONES = {"deeplabv3plus_resnet50": "resnet50", "deeplabv3plus_resnet101": "resnet101",
+                      "deeplabv3plus_mobilenet": "mobilenet_v2"}
 
 
 @dataclass
 class ModelConfig:
-    """Which network; ``backbone_weights`` is a local safetensors/.pth ImageNet ResNet, or
-    ``builtin`` (tiny only): the shipped backbone pretrained on the built-in corpus."""
+    """Which network; ``backbone_weights`` is a local safetensors/.pth ImageNet ResNet,
+    ``builtin`` (tiny only): the shipped backbone pretrained on the built-in corpus, or
+    ``random`` (random init on purpose; "" means the same for the tiny model only).
+
+    The head options default to this project's measured head; the paper's DeepLabV3+
+    (``configs/seg/voc_deeplabv3plus.yaml``) uses ``aspp_dropout`` 0.5, ``decoder_dropout``
+    [0.5, 0.1], ``multi_grid`` [1, 2, 4] and ``align_corners`` true.
+    """
 
     name: str = "tiny"
     width: int = 16  # tiny only: channels of the first stage (doubling per stage)
@@ -51,13 +63,37 @@ class ModelConfig:
     aspp_channels: int = 64
     aspp_rates: list[int] = field(default_factory=lambda: [2, 4, 6])
     backbone_weights: str = ""
+    aspp_dropout: float = 0.1  # dropout after the ASPP projection
+    decoder_dropout: list[float] = field(default_factory=list)  # after each of the decoder's two 3x3 convs; [] = none
+    multi_grid: list[int] = field(default_factory=list)  # ResNet layer 4: block i dilated at rate x multi_grid[i]; [] = uniform
+    align_corners: bool = False  # of the head's bilinear upsamplings
 
     def validate(self) -> None:
         if self.name not in MODELS:
             raise BadInputError(f"model.name={self.name!r}", f"unknown model; choose one of {list(MODELS)}")
         if self.output_stride not in (8, 16):
             raise BadInputError(f"model.output_stride={self.output_stride}", "must be 8 or 16")
+        self._validate_head()
         backbone_weights_file(self)  # refuses a missing file, or builtin for another architecture
+
+    def _validate_head(self) -> None:
+        """Dropout rates in [0, 1), two decoder rates or none, a multi-grid only on a ResNet."""
+        rates = [self.aspp_dropout, *self.decoder_dropout]
+        if any(not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0 for p in rates):
+            raise BadInputError(f"model.aspp_dropout={self.aspp_dropout!r} / model.decoder_dropout={self.decoder_dropout!r}",
+                                "dropout rates must be numbers in [0, 1)")
+        if len(self.decoder_dropout) not in (0, 2):
+            raise BadInputError(f"model.decoder_dropout={self.decoder_dropout!r}",
+                                "give [] (none) or two rates, one after each decoder conv (the paper: [0.5, 0.1])")
+        if self.multi_grid and self.name not in LAYER4_BLOCKS:
+            raise BadInputError(f"model.multi_grid={self.multi_grid!r}", "applies to ResNet backbones only", "set model.multi_grid=[]")
+        if self.multi_grid and len(self.multi_grid) != LAYER4_BLOCKS[self.name]:
+            raise BadInputError(f"model.multi_grid={self.multi_grid!r}",
+                                f"needs one entry per block of {self.name}'s layer 4 ({LAYER4_BLOCKS[self.name]})")
+        if any(not isinstance(g, int) or isinstance(g, bool) or g < 1 for g in self.multi_grid):
+            raise BadInputError(f"model.multi_grid={self.multi_grid!r}", "must be positive integers (the paper: [1, 2, 4])")
+        if not isinstance(self.align_corners, bool):
+            raise BadInputError(f"model.align_corners={self.align_corners!r}", "must be true or false")
 
 
 def backbone_arch(cfg: ModelConfig) -> dict:
@@ -73,13 +109,21 @@ def backbone_weights_file(cfg: ModelConfig) -> Path | None:
     stride changes the network without changing a single weight shape, so the shapes
     alone would not catch it.
     """
-    if not cfg.backbone_weights:
+    if cfg.backbone_weights == RANDOM or (not cfg.backbone_weights and cfg.name == "tiny"):
         return None
+    if not cfg.backbone_weights:
+        arch = IMAGENET_BACKBONES[cfg.name]
+        raise BadInputError(
+            'model.backbone_weights=""', f"{cfg.name} is an ImageNet backbone (the paper always starts from ImageNet weights), "
+            "but no weights file is given",
+            f"save torchvision's {arch} ImageNet state dict to a local file (on a machine with torchvision: "
+            f"torch.save(torchvision.models.{arch}(weights='IMAGENET1K_V1').state_dict(), '{arch}.pth')) and set "
+            f"model.backbone_weights to that file; or model.backbone_weights={RANDOM} to train from random weights on purpose")
     what = f"model.backbone_weights={cfg.backbone_weights}"
     if cfg.backbone_weights == BUILTIN:
         if cfg.name != "tiny":
             raise BadInputError(what, f"the shipped backbone ({BUILTIN_BACKBONE}) is the tiny model's, not {cfg.name}'s",
-                                'give a local .safetensors or .pth file of ImageNet weights, or "" to train from scratch')
+                                f"give a local .safetensors or .pth file of ImageNet weights, or {RANDOM} to train from scratch")
         path = BUILTIN_BACKBONE / BACKBONE_FILE
         if not path.is_file() or not (BUILTIN_BACKBONE / BACKBONE_RECORD).is_file():
             raise BadInputError(what, f"the shipped backbone is missing from {BUILTIN_BACKBONE}", "reinstall the package")
@@ -98,7 +142,7 @@ def backbone_weights_file(cfg: ModelConfig) -> Path | None:
             keys = sorted(k for k in ARCH_KEYS if (want or {}).get(k) != got[k])
             raise BadInputError(what, f"{record} records weights for the architecture {want}, but the model being built "
                                       f"is {got} (differs in {keys})",
-                                'set model.backbone_weights="" to train this model from scratch, or pretrain a backbone '
+                                f"set model.backbone_weights={RANDOM} to train this model from scratch, or pretrain a backbone "
                                 "for it: python -m jobs.pretrain_backbone --set seg_config=<its seg config>")
     return path
 
@@ -156,7 +200,7 @@ class ResNet(nn.Module):
     ignored_prefixes = ("fc.",)  # torchvision's classifier: not part of the backbone
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], width: int = 64,
-                 output_stride: int = 16, stem_pool: bool = True) -> None:
+                 output_stride: int = 16, stem_pool: bool = True, multi_grid: list[int] | None = None) -> None:
         super().__init__()
         dilate = {16: (False, False, True), 8: (False, True, True)}[output_stride]
         self.inplanes, self.dilation = width, 1
@@ -169,23 +213,30 @@ class ResNet(nn.Module):
         self.layer1 = self._make_layer(block, width, layers[0])
         self.layer2 = self._make_layer(block, width * 2, layers[1], 2, dilate[0])
         self.layer3 = self._make_layer(block, width * 4, layers[2], 2, dilate[1])
-        self.layer4 = self._make_layer(block, width * 8, layers[3], 2, dilate[2])
+        self.layer4 = self._make_layer(block, width * 8, layers[3], 2, dilate[2], multi_grid)
         self.low_channels, self.out_channels = width * block.expansion, width * 8 * block.expansion
         for m in self.modules():  # torchvision's init; matters when training from scratch (tiny)
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def _make_layer(self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int, stride: int = 1, dilate: bool = False) -> nn.Sequential:
+    def _make_layer(self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int, stride: int = 1, dilate: bool = False,
+                    multi_grid: list[int] | None = None) -> nn.Sequential:
+        """torchvision's stage: the first block keeps the previous stage's dilation, the others take
+        this stage's. With ``multi_grid`` (the paper's ``_make_MG_unit``) block ``i`` is dilated at
+        this stage's rate x ``multi_grid[i]`` instead."""
         previous = self.dilation
         if dilate:
             self.dilation *= stride
             stride = 1
+        dilations = [previous] + [self.dilation] * (blocks - 1)
+        if multi_grid:
+            dilations = [self.dilation * g for g in multi_grid]
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False), nn.BatchNorm2d(planes * block.expansion))
-        layers = [block(self.inplanes, planes, stride, downsample, previous)]
+        layers = [block(self.inplanes, planes, stride, downsample, dilations[0])]
         self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes, dilation=self.dilation) for _ in range(1, blocks)]
+        layers += [block(self.inplanes, planes, dilation=d) for d in dilations[1:]]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,35 +248,47 @@ class ResNet(nn.Module):
 class ASPP(nn.Module):
     """Atrous spatial pyramid pooling: 1x1, three dilated 3x3 and an image-pooling branch."""
 
-    def __init__(self, cin: int, cout: int, rates: list[int]) -> None:
+    def __init__(self, cin: int, cout: int, rates: list[int], dropout: float = 0.1, align_corners: bool = False) -> None:
         super().__init__()
         self.branches = nn.ModuleList([_bn_relu_conv(cin, cout, 1)] + [_bn_relu_conv(cin, cout, 3, r) for r in rates])
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), _bn_relu_conv(cin, cout, 1))
-        self.project = nn.Sequential(_bn_relu_conv(cout * (len(rates) + 2), cout, 1), nn.Dropout(0.1))
+        self.project = nn.Sequential(_bn_relu_conv(cout * (len(rates) + 2), cout, 1), nn.Dropout(dropout))
+        self.align_corners = align_corners
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = [b(x) for b in self.branches]
-        feats.append(F.interpolate(self.pool(x), size=x.shape[-2:], mode="bilinear", align_corners=False))
+        feats.append(F.interpolate(self.pool(x), size=x.shape[-2:], mode="bilinear", align_corners=self.align_corners))
         return self.project(torch.cat(feats, 1))
+
+
+def _decoder(cin: int, cout: int, dropout: list[float]) -> nn.Sequential:
+    """Two 3x3 conv-BN-ReLU blocks, each followed by a dropout when ``dropout`` gives its rate
+    (the paper: 0.5 and 0.1); without rates the module list (and its state-dict keys) is the
+    two blocks alone, as checkpoints made before the option have it."""
+    convs = [_bn_relu_conv(cin, cout, 3), _bn_relu_conv(cout, cout, 3)]
+    if not dropout:
+        return nn.Sequential(*convs)
+    return nn.Sequential(*(m for conv, p in zip(convs, dropout) for m in (conv, nn.Dropout(p))))
 
 
 class DeepLabV3Plus(nn.Module):
     """DeepLabV3+: ASPP on the deep features, decoder fusing stride-4 low-level features."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, aspp_channels: int, rates: list[int]) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int, cfg: ModelConfig) -> None:
         super().__init__()
         self.backbone = backbone
-        self.aspp = ASPP(backbone.out_channels, aspp_channels, rates)
-        low_proj = max(8, aspp_channels * 48 // 256)  # 48 for the standard 256-channel head
+        self.aspp = ASPP(backbone.out_channels, cfg.aspp_channels, list(cfg.aspp_rates), cfg.aspp_dropout, cfg.align_corners)
+        low_proj = max(8, cfg.aspp_channels * 48 // 256)  # 48 for the standard 256-channel head
         self.low_proj = _bn_relu_conv(backbone.low_channels, low_proj, 1)
-        self.decoder = nn.Sequential(_bn_relu_conv(aspp_channels + low_proj, aspp_channels, 3), _bn_relu_conv(aspp_channels, aspp_channels, 3))
-        self.classifier = nn.Conv2d(aspp_channels, num_classes, 1)
+        self.decoder = _decoder(cfg.aspp_channels + low_proj, cfg.aspp_channels, list(cfg.decoder_dropout))
+        self.classifier = nn.Conv2d(cfg.aspp_channels, num_classes, 1)
+        self.align_corners = cfg.align_corners
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         low, high = self.backbone(x)
-        y = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        y = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=self.align_corners)
         y = self.classifier(self.decoder(torch.cat([y, self.low_proj(low)], 1)))
-        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=self.align_corners)
 
     def param_groups(self, lr: float, head_lr_mult: float) -> list[dict]:
         """Backbone at ``lr``, the freshly initialised head at ``lr * head_lr_mult`` (DeepLab recipe)."""
@@ -268,11 +331,12 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
 def build_backbone(cfg: ModelConfig) -> ResNet | MobileNetV2:
     """The configured backbone, randomly initialised (``cfg.backbone_weights`` not read)."""
     if cfg.name == "tiny":
-        return ResNet(BasicBlock, [1, 1, 1, 1], width=cfg.width, output_stride=cfg.output_stride, stem_pool=cfg.stem_pool)
+        return ResNet(BasicBlock, [1, 1, 1, 1], width=cfg.width, output_stride=cfg.output_stride, stem_pool=cfg.stem_pool,
+                      multi_grid=list(cfg.multi_grid))
     if cfg.name == "deeplabv3plus_mobilenet":
         return MobileNetV2(cfg.output_stride)
     layers = [3, 4, 6, 3] if cfg.name.endswith("resnet50") else [3, 4, 23, 3]
-    return ResNet(Bottleneck, layers, width=64, output_stride=cfg.output_stride)
+    return ResNet(Bottleneck, layers, width=64, output_stride=cfg.output_stride, multi_grid=list(cfg.multi_grid))
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> DeepLabV3Plus:
@@ -281,4 +345,4 @@ def build_model(cfg: ModelConfig, num_classes: int) -> DeepLabV3Plus:
     path = backbone_weights_file(cfg)
     if path is not None:
         load_backbone_weights(backbone, path)
-    return DeepLabV3Plus(backbone, num_classes, cfg.aspp_channels, list(cfg.aspp_rates))
+    return DeepLabV3Plus(backbone, num_classes, cfg)

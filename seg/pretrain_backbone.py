@@ -57,7 +57,7 @@ from engine.distributed import pick_device
 from engine.errors import BadInputError
 from engine.tensorboard_log import LogConfig, add_record, tensorboard_writer
 from seg.batches import AugmentConfig, augment, to_tensor
-from seg.models import BACKBONE_FILE, BACKBONE_RECORD, ModelConfig, ResNet, backbone_arch, build_backbone
+from seg.models import BACKBONE_FILE, BACKBONE_RECORD, RANDOM, ModelConfig, ResNet, backbone_arch, build_backbone
 
 DEFAULT_CONFIG = "configs/backbone/tiny.yaml"
 HEAD_FILE = "head.safetensors"
@@ -122,7 +122,7 @@ def seg_model_config(seg_config: str | Path) -> ModelConfig:
     data = load_yaml(seg_config)
     if not isinstance(data.get("model"), dict):
         raise BadInputError(str(seg_config), "has no model section", "point seg_config at a seg config, e.g. configs/seg/tiny.yaml")
-    model = from_dict(ModelConfig, {**data["model"], "backbone_weights": ""}, f"{seg_config}: model")
+    model = from_dict(ModelConfig, {**data["model"], "backbone_weights": RANDOM}, f"{seg_config}: model")
     if model.name != "tiny":
         raise BadInputError(f"{seg_config}: model.name={model.name!r}", "only the tiny segmenter's backbone is pretrained here",
                             "ImageNet weights for the ResNet / MobileNet models load from a local file")

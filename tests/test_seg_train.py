@@ -65,7 +65,7 @@ def test_miou_matches_hand_computed_reference():
 
 def test_deeplabv3plus_resnet50_shape_and_torchvision_keys(tmp_path):
     torch.manual_seed(0)
-    cfg = ModelConfig(name="deeplabv3plus_resnet50", output_stride=16, aspp_channels=256, aspp_rates=[6, 12, 18])
+    cfg = ModelConfig(name="deeplabv3plus_resnet50", output_stride=16, aspp_channels=256, aspp_rates=[6, 12, 18], backbone_weights="random")
     model = build_model(cfg, num_classes=21).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 65, 65)).shape == (1, 21, 65, 65)
@@ -97,13 +97,13 @@ def test_deeplabv3plus_resnet50_shape_and_torchvision_keys(tmp_path):
 def test_deeplabv3plus_mobilenet_v2_shapes_and_torchvision_keys(tmp_path):
     """The paper's RLoss backbone: torchvision mobilenet_v2 has 3,504,872 parameters; without
     its classifier (1,281,000) and its last 1x1 conv to 1280 (412,160) that is 1,811,712."""
-    cfg = ModelConfig(name="deeplabv3plus_mobilenet", output_stride=16, aspp_channels=256, aspp_rates=[6, 12, 18])
+    cfg = ModelConfig(name="deeplabv3plus_mobilenet", output_stride=16, aspp_channels=256, aspp_rates=[6, 12, 18], backbone_weights="random")
     model = build_model(cfg, num_classes=21).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 65, 65)).shape == (1, 21, 65, 65)
         low, high = model.backbone(torch.randn(1, 3, 64, 64))
         assert low.shape == (1, 24, 16, 16) and high.shape == (1, 320, 4, 4)
-        assert build_model(ModelConfig(name="deeplabv3plus_mobilenet", output_stride=8), 21).backbone(
+        assert build_model(ModelConfig(name="deeplabv3plus_mobilenet", output_stride=8, backbone_weights="random"), 21).backbone(
             torch.randn(1, 3, 64, 64))[1].shape == (1, 320, 8, 8)
     keys = model.backbone.state_dict()
     assert sum(p.numel() for p in model.backbone.parameters()) == 1_811_712

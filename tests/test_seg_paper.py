@@ -1,0 +1,182 @@
+"""The paper's seg options (issue 24): each VOC default pinned against the paper's value or
+formula (transcribed from mengtang-lab/scribblegen's rloss trainer), and every option at its
+dataclass default leaving the tiny runs, and their recorded identities, as they were."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import experiments.sweep as sweep
+from engine.config import load_config, to_dict
+from engine.errors import BadInputError
+from engine.identity import Identity, drop_keys, plain
+from seg.batches import AugmentConfig, augment, scaled_size
+from seg.models import ModelConfig, build_model
+from seg.train import SegConfig
+
+REPO = Path(__file__).resolve().parents[1]
+VOC = REPO / "configs" / "seg" / "voc_deeplabv3plus.yaml"
+TINY = REPO / "configs" / "seg" / "tiny.yaml"
+# The tiny seg identity (inputs {"real": "a"}) as recorded before the options of issue 24 existed.
+TINY_IDENTITY = "79bf68cd94c8378c"
+
+
+def voc_config(*overrides: str) -> SegConfig:
+    """The shipped VOC seg config, its required ImageNet file replaced by random init."""
+    return load_config(SegConfig, str(VOC), ["model.backbone_weights=random", *overrides])
+
+
+# -- identities: the options at their default leave old runs reusable ----------------------------------------
+def test_tiny_seg_identity_is_unchanged_by_the_added_options():
+    cfg = load_config(SegConfig, str(TINY), [])
+    identity = sweep.stage_identity(cfg, sweep.RUN_ONLY["seg"], {"real": "a"})
+    without = drop_keys(plain(to_dict(cfg)), sweep.RUN_ONLY["seg"] | sweep.ADDED_LATER[SegConfig])
+    assert identity.digest == Identity(without, {"real": "a"}).digest == TINY_IDENTITY
+
+
+def test_every_key_added_to_seg_config_is_listed_in_added_later():
+    """A key the recorded identity does not know must be in ADDED_LATER, else old runs are refused."""
+    def dotted(d: dict, prefix: str = "") -> set[str]:
+        return {k for key, v in d.items() for k in (dotted(v, f"{prefix}{key}.") if isinstance(v, dict) else {prefix + key})}
+    keys = dotted(plain(to_dict(SegConfig()))) - sweep.RUN_ONLY["seg"]
+    assert sweep.ADDED_LATER[SegConfig] <= keys
+    assert {"model.aspp_dropout", "model.decoder_dropout", "model.multi_grid", "model.align_corners",
+            "augment.scale_mode", "augment.blur"} <= sweep.ADDED_LATER[SegConfig]
+
+
+# -- divergence 3: ResNet-101 learning rate --------------------------------------------------------------
+def test_voc_config_uses_the_papers_resnet101_lr():
+    cfg = voc_config()
+    assert cfg.model.name == "deeplabv3plus_resnet101" and cfg.optim.lr == 0.003  # the paper's README: --lr 0.003
+
+
+# -- divergence 4: scale augmentation and blur -------------------------------------------------------------
+class Fixed:
+    """A random source that returns one chosen integer and records the range it was asked for;
+    numpy's ``integers(lo, hi)`` excludes ``hi``, Python's ``randint(lo, hi)`` includes it."""
+
+    def __init__(self, value: int) -> None:
+        self.value, self.asked = value, None
+
+    def integers(self, lo: int, hi: int) -> int:
+        self.asked = (lo, hi - 1)
+        return self.value
+
+    def randint(self, lo: int, hi: int) -> int:
+        self.asked = (lo, hi)
+        return self.value
+
+
+def paper_random_scale_crop_size(w: int, h: int, base_size: int, rnd) -> tuple[int, int]:
+    """custom_transforms.RandomScaleCrop (paper), the resize part transcribed: returns (oh, ow)."""
+    short_size = rnd.randint(int(base_size * 0.5), int(base_size * 2.0))
+    if h > w:
+        ow = short_size
+        oh = int(1.0 * h * ow / w)
+    else:
+        oh = short_size
+        ow = int(1.0 * w * oh / h)
+    return oh, ow
+
+
+def test_voc_short_side_range_is_the_papers_256_to_1026_px():
+    cfg = voc_config().augment
+    assert (cfg.scale_mode, cfg.crop, cfg.scale_min, cfg.scale_max, cfg.blur) == ("short_side", 513, 0.5, 2.0, True)
+    ours, paper = Fixed(300), Fixed(300)
+    scaled_size(375, 500, cfg, ours)
+    paper_random_scale_crop_size(500, 375, 513, paper)
+    assert ours.asked == paper.asked == (256, 1026)
+
+
+@pytest.mark.parametrize("h, w", [(375, 500), (500, 333), (281, 281)])
+def test_short_side_sizes_follow_the_papers_formula(h, w):
+    cfg = voc_config().augment
+    for short in range(256, 1027):
+        assert scaled_size(h, w, cfg, Fixed(short)) == paper_random_scale_crop_size(w, h, 513, Fixed(short))
+
+
+def test_blur_blurs_half_the_images_with_a_radius_below_one():
+    """On a checkerboard the blur lowers the contrast (radius > 0) but never flattens it (radius < 1)."""
+    cfg = AugmentConfig(crop=32, scale_min=1.0, scale_max=1.0, hflip=False, blur=True)
+    board = ((np.indices((32, 32)).sum(0) % 2) * 255).astype(np.uint8)[..., None].repeat(3, 2)
+    rng = np.random.default_rng(0)
+    spreads = [float(augment(board, [], cfg, rng)[0].std()) for _ in range(400)]
+    sharp = float(augment(board, [], AugmentConfig(crop=32, scale_min=1.0, scale_max=1.0, hflip=False), rng)[0].std())
+    blurred = [s for s in spreads if s < sharp - 1e-3]
+    assert 0.4 < len(blurred) / len(spreads) < 0.6
+    assert min(spreads) > 0.05 * sharp
+
+
+def test_bad_augment_options_are_named():
+    with pytest.raises(BadInputError, match="augment.scale_mode"):
+        load_config(SegConfig, None, ["augment.scale_mode=absolute"])
+    with pytest.raises(BadInputError, match="augment.blur"):
+        load_config(SegConfig, None, ["augment.blur=0.5"])
+
+
+# -- divergence 9: the DeepLab head ----------------------------------------------------------------------
+def _dropouts(module: nn.Module) -> list[float]:
+    return [m.p for m in module.modules() if isinstance(m, nn.Dropout)]
+
+
+def _layer4_dilations(model: nn.Module) -> list[int]:
+    return [block.conv2.dilation[0] for block in model.backbone.layer4]
+
+
+def test_voc_head_is_the_papers():
+    """rloss deeplab: ASPP Dropout(0.5); decoder Dropout(0.5), Dropout(0.1); multi-grid [1, 2, 4]
+    at layer 4's rate 2 (output stride 16): dilations 2, 4, 8; align_corners=True."""
+    model = build_model(voc_config().model, 21)
+    assert _dropouts(model.aspp) == [0.5] and _dropouts(model.decoder) == [0.5, 0.1]
+    assert _layer4_dilations(model) == [2, 4, 8]
+    assert model.align_corners and model.aspp.align_corners
+
+
+def test_default_head_is_the_measured_one_with_its_old_state_dict_keys():
+    """tiny keeps Dropout(0.1) after ASPP, no decoder dropout, torchvision's dilations and
+    align_corners=False; its checkpoints' keys stay decoder.0 / decoder.1."""
+    model = build_model(ModelConfig(width=8), 3)
+    assert _dropouts(model) == [0.1] and not model.align_corners
+    assert {k.split(".")[1] for k in model.state_dict() if k.startswith("decoder.")} == {"0", "1"}
+    resnet = build_model(ModelConfig(name="deeplabv3plus_resnet50", output_stride=16, backbone_weights="random"), 3)
+    assert _layer4_dilations(resnet) == [1, 2, 2]  # torchvision: the first block keeps the previous rate
+
+
+def test_align_corners_reaches_the_output_upsampling():
+    torch.manual_seed(0)
+    a = build_model(ModelConfig(width=8), 3).eval()
+    b = build_model(ModelConfig(width=8, align_corners=True), 3).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(a(x), b(x))  # same weights, other upsampling
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.decoder_dropout=[0.5]", "two rates"),
+    ("model.aspp_dropout=1.0", r"\[0, 1\)"),
+    ("model.multi_grid=[1, 2]", "one entry per block"),
+    ("model.align_corners=1", "true or false"),
+])
+def test_bad_head_options_are_named(override, message):
+    with pytest.raises(BadInputError, match=message):
+        load_config(SegConfig, None, [override])
+
+
+# -- divergence 10 (seg): no silent random ResNet ----------------------------------------------------------
+@pytest.mark.parametrize("name, arch", [("deeplabv3plus_resnet101", "resnet101"), ("deeplabv3plus_mobilenet", "mobilenet_v2")])
+def test_empty_backbone_weights_on_an_imagenet_backbone_is_refused(name, arch):
+    with pytest.raises(BadInputError, match=rf'model\.backbone_weights="".*torchvision\.models\.{arch}.*random'):
+        ModelConfig(name=name, backbone_weights="").validate()
+    ModelConfig(name=name, backbone_weights="random").validate()  # on purpose: accepted
+    ModelConfig(name="tiny", backbone_weights="").validate()  # the tiny model has no ImageNet weights
+
+
+def test_shipped_voc_config_refuses_without_its_imagenet_file():
+    with pytest.raises(BadInputError, match="model.backbone_weights"):
+        load_config(SegConfig, str(VOC), [])
