@@ -417,7 +417,7 @@ ADDED_LATER: dict[type, set[str]] = {
     TrainControlNetConfig: set(),
     SegConfig: {  # issue 24, the paper's seg options (docs/paper-fidelity.md)
         "model.aspp_dropout", "model.decoder_dropout", "model.multi_grid", "model.align_corners",
-        "augment.scale_mode", "augment.blur",
+        "augment.scale_mode", "augment.blur", "scheme.synth_share", "train.budget", "train.epochs", "train.eval_every_epochs",
     },
 }
 

@@ -29,6 +29,7 @@ from engine.errors import BadInputError
 
 SCHEMES = ("real", "fixed", "uniform", "adaptive")
 SCHEDULES = ("linear", "step")
+SHARES = ("fraction", "paper_epoch")
 LAM_DECIMALS = 4  # λ values are grouped after rounding, so 0.1 and 0.1000000001 are one set
 
 
@@ -98,6 +99,9 @@ class SchemeConfig:
 
     name: str = "real"
     synth_fraction: float = 0.5  # expected share of synthetic samples per batch (ignored by `real`)
+    # fraction: synth_fraction; paper_epoch: the share of the paper's epoch, synthetic / (real + synthetic)
+    # (K / (K + 1) for uniform over K sets; seg.budget)
+    synth_share: str = "fraction"
     fixed_lambda: float | None = None
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
 
@@ -108,6 +112,8 @@ class SchemeConfig:
             raise BadInputError(f"scheme.fixed_lambda={self.fixed_lambda}", "encode ratios lie in (0, 1]")
         if not 0.0 <= self.synth_fraction <= 1.0:
             raise BadInputError(f"scheme.synth_fraction={self.synth_fraction}", "must be in [0, 1]")
+        if self.synth_share not in SHARES:
+            raise BadInputError(f"scheme.synth_share={self.synth_share!r}", f"choose one of {list(SHARES)}")
         self.adaptive.validate()
 
     @property

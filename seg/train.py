@@ -15,6 +15,7 @@ Under ``torchrun`` each rank streams its own share of the shards (DDP).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -34,6 +35,7 @@ from engine.distributed import is_main, setup_distributed, shutdown_distributed
 from engine.errors import BadInputError
 from engine.tensorboard_log import LogConfig, add_record, tensorboard_writer
 from seg.batches import AugmentConfig, MixedBatches, to_rgb255
+from seg.budget import Budget, plan_budget
 from seg.evaluate import PROTOCOLS, evaluate, read_checkpoint
 from seg.loss import LossConfig, training_loss
 from seg.models import ModelConfig, build_model
@@ -85,11 +87,25 @@ class OptimConfig:
             raise BadInputError(f"optim.lr={self.lr}", "must be > 0")
 
 
+BUDGETS = ("steps", "paper_epochs")
+
+
 @dataclass
 class LoopConfig:
-    """Budget and bookkeeping of the training loop."""
+    """Budget and bookkeeping of the training loop.
+
+    ``budget: steps`` trains ``steps`` steps whatever the data (schemes compare at equal
+    compute; the tiny config's measured budget); ``paper_epochs`` trains ``epochs`` of the
+    paper's epochs, one pass over the real and the synthetic samples the scheme uses
+    (:mod:`seg.budget`). ``eval_every_epochs`` > 0 also evaluates every that many paper
+    epochs and reports the best of those evaluations beside the last step's number, as the
+    paper's protocol (its ``best_pred``; chosen on the split it reports).
+    """
 
     steps: int = 300
+    budget: str = "steps"  # steps | paper_epochs
+    epochs: int = 60  # paper_epochs: the run's length in paper epochs
+    eval_every_epochs: int = 0  # > 0: the paper's best-val protocol (the paper: 2); 0 = off
     batch_size: int = 8
     seed: int = 0
     log_every: int = 10
@@ -105,6 +121,12 @@ class LoopConfig:
     def validate(self) -> None:
         if self.steps < 1:
             raise BadInputError(f"train.steps={self.steps}", "must be >= 1")
+        if self.budget not in BUDGETS:
+            raise BadInputError(f"train.budget={self.budget!r}", f"choose one of {list(BUDGETS)}")
+        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
+            raise BadInputError(f"train.epochs={self.epochs!r}", "must be an integer >= 1")
+        if not isinstance(self.eval_every_epochs, int) or isinstance(self.eval_every_epochs, bool) or self.eval_every_epochs < 0:
+            raise BadInputError(f"train.eval_every_epochs={self.eval_every_epochs!r}", "must be an integer >= 0 (0 = off)")
         if self.batch_size < 2:
             raise BadInputError(f"train.batch_size={self.batch_size}", "must be >= 2 (batch norm needs more than one sample)")
         if self.eval_protocol not in PROTOCOLS:
@@ -125,6 +147,14 @@ class SegConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> None:
+        """The step curriculum's epochs must be the run's when the run is counted in epochs."""
+        ad = self.scheme.adaptive
+        if self.train.budget == "paper_epochs" and self.scheme.name == "adaptive" and ad.schedule == "step" and ad.epochs != self.train.epochs:
+            raise BadInputError(f"scheme.adaptive.epochs={ad.epochs} with train.epochs={self.train.epochs}",
+                                "the curriculum's epochs and the run's differ under train.budget=paper_epochs",
+                                "set both to the same number of epochs (the paper: 60)")
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -179,6 +209,27 @@ def _lam_stats(lams: list[float]) -> dict[str, float]:
     }
 
 
+def run_budget(cfg: SegConfig, index: DataIndex, world: int) -> Budget:
+    """This run's steps, paper-epoch length and synthetic share (:mod:`seg.budget`)."""
+    synthetic = {lam: len(group) for lam, group in index.synthetic.items()}
+    return plan_budget(cfg.scheme, cfg.train.budget, cfg.train.steps, cfg.train.epochs, cfg.train.batch_size * world,
+                       len(index.real), synthetic)
+
+
+def _paper_protocol(cfg: SegConfig, budget: Budget, paper_best: dict[str, Any] | None) -> dict[str, Any]:
+    """The summary's record of the paper's options when one is on (nothing otherwise, so
+    summaries of runs without them stay as they were)."""
+    record: dict[str, Any] = {}
+    if cfg.train.budget != "steps" or cfg.scheme.synth_share != "fraction":
+        record["paper_epoch"] = {"budget": cfg.train.budget, "steps_per_epoch": budget.steps_per_epoch,
+                                 "synth_fraction": budget.synth_fraction, "synth_share": cfg.scheme.synth_share}
+    if cfg.train.eval_every_epochs:
+        record["paper_best"] = {**(paper_best or {}), "every_epochs": cfg.train.eval_every_epochs,
+                                "protocol": "the paper's: best of the evaluations every N epochs, chosen on the split it "
+                                            "reports; 'miou' (the last step) is this project's number"}
+    return record
+
+
 def train(cfg: SegConfig, manifests: list[str], out: str | Path, resume: bool = False) -> dict[str, Any]:
     """Run one training; returns (and on rank 0 writes) the summary."""
     out = Path(out)
@@ -191,18 +242,22 @@ def train(cfg: SegConfig, manifests: list[str], out: str | Path, resume: bool = 
     index: DataIndex = index_manifests(manifests, cfg.data.train_split, cfg.data.val_split, cfg.data.real_fraction, cfg.data.subset_seed,
                                        cfg.data.synthetic_per_source)
     num_classes = len(index.class_names)
+    budget = run_budget(cfg, index, world)
+    total = budget.steps
+    paper_every = cfg.train.eval_every_epochs * budget.steps_per_epoch  # 0: the paper's best-val protocol is off
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = build_model(cfg.model, num_classes).to(device, memory_format=fmt)
     opt = _optimizer(model, cfg.optim)
-    start_step, lam_counts, best = 0, Counter(), float("-inf")
+    start_step, lam_counts, best, paper_best = 0, Counter(), float("-inf"), None
     if resume and ckpt_path.exists():
         ckpt = read_checkpoint(ckpt_path)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        start_step, best = ckpt["step"], ckpt["best_miou"]
+        start_step, best, paper_best = ckpt["step"], ckpt["best_miou"], ckpt.get("paper_best")
         lam_counts = Counter({float(k): v for k, v in ckpt["lam_counts"].items()})
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    batches = MixedBatches(index, cfg.scheme, cfg.train.batch_size, cfg.train.steps, cfg.augment, start_step,
+    scheme = dataclasses.replace(cfg.scheme, synth_fraction=budget.synth_fraction)
+    batches = MixedBatches(index, scheme, cfg.train.batch_size, total, cfg.augment, start_step,
                            cfg.train.seed, cfg.data.shuffle_buffer, cfg.data.mismatched_scribbles)
     loader = DataLoader(batches, batch_size=None, num_workers=cfg.data.workers)
     if main_rank:
@@ -213,10 +268,12 @@ def train(cfg: SegConfig, manifests: list[str], out: str | Path, resume: bool = 
 
     with tensorboard_writer(cfg.log, out, start_step, enabled=main_rank) as board:
         def run_eval(step: int) -> dict[str, Any]:
-            nonlocal best
+            nonlocal best, paper_best
             result = evaluate(model, index.val, num_classes, device, cfg.train.eval_batch_size, cfg.data.workers,
                               cfg.train.eval_protocol, cfg.train.eval_crop)
             best = max(best, result["miou"])
+            if paper_every and step % paper_every == 0 and (paper_best is None or result["miou"] > paper_best["miou"]):
+                paper_best = {"miou": result["miou"], "step": step, "epoch": step // budget.steps_per_epoch}
             if log:
                 log.write({"step": step, "eval": result})
             add_record(board, {"step": step, **result}, "eval")
@@ -226,16 +283,16 @@ def train(cfg: SegConfig, manifests: list[str], out: str | Path, resume: bool = 
             if main_rank:
                 _atomic_save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(), "config": to_dict(cfg),
                               "class_names": index.class_names, "lam_counts": {str(k): v for k, v in lam_counts.items()},
-                              "best_miou": best}, ckpt_path)
+                              "best_miou": best, **({"paper_best": paper_best} if paper_every else {})}, ckpt_path)
 
         t0 = time.perf_counter()
         window: dict[str, list] = {"loss": [], "lam": [], "parts": []}
-        bar = tqdm(total=cfg.train.steps, initial=start_step, desc=f"seg {cfg.scheme.name}", disable=not main_rank, dynamic_ncols=True)
+        bar = tqdm(total=total, initial=start_step, desc=f"seg {cfg.scheme.name}", disable=not main_rank, dynamic_ncols=True)
         try:  # close the bar however the loop ends, so an error message gets a line of its own
             net.train()
             for batch in loader:
                 step = batch["step"]
-                lr = _set_poly_lr(opt, step, cfg.train.steps, cfg.optim.poly_power)
+                lr = _set_poly_lr(opt, step, total, cfg.optim.poly_power)
                 image = batch["image"].to(device, non_blocking=True, memory_format=fmt)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.amp and device.type == "cuda"):
                     logits = net(image)
@@ -251,27 +308,28 @@ def train(cfg: SegConfig, manifests: list[str], out: str | Path, resume: bool = 
                 window["lam"] += lams
                 done = step + 1
                 bar.update(1)
-                if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                if done % cfg.train.log_every == 0 or done == total:
                     mean_loss = sum(window["loss"]) / len(window["loss"])
                     bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}")
-                    entry = {"step": done, "loss": mean_loss, "lr": lr, "progress": step / cfg.train.steps,
+                    entry = {"step": done, "loss": mean_loss, "lr": lr, "progress": step / total,
                              **_mean_parts(window["parts"]), **_lam_stats(window["lam"])}
                     if log:
                         log.write(entry)
                     add_record(board, entry, "train")
                     window = {"loss": [], "lam": [], "parts": []}
-                if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps:
+                due = (cfg.train.eval_every and done % cfg.train.eval_every == 0) or (paper_every and done % paper_every == 0)
+                if due and done < total:
                     run_eval(done)
                 if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
                     save(done)
         finally:
             bar.close()
-        final = run_eval(cfg.train.steps)
-        save(cfg.train.steps)
+        final = run_eval(total)
+        save(total)
     summary = {
         "scheme": cfg.scheme.name,
         "seed": cfg.train.seed,
-        "steps": cfg.train.steps,
+        "steps": total,
         "resumed_from": start_step,
         "seconds": time.perf_counter() - t0,
         "miou": final["miou"],
@@ -291,6 +349,7 @@ def train(cfg: SegConfig, manifests: list[str], out: str | Path, resume: bool = 
         "manifests": [str(m) for m in manifests],
         "device": str(device),
         "world_size": world,
+        **_paper_protocol(cfg, budget, paper_best),
     }
     if main_rank:
         write_text(out / "summary.json", json.dumps(summary, indent=2))
@@ -307,6 +366,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         "per-class IoU: " + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in summary["per_class_iou"].items()),
         "training samples by λ: " + ", ".join(f"{k}: {v}" for k, v in summary["lam_counts"].items()),
     ]
+    if summary.get("paper_best", {}).get("miou") is not None:
+        pb = summary["paper_best"]
+        lines.append(f"the paper's protocol (best of the evaluations every {pb['every_epochs']} epochs): mIoU {pb['miou']:.4f} "
+                     f"at epoch {pb['epoch']} (step {pb['step']}); the number above (last step) is this project's")
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ dataclass default leaving the tiny runs, and their recorded identities, as they 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +13,15 @@ import torch
 from torch import nn
 
 import experiments.sweep as sweep
+import seg.train as seg_train
 from engine.config import load_config, to_dict
 from engine.errors import BadInputError
 from engine.identity import Identity, drop_keys, plain
 from seg.batches import AugmentConfig, augment, scaled_size
+from seg.budget import plan_budget
 from seg.models import ModelConfig, build_model
 from seg.train import SegConfig
+from seg_fixtures import make_real, make_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 VOC = REPO / "configs" / "seg" / "voc_deeplabv3plus.yaml"
@@ -180,3 +184,68 @@ def test_empty_backbone_weights_on_an_imagenet_backbone_is_refused(name, arch):
 def test_shipped_voc_config_refuses_without_its_imagenet_file():
     with pytest.raises(BadInputError, match="model.backbone_weights"):
         load_config(SegConfig, str(VOC), [])
+
+
+# -- divergence 1: the step budget and synthetic share of the paper's epoch ---------------------------------
+VOC_TRAIN = 10582  # VOC 2012 + SBD train_aug images (ScribbleSup scribbles)
+
+
+def paper_total_iterations(count: int, aug_ratio: int, batch_size: int, epochs: int) -> int:
+    """The paper's poly span, transcribed: ``len(VOCSegmentation) = (1 + aug_ratio) * count``
+    (``aug_ratio`` 0 without synthetic data), ``iters_per_epoch = len(DataLoader)`` (no
+    ``drop_last``), ``N = epochs * iters_per_epoch`` (``LR_Scheduler``)."""
+    return epochs * -(-((1 + aug_ratio) * count) // batch_size)
+
+
+@pytest.mark.parametrize("scheme, aug_ratio", [("real", 0), ("fixed", 1), ("adaptive", 1), ("uniform", 10)])
+def test_voc_budget_is_the_papers_epochs_over_real_plus_synthetic(scheme, aug_ratio):
+    """Ten λ sets of one image a source: the curriculum and 'fixed' use one set at a time, 'uniform' all
+    ten at once ('append' over every set); 60 epochs at batch 12."""
+    cfg = voc_config(f"scheme.name={scheme}", "scheme.fixed_lambda=1.0")
+    synthetic = {round(0.1 * i, 1): VOC_TRAIN for i in range(1, 11)}
+    budget = plan_budget(cfg.scheme, cfg.train.budget, cfg.train.steps, cfg.train.epochs, cfg.train.batch_size, VOC_TRAIN, synthetic)
+    assert budget.steps == paper_total_iterations(VOC_TRAIN, aug_ratio, 12, 60)
+    assert budget.steps_per_epoch * 60 == budget.steps
+    if scheme != "real":
+        assert budget.synth_fraction == pytest.approx(aug_ratio / (aug_ratio + 1))  # uniform over 10 sets: 10/11, not 0.5
+    assert paper_total_iterations(VOC_TRAIN, 0, 12, 60) == 52920 and paper_total_iterations(VOC_TRAIN, 1, 12, 60) == 105840
+
+
+def test_tiny_keeps_its_fixed_step_budget_and_batch_share():
+    cfg = load_config(SegConfig, str(TINY), ["scheme.name=uniform"])
+    budget = plan_budget(cfg.scheme, cfg.train.budget, cfg.train.steps, cfg.train.epochs, cfg.train.batch_size, 120, {0.5: 120, 1.0: 120})
+    assert (budget.steps, budget.synth_fraction) == (4500, 0.5)
+
+
+def test_curriculum_epochs_must_be_the_runs_under_paper_epochs():
+    with pytest.raises(BadInputError, match="scheme.adaptive.epochs=40.0 with train.epochs=60"):
+        voc_config("scheme.adaptive.epochs=40")
+    with pytest.raises(BadInputError, match="train.budget"):
+        load_config(SegConfig, None, ["train.budget=epochs"])
+
+
+# -- divergences 1 and 8 end to end: paper epochs, poly over them, the best-val number beside the last ---------
+def test_paper_epochs_and_best_val_in_a_run(tmp_path, capsys):
+    root = tmp_path / "data"
+    real, synth = make_real(root, n_train=12, n_val=4), make_synthetic(root, (0.2, 0.5), n_train=12)
+    out = tmp_path / "run"
+    argv = ["--shards", str(real), str(synth), "--scheme", "uniform", "--out", str(out),
+            "--set", "train.budget=paper_epochs", "--set", "train.epochs=2", "--set", "train.eval_every_epochs=1",
+            "--set", "scheme.synth_share=paper_epoch", "--set", "train.batch_size=4", "--set", "train.log_every=1",
+            "--set", "augment.crop=32", "--set", "data.workers=0", "--set", "train.checkpoint_every=0", "--set", "model.width=8",
+            "--set", 'model.backbone_weights=""', "--set", "loss.name=pce"]
+    assert seg_train.main(argv) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    per_epoch = -(-(12 + 2 * 12) // 4)  # 12 real + 2 sets of 12 synthetic, batch 4: 9 steps
+    assert summary["steps"] == 2 * per_epoch == 18
+    assert summary["paper_epoch"] == {"budget": "paper_epochs", "steps_per_epoch": 9, "synth_fraction": 2 / 3,
+                                      "synth_share": "paper_epoch"}
+    entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = [e for e in entries if "lr" in e][-1]
+    assert last["lr"] == pytest.approx(0.02 * (1 - 17 / 18) ** 0.9)  # poly decay over the paper-epoch span
+    evals = {e["step"]: e["eval"]["miou"] for e in entries if "eval" in e}
+    assert sorted(evals) == [9, 18]
+    best = max(evals, key=evals.get)
+    assert summary["paper_best"]["miou"] == evals[best] and summary["paper_best"]["epoch"] == best // 9
+    assert summary["miou"] == evals[18]  # the reported number stays the last step's
+    assert "the paper's protocol" in capsys.readouterr().out
