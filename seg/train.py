@@ -3,7 +3,8 @@
     python -m seg.train --shards runs/x/real/manifest.parquet runs/x/synthetic/g/manifest.parquet \\
         --scheme adaptive --config configs/seg/tiny.yaml --out runs/x/seg/adaptive-seed0
 
-Training is measured in steps (a fixed budget, so schemes compare at equal compute);
+Training is measured in steps (a fixed budget, so schemes compare at equal compute), or
+in the paper's epochs over real + synthetic samples (``train.budget``, :mod:`seg.budget`);
 the learning rate follows the poly schedule; partial cross-entropy on scribbles is the
 loss; the validation split's full masks give mIoU. Outputs in ``--out``: config.yaml,
 metrics.jsonl (train entries: step, loss, lr, λ stats; eval entries: mIoU...),
