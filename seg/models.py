@@ -97,8 +97,12 @@ class ModelConfig:
 
 
 def backbone_arch(cfg: ModelConfig) -> dict:
-    """The keys of ``cfg`` that decide the backbone network (recorded beside pretrained weights)."""
-    return {k: getattr(cfg, k) for k in ARCH_KEYS}
+    """The keys of ``cfg`` that decide the backbone network (recorded beside pretrained weights).
+
+    ``multi_grid`` changes layer 4's dilations, not a weight shape, so it enters only when set:
+    records made before it existed (the shipped backbone's) still describe the default network.
+    """
+    return {k: getattr(cfg, k) for k in ARCH_KEYS} | ({"multi_grid": list(cfg.multi_grid)} if cfg.multi_grid else {})
 
 
 def backbone_weights_file(cfg: ModelConfig) -> Path | None:
@@ -139,7 +143,7 @@ def backbone_weights_file(cfg: ModelConfig) -> Path | None:
     if meta.get("weights_file") == path.name:
         want, got = meta.get("architecture"), backbone_arch(cfg)
         if want != got:
-            keys = sorted(k for k in ARCH_KEYS if (want or {}).get(k) != got[k])
+            keys = sorted(k for k in set(want or {}) | set(got) if (want or {}).get(k) != got.get(k))
             raise BadInputError(what, f"{record} records weights for the architecture {want}, but the model being built "
                                       f"is {got} (differs in {keys})",
                                 f"set model.backbone_weights={RANDOM} to train this model from scratch, or pretrain a backbone "

@@ -43,7 +43,7 @@ def test_tiny_seg_identity_is_unchanged_by_the_added_options():
     assert identity.digest == Identity(without, {"real": "a"}).digest == TINY_IDENTITY
 
 
-def test_every_key_added_to_seg_config_is_listed_in_added_later():
+def test_the_keys_of_issue_24_are_seg_config_keys_listed_in_added_later():
     """A key the recorded identity does not know must be in ADDED_LATER, else old runs are refused."""
     def dotted(d: dict, prefix: str = "") -> set[str]:
         return {k for key, v in d.items() for k in (dotted(v, f"{prefix}{key}.") if isinstance(v, dict) else {prefix + key})}
@@ -249,3 +249,9 @@ def test_paper_epochs_and_best_val_in_a_run(tmp_path, capsys):
     assert summary["paper_best"]["miou"] == evals[best] and summary["paper_best"]["epoch"] == best // 9
     assert summary["miou"] == evals[18]  # the reported number stays the last step's
     assert "the paper's protocol" in capsys.readouterr().out
+
+
+def test_multi_grid_is_not_loaded_with_a_backbone_pretrained_without_it():
+    """Multi-grid changes dilations, not weight shapes: the shipped tiny backbone's record must catch it."""
+    with pytest.raises(BadInputError, match=r"differs in \['multi_grid'\]"):
+        load_config(SegConfig, str(TINY), ["model.multi_grid=[2]"])
