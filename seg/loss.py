@@ -32,7 +32,7 @@ class LossConfig:
 
     name: str = "pce"
     # The paper's CE (rloss utils/loss.py, batch_average=True) is the labelled-pixel mean
-    # divided again by the batch size: at lr 0.007 and batch 12 its step is 12x smaller
+    # divided again by the batch size: at batch 12 its step is 12x smaller
     # than a plain mean's. true reproduces it (the VOC config); false is the plain mean.
     batch_average: bool = False
     crf_weight: float = 2e-9

@@ -237,6 +237,7 @@ def train(cfg: SegConfig, manifests: list[str], out: str | Path, resume: bool = 
     ckpt_path = out / "checkpoints" / "last.pt"
     if ckpt_path.exists() and not resume:
         raise BadInputError(str(out), "already holds a checkpoint", "pass --resume to continue it, or a new --out")
+    cfg.validate()  # the sweep sets scheme.name after loading: check the sections agree for this run
     rank, world, device = setup_distributed(cfg.train.device)
     main_rank = is_main(rank)
     torch.manual_seed(cfg.train.seed)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageFilter
 from torch import nn
 
 import experiments.sweep as sweep
@@ -17,7 +18,7 @@ import seg.train as seg_train
 from engine.config import load_config, to_dict
 from engine.errors import BadInputError
 from engine.identity import Identity, drop_keys, plain
-from seg.batches import AugmentConfig, augment, scaled_size
+from seg.batches import AugmentConfig, augment, scaled_size, to_tensor
 from seg.budget import plan_budget
 from seg.models import ModelConfig, build_model
 from seg.train import SegConfig
@@ -104,16 +105,22 @@ def test_short_side_sizes_follow_the_papers_formula(h, w):
         assert scaled_size(h, w, cfg, Fixed(short)) == paper_random_scale_crop_size(w, h, 513, Fixed(short))
 
 
-def test_blur_blurs_half_the_images_with_a_radius_below_one():
-    """On a checkerboard the blur lowers the contrast (radius > 0) but never flattens it (radius < 1)."""
+def test_blur_is_pils_gaussian_blur_with_p_half_and_a_radius_uniform_below_one():
+    """custom_transforms.RandomGaussianBlur: ``if random.random() < 0.5: img.filter(GaussianBlur(radius=random.random()))``,
+    replayed draw by draw on a second generator."""
     cfg = AugmentConfig(crop=32, scale_min=1.0, scale_max=1.0, hflip=False, blur=True)
-    board = ((np.indices((32, 32)).sum(0) % 2) * 255).astype(np.uint8)[..., None].repeat(3, 2)
-    rng = np.random.default_rng(0)
-    spreads = [float(augment(board, [], cfg, rng)[0].std()) for _ in range(400)]
-    sharp = float(augment(board, [], AugmentConfig(crop=32, scale_min=1.0, scale_max=1.0, hflip=False), rng)[0].std())
-    blurred = [s for s in spreads if s < sharp - 1e-3]
-    assert 0.4 < len(blurred) / len(spreads) < 0.6
-    assert min(spreads) > 0.05 * sharp
+    image = np.random.default_rng(5).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    rng, ref = np.random.default_rng(0), np.random.default_rng(0)
+    radii = []
+    for _ in range(200):
+        x = augment(image, [], cfg, rng)[0]
+        ref.uniform(1.0, 1.0), ref.integers(0, 1), ref.integers(0, 1)  # the scale and the crop's top and left
+        want = image
+        if ref.random() < 0.5:
+            radii.append(ref.uniform(0.0, 1.0))
+            want = np.array(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radii[-1])))
+        assert torch.allclose(x, to_tensor(want), atol=1e-5)
+    assert 70 < len(radii) < 130 and 0.0 <= min(radii) and max(radii) < 1.0
 
 
 def test_bad_augment_options_are_named():
