@@ -146,6 +146,8 @@ def test_voc_head_is_the_papers():
     assert _dropouts(model.aspp) == [0.5] and _dropouts(model.decoder) == [0.5, 0.1]
     assert _layer4_dilations(model) == [2, 4, 8]
     assert model.align_corners and model.aspp.align_corners
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 65, 65)).shape == (1, 21, 65, 65)
 
 
 def test_default_head_is_the_measured_one_with_its_old_state_dict_keys():
