@@ -53,6 +53,14 @@ def paper_epoch(scheme: str, count: int, aug_ratio: int = 1, use_all: bool = Fal
     return out
 
 
+def ranking_of(index) -> dict[str, list[str]]:
+    """Source id -> its synthetic keys in the index, in key order (a dictionary the way ``best_k`` reads it)."""
+    out: dict[str, list[str]] = {}
+    for key in sorted(k for group in index.synthetic.values() for keys in group.allowed.values() for k in keys):
+        out.setdefault(key.split("__")[0], []).append(key)
+    return out
+
+
 def paper_lr(epoch: int, i: int, epochs: int, iters: int, start_epoch: int = 0) -> float:
     """The paper's poly factor (LR_Scheduler, mode poly) at iteration ``i`` of ``epoch``."""
     n = (epochs - start_epoch) * iters
@@ -108,13 +116,8 @@ def test_best_k_scores_rank_highest_first(tmp_path):
 
 def test_best_k_keeps_only_the_selected_samples_and_shares_k_over_k_plus_1(data, tmp_path):
     real, synth = data
-    index = index_manifests([real, synth])
-    per_source: dict[str, list[str]] = {}
-    for lam, group in sorted(index.synthetic.items()):
-        for key in sorted(k for keys in group.allowed.values() for k in keys):
-            per_source.setdefault(key.split("__")[0], []).append(key)
     path = tmp_path / "best.json"
-    path.write_text(json.dumps({src: list(reversed(keys)) for src, keys in per_source.items()}))
+    path.write_text(json.dumps({src: keys[::-1] for src, keys in ranking_of(index_manifests([real, synth])).items()}))
     chosen = best_keys(path, 2, [real, synth], "train")
     kept = index_manifests([real, synth], keep_synthetic=chosen)
     assert {k for g in kept.synthetic.values() for keys in g.allowed.values() for k in keys} == chosen
@@ -219,3 +222,48 @@ def test_pool_schemes_stream_through_mixed_batches(data):
     assert [bool((b["lam"] == 0).all()) for b in only] == [False] * 3 + [True] * 3
     appended = list(MixedBatches(index, SchemeConfig(name="append", synth_fraction=0.75), 4, 4, AugmentConfig(crop=24)))
     assert sum(int((b["lam"] > 0).sum()) for b in appended) == 12
+
+
+# -- the sweep runs them ---------------------------------------------------------------------------------------
+def test_the_sweep_plans_and_configures_the_papers_schemes():
+    from engine.config import from_dict
+    from experiments.sweep import SweepConfig, plan_seg_runs, seg_config_for
+
+    cfg = from_dict(SweepConfig, {
+        "grid": {"w": [2.0], "lambdas": [0.5, 1.0]},
+        "studies": {"schemes": {"w": 2.0, "names": ["real", "append", "replacement", "synth_only"]},
+                    "arms": {"enabled": True, "w": 2.0, "arms": {
+                        "real": {"scheme": "real"},
+                        "best2": {"scheme": "best_k", "lambdas": [0.5, 1.0],
+                                  "set": {"scheme.best_dict": "best.json", "scheme.best_k": 2}},
+                        "nodict": {"scheme": "best_k", "lambdas": [1.0]}}}},
+    })
+    runs = {r.name: r for r in plan_seg_runs(cfg)}
+    assert {"append-w2p00-l0p50_1p00-seed0", "replacement-w2p00-l0p50_1p00-seed0", "synth_only-w2p00-l0p50_1p00-seed0",
+            "arm-best2-seed0"} <= set(runs)
+    best = seg_config_for(cfg, runs["arm-best2-seed0"]).scheme
+    assert (best.name, best.best_dict, best.best_k) == ("best_k", "best.json", 2)
+    with pytest.raises(BadInputError, match="scheme.best_dict"):
+        seg_config_for(cfg, runs["arm-nodict-seed0"])
+
+
+def test_synth_only_and_best_k_train_end_to_end(data, tmp_path):
+    """A few steps through seg.train: the synthetic phase, the real one with its restarted
+    learning rate, and best_k reading its dictionary."""
+    import seg.train as seg_train
+    from engine.config import load_config
+
+    real, synth = map(str, data)
+    fast = ["train.steps=8", "train.batch_size=2", "augment.crop=24", "data.workers=0", "train.log_every=1",
+            "train.eval_every=8", "train.checkpoint_every=8", "model.width=8", "log.tensorboard=false"]
+    cfg = load_config(seg_train.SegConfig, None, [*fast, "scheme.name=synth_only", "scheme.synth_fraction=0.5"])
+    seg_train.train(cfg, [real, synth], tmp_path / "only")
+    entries = [json.loads(x) for x in (tmp_path / "only" / "metrics.jsonl").read_text().splitlines()]
+    steps = [e for e in entries if "lr" in e]
+    assert [e["synth_share"] for e in steps] == [1.0] * 4 + [0.0] * 4
+    assert steps[4]["lr"] == steps[0]["lr"] > steps[3]["lr"]  # the real phase starts again from the base rate
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps(ranking_of(index_manifests([real, synth]))))
+    cfg = load_config(seg_train.SegConfig, None, [*fast, "scheme.name=best_k", f"scheme.best_dict={best}", "scheme.best_k=1"])
+    summary = seg_train.train(cfg, [real, synth], tmp_path / "best")
+    assert sum(summary["synthetic_samples"].values()) == N_TRAIN
