@@ -115,7 +115,9 @@ class SchemeConfig:
     """Which scheme, its λ parameters and the real/synthetic mix of every batch."""
 
     name: str = "real"
-    synth_fraction: float = 0.5  # expected share of synthetic samples per batch (ignored by `real`)
+    # expected share of synthetic samples per batch (ignored by `real`); synth_only: the share of the steps
+    # that are all synthetic, before the real ones
+    synth_fraction: float = 0.5
     # fraction: synth_fraction; paper_epoch: the share of the paper's epoch, synthetic / (real + synthetic)
     # (K / (K + 1) for uniform over K sets; seg.budget)
     synth_share: str = "fraction"
