@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+import seg.train as seg_train
+from engine.config import from_dict, load_config
 from engine.errors import BadInputError
+from experiments.sweep import SweepConfig, plan_seg_runs, seg_config_for
 from seg.batches import AugmentConfig, MixedBatches
 from seg.best import best_keys, load_best_dict, select_best
 from seg.budget import plan_budget
@@ -226,9 +229,6 @@ def test_pool_schemes_stream_through_mixed_batches(data):
 
 # -- the sweep runs them ---------------------------------------------------------------------------------------
 def test_the_sweep_plans_and_configures_the_papers_schemes():
-    from engine.config import from_dict
-    from experiments.sweep import SweepConfig, plan_seg_runs, seg_config_for
-
     cfg = from_dict(SweepConfig, {
         "grid": {"w": [2.0], "lambdas": [0.5, 1.0]},
         "studies": {"schemes": {"w": 2.0, "names": ["real", "append", "replacement", "synth_only"]},
@@ -250,9 +250,6 @@ def test_the_sweep_plans_and_configures_the_papers_schemes():
 def test_synth_only_and_best_k_train_end_to_end(data, tmp_path):
     """A few steps through seg.train: the synthetic phase, the real one with its restarted
     learning rate, and best_k reading its dictionary."""
-    import seg.train as seg_train
-    from engine.config import load_config
-
     real, synth = map(str, data)
     fast = ["train.steps=8", "train.batch_size=2", "augment.crop=24", "data.workers=0", "train.log_every=1",
             "train.eval_every=8", "train.checkpoint_every=8", "model.width=8", "log.tensorboard=false"]
