@@ -30,7 +30,7 @@ from engine.config import add_config_args, load_config
 from engine.errors import BadInputError
 from engine.identity import file_digest
 from experiments.sweep import RUN_ONLY, stage_identity
-from seg.schemes import SCHEMES
+from seg.schemes import LAMBDA_SCHEMES, SCHEMES
 from seg.train import DEFAULT_CONFIG, SegConfig, format_summary, train
 
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Headline: real-only vs fixed / uniform / adaptive λ in the low-data regime, mIoU ± std over seeds.")
     parser.add_argument("--real", required=True, metavar="MANIFEST", help="real manifest (train + val splits), from ingest")
     parser.add_argument("--synthetic", nargs="*", default=[], metavar="MANIFEST", help="synthetic manifest(s), from generate")
-    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
+    parser.add_argument("--schemes", nargs="+", default=list(LAMBDA_SCHEMES), choices=SCHEMES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default: 0 1 2)")
     parser.add_argument("--fraction", default="1/16", help="share of the real training sources used (default: 1/16)")
     add_config_args(parser, str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None)

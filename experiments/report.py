@@ -44,6 +44,7 @@ from engine.plots import TILE_PX, TileGrid, fmt_g, plot_bars, plot_lines, plot_l
 from engine.manifest import iter_samples, read_manifest
 from engine.render import OVERLAY_ALPHA, overlay_scribble, render_scribble
 from engine.shards import Sample
+from seg.schemes import SCHEMES
 
 
 
@@ -560,7 +561,7 @@ def section_schemes(page: Page, run: RunData) -> None:
     if not runs:
         return
     page.h("Schemes: real only vs fixed vs uniform vs adaptive")
-    order = [s for s in ("real", "fixed", "uniform", "adaptive") if any(r.scheme == s for r in runs)]
+    order = [s for s in SCHEMES if any(r.scheme == s for r in runs)]  # the paper's other schemes after the λ-aware ones
     by = _seeds_by(runs, lambda r: r.scheme)
     desc = {}
     for r in runs:

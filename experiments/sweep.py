@@ -62,7 +62,7 @@ from engine.train_controlnet import TrainControlNetConfig
 from experiments import tasks
 from seg.judge import Agreement, JudgeConfig, chunks, derangement, judge_on_real, manifest_samples, predict
 from seg.models import backbone_weights_file
-from seg.schemes import SCHEMES
+from seg.schemes import LAMBDA_SCHEMES, SCHEMES
 from seg.train import SegConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,10 +108,12 @@ class GridConfig:
 
 @dataclass
 class SchemesStudy:
-    """(c) fixed vs uniform vs adaptive (and real only) at one w, over the grid's λ set."""
+    """(c) fixed vs uniform vs adaptive (and real only) at one w, over the grid's λ set. The
+    paper's other schemes (``append``, ``replacement``, ``synth_only``, ``best_k``) may be named
+    too; they draw from every λ of the grid."""
 
     enabled: bool = True
-    names: list[str] = field(default_factory=lambda: list(SCHEMES))
+    names: list[str] = field(default_factory=lambda: list(LAMBDA_SCHEMES))
     w: float = 2.0
     fixed_lambda: float = 1.0
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -418,6 +420,7 @@ ADDED_LATER: dict[type, set[str]] = {
     SegConfig: {  # issue 24, the paper's seg options (docs/paper-fidelity.md)
         "model.aspp_dropout", "model.decoder_dropout", "model.multi_grid", "model.align_corners",
         "augment.scale_mode", "augment.blur", "scheme.synth_share", "train.budget", "train.epochs", "train.eval_every_epochs",
+        "scheme.replace_p", "scheme.aug_ratio", "scheme.best_dict", "scheme.best_k",  # the paper's other schemes
     },
 }
 

@@ -265,6 +265,7 @@ class MixedBatches(IterableDataset):
     ) -> None:
         super().__init__()
         self.lambdas = check_available(scheme, index.lambdas)
+        self.sizes = {lam: len(group) for lam, group in index.synthetic.items()}  # weights of the pool schemes' sets
         if (scheme.name == "real" or scheme.synth_fraction < 1.0) and len(index.real) == 0:
             raise BadInputError(f"scheme {scheme.name!r}", "needs real training samples (λ = 0, split train) but the manifests have none",
                                 "pass the real manifest written by ingest")
@@ -289,8 +290,8 @@ class MixedBatches(IterableDataset):
         streams: dict[float, Iterator[Sample]] = {}
         for step in range(self.start_step + worker, self.total_steps, workers):
             progress = step / self.total_steps
-            n_synth = synthetic_count(self.batch_size, self.scheme, rng)
-            lams = [0.0] * (self.batch_size - n_synth) + draw_lambdas(self.scheme, self.lambdas, progress, n_synth, rng)
+            n_synth = synthetic_count(self.batch_size, self.scheme, rng, progress)
+            lams = [0.0] * (self.batch_size - n_synth) + draw_lambdas(self.scheme, self.lambdas, progress, n_synth, rng, self.sizes)
             images, scribbles, rois = [], [], []
             for lam in lams:
                 if lam not in streams:

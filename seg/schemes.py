@@ -15,6 +15,21 @@ without any data, and lets the streaming side stay ignorant of schemes.
   ``--curriculum 0,20,40`` list as it is). The paper's released trainer never advances its
   curriculum (it sets the epoch on the DataLoader, not on the dataset, so the first set is
   used throughout); this module implements the schedule the paper describes.
+
+The paper's other options (its ``--aug-scheme``, rloss ``pascal.py``) draw a synthetic
+sample from the pool of every given set at once, each set weighted by its size (so every
+synthetic sample is as likely as any other, as in the paper's concatenated dataset); they
+differ in how many of a batch are synthetic, and when:
+
+- ``append``: ``aug_ratio`` K synthetic samples a real one per epoch (``--aug-ratio``, with
+  ``--aug-use-all``): a share of K / (K + 1), every batch.
+- ``best_k``: the same over only the ``best_k`` samples a source that the dictionary
+  ``best_dict`` ranks best (``--aug-scheme best --aug-best-dict``; :mod:`seg.best`).
+- ``replacement``: every sample is replaced by a synthetic one with probability
+  ``replace_p`` (``--aug-scheme replacement``), one coin per sample.
+- ``synth_only``: the first ``synth_fraction`` of the steps are all synthetic, the rest all
+  real (``--aug-scheme synth-only``, then a real run resumed from its checkpoint); the
+  learning-rate schedule restarts at the switch, as the paper's ``--lr-start`` makes it.
 """
 
 from __future__ import annotations
@@ -27,7 +42,9 @@ import numpy as np
 
 from engine.errors import BadInputError
 
-SCHEMES = ("real", "fixed", "uniform", "adaptive")
+LAMBDA_SCHEMES = ("real", "fixed", "uniform", "adaptive")  # the λ-aware comparison (the sweep's default study)
+POOL_SCHEMES = ("synth_only", "replacement", "best_k", "append")  # the paper's other options: λ by set size
+SCHEMES = LAMBDA_SCHEMES + POOL_SCHEMES
 SCHEDULES = ("linear", "step")
 SHARES = ("fraction", "paper_epoch")
 LAM_DECIMALS = 4  # λ values are grouped after rounding, so 0.1 and 0.1000000001 are one set
@@ -98,12 +115,18 @@ class SchemeConfig:
     """Which scheme, its λ parameters and the real/synthetic mix of every batch."""
 
     name: str = "real"
-    synth_fraction: float = 0.5  # expected share of synthetic samples per batch (ignored by `real`)
+    # expected share of synthetic samples per batch (ignored by `real`); synth_only: the share of the steps
+    # that are all synthetic, before the real ones
+    synth_fraction: float = 0.5
     # fraction: synth_fraction; paper_epoch: the share of the paper's epoch, synthetic / (real + synthetic)
     # (K / (K + 1) for uniform over K sets; seg.budget)
     synth_share: str = "fraction"
     fixed_lambda: float | None = None
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
+    replace_p: float = 0.5  # replacement: probability that a sample is synthetic
+    aug_ratio: int = 1  # append: K synthetic samples a real one per epoch (the paper's 1, 2, 4, 8)
+    best_dict: str = ""  # best_k: JSON file, source id -> its synthetic keys best first (or key -> score)
+    best_k: int = 1  # best_k: how many of each source's best samples are used
 
     def validate(self) -> None:
         if self.name not in SCHEMES:
@@ -114,11 +137,20 @@ class SchemeConfig:
             raise BadInputError(f"scheme.synth_fraction={self.synth_fraction}", "must be in [0, 1]")
         if self.synth_share not in SHARES:
             raise BadInputError(f"scheme.synth_share={self.synth_share!r}", f"choose one of {list(SHARES)}")
+        if not 0.0 <= self.replace_p <= 1.0:
+            raise BadInputError(f"scheme.replace_p={self.replace_p}", "a probability: must be in [0, 1]")
+        for key in ("aug_ratio", "best_k"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise BadInputError(f"scheme.{key}={value!r}", "must be an integer >= 1 (the paper's 1, 2, 4, 8)")
+        if self.name == "best_k" and not self.best_dict:
+            raise BadInputError("scheme.best_dict", "scheme best_k needs the dictionary of each source's best samples",
+                                "e.g. --set scheme.best_dict=best.json (source id -> keys, best first)")
         self.adaptive.validate()
 
     @property
     def uses_synthetic(self) -> bool:
-        return self.name != "real" and self.synth_fraction > 0.0
+        return self.name in POOL_SCHEMES or (self.name != "real" and self.synth_fraction > 0.0)
 
 
 def check_available(cfg: SchemeConfig, available: Sequence[float]) -> list[float]:
@@ -168,16 +200,27 @@ def _step_index(cfg: AdaptiveConfig, n_sets: int, progress: float) -> int:
     return min(int(progress * n_sets), n_sets - 1)
 
 
-def allowed_lambdas(cfg: SchemeConfig, available: Sequence[float], progress: float) -> tuple[list[float], list[float]]:
+def pool_weights(lams: list[float], sizes: dict[float, int] | None) -> list[float]:
+    """Each set's probability in the pool schemes: its share of all synthetic samples (equal
+    shares when the sizes are not known)."""
+    counts = [float(sizes[x]) for x in lams] if sizes else [1.0] * len(lams)
+    return [c / sum(counts) for c in counts]
+
+
+def allowed_lambdas(cfg: SchemeConfig, available: Sequence[float], progress: float,
+                    sizes: dict[float, int] | None = None) -> tuple[list[float], list[float]]:
     """λ values a synthetic sample may be drawn from at ``progress`` and their probabilities.
 
     ``progress`` is the fraction of training done (step / total steps). For ``real`` the
-    answer is ``([0.0], [1.0])``: every sample comes from the real data.
+    answer is ``([0.0], [1.0])``: every sample comes from the real data. ``sizes`` (λ ->
+    samples at it, canonical keys) weights the sets of the pool schemes.
     """
     progress = min(max(float(progress), 0.0), 1.0)
     lams = check_available(cfg, available)
     if not cfg.uses_synthetic:
         return [0.0], [1.0]
+    if cfg.name in POOL_SCHEMES:
+        return lams, pool_weights(lams, sizes)
     if cfg.name == "fixed":
         chosen = [lam_key(cfg.fixed_lambda)]  # type: ignore[arg-type]
     elif cfg.name == "uniform":
@@ -190,19 +233,40 @@ def allowed_lambdas(cfg: SchemeConfig, available: Sequence[float], progress: flo
     return chosen, [1.0 / len(chosen)] * len(chosen)
 
 
-def synthetic_count(batch_size: int, cfg: SchemeConfig, rng: np.random.Generator) -> int:
+def synthetic_count(batch_size: int, cfg: SchemeConfig, rng: np.random.Generator, progress: float = 0.0) -> int:
     """How many of a batch's samples are synthetic: ``batch * synth_fraction``, rounded
-    stochastically so that the long-run share is exact for any batch size."""
+    stochastically so that the long-run share is exact for any batch size.
+
+    ``replacement`` tosses one coin per sample (binomial, as the paper's per-sample
+    ``torch.rand``); ``synth_only`` is all synthetic before the switch (``synth_fraction``
+    of training) and all real after it.
+    """
     if not cfg.uses_synthetic:
         return 0
+    if cfg.name == "replacement":
+        return int(rng.binomial(batch_size, cfg.replace_p))
+    if cfg.name == "synth_only":
+        return batch_size if progress < cfg.synth_fraction else 0
     expected = batch_size * cfg.synth_fraction
     base = int(np.floor(expected))
     return min(batch_size, base + int(rng.random() < expected - base))
 
 
-def draw_lambdas(cfg: SchemeConfig, available: Sequence[float], progress: float, n: int, rng: np.random.Generator) -> list[float]:
+def lr_progress(cfg: SchemeConfig, progress: float) -> float:
+    """Where the learning-rate schedule stands at ``progress``: the run's own progress, except
+    for ``synth_only``, whose schedule restarts at the switch. The paper's real phase is a
+    second run resumed with ``--lr-start 60 --epochs 120``: its poly decay starts again from
+    the base rate over its own 60 epochs (``LR_Scheduler``: N = (120 - 60) x iterations)."""
+    f = cfg.synth_fraction
+    if cfg.name != "synth_only" or not 0.0 < f < 1.0:
+        return progress
+    return progress / f if progress < f else (progress - f) / (1.0 - f)
+
+
+def draw_lambdas(cfg: SchemeConfig, available: Sequence[float], progress: float, n: int, rng: np.random.Generator,
+                 sizes: dict[float, int] | None = None) -> list[float]:
     """``n`` λ values for the synthetic samples of one batch at ``progress``."""
     if n == 0:
         return []
-    lams, probs = allowed_lambdas(cfg, available, progress)
+    lams, probs = allowed_lambdas(cfg, available, progress, sizes)
     return [lams[i] for i in rng.choice(len(lams), size=n, p=probs)]

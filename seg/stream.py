@@ -115,6 +115,7 @@ def index_manifests(
     real_fraction: float = 1.0,
     subset_seed: int = 0,
     synthetic_per_source: int = 0,
+    keep_synthetic: set[str] | None = None,
 ) -> DataIndex:
     """Group the ``ok`` rows of all manifests into real/val/per-λ synthetic groups.
 
@@ -124,7 +125,8 @@ def index_manifests(
     ``synthetic_per_source`` > 0 keeps at most that many synthetic samples per (source, λ):
     the ones with the smallest keys (string order). Generated keys end in a hashed seed
     (``engine.shards.synthetic_key``), so that is a fixed pseudo-random pick, and a smaller
-    N keeps a subset of what a larger one keeps.
+    N keeps a subset of what a larger one keeps. ``keep_synthetic`` (when given) keeps only
+    the synthetic samples with these keys (the ``best_k`` scheme's selection, :mod:`seg.best`).
     """
     if not isinstance(synthetic_per_source, int) or isinstance(synthetic_per_source, bool) or synthetic_per_source < 0:
         raise BadInputError(f"data.synthetic_per_source={synthetic_per_source!r}", "must be an integer >= 0 (0 = all)")
@@ -157,6 +159,8 @@ def index_manifests(
             continue
         elif lam == 0.0:
             index.real.add(url, key)
+        elif keep_synthetic is not None and key not in keep_synthetic:
+            continue
         elif synthetic_per_source:
             cells.setdefault((source, lam), []).append((key, url))
         else:

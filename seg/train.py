@@ -36,11 +36,12 @@ from engine.distributed import is_main, setup_distributed, shutdown_distributed
 from engine.errors import BadInputError
 from engine.tensorboard_log import LogConfig, add_record, tensorboard_writer
 from seg.batches import AugmentConfig, MixedBatches, to_rgb255
+from seg.best import best_keys
 from seg.budget import Budget, plan_budget
 from seg.evaluate import PROTOCOLS, evaluate, read_checkpoint
 from seg.loss import LossConfig, training_loss
 from seg.models import ModelConfig, build_model
-from seg.schemes import SchemeConfig
+from seg.schemes import SCHEMES, SchemeConfig, lr_progress
 from seg.stream import DataIndex, index_manifests
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "seg" / "tiny.yaml"
@@ -189,8 +190,9 @@ def _optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _set_poly_lr(opt: torch.optim.Optimizer, step: int, total: int, power: float) -> float:
-    factor = (1.0 - step / total) ** power
+def _set_poly_lr(opt: torch.optim.Optimizer, progress: float, power: float) -> float:
+    """Poly decay at ``progress`` of its schedule (:func:`seg.schemes.lr_progress`)."""
+    factor = (1.0 - progress) ** power
     for g in opt.param_groups:
         g["lr"] = g["initial_lr"] * factor
     return opt.param_groups[0]["lr"]
@@ -208,6 +210,13 @@ def _lam_stats(lams: list[float]) -> dict[str, float]:
         "lam_mean": sum(synth) / len(synth) if synth else 0.0,
         "lam_max": max(synth) if synth else 0.0,
     }
+
+
+def _best_keys(cfg: SegConfig, manifests: list[str]) -> set[str] | None:
+    """The synthetic keys the ``best_k`` scheme keeps (:mod:`seg.best`); None (all) for the other schemes."""
+    if cfg.scheme.name != "best_k":
+        return None
+    return best_keys(cfg.scheme.best_dict, cfg.scheme.best_k, manifests, cfg.data.train_split)
 
 
 def run_budget(cfg: SegConfig, index: DataIndex, world: int) -> Budget:
@@ -242,7 +251,7 @@ def train(cfg: SegConfig, manifests: list[str], out: str | Path, resume: bool = 
     main_rank = is_main(rank)
     torch.manual_seed(cfg.train.seed)
     index: DataIndex = index_manifests(manifests, cfg.data.train_split, cfg.data.val_split, cfg.data.real_fraction, cfg.data.subset_seed,
-                                       cfg.data.synthetic_per_source)
+                                       cfg.data.synthetic_per_source, _best_keys(cfg, manifests))
     num_classes = len(index.class_names)
     budget = run_budget(cfg, index, world)
     total = budget.steps
@@ -294,7 +303,7 @@ def train(cfg: SegConfig, manifests: list[str], out: str | Path, resume: bool = 
             net.train()
             for batch in loader:
                 step = batch["step"]
-                lr = _set_poly_lr(opt, step, total, cfg.optim.poly_power)
+                lr = _set_poly_lr(opt, lr_progress(cfg.scheme, step / total), cfg.optim.poly_power)
                 image = batch["image"].to(device, non_blocking=True, memory_format=fmt)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.amp and device.type == "cuda"):
                     logits = net(image)
@@ -383,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--shards", nargs="+", required=True, metavar="MANIFEST",
                         help="manifest.parquet files: the real one (train + val splits) and any synthetic ones")
-    parser.add_argument("--scheme", choices=["real", "fixed", "uniform", "adaptive"],
+    parser.add_argument("--scheme", choices=list(SCHEMES),
                         help="λ sampling scheme (overrides scheme.name of the config)")
     parser.add_argument("--curriculum", metavar="EPOCHS",
                         help="the paper's curriculum list, e.g. 0,20,40: the epoch at which each λ set (increasing λ) "
