@@ -44,6 +44,11 @@ UNCOND = ("hint", "hint+prompt")
 # How a scribble becomes the ControlNet's input: the colour rendering (engine.render, the
 # paper's) or one channel per class (1 where the class is drawn; unlabelled is all zeros).
 HINT_ENCODINGS = ("colour", "onehot")
+# How a colour hint reaches the model's resolution: the fitted scribble rendered (nearest) or
+# the scribble rendered at its own size, then resized bicubically (the paper's data.py:187).
+HINT_RESIZES = ("nearest", "cubic")
+# Options a bundle records in scribblegen.json only when off these values (older bundles lack them).
+BUNDLE_DEFAULTS = {"hint_resize": "nearest"}
 FINAL_DIR = "final"  # where a training run puts its finished bundle
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 CONTROL_INITS = ("zero", "random")
@@ -127,12 +132,15 @@ class ScribbleGenModel(nn.Module):
         uncond: str | None = None,
         resize: str | None = None,
         hint_encoding: str = "colour",
+        hint_resize: str = "nearest",
     ) -> None:
         super().__init__()
         if kind not in KINDS:
             raise BadInputError(f"model kind {kind!r}", f"must be one of {KINDS}")
         if hint_encoding not in HINT_ENCODINGS:
             raise BadInputError(f"hint encoding {hint_encoding!r}", f"must be one of {HINT_ENCODINGS}")
+        if hint_resize not in HINT_RESIZES:
+            raise BadInputError(f"hint resize {hint_resize!r}", f"must be one of {HINT_RESIZES}")
         self.kind = kind
         self.hint_encoding = hint_encoding
         self.unet = unet
@@ -148,6 +156,9 @@ class ScribbleGenModel(nn.Module):
         # UNCOND); None = not recorded (a fresh ControlNet, or a bundle older than the field).
         self.uncond = uncond
         self.resize = resize  # how training fitted its images to ``resolution`` (engine.data.geometry)
+        # How training fitted its colour hints: "nearest" (the fitted scribble rendered) or
+        # "cubic" (rendered, then resized bicubically: the paper's); generation follows it.
+        self.hint_resize = hint_resize
 
     # -- geometry ---------------------------------------------------------------------------
     @property
@@ -169,12 +180,15 @@ class ScribbleGenModel(nn.Module):
         return self.null_hint.dtype
 
     # -- conversions --------------------------------------------------------------------------
-    def hint(self, scribbles: np.ndarray) -> torch.Tensor:
+    def hint(self, scribbles: np.ndarray, colours: np.ndarray | None = None) -> torch.Tensor:
         """``B x H x W`` uint8 scribbles -> ``B x C x H x W`` conditioning in [0, 1]: the colour
-        rendering (C = 3) or one-hot (C = number of classes)."""
+        rendering (C = 3) or one-hot (C = number of classes). ``colours``: the colour hints
+        already rendered at the sources' own size and fitted bicubically (``B x H x W x 3``
+        uint8, ``hint_resize: cubic``, :func:`engine.data.geometry.fit_colour_hint`), used
+        instead of rendering the fitted ``scribbles``."""
         if self.hint_encoding == "onehot":
             return onehot_hint(np.asarray(scribbles), len(self.class_names)).to(self.device, self.dtype)
-        rgb = torch.from_numpy(render_scribble(np.asarray(scribbles)))
+        rgb = torch.from_numpy(render_scribble(np.asarray(scribbles)) if colours is None else np.asarray(colours))
         # .contiguous(): a permuted (channels-last) input drags every conv onto a far slower CPU path.
         return rgb.permute(0, 3, 1, 2).contiguous().to(self.device, self.dtype) / 255.0
 
@@ -233,12 +247,19 @@ class ScribbleGenModel(nn.Module):
             self.model_id = f"{self.kind}-{weights_digest(tmp)}"
             meta = {"kind": self.kind, "class_names": self.class_names, "resolution": self.resolution,
                     "model_id": self.model_id, "hint": self.hint_encoding, "uncond": self.uncond, "resize": self.resize, "format": 1}
+            meta.update(self._options_off_default())
             (tmp / BUNDLE_FILE).write_text(json.dumps(meta, indent=2))
             _replace_dir(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return folder
+
+    def _options_off_default(self) -> dict[str, str]:
+        """The paper-fidelity options the bundle records, only where they differ from the
+        behaviour that predates them: a bundle trained with every option at its default keeps
+        the bytes of its ``scribblegen.json``, and one without a key reads as the default."""
+        return {k: v for k, v in (("hint_resize", self.hint_resize),) if v != BUNDLE_DEFAULTS[k]}
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, torch_dtype: torch.dtype | None = None) -> "ScribbleGenModel":
@@ -262,7 +283,8 @@ class ScribbleGenModel(nn.Module):
             null_hint = load_file(folder / NULL_HINT_FILE)["null_hint"]
         model = cls(kind=kind, null_hint=null_hint, class_names=meta["class_names"],
                     resolution=meta["resolution"], model_id=meta.get("model_id"), uncond=meta.get("uncond"),
-                    resize=meta.get("resize"), hint_encoding=meta.get("hint", "colour"), **parts)
+                    resize=meta.get("resize"), hint_encoding=meta.get("hint", "colour"),
+                    **{k: meta.get(k, v) for k, v in BUNDLE_DEFAULTS.items()}, **parts)
         return model.to(torch_dtype) if torch_dtype is not None else model
 
 

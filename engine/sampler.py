@@ -261,17 +261,21 @@ class ScribbleSampler:
         w: float,
         lam: float,
         seeds: Sequence[int],
+        colours: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Synthetic images ``B x H x W x 3`` uint8 for sources (images, scribbles) at (w, λ)."""
+        """Synthetic images ``B x H x W x 3`` uint8 for sources (images, scribbles) at (w, λ).
+        ``colours``: the sources' colour hints fitted bicubically, for a model trained with
+        ``hint_resize: cubic`` (:func:`engine.data.geometry.fit_colour_hint`)."""
         self._check(w, lam)
         images, scribbles = np.asarray(images), np.asarray(scribbles)
         b = len(seeds)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise BadInputError("images", f"expected B x H x W x 3 uint8, got {images.shape} {images.dtype}")
-        if scribbles.shape != images.shape[:3] or len(class_names) != b or images.shape[0] != b:
+        if (scribbles.shape != images.shape[:3] or len(class_names) != b or images.shape[0] != b
+                or (colours is not None and np.shape(colours) != images.shape)):
             raise BadInputError(
                 "sample() inputs", f"{images.shape[0]} images, scribbles {scribbles.shape}, "
-                f"{len(class_names)} class-name lists and {b} seeds must agree",
+                f"{len(class_names)} class-name lists and {b} seeds (and colour hints, if any) must agree",
             )
         h, wd = images.shape[1:3]
         m = self.model.size_multiple
@@ -281,7 +285,7 @@ class ScribbleSampler:
         z0 = self.model.encode_images(images)
         noise = self._noise(tuple(z0.shape[1:]), seeds)
         z = self.scheduler.add_noise(z0, noise, torch.tensor([t_noise] * b, dtype=torch.long))
-        hint = self.model.hint(scribbles)
+        hint = self.model.hint(scribbles, colours)
         null_hint = self.model.null_hints(b, (h, wd))
         text = self.model.text.encode(class_names).to(self.dtype)
         null_text = text if self.uncond == "hint" else self.model.text.null(b).to(self.dtype)

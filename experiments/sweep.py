@@ -412,7 +412,11 @@ RUN_ONLY = {
 # Keys added to a stage's config after runs were recorded with it (dotted, per config class): left
 # out of the identity while at their dataclass default, which is the behaviour from before they
 # existed, so those runs stay reusable; any other value enters the identity.
-ADDED_LATER: dict[type, set[str]] = {IngestConfig: set(), TrainControlNetConfig: set(), SegConfig: set()}
+ADDED_LATER: dict[type, set[str]] = {
+    IngestConfig: set(),
+    TrainControlNetConfig: {"train.learn_null_hint", "data.hint_resize"},
+    SegConfig: set(),
+}
 
 
 def stage_identity(config: Any, run_only: set[str], inputs: dict[str, str]) -> Identity:

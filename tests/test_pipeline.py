@@ -39,7 +39,7 @@ class LoggingSampler(StandInSampler):
         super().__init__(delay)
         self.log = log
 
-    def sample(self, images, scribbles, class_names, w, lam, seeds):  # noqa: ANN001 (Protocol shape)
+    def sample(self, images, scribbles, class_names, w, lam, seeds, colours=None):  # noqa: ANN001 (Protocol shape)
         start = time.perf_counter()
         out = super().sample(images, scribbles, class_names, w, lam, seeds)
         self.log.append(("sample", seeds[0], start, time.perf_counter()))

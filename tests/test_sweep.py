@@ -14,7 +14,7 @@ from engine.errors import BadInputError
 from engine.manifest import DatasetInfo, sample_row, shard_rows, write_manifest
 from engine.shards import Sample, ShardWriter
 from experiments.sweep import (
-    FAST_OVERLAY, JUDGE_FILE, REPO, RUN_ONLY, SweepConfig, cell_name, load_sweep_config, stage_identity,
+    ADDED_LATER, FAST_OVERLAY, JUDGE_FILE, REPO, RUN_ONLY, SweepConfig, cell_name, load_sweep_config, stage_identity,
     plan_seg_runs, resolve_bases, stage_judge,
 )
 from engine.config import from_dict, to_dict
@@ -133,8 +133,8 @@ def test_the_log_section_leaves_recorded_identities_reusable(tmp_path, stage):
     it) keep their identity, whatever ``log`` says now."""
     cfg = getattr(load_sweep_config(DEMO), stage)
     before = plain(to_dict(cfg))
-    del before["log"]  # the config as the code before the section saw it
-    Identity(drop_keys(before, RUN_ONLY[stage] - {"log"}), {"real": "abc"}).save(tmp_path)
+    del before["log"]  # the config as the code before the section saw it (nor the keys added since)
+    Identity(drop_keys(before, RUN_ONLY[stage] - {"log"} | ADDED_LATER[type(cfg)]), {"real": "abc"}).save(tmp_path)
     for on in (True, False):
         cfg.log.tensorboard = on
         assert stage_identity(cfg, RUN_ONLY[stage], {"real": "abc"}).claim(tmp_path, stage)

@@ -1,0 +1,156 @@
+"""The generator side of the paper-fidelity options (issue 24): each SD 1.5 / VOC default
+pinned against the paper's released code, each option's effect, and the tiny path unchanged
+with every option at its dataclass default (digests recorded by the code before the options)."""
+
+import inspect
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from cn_fixtures import micro_model, sources, write_real_shards
+from test_train_controlnet import micro_config
+
+from engine.config import load_config
+from engine.data.geometry import fit_colour_hint, fit_to
+from engine.errors import BadInputError
+from engine.generate.config import GenerateConfig, SamplerConfig
+from engine.generate.run import generation_identity
+from engine.generate.worker import load_sampler
+from engine.models import ScribbleGenModel, initial_null_hint
+from engine.render import render_scribble
+from engine.sampler import ScribbleSampler
+from engine.train_controlnet import TrainControlNetConfig, train
+from experiments.sweep import RUN_ONLY, stage_identity
+
+VOC_TRAIN_IMAGES = 10_582  # the paper's train.txt (VOC 2012 train + SBD)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return write_real_shards(tmp_path_factory.mktemp("real"))
+
+
+@pytest.fixture(scope="module")
+def sd15() -> TrainControlNetConfig:
+    return load_config(TrainControlNetConfig, "configs/controlnet/sd15.yaml", ["model.pretrained=/sd15"])
+
+
+def test_sd15_trains_as_the_paper(sd15):
+    """control_PascalScribble_hint_guided.yaml (200 epochs, batch 16, lr 1e-4; its checkpoint
+    epoch=199-step=132399), train.py (precision=32, no gradient_clip_val), cldm.py (AdamW with
+    torch's default weight decay, no warmup), data.py (no flips)."""
+    t = sd15.train
+    assert t.steps == 200 * math.ceil(VOC_TRAIN_IMAGES / 16) == 132_399 + 1
+    assert (t.batch_size, t.lr, t.warmup_steps) == (16, 1e-4, 0)
+    assert t.weight_decay == inspect.signature(torch.optim.AdamW).parameters["weight_decay"].default
+    assert (t.mixed_precision, t.grad_clip, sd15.data.hflip) == ("no", 0, False)
+    assert (t.cond_dropout, t.drop_prompt, t.train_denoiser) == (0.1, False, False)
+
+
+def test_sd15_keeps_the_null_hint_fixed_as_the_paper(sd15):
+    """cldm.py: the null hint is a randn parameter that configure_optimizers never passes on."""
+    assert sd15.train.learn_null_hint is False
+
+
+def test_a_fixed_null_hint_is_unchanged_by_training(manifest, tmp_path):
+    fixed = ScribbleGenModel.from_pretrained(
+        train(micro_config(manifest, tmp_path / "fixed", steps=2, learn_null_hint=False), progress=False))
+    assert torch.equal(fixed.null_hint.detach(), initial_null_hint(16, seed=0))
+    learned = ScribbleGenModel.from_pretrained(train(micro_config(manifest, tmp_path / "learned", steps=2),
+                                                     progress=False))
+    assert not torch.equal(learned.null_hint.detach(), initial_null_hint(16, seed=0))
+
+
+def test_grad_clip_zero_turns_clipping_off(manifest, tmp_path):
+    """0 trains as an unreachable norm limit does (before, it zeroed every gradient)."""
+    runs = [ScribbleGenModel.from_pretrained(train(micro_config(manifest, tmp_path / str(c), steps=1, grad_clip=c),
+                                                   progress=False)) for c in (0, 1e12)]
+    assert runs[0].model_id == runs[1].model_id
+    with pytest.raises(BadInputError, match="grad_clip"):
+        micro_config(manifest, tmp_path / "bad", grad_clip=-1).train.validate()
+
+
+def test_tiny_training_is_what_it_was_before_the_options(manifest, tmp_path):
+    """Every option at its dataclass default: the weights (model id) and the sweep identity of
+    configs/controlnet/tiny.yaml are those the code before them recorded (commit db0ea9c)."""
+    final = train(micro_config(manifest, tmp_path / "run"), progress=False)
+    meta = json.loads((final / "scribblegen.json").read_text())
+    assert meta["model_id"] == "tiny-1a83b14c0582" and "hint_resize" not in meta  # the file's bytes as before
+    tiny = load_config(TrainControlNetConfig, "configs/controlnet/tiny.yaml", [])
+    assert stage_identity(tiny, RUN_ONLY["controlnet"], {"real": "abc"}).digest == "e6cc3776f567f490"
+
+
+# -- the colour hint's resize (divergence 7) -----------------------------------------------------
+def test_sd15_and_paper_generation_resize_the_colour_hint_bicubically(sd15):
+    """data.py:187: the colour scribble is resized with INTER_CUBIC (one-hot with nearest)."""
+    assert sd15.data.hint_resize == "cubic"
+    assert load_config(GenerateConfig, "configs/generate/paper.yaml", []).sampler.hint_resize == "cubic"
+
+
+def test_cubic_colour_hint_is_the_rendering_resized_bicubically():
+    from PIL import Image
+
+    scribble = np.full((10, 13), 255, np.uint8)
+    scribble[2:5, 1:9], scribble[6:9, 4:12] = 1, 0
+    cubic = fit_colour_hint(scribble, 16, "stretch")
+    reference = np.asarray(Image.fromarray(render_scribble(scribble)).resize((16, 16), Image.BICUBIC))
+    assert np.array_equal(cubic, reference)
+    nearest = render_scribble(fit_to(np.zeros((10, 13, 3), np.uint8), scribble, 16, "stretch")[1])
+    assert not np.array_equal(cubic, nearest)  # edges blend into colours no class has
+    assert np.array_equal(fit_colour_hint(scribble, 16, "pad")[:2], np.zeros((2, 16, 3), np.uint8))  # padding: unlabelled
+
+
+def test_cubic_hints_train_into_the_bundle_and_generation_must_follow(manifest, tmp_path):
+    cfg = micro_config(manifest, tmp_path / "cubic", steps=1)
+    cfg.data.hint_resize = "cubic"
+    final = train(cfg, progress=False)
+    assert json.loads((final / "scribblegen.json").read_text())["hint_resize"] == "cubic"
+    model = ScribbleGenModel.from_pretrained(final)
+    assert model.hint_resize == "cubic"
+    with pytest.raises(BadInputError, match="sampler.hint_resize=cubic"):
+        load_sampler(str(final), "cpu", SamplerConfig())
+    assert load_sampler(str(final), "cpu", SamplerConfig(hint_resize="cubic")).model.hint_resize == "cubic"
+
+
+def test_cubic_hints_refuse_a_onehot_model(manifest, tmp_path):
+    cfg = micro_config(manifest, tmp_path / "x")
+    cfg.data.hint_resize, cfg.model.hint = "cubic", "onehot"
+    with pytest.raises(BadInputError, match="data.hint_resize=cubic"):
+        cfg.validate()
+
+
+def test_the_sampler_conditions_on_the_colour_hints_it_is_given():
+    model = micro_model()
+    images, scribbles, names = sources(2)
+    colours = np.stack([fit_colour_hint(s[::2, ::2], 16) for s in scribbles])  # a bicubic upscale
+    sampler = ScribbleSampler(model, num_steps=2)
+    given = sampler.sample(images, scribbles, names, 2.0, 1.0, [0, 1], colours)
+    assert not np.array_equal(given, sampler.sample(images, scribbles, names, 2.0, 1.0, [0, 1]))
+    rendered = np.stack([render_scribble(s) for s in scribbles])
+    assert np.array_equal(sampler.sample(images, scribbles, names, 2.0, 1.0, [0, 1], rendered),
+                          sampler.sample(images, scribbles, names, 2.0, 1.0, [0, 1]))
+
+
+def test_tiny_generation_is_what_it_was_before_the_options():
+    """A sampler call and the generation identity with every option at its default: the bytes
+    and digest the code before them gave (commit db0ea9c; identity as in test_solvers.py)."""
+    import hashlib
+
+    images, scribbles, names = sources(2)
+    out = ScribbleSampler(micro_model(), num_steps=4).sample(images, scribbles, names, 2.0, 0.5, [3, 4])
+    assert hashlib.sha256(out.tobytes()).hexdigest()[:16] == "c4995ce0f4676b50"
+
+
+class _Plan:
+    def fingerprint(self) -> str:
+        return "plan-fp"
+
+
+def test_generation_identity_takes_a_new_option_only_off_its_default(tmp_path):
+    (tmp_path / "scribblegen.json").write_text(json.dumps({"model_id": "tiny-0123456789ab"}))
+    cfg = GenerateConfig()
+    assert generation_identity(cfg, _Plan(), tmp_path).digest == "2851ed1a37f3136d"  # test_solvers.py's
+    cfg.sampler.hint_resize = "cubic"
+    assert generation_identity(cfg, _Plan(), tmp_path).config["sampler"]["hint_resize"] == "cubic"
