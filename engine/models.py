@@ -47,8 +47,13 @@ HINT_ENCODINGS = ("colour", "onehot")
 # How a colour hint reaches the model's resolution: the fitted scribble rendered (nearest) or
 # the scribble rendered at its own size, then resized bicubically (the paper's data.py:187).
 HINT_RESIZES = ("nearest", "cubic")
+# The channel order the model sees images and colour hints in. "bgr" is the paper's bug: its
+# data.py flips channels twice (imread's BGR to RGB, then cvtColor BGR2RGB back to BGR), so its
+# ControlNet trained on BGR images and hints over an RGB-pretrained SD, and its generation
+# flipped the output back; a model trained so must sample so (the λ < 1 starts are BGR too).
+CHANNEL_ORDERS = ("rgb", "bgr")
 # Options a bundle records in scribblegen.json only when off these values (older bundles lack them).
-BUNDLE_DEFAULTS = {"hint_resize": "nearest"}
+BUNDLE_DEFAULTS = {"hint_resize": "nearest", "channel_order": "rgb"}
 FINAL_DIR = "final"  # where a training run puts its finished bundle
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 CONTROL_INITS = ("zero", "random")
@@ -133,6 +138,7 @@ class ScribbleGenModel(nn.Module):
         resize: str | None = None,
         hint_encoding: str = "colour",
         hint_resize: str = "nearest",
+        channel_order: str = "rgb",
     ) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -141,6 +147,8 @@ class ScribbleGenModel(nn.Module):
             raise BadInputError(f"hint encoding {hint_encoding!r}", f"must be one of {HINT_ENCODINGS}")
         if hint_resize not in HINT_RESIZES:
             raise BadInputError(f"hint resize {hint_resize!r}", f"must be one of {HINT_RESIZES}")
+        if channel_order not in CHANNEL_ORDERS:
+            raise BadInputError(f"channel order {channel_order!r}", f"must be one of {CHANNEL_ORDERS}")
         self.kind = kind
         self.hint_encoding = hint_encoding
         self.unet = unet
@@ -159,6 +167,7 @@ class ScribbleGenModel(nn.Module):
         # How training fitted its colour hints: "nearest" (the fitted scribble rendered) or
         # "cubic" (rendered, then resized bicubically: the paper's); generation follows it.
         self.hint_resize = hint_resize
+        self.channel_order = channel_order  # what the denoiser sees (CHANNEL_ORDERS); inputs and outputs stay RGB
 
     # -- geometry ---------------------------------------------------------------------------
     @property
@@ -188,7 +197,8 @@ class ScribbleGenModel(nn.Module):
         instead of rendering the fitted ``scribbles``."""
         if self.hint_encoding == "onehot":
             return onehot_hint(np.asarray(scribbles), len(self.class_names)).to(self.device, self.dtype)
-        rgb = torch.from_numpy(render_scribble(np.asarray(scribbles)) if colours is None else np.asarray(colours))
+        rgb = self._in_channel_order(render_scribble(np.asarray(scribbles)) if colours is None else np.asarray(colours))
+        rgb = torch.from_numpy(rgb)
         # .contiguous(): a permuted (channels-last) input drags every conv onto a far slower CPU path.
         return rgb.permute(0, 3, 1, 2).contiguous().to(self.device, self.dtype) / 255.0
 
@@ -200,8 +210,8 @@ class ScribbleGenModel(nn.Module):
         return hint.expand(batch, -1, -1, -1)
 
     def encode_images(self, images: np.ndarray) -> torch.Tensor:
-        """``B x H x W x 3`` uint8 -> ``z0`` (VAE latent mean x scaling, or pixels in [-1, 1])."""
-        x = torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).contiguous().to(self.device, self.dtype)
+        """``B x H x W x 3`` uint8 RGB -> ``z0`` (VAE latent mean x scaling, or pixels in [-1, 1])."""
+        x = torch.from_numpy(np.require(self._in_channel_order(images), requirements=["C", "W"])).permute(0, 3, 1, 2).contiguous().to(self.device, self.dtype)
         x = x / 127.5 - 1.0
         if self.vae is None:
             return x
@@ -213,7 +223,11 @@ class ScribbleGenModel(nn.Module):
         if self.vae is not None:
             z = self.vae.decode(z / self.vae.config.scaling_factor).sample
         x = ((z.float().clamp(-1, 1) + 1) * 127.5).round()
-        return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return self._in_channel_order(x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+
+    def _in_channel_order(self, rgb: np.ndarray) -> np.ndarray:
+        """``... x 3`` colours between RGB and the model's channel order (a swap is its own inverse)."""
+        return np.ascontiguousarray(rgb[..., ::-1]) if self.channel_order == "bgr" else rgb
 
     def predict(self, z: torch.Tensor, t: torch.Tensor, hint: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """The denoiser's output at ``z_t`` (ε or v, as ``scheduler_config['prediction_type']``
@@ -259,7 +273,7 @@ class ScribbleGenModel(nn.Module):
         """The paper-fidelity options the bundle records, only where they differ from the
         behaviour that predates them: a bundle trained with every option at its default keeps
         the bytes of its ``scribblegen.json``, and one without a key reads as the default."""
-        return {k: v for k, v in (("hint_resize", self.hint_resize),) if v != BUNDLE_DEFAULTS[k]}
+        return {k: getattr(self, k) for k, default in BUNDLE_DEFAULTS.items() if getattr(self, k) != default}
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, torch_dtype: torch.dtype | None = None) -> "ScribbleGenModel":

@@ -61,7 +61,10 @@ from engine.distributed import (
 )
 from engine.errors import BadInputError
 from engine.manifest import read_manifest, resolve_shard
-from engine.models import FINAL_DIR, HINT_ENCODINGS, HINT_RESIZES, TinyArch, ScribbleGenModel, build_tiny, from_base, from_stable_diffusion
+from engine.models import (
+    CHANNEL_ORDERS, FINAL_DIR, HINT_ENCODINGS, HINT_RESIZES, TinyArch, ScribbleGenModel, build_tiny, from_base,
+    from_stable_diffusion,
+)
 from engine.preview import COUNT as PREVIEW_COUNT, add_preview
 from engine.shards import read_shard
 from engine.tensorboard_log import LogConfig, add_record, tensorboard_writer
@@ -106,9 +109,14 @@ class DataSection:
     # The colour hint at the model's resolution: nearest (the fitted scribble rendered) | cubic
     # (rendered at the source's size, then resized bicubically: the paper's data.py:187)
     hint_resize: str = "nearest"
+    # What the ControlNet trains on: rgb | bgr (the paper's double channel flip, a bug its
+    # generation undoes; engine.models.CHANNEL_ORDERS). The bundle records it; sampling follows.
+    channel_order: str = "rgb"
 
     def validate(self) -> None:
         check_resize(self.resize, "data.resize")
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise BadInputError(f"data.channel_order={self.channel_order!r}", f"must be one of {CHANNEL_ORDERS}")
         if self.hint_resize not in HINT_RESIZES:
             raise BadInputError(f"data.hint_resize={self.hint_resize!r}", f"must be one of {HINT_RESIZES}")
 
@@ -469,6 +477,7 @@ def _train_rank(cfg: TrainControlNetConfig, resume: bool, progress: bool, rank: 
     model.uncond = "hint+prompt" if cfg.train.drop_prompt else "hint"  # what the bundle records; previews sample with it
     model.resize = cfg.data.resize
     model.hint_resize = cfg.data.hint_resize
+    model.channel_order = cfg.data.channel_order
     parts = TrainedParts(model, tc.train_denoiser, tc.learn_null_hint)
     params = trainable_params(model, parts)
     if tc.gradient_checkpointing:

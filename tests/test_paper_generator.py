@@ -21,7 +21,7 @@ from engine.generate.worker import load_sampler
 from engine.models import ScribbleGenModel, initial_null_hint
 from engine.render import render_scribble
 from engine.sampler import ScribbleSampler
-from engine.train_controlnet import TrainControlNetConfig, train
+from engine.train_controlnet import DataSection, TrainControlNetConfig, train
 from experiments.sweep import RUN_ONLY, stage_identity
 
 VOC_TRAIN_IMAGES = 10_582  # the paper's train.txt (VOC 2012 train + SBD)
@@ -77,7 +77,8 @@ def test_tiny_training_is_what_it_was_before_the_options(manifest, tmp_path):
     configs/controlnet/tiny.yaml are those the code before them recorded (commit db0ea9c)."""
     final = train(micro_config(manifest, tmp_path / "run"), progress=False)
     meta = json.loads((final / "scribblegen.json").read_text())
-    assert meta["model_id"] == "tiny-1a83b14c0582" and "hint_resize" not in meta  # the file's bytes as before
+    assert meta["model_id"] == "tiny-1a83b14c0582"
+    assert "hint_resize" not in meta and "channel_order" not in meta  # the file's bytes as before
     tiny = load_config(TrainControlNetConfig, "configs/controlnet/tiny.yaml", [])
     assert stage_identity(tiny, RUN_ONLY["controlnet"], {"real": "abc"}).digest == "e6cc3776f567f490"
 
@@ -154,3 +155,56 @@ def test_generation_identity_takes_a_new_option_only_off_its_default(tmp_path):
     assert generation_identity(cfg, _Plan(), tmp_path).digest == "2851ed1a37f3136d"  # test_solvers.py's
     cfg.sampler.hint_resize = "cubic"
     assert generation_identity(cfg, _Plan(), tmp_path).config["sampler"]["hint_resize"] == "cubic"
+
+
+# -- the channel order (divergence 6) -------------------------------------------------------------
+def _swapped(model: ScribbleGenModel) -> ScribbleGenModel:
+    model.channel_order = "bgr"
+    return model
+
+
+def test_a_bgr_model_sees_bgr_images_and_hints_and_answers_rgb():
+    """The paper's data flow by hand: an RGB model fed the channel-swapped source and colour
+    hint, its output swapped back, is what the bgr model does on the RGB inputs."""
+    images, scribbles, names = sources(2)
+    bgr = ScribbleSampler(_swapped(micro_model()), num_steps=2).sample(images, scribbles, names, 2.0, 0.6, [0, 1])
+    by_hand = ScribbleSampler(micro_model(), num_steps=2).sample(
+        images[..., ::-1].copy(), scribbles, names, 2.0, 0.6, [0, 1], render_scribble(scribbles)[..., ::-1].copy())
+    assert np.array_equal(bgr, by_hand[..., ::-1])
+    assert not np.array_equal(bgr, ScribbleSampler(micro_model(), num_steps=2).sample(
+        images, scribbles, names, 2.0, 0.6, [0, 1]))
+
+
+def test_bgr_training_loss_is_the_rgb_loss_on_swapped_inputs():
+    from diffusers import DDIMScheduler
+
+    from engine.train_controlnet import loss_on_batch
+
+    images, scribbles, names = sources(3)
+    model = micro_model()
+    sched = DDIMScheduler.from_config(model.scheduler_config)
+
+    def loss(m: ScribbleGenModel, imgs: np.ndarray, colours: np.ndarray | None) -> float:
+        return loss_on_batch(m, sched, imgs, scribbles, names, 0.0, False, torch.Generator().manual_seed(0),
+                             colours=colours)[0].item()
+
+    swapped = loss(micro_model(), images[..., ::-1].copy(), render_scribble(scribbles)[..., ::-1].copy())
+    assert loss(_swapped(model), images, None) == swapped != loss(micro_model(), images, None)
+
+
+def test_the_channel_order_travels_in_the_bundle(manifest, tmp_path):
+    cfg = micro_config(manifest, tmp_path / "bgr", steps=1)
+    cfg.data.channel_order = "bgr"
+    final = train(cfg, progress=False)
+    assert json.loads((final / "scribblegen.json").read_text())["channel_order"] == "bgr"
+    assert ScribbleGenModel.from_pretrained(final).channel_order == "bgr"
+    with pytest.raises(BadInputError, match="channel_order"):
+        DataSection(channel_order="brg").validate()
+
+
+def test_sd15_trains_in_rgb_and_bgr_is_the_papers_option(sd15):
+    """The paper's BGR is a bug it compensates for; the SD 1.5 config keeps RGB (the order SD
+    1.5 was pretrained in), and data.channel_order: bgr reproduces the paper."""
+    assert sd15.data.channel_order == "rgb"
+    assert load_config(TrainControlNetConfig, "configs/controlnet/sd15.yaml",
+                       ["model.pretrained=/sd15", "data.channel_order=bgr"]).data.channel_order == "bgr"
