@@ -208,3 +208,18 @@ def test_sd15_trains_in_rgb_and_bgr_is_the_papers_option(sd15):
     assert sd15.data.channel_order == "rgb"
     assert load_config(TrainControlNetConfig, "configs/controlnet/sd15.yaml",
                        ["model.pretrained=/sd15", "data.channel_order=bgr"]).data.channel_order == "bgr"
+
+
+# -- smaller points (divergence 10) ------------------------------------------------------------------
+def test_paper_generation_samples_in_fp32():
+    """dataset_generation.py runs the model as loaded, in float32."""
+    assert load_config(GenerateConfig, "configs/generate/paper.yaml", []).sampler.dtype == "float32"
+
+
+def test_the_voc_w_sweep_is_the_papers():
+    """The paper's w sweep: {1.25, 1.5, 1.75, 2, 3} (at N = 50 here; N = 100 is a second run)."""
+    import yaml
+
+    sweep = yaml.safe_load(open("configs/sweeps/voc_sd15_w.yaml"))
+    assert sweep["grid"]["w"] == [1.25, 1.5, 1.75, 2.0, 3.0]
+    assert load_config(GenerateConfig, "configs/generate/paper.yaml", []).sampler.num_steps == 50
