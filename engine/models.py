@@ -42,8 +42,10 @@ KINDS = ("tiny", "sd15")
 # is dropped in training) or the null hint with the null prompt (both dropped together).
 UNCOND = ("hint", "hint+prompt")
 # How a scribble becomes the ControlNet's input: the colour rendering (engine.render, the
-# paper's) or one channel per class (1 where the class is drawn; unlabelled is all zeros).
-HINT_ENCODINGS = ("colour", "onehot")
+# paper's) or one channel per class (1 where the class is drawn): "onehot" leaves unlabelled
+# pixels all zeros, "onehot+unlabelled" gives them a channel of their own after the classes
+# (the paper's one-hot ablation: 22 channels for VOC, 255 in channel 21).
+HINT_ENCODINGS = ("colour", "onehot", "onehot+unlabelled")
 # How a colour hint reaches the model's resolution: the fitted scribble rendered (nearest) or
 # the scribble rendered at its own size, then resized bicubically (the paper's data.py:187).
 HINT_RESIZES = ("nearest", "cubic")
@@ -195,8 +197,9 @@ class ScribbleGenModel(nn.Module):
         already rendered at the sources' own size and fitted bicubically (``B x H x W x 3``
         uint8, ``hint_resize: cubic``, :func:`engine.data.geometry.fit_colour_hint`), used
         instead of rendering the fitted ``scribbles``."""
-        if self.hint_encoding == "onehot":
-            return onehot_hint(np.asarray(scribbles), len(self.class_names)).to(self.device, self.dtype)
+        if self.hint_encoding != "colour":
+            return onehot_hint(np.asarray(scribbles), len(self.class_names),
+                               unlabelled_channel=self.hint_encoding == "onehot+unlabelled").to(self.device, self.dtype)
         rgb = self._in_channel_order(render_scribble(np.asarray(scribbles)) if colours is None else np.asarray(colours))
         rgb = torch.from_numpy(rgb)
         # .contiguous(): a permuted (channels-last) input drags every conv onto a far slower CPU path.
@@ -387,21 +390,23 @@ def _load_parts(folder: Path, kind: str, dtype: torch.dtype | None, need_control
     return dict(unet=unet, controlnet=controlnet, text=text, vae=vae, scheduler_config=scheduler_config)
 
 
-def onehot_hint(scribbles: np.ndarray, num_classes: int) -> torch.Tensor:
-    """``B x H x W`` class ids -> ``B x K x H x W`` float one-hot; unlabelled (255) pixels are all 0."""
+def onehot_hint(scribbles: np.ndarray, num_classes: int, unlabelled_channel: bool = False) -> torch.Tensor:
+    """``B x H x W`` class ids -> ``B x K x H x W`` float one-hot, unlabelled (255) pixels all 0;
+    with ``unlabelled_channel`` ``B x (K + 1) x H x W``, unlabelled pixels 1 in channel K."""
     ids = torch.from_numpy(np.asarray(scribbles)).long()
     bad = (ids >= num_classes) & (ids != UNLABELLED)
     if bool(bad.any()):
         raise BadInputError("scribble", f"class id {int(ids[bad][0])} >= the model's {num_classes} classes")
     ids = torch.where(ids == UNLABELLED, num_classes, ids)
-    return nn.functional.one_hot(ids, num_classes + 1)[..., :num_classes].permute(0, 3, 1, 2).float().contiguous()
+    channels = num_classes + 1 if unlabelled_channel else num_classes
+    return nn.functional.one_hot(ids, num_classes + 1)[..., :channels].permute(0, 3, 1, 2).float().contiguous()
 
 
 def hint_channels(encoding: str, class_names: Sequence[str]) -> int:
     """Input channels of the ControlNet's hint for ``encoding``."""
     if encoding not in HINT_ENCODINGS:
         raise BadInputError(f"model.hint={encoding!r}", f"must be one of {HINT_ENCODINGS}")
-    return len(class_names) if encoding == "onehot" else 3
+    return {"colour": 3, "onehot": len(class_names), "onehot+unlabelled": len(class_names) + 1}[encoding]
 
 
 def _controlnet_from_unet(unet: nn.Module, embedding_channels: tuple[int, ...], hint_in: int = 3) -> nn.Module:

@@ -84,7 +84,9 @@ class ModelSection:
     resolution: int = 32
     seed: int = 0  # init seed (ControlNet copy, null hint; the whole tiny model from scratch)
     tiny: TinyArch = field(default_factory=TinyArch)  # from scratch: all of it; on a base: conditioning_channels
-    hint: str = "colour"  # the scribble as the ControlNet sees it: colour (rendered, the paper's) | onehot
+    # the scribble as the ControlNet sees it: colour (rendered, the paper's) | onehot (unlabelled
+    # all 0) | onehot+unlabelled (unlabelled a channel of its own: the paper's one-hot ablation)
+    hint: str = "colour"
 
     def validate(self) -> None:
         if self.kind not in ("tiny", "sd15"):

@@ -223,3 +223,22 @@ def test_the_voc_w_sweep_is_the_papers():
     sweep = yaml.safe_load(open("configs/sweeps/voc_sd15_w.yaml"))
     assert sweep["grid"]["w"] == [1.25, 1.5, 1.75, 2.0, 3.0]
     assert load_config(GenerateConfig, "configs/generate/paper.yaml", []).sampler.num_steps == 50
+
+
+def test_onehot_with_an_unlabelled_channel_is_the_papers_22_channel_hint():
+    """data.py: ``source[source > 20] = 21; one_hot(source, num_classes=22)``, for VOC's 21
+    classes; here K = 3 classes and K + 1 channels."""
+    from cn_fixtures import CLASSES, MICRO
+
+    from engine.models import build_tiny
+
+    k = len(CLASSES)
+    _, scribbles, _ = sources(2)
+    model = build_tiny(MICRO, CLASSES, 16, hint="onehot+unlabelled")
+    ids = torch.from_numpy(scribbles).long()
+    ids[ids > k - 1] = k
+    paper = torch.nn.functional.one_hot(ids, num_classes=k + 1).float().permute(0, 3, 1, 2)
+    assert torch.equal(model.hint(scribbles), paper)
+    assert model.null_hint.shape == (k + 1, 16, 16) and model.controlnet.config.conditioning_channels == k + 1
+    plain = build_tiny(MICRO, CLASSES, 16, hint="onehot").hint(scribbles)
+    assert torch.equal(plain, paper[:, :k])
