@@ -54,8 +54,11 @@ HINT_RESIZES = ("nearest", "cubic")
 # ControlNet trained on BGR images and hints over an RGB-pretrained SD, and its generation
 # flipped the output back; a model trained so must sample so (the λ < 1 starts are BGR too).
 CHANNEL_ORDERS = ("rgb", "bgr")
+# What a dropped prompt becomes (train.drop_prompt, sampler.uncond: hint+prompt): the empty
+# prompt, or the prompt without its class names (the paper's drop_out_text, cldm.py:342-345).
+NULL_PROMPTS = ("empty", "classless")
 # Options a bundle records in scribblegen.json only when off these values (older bundles lack them).
-BUNDLE_DEFAULTS = {"hint_resize": "nearest", "channel_order": "rgb"}
+BUNDLE_DEFAULTS = {"hint_resize": "nearest", "channel_order": "rgb", "null_prompt": "empty"}
 FINAL_DIR = "final"  # where a training run puts its finished bundle
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 CONTROL_INITS = ("zero", "random")
@@ -141,6 +144,7 @@ class ScribbleGenModel(nn.Module):
         hint_encoding: str = "colour",
         hint_resize: str = "nearest",
         channel_order: str = "rgb",
+        null_prompt: str = "empty",
     ) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -151,6 +155,8 @@ class ScribbleGenModel(nn.Module):
             raise BadInputError(f"hint resize {hint_resize!r}", f"must be one of {HINT_RESIZES}")
         if channel_order not in CHANNEL_ORDERS:
             raise BadInputError(f"channel order {channel_order!r}", f"must be one of {CHANNEL_ORDERS}")
+        if null_prompt not in NULL_PROMPTS:
+            raise BadInputError(f"null prompt {null_prompt!r}", f"must be one of {NULL_PROMPTS}")
         self.kind = kind
         self.hint_encoding = hint_encoding
         self.unet = unet
@@ -170,6 +176,7 @@ class ScribbleGenModel(nn.Module):
         # "cubic" (rendered, then resized bicubically: the paper's); generation follows it.
         self.hint_resize = hint_resize
         self.channel_order = channel_order  # what the denoiser sees (CHANNEL_ORDERS); inputs and outputs stay RGB
+        self.null_prompt = null_prompt  # what a dropped prompt becomes (NULL_PROMPTS)
 
     # -- geometry ---------------------------------------------------------------------------
     @property
@@ -204,6 +211,11 @@ class ScribbleGenModel(nn.Module):
         rgb = torch.from_numpy(rgb)
         # .contiguous(): a permuted (channels-last) input drags every conv onto a far slower CPU path.
         return rgb.permute(0, 3, 1, 2).contiguous().to(self.device, self.dtype) / 255.0
+
+    def null_text(self, batch: int) -> torch.Tensor:
+        """The dropped prompt's encoding for ``batch`` samples: the null prompt, or with
+        ``null_prompt: classless`` the prompt of a scribble without classes."""
+        return self.text.encode([[]] * batch) if self.null_prompt == "classless" else self.text.null(batch)
 
     def null_hints(self, batch: int, size: tuple[int, int]) -> torch.Tensor:
         """The learned null hint for ``batch`` samples, resized if sampling at another size."""

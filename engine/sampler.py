@@ -288,7 +288,7 @@ class ScribbleSampler:
         hint = self.model.hint(scribbles, colours)
         null_hint = self.model.null_hints(b, (h, wd))
         text = self.model.text.encode(class_names).to(self.dtype)
-        null_text = text if self.uncond == "hint" else self.model.text.null(b).to(self.dtype)
+        null_text = text if self.uncond == "hint" else self.model.null_text(b).to(self.dtype)
 
         def eps(z_t: torch.Tensor, t: int) -> torch.Tensor:
             return self._guided_eps(z_t, t, hint, null_hint, text, null_text, float(w))

@@ -62,8 +62,8 @@ from engine.distributed import (
 from engine.errors import BadInputError
 from engine.manifest import read_manifest, resolve_shard
 from engine.models import (
-    CHANNEL_ORDERS, FINAL_DIR, HINT_ENCODINGS, HINT_RESIZES, TinyArch, ScribbleGenModel, build_tiny, from_base,
-    from_stable_diffusion,
+    CHANNEL_ORDERS, FINAL_DIR, HINT_ENCODINGS, HINT_RESIZES, NULL_PROMPTS, TinyArch, ScribbleGenModel, build_tiny,
+    from_base, from_stable_diffusion,
 )
 from engine.preview import COUNT as PREVIEW_COUNT, add_preview
 from engine.shards import read_shard
@@ -133,6 +133,9 @@ class TrainSection:
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping (the paper's Lightning trainer clips nothing)
     cond_dropout: float = 0.1
     drop_prompt: bool = False  # false: drop the hint only (the paper); true: the prompt too (recorded as the model's uncond)
+    # what a dropped prompt becomes: empty | classless (the prompt without class names: the
+    # paper's drop_out_text in its no-prompt variant); recorded in the bundle, sampling follows
+    null_prompt: str = "empty"
     snr_gamma: float = 0.0  # Min-SNR-γ loss weighting (e.g. 5); 0 = plain MSE
     train_denoiser: bool = True  # tiny: yes (from scratch); sd15: no (frozen UNet)
     # true: the null hint is a trained parameter (the measured tiny runs); false: it stays the
@@ -155,6 +158,8 @@ class TrainSection:
                 raise BadInputError(f"train.{name}={getattr(self, name)}", "must be >= 1")
         if not 0.0 <= self.cond_dropout < 1.0:
             raise BadInputError(f"train.cond_dropout={self.cond_dropout}", "must be in [0, 1)")
+        if self.null_prompt not in NULL_PROMPTS:
+            raise BadInputError(f"train.null_prompt={self.null_prompt!r}", f"must be one of {NULL_PROMPTS}")
         if self.snr_gamma < 0:
             raise BadInputError(f"train.snr_gamma={self.snr_gamma}", "must be >= 0 (0 disables Min-SNR weighting)")
         if self.grad_clip < 0:
@@ -319,7 +324,7 @@ def loss_on_batch(model: ScribbleGenModel, scheduler, images: np.ndarray, scribb
     drop = share.keep(full_drop)
     with torch.set_grad_enabled(any(p.requires_grad for p in model.text.parameters())):
         text = model.text.encode(names)
-        null_text = model.text.null(b)
+        null_text = model.null_text(b)
     null_hint = model.null_hints(b, images.shape[1:3])
     hint, text = apply_dropout(model.hint(scribbles, colours), text, null_hint, null_text, drop, drop_prompt)
     out = model.predict(zt, t, hint, text.to(zt.dtype))
@@ -480,6 +485,7 @@ def _train_rank(cfg: TrainControlNetConfig, resume: bool, progress: bool, rank: 
     model.resize = cfg.data.resize
     model.hint_resize = cfg.data.hint_resize
     model.channel_order = cfg.data.channel_order
+    model.null_prompt = tc.null_prompt
     parts = TrainedParts(model, tc.train_denoiser, tc.learn_null_hint)
     params = trainable_params(model, parts)
     if tc.gradient_checkpointing:

@@ -18,7 +18,7 @@ from engine.errors import BadInputError
 from engine.generate.config import GenerateConfig, SamplerConfig
 from engine.generate.run import generation_identity
 from engine.generate.worker import load_sampler
-from engine.models import ScribbleGenModel, initial_null_hint
+from engine.models import BUNDLE_DEFAULTS, ScribbleGenModel, initial_null_hint
 from engine.render import render_scribble
 from engine.sampler import ScribbleSampler
 from engine.train_controlnet import DataSection, TrainControlNetConfig, train
@@ -78,7 +78,7 @@ def test_tiny_training_is_what_it_was_before_the_options(manifest, tmp_path):
     final = train(micro_config(manifest, tmp_path / "run"), progress=False)
     meta = json.loads((final / "scribblegen.json").read_text())
     assert meta["model_id"] == "tiny-1a83b14c0582"
-    assert "hint_resize" not in meta and "channel_order" not in meta  # the file's bytes as before
+    assert not set(BUNDLE_DEFAULTS) & set(meta)  # no new key: the file's bytes as before
     tiny = load_config(TrainControlNetConfig, "configs/controlnet/tiny.yaml", [])
     assert stage_identity(tiny, RUN_ONLY["controlnet"], {"real": "abc"}).digest == "e6cc3776f567f490"
 
@@ -242,3 +242,18 @@ def test_onehot_with_an_unlabelled_channel_is_the_papers_22_channel_hint():
     assert model.null_hint.shape == (k + 1, 16, 16) and model.controlnet.config.conditioning_channels == k + 1
     plain = build_tiny(MICRO, CLASSES, 16, hint="onehot").hint(scribbles)
     assert torch.equal(plain, paper[:, :k])
+
+
+def test_a_classless_null_prompt_is_the_prompt_without_classes_in_training_and_sampling(manifest, tmp_path):
+    """cldm.py:342-345 replaces a dropped prompt by drop_out_text, the paper's prompt without
+    its class names; the sampler's unconditional prompt (hint+prompt) follows the bundle."""
+    images, scribbles, names = sources(2)
+    classless = micro_model()
+    classless.null_prompt = "classless"
+    by_hand = micro_model()
+    by_hand.text.null = lambda b: by_hand.text.encode([[]] * b)  # the reference: the null prompt swapped by hand
+    run = [ScribbleSampler(m, num_steps=2, uncond="hint+prompt").sample(images, scribbles, names, 2.0, 1.0, [0, 1])
+           for m in (classless, by_hand, micro_model())]
+    assert np.array_equal(run[0], run[1]) and not np.array_equal(run[0], run[2])
+    cfg = micro_config(manifest, tmp_path / "np", steps=1, drop_prompt=True, null_prompt="classless")
+    assert json.loads((train(cfg, progress=False) / "scribblegen.json").read_text())["null_prompt"] == "classless"
