@@ -25,7 +25,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -57,8 +57,12 @@ CHANNEL_ORDERS = ("rgb", "bgr")
 # What a dropped prompt becomes (train.drop_prompt, sampler.uncond: hint+prompt): the empty
 # prompt, or the prompt without its class names (the paper's drop_out_text, cldm.py:342-345).
 NULL_PROMPTS = ("empty", "classless")
+# How the VAE turns an image into z0: its posterior's mean, or a draw from it (the paper's
+# get_first_stage_encoding, ddpm.py:657, in training and for the λ < 1 start alike).
+VAE_ENCODINGS = ("mean", "sample")
 # Options a bundle records in scribblegen.json only when off these values (older bundles lack them).
-BUNDLE_DEFAULTS = {"hint_resize": "nearest", "channel_order": "rgb", "null_prompt": "empty"}
+BUNDLE_DEFAULTS = {"hint_resize": "nearest", "channel_order": "rgb", "null_prompt": "empty", "vae_encode": "mean"}
+NoiseFn = Callable[[tuple[int, ...]], torch.Tensor]  # shape -> standard normal draws (the caller's seeded stream)
 FINAL_DIR = "final"  # where a training run puts its finished bundle
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 CONTROL_INITS = ("zero", "random")
@@ -145,6 +149,7 @@ class ScribbleGenModel(nn.Module):
         hint_resize: str = "nearest",
         channel_order: str = "rgb",
         null_prompt: str = "empty",
+        vae_encode: str = "mean",
     ) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -157,6 +162,8 @@ class ScribbleGenModel(nn.Module):
             raise BadInputError(f"channel order {channel_order!r}", f"must be one of {CHANNEL_ORDERS}")
         if null_prompt not in NULL_PROMPTS:
             raise BadInputError(f"null prompt {null_prompt!r}", f"must be one of {NULL_PROMPTS}")
+        if vae_encode not in VAE_ENCODINGS:
+            raise BadInputError(f"VAE encoding {vae_encode!r}", f"must be one of {VAE_ENCODINGS}")
         self.kind = kind
         self.hint_encoding = hint_encoding
         self.unet = unet
@@ -177,6 +184,7 @@ class ScribbleGenModel(nn.Module):
         self.hint_resize = hint_resize
         self.channel_order = channel_order  # what the denoiser sees (CHANNEL_ORDERS); inputs and outputs stay RGB
         self.null_prompt = null_prompt  # what a dropped prompt becomes (NULL_PROMPTS)
+        self.vae_encode = vae_encode  # z0 from the VAE posterior's mean or a draw (VAE_ENCODINGS)
 
     # -- geometry ---------------------------------------------------------------------------
     @property
@@ -224,14 +232,23 @@ class ScribbleGenModel(nn.Module):
             hint = nn.functional.interpolate(hint, size=size, mode="bilinear", align_corners=False)
         return hint.expand(batch, -1, -1, -1)
 
-    def encode_images(self, images: np.ndarray) -> torch.Tensor:
-        """``B x H x W x 3`` uint8 RGB -> ``z0`` (VAE latent mean x scaling, or pixels in [-1, 1])."""
+    def encode_images(self, images: np.ndarray, posterior_noise: NoiseFn | None = None) -> torch.Tensor:
+        """``B x H x W x 3`` uint8 RGB -> ``z0`` (VAE latent x scaling, or pixels in [-1, 1]). The
+        latent is the posterior's mean, or with ``vae_encode: sample`` the draw mean + std·ε,
+        ε = ``posterior_noise(shape)``: the caller's seeded stream, so draws replay exactly."""
         x = torch.from_numpy(np.require(self._in_channel_order(images), requirements=["C", "W"])).permute(0, 3, 1, 2).contiguous().to(self.device, self.dtype)
         x = x / 127.5 - 1.0
         if self.vae is None:
             return x
         with torch.no_grad():
-            return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+            posterior = self.vae.encode(x).latent_dist
+            if self.vae_encode == "mean":
+                return posterior.mean * self.vae.config.scaling_factor
+            if posterior_noise is None:
+                raise BadInputError(f"model {self.model_id}", "encodes with a posterior draw (vae_encode: sample) "
+                                    "and needs the noise for it")
+            eps = posterior_noise(tuple(posterior.mean.shape)).to(posterior.mean)
+            return (posterior.mean + posterior.std * eps) * self.vae.config.scaling_factor
 
     def decode(self, z: torch.Tensor) -> np.ndarray:
         """Inverse of :meth:`encode_images`: latents/pixels -> ``B x H x W x 3`` uint8."""

@@ -228,8 +228,11 @@ class ScribbleSampler:
         return (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps64).to(z.dtype)
 
     def _noise(self, shape: tuple[int, ...], seeds: Sequence[int]) -> torch.Tensor:
-        out = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
-        return torch.stack(out).to(self.device, self.dtype)
+        return self._draws(shape, [torch.Generator("cpu").manual_seed(int(s)) for s in seeds])
+
+    def _draws(self, shape: tuple[int, ...], gens: Sequence[torch.Generator]) -> torch.Tensor:
+        """One ``shape`` draw per sample, each from its own generator (the next in its stream)."""
+        return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device, self.dtype)
 
     def _as_eps(self, out: torch.Tensor, z: torch.Tensor, t: int) -> torch.Tensor:
         """The denoiser's output as ε. A v-prediction ``v = √ᾱ ε − √(1−ᾱ) x0`` gives
@@ -282,8 +285,9 @@ class ScribbleSampler:
         if h % m or wd % m:
             raise BadInputError(f"image size {wd}x{h}", f"sides must be multiples of {m} for this model")
         t_noise, ts, prevs = self.schedule(lam)
-        z0 = self.model.encode_images(images)
-        noise = self._noise(tuple(z0.shape[1:]), seeds)
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        z0 = self.model.encode_images(images, lambda shape: self._draws(shape[1:], gens))  # vae_encode: sample
+        noise = self._draws(tuple(z0.shape[1:]), gens)
         z = self.scheduler.add_noise(z0, noise, torch.tensor([t_noise] * b, dtype=torch.long))
         hint = self.model.hint(scribbles, colours)
         null_hint = self.model.null_hints(b, (h, wd))

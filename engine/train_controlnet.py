@@ -63,7 +63,7 @@ from engine.errors import BadInputError
 from engine.manifest import read_manifest, resolve_shard
 from engine.models import (
     CHANNEL_ORDERS, FINAL_DIR, HINT_ENCODINGS, HINT_RESIZES, NULL_PROMPTS, TinyArch, ScribbleGenModel, build_tiny,
-    from_base, from_stable_diffusion,
+    VAE_ENCODINGS, from_base, from_stable_diffusion,
 )
 from engine.preview import COUNT as PREVIEW_COUNT, add_preview
 from engine.shards import read_shard
@@ -114,11 +114,15 @@ class DataSection:
     # What the ControlNet trains on: rgb | bgr (the paper's double channel flip, a bug its
     # generation undoes; engine.models.CHANNEL_ORDERS). The bundle records it; sampling follows.
     channel_order: str = "rgb"
+    # z0 from the VAE: mean (its posterior's) | sample (a draw: the paper's); sd15 only
+    vae_encode: str = "mean"
 
     def validate(self) -> None:
         check_resize(self.resize, "data.resize")
         if self.channel_order not in CHANNEL_ORDERS:
             raise BadInputError(f"data.channel_order={self.channel_order!r}", f"must be one of {CHANNEL_ORDERS}")
+        if self.vae_encode not in VAE_ENCODINGS:
+            raise BadInputError(f"data.vae_encode={self.vae_encode!r}", f"must be one of {VAE_ENCODINGS}")
         if self.hint_resize not in HINT_RESIZES:
             raise BadInputError(f"data.hint_resize={self.hint_resize!r}", f"must be one of {HINT_RESIZES}")
 
@@ -179,6 +183,9 @@ class TrainControlNetConfig:
     out: str = "runs/tiny/controlnet"
 
     def validate(self) -> None:
+        if self.data.vae_encode == "sample" and self.model.kind != "sd15":
+            raise BadInputError("data.vae_encode=sample", f"model.kind={self.model.kind!r} has no VAE (pixel space)",
+                                "set data.vae_encode=mean")
         if self.data.hint_resize == "cubic" and self.model.hint != "colour":
             raise BadInputError("data.hint_resize=cubic", f"blends colours, and model.hint={self.model.hint!r} has none "
                                 "(the paper resizes one-hot hints with nearest)", "set data.hint_resize=nearest")
@@ -319,7 +326,8 @@ def loss_on_batch(model: ScribbleGenModel, scheduler, images: np.ndarray, scribb
     the share, number of dropped samples in the whole global batch)."""
     b = len(names)
     share = share or batch_share(b)
-    zt, t, target = noised_and_target(scheduler, model.encode_images(images), gen, share)
+    z0 = model.encode_images(images, lambda shape: share.keep(torch.randn((share.total, *shape[1:]), generator=gen)))
+    zt, t, target = noised_and_target(scheduler, z0, gen, share)
     full_drop = dropout_mask(share.total, p_drop, gen)
     drop = share.keep(full_drop)
     with torch.set_grad_enabled(any(p.requires_grad for p in model.text.parameters())):
@@ -486,6 +494,7 @@ def _train_rank(cfg: TrainControlNetConfig, resume: bool, progress: bool, rank: 
     model.hint_resize = cfg.data.hint_resize
     model.channel_order = cfg.data.channel_order
     model.null_prompt = tc.null_prompt
+    model.vae_encode = cfg.data.vae_encode
     parts = TrainedParts(model, tc.train_denoiser, tc.learn_null_hint)
     params = trainable_params(model, parts)
     if tc.gradient_checkpointing:

@@ -414,7 +414,8 @@ RUN_ONLY = {
 # existed, so those runs stay reusable; any other value enters the identity.
 ADDED_LATER: dict[type, set[str]] = {
     IngestConfig: set(),
-    TrainControlNetConfig: {"train.learn_null_hint", "train.null_prompt", "data.hint_resize", "data.channel_order"},
+    TrainControlNetConfig: {"train.learn_null_hint", "train.null_prompt", "data.hint_resize", "data.channel_order",
+                            "data.vae_encode"},
     SegConfig: set(),
 }
 

@@ -257,3 +257,49 @@ def test_a_classless_null_prompt_is_the_prompt_without_classes_in_training_and_s
     assert np.array_equal(run[0], run[1]) and not np.array_equal(run[0], run[2])
     cfg = micro_config(manifest, tmp_path / "np", steps=1, drop_prompt=True, null_prompt="classless")
     assert json.loads((train(cfg, progress=False) / "scribblegen.json").read_text())["null_prompt"] == "classless"
+
+
+@pytest.fixture(scope="module")
+def sd_model(tmp_path_factory):
+    from cn_fixtures import CLASSES, write_sd_stack
+
+    from engine.models import from_stable_diffusion
+
+    return from_stable_diffusion(write_sd_stack(tmp_path_factory.mktemp("sd")), CLASSES, resolution=32).eval()
+
+
+def test_vae_sample_encoding_is_the_posteriors_draw(sd_model, sd15):
+    """ddpm.py:657 (get_first_stage_encoding of posterior.sample()): sd15.yaml's default."""
+    assert sd15.data.vae_encode == "sample"
+    images = sources(2, size=32)[0]
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    posterior = sd_model.vae.encode(x).latent_dist
+    sd_model.vae_encode = "sample"
+    try:
+        ours = sd_model.encode_images(images, lambda shape: torch.randn(shape, generator=torch.Generator().manual_seed(7)))
+    finally:
+        sd_model.vae_encode = "mean"
+    reference = posterior.sample(generator=torch.Generator().manual_seed(7)) * sd_model.vae.config.scaling_factor
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+    assert not torch.allclose(ours, sd_model.encode_images(images))
+
+
+def test_the_sampler_draws_the_posterior_per_seed(sd_model):
+    images, scribbles, names = sources(2, size=32)
+    sd_model.vae_encode = "sample"
+    try:
+        sampler = ScribbleSampler(sd_model, num_steps=2)
+        both = sampler.sample(images, scribbles, names, 2.0, 0.5, [3, 4])
+        alone = sampler.sample(images[1:], scribbles[1:], names[1:], 2.0, 0.5, [4])
+    finally:
+        sd_model.vae_encode = "mean"
+    assert np.array_equal(both[1:], alone)  # sample i is the same alone or in a batch
+    assert not np.array_equal(both, ScribbleSampler(sd_model, num_steps=2).sample(images, scribbles, names, 2.0, 0.5,
+                                                                                  [3, 4]))
+
+
+def test_a_pixel_space_model_has_no_posterior_to_draw(manifest, tmp_path):
+    cfg = micro_config(manifest, tmp_path / "x")
+    cfg.data.vae_encode = "sample"
+    with pytest.raises(BadInputError, match="no VAE"):
+        cfg.validate()
