@@ -236,8 +236,8 @@ class ScribbleGenModel(nn.Module):
         """``B x H x W x 3`` uint8 RGB -> ``z0`` (VAE latent x scaling, or pixels in [-1, 1]). The
         latent is the posterior's mean, or with ``vae_encode: sample`` the draw mean + std·ε,
         ε = ``posterior_noise(shape)``: the caller's seeded stream, so draws replay exactly."""
-        x = torch.from_numpy(np.require(self._in_channel_order(images), requirements=["C", "W"])).permute(0, 3, 1, 2).contiguous().to(self.device, self.dtype)
-        x = x / 127.5 - 1.0
+        x = torch.from_numpy(np.require(self._in_channel_order(images), requirements=["C", "W"]))
+        x = x.permute(0, 3, 1, 2).contiguous().to(self.device, self.dtype) / 127.5 - 1.0
         if self.vae is None:
             return x
         with torch.no_grad():
