@@ -124,11 +124,13 @@ def _scheduler_config(beta_schedule: str, prediction_type: str) -> dict[str, Any
 class ScribbleGenModel(nn.Module):
     """Everything needed to train and sample ScribbleGen, as one ``nn.Module``.
 
-    ``unet`` is the denoiser, ``controlnet`` the scribble branch, ``null_hint`` the learned
-    "empty" conditioning image (``3 x H x W`` in hint space [0, 1]) used for the 10 %
-    dropout and as CFG's unconditional branch, ``text`` the text conditioner, ``vae``
-    the latent autoencoder (``None`` for the pixel-space tiny model), ``uncond`` the
-    unconditional pair its training taught (saved in ``scribblegen.json``).
+    ``unet`` is the denoiser, ``controlnet`` the scribble branch, ``null_hint`` the "empty"
+    conditioning image (``C x H x W``, ``randn`` at the start; fixed as in the paper, or
+    trained with ``train.learn_null_hint``) used for the 10 % dropout and as CFG's
+    unconditional branch, ``text`` the text conditioner, ``vae`` the latent autoencoder
+    (``None`` for the pixel-space tiny model), ``uncond`` the unconditional pair its
+    training taught; it and the paper-fidelity options (:data:`BUNDLE_DEFAULTS`) are saved
+    in ``scribblegen.json``.
     """
 
     def __init__(
@@ -226,7 +228,7 @@ class ScribbleGenModel(nn.Module):
         return self.text.encode([[]] * batch) if self.null_prompt == "classless" else self.text.null(batch)
 
     def null_hints(self, batch: int, size: tuple[int, int]) -> torch.Tensor:
-        """The learned null hint for ``batch`` samples, resized if sampling at another size."""
+        """The null hint for ``batch`` samples, resized if sampling at another size."""
         hint = self.null_hint[None]
         if tuple(hint.shape[-2:]) != tuple(size):
             hint = nn.functional.interpolate(hint, size=size, mode="bilinear", align_corners=False)
@@ -453,8 +455,9 @@ def controlnet_zero_layers(controlnet: nn.Module) -> list[nn.Module]:
 
 
 def initial_null_hint(resolution: int, seed: int = 0, channels: int = 3) -> torch.Tensor:
-    """The learned null hint's starting value: ``randn`` as in the paper's code. Zeros would
-    be the rendering of an all-unlabelled scribble, i.e. a real (empty) hint."""
+    """The null hint's starting value: ``randn`` as in the paper's code (which keeps it so;
+    ``train.learn_null_hint`` trains it from here). Zeros would be the rendering of an
+    all-unlabelled scribble, i.e. a real (empty) hint."""
     return torch.randn(channels, resolution, resolution, generator=torch.Generator().manual_seed(seed))
 
 

@@ -1,6 +1,6 @@
 """(w, λ) sampling: classifier-free guidance scale w and encode ratio λ over DDIM or a multistep solver.
 
-``eps = eps(z, ∅) + w · (eps(z, c) − eps(z, ∅))`` where ∅ is the learned null hint with
+``eps = eps(z, ∅) + w · (eps(z, c) − eps(z, ∅))`` where ∅ is the null hint with
 the real prompt (``uncond="hint"``, the paper's) or with the null prompt (``"hint+prompt"``);
 a model is only sampled with the pair its training dropout taught it (recorded in its
 bundle). Both branches run in ONE batched forward (the batch is doubled). w = 1
