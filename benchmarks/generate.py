@@ -149,7 +149,7 @@ class PacedStub:
     def steps_for(self, lam: float) -> int:
         return max(1, math.ceil(self.num_steps * lam))
 
-    def sample(self, images, scribbles, class_names, w, lam, seeds):  # noqa: ANN001 (the Sampler protocol)
+    def sample(self, images, scribbles, class_names, w, lam, seeds, colours=None):  # noqa: ANN001 (the Sampler protocol)
         t0 = time.perf_counter()
         out = np.stack([np.random.default_rng(seed).integers(0, 256, images.shape[1:], dtype=np.uint8) for seed in seeds])
         budget = self.seconds_per_image * self.steps_for(lam) / self.num_steps * len(images)

@@ -25,7 +25,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -42,8 +42,27 @@ KINDS = ("tiny", "sd15")
 # is dropped in training) or the null hint with the null prompt (both dropped together).
 UNCOND = ("hint", "hint+prompt")
 # How a scribble becomes the ControlNet's input: the colour rendering (engine.render, the
-# paper's) or one channel per class (1 where the class is drawn; unlabelled is all zeros).
-HINT_ENCODINGS = ("colour", "onehot")
+# paper's) or one channel per class (1 where the class is drawn): "onehot" leaves unlabelled
+# pixels all zeros, "onehot+unlabelled" gives them a channel of their own after the classes
+# (the paper's one-hot ablation: 22 channels for VOC, 255 in channel 21).
+HINT_ENCODINGS = ("colour", "onehot", "onehot+unlabelled")
+# How a colour hint reaches the model's resolution: the fitted scribble rendered (nearest) or
+# the scribble rendered at its own size, then resized bicubically (the paper's data.py:187).
+HINT_RESIZES = ("nearest", "cubic")
+# The channel order the model sees images and colour hints in. "bgr" is the paper's bug: its
+# data.py flips channels twice (imread's BGR to RGB, then cvtColor BGR2RGB back to BGR), so its
+# ControlNet trained on BGR images and hints over an RGB-pretrained SD, and its generation
+# flipped the output back; a model trained so must sample so (the λ < 1 starts are BGR too).
+CHANNEL_ORDERS = ("rgb", "bgr")
+# What a dropped prompt becomes (train.drop_prompt, sampler.uncond: hint+prompt): the empty
+# prompt, or the prompt without its class names (the paper's drop_out_text, cldm.py:342-345).
+NULL_PROMPTS = ("empty", "classless")
+# How the VAE turns an image into z0: its posterior's mean, or a draw from it (the paper's
+# get_first_stage_encoding, ddpm.py:657, in training and for the λ < 1 start alike).
+VAE_ENCODINGS = ("mean", "sample")
+# Options a bundle records in scribblegen.json only when off these values (older bundles lack them).
+BUNDLE_DEFAULTS = {"hint_resize": "nearest", "channel_order": "rgb", "null_prompt": "empty", "vae_encode": "mean"}
+NoiseFn = Callable[[tuple[int, ...]], torch.Tensor]  # shape -> standard normal draws (the caller's seeded stream)
 FINAL_DIR = "final"  # where a training run puts its finished bundle
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 CONTROL_INITS = ("zero", "random")
@@ -105,11 +124,13 @@ def _scheduler_config(beta_schedule: str, prediction_type: str) -> dict[str, Any
 class ScribbleGenModel(nn.Module):
     """Everything needed to train and sample ScribbleGen, as one ``nn.Module``.
 
-    ``unet`` is the denoiser, ``controlnet`` the scribble branch, ``null_hint`` the learned
-    "empty" conditioning image (``3 x H x W`` in hint space [0, 1]) used for the 10 %
-    dropout and as CFG's unconditional branch, ``text`` the text conditioner, ``vae``
-    the latent autoencoder (``None`` for the pixel-space tiny model), ``uncond`` the
-    unconditional pair its training taught (saved in ``scribblegen.json``).
+    ``unet`` is the denoiser, ``controlnet`` the scribble branch, ``null_hint`` the "empty"
+    conditioning image (``C x H x W``, ``randn`` at the start; fixed as in the paper, or
+    trained with ``train.learn_null_hint``) used for the 10 % dropout and as CFG's
+    unconditional branch, ``text`` the text conditioner, ``vae`` the latent autoencoder
+    (``None`` for the pixel-space tiny model), ``uncond`` the unconditional pair its
+    training taught; it and the paper-fidelity options (:data:`BUNDLE_DEFAULTS`) are saved
+    in ``scribblegen.json``.
     """
 
     def __init__(
@@ -127,12 +148,24 @@ class ScribbleGenModel(nn.Module):
         uncond: str | None = None,
         resize: str | None = None,
         hint_encoding: str = "colour",
+        hint_resize: str = "nearest",
+        channel_order: str = "rgb",
+        null_prompt: str = "empty",
+        vae_encode: str = "mean",
     ) -> None:
         super().__init__()
         if kind not in KINDS:
             raise BadInputError(f"model kind {kind!r}", f"must be one of {KINDS}")
         if hint_encoding not in HINT_ENCODINGS:
             raise BadInputError(f"hint encoding {hint_encoding!r}", f"must be one of {HINT_ENCODINGS}")
+        if hint_resize not in HINT_RESIZES:
+            raise BadInputError(f"hint resize {hint_resize!r}", f"must be one of {HINT_RESIZES}")
+        if channel_order not in CHANNEL_ORDERS:
+            raise BadInputError(f"channel order {channel_order!r}", f"must be one of {CHANNEL_ORDERS}")
+        if null_prompt not in NULL_PROMPTS:
+            raise BadInputError(f"null prompt {null_prompt!r}", f"must be one of {NULL_PROMPTS}")
+        if vae_encode not in VAE_ENCODINGS:
+            raise BadInputError(f"VAE encoding {vae_encode!r}", f"must be one of {VAE_ENCODINGS}")
         self.kind = kind
         self.hint_encoding = hint_encoding
         self.unet = unet
@@ -148,6 +181,12 @@ class ScribbleGenModel(nn.Module):
         # UNCOND); None = not recorded (a fresh ControlNet, or a bundle older than the field).
         self.uncond = uncond
         self.resize = resize  # how training fitted its images to ``resolution`` (engine.data.geometry)
+        # How training fitted its colour hints: "nearest" (the fitted scribble rendered) or
+        # "cubic" (rendered, then resized bicubically: the paper's); generation follows it.
+        self.hint_resize = hint_resize
+        self.channel_order = channel_order  # what the denoiser sees (CHANNEL_ORDERS); inputs and outputs stay RGB
+        self.null_prompt = null_prompt  # what a dropped prompt becomes (NULL_PROMPTS)
+        self.vae_encode = vae_encode  # z0 from the VAE posterior's mean or a draw (VAE_ENCODINGS)
 
     # -- geometry ---------------------------------------------------------------------------
     @property
@@ -169,37 +208,60 @@ class ScribbleGenModel(nn.Module):
         return self.null_hint.dtype
 
     # -- conversions --------------------------------------------------------------------------
-    def hint(self, scribbles: np.ndarray) -> torch.Tensor:
+    def hint(self, scribbles: np.ndarray, colours: np.ndarray | None = None) -> torch.Tensor:
         """``B x H x W`` uint8 scribbles -> ``B x C x H x W`` conditioning in [0, 1]: the colour
-        rendering (C = 3) or one-hot (C = number of classes)."""
-        if self.hint_encoding == "onehot":
-            return onehot_hint(np.asarray(scribbles), len(self.class_names)).to(self.device, self.dtype)
-        rgb = torch.from_numpy(render_scribble(np.asarray(scribbles)))
+        rendering (C = 3) or one-hot (C = number of classes). ``colours``: the colour hints
+        already rendered at the sources' own size and fitted bicubically (``B x H x W x 3``
+        uint8, ``hint_resize: cubic``, :func:`engine.data.geometry.fit_colour_hint`), used
+        instead of rendering the fitted ``scribbles``."""
+        if self.hint_encoding != "colour":
+            return onehot_hint(np.asarray(scribbles), len(self.class_names),
+                               unlabelled_channel=self.hint_encoding == "onehot+unlabelled").to(self.device, self.dtype)
+        rgb = self._in_channel_order(render_scribble(np.asarray(scribbles)) if colours is None else np.asarray(colours))
+        rgb = torch.from_numpy(rgb)
         # .contiguous(): a permuted (channels-last) input drags every conv onto a far slower CPU path.
         return rgb.permute(0, 3, 1, 2).contiguous().to(self.device, self.dtype) / 255.0
 
+    def null_text(self, batch: int) -> torch.Tensor:
+        """The dropped prompt's encoding for ``batch`` samples: the null prompt, or with
+        ``null_prompt: classless`` the prompt of a scribble without classes."""
+        return self.text.encode([[]] * batch) if self.null_prompt == "classless" else self.text.null(batch)
+
     def null_hints(self, batch: int, size: tuple[int, int]) -> torch.Tensor:
-        """The learned null hint for ``batch`` samples, resized if sampling at another size."""
+        """The null hint for ``batch`` samples, resized if sampling at another size."""
         hint = self.null_hint[None]
         if tuple(hint.shape[-2:]) != tuple(size):
             hint = nn.functional.interpolate(hint, size=size, mode="bilinear", align_corners=False)
         return hint.expand(batch, -1, -1, -1)
 
-    def encode_images(self, images: np.ndarray) -> torch.Tensor:
-        """``B x H x W x 3`` uint8 -> ``z0`` (VAE latent mean x scaling, or pixels in [-1, 1])."""
-        x = torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).contiguous().to(self.device, self.dtype)
-        x = x / 127.5 - 1.0
+    def encode_images(self, images: np.ndarray, posterior_noise: NoiseFn | None = None) -> torch.Tensor:
+        """``B x H x W x 3`` uint8 RGB -> ``z0`` (VAE latent x scaling, or pixels in [-1, 1]). The
+        latent is the posterior's mean, or with ``vae_encode: sample`` the draw mean + std·ε,
+        ε = ``posterior_noise(shape)``: the caller's seeded stream, so draws replay exactly."""
+        x = torch.from_numpy(np.require(self._in_channel_order(images), requirements=["C", "W"]))
+        x = x.permute(0, 3, 1, 2).contiguous().to(self.device, self.dtype) / 127.5 - 1.0
         if self.vae is None:
             return x
         with torch.no_grad():
-            return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+            posterior = self.vae.encode(x).latent_dist
+            if self.vae_encode == "mean":
+                return posterior.mean * self.vae.config.scaling_factor
+            if posterior_noise is None:
+                raise BadInputError(f"model {self.model_id}", "encodes with a posterior draw (vae_encode: sample) "
+                                    "and needs the noise for it")
+            eps = posterior_noise(tuple(posterior.mean.shape)).to(posterior.mean)
+            return (posterior.mean + posterior.std * eps) * self.vae.config.scaling_factor
 
     def decode(self, z: torch.Tensor) -> np.ndarray:
         """Inverse of :meth:`encode_images`: latents/pixels -> ``B x H x W x 3`` uint8."""
         if self.vae is not None:
             z = self.vae.decode(z / self.vae.config.scaling_factor).sample
         x = ((z.float().clamp(-1, 1) + 1) * 127.5).round()
-        return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return self._in_channel_order(x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+
+    def _in_channel_order(self, rgb: np.ndarray) -> np.ndarray:
+        """``... x 3`` colours between RGB and the model's channel order (a swap is its own inverse)."""
+        return np.ascontiguousarray(rgb[..., ::-1]) if self.channel_order == "bgr" else rgb
 
     def predict(self, z: torch.Tensor, t: torch.Tensor, hint: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """The denoiser's output at ``z_t`` (ε or v, as ``scheduler_config['prediction_type']``
@@ -233,12 +295,19 @@ class ScribbleGenModel(nn.Module):
             self.model_id = f"{self.kind}-{weights_digest(tmp)}"
             meta = {"kind": self.kind, "class_names": self.class_names, "resolution": self.resolution,
                     "model_id": self.model_id, "hint": self.hint_encoding, "uncond": self.uncond, "resize": self.resize, "format": 1}
+            meta.update(self._options_off_default())
             (tmp / BUNDLE_FILE).write_text(json.dumps(meta, indent=2))
             _replace_dir(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return folder
+
+    def _options_off_default(self) -> dict[str, str]:
+        """The paper-fidelity options the bundle records, only where they differ from the
+        behaviour that predates them: a bundle trained with every option at its default keeps
+        the bytes of its ``scribblegen.json``, and one without a key reads as the default."""
+        return {k: getattr(self, k) for k, default in BUNDLE_DEFAULTS.items() if getattr(self, k) != default}
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, torch_dtype: torch.dtype | None = None) -> "ScribbleGenModel":
@@ -262,7 +331,8 @@ class ScribbleGenModel(nn.Module):
             null_hint = load_file(folder / NULL_HINT_FILE)["null_hint"]
         model = cls(kind=kind, null_hint=null_hint, class_names=meta["class_names"],
                     resolution=meta["resolution"], model_id=meta.get("model_id"), uncond=meta.get("uncond"),
-                    resize=meta.get("resize"), hint_encoding=meta.get("hint", "colour"), **parts)
+                    resize=meta.get("resize"), hint_encoding=meta.get("hint", "colour"),
+                    **{k: meta.get(k, v) for k, v in BUNDLE_DEFAULTS.items()}, **parts)
         return model.to(torch_dtype) if torch_dtype is not None else model
 
 
@@ -351,21 +421,23 @@ def _load_parts(folder: Path, kind: str, dtype: torch.dtype | None, need_control
     return dict(unet=unet, controlnet=controlnet, text=text, vae=vae, scheduler_config=scheduler_config)
 
 
-def onehot_hint(scribbles: np.ndarray, num_classes: int) -> torch.Tensor:
-    """``B x H x W`` class ids -> ``B x K x H x W`` float one-hot; unlabelled (255) pixels are all 0."""
+def onehot_hint(scribbles: np.ndarray, num_classes: int, unlabelled_channel: bool = False) -> torch.Tensor:
+    """``B x H x W`` class ids -> ``B x K x H x W`` float one-hot, unlabelled (255) pixels all 0;
+    with ``unlabelled_channel`` ``B x (K + 1) x H x W``, unlabelled pixels 1 in channel K."""
     ids = torch.from_numpy(np.asarray(scribbles)).long()
     bad = (ids >= num_classes) & (ids != UNLABELLED)
     if bool(bad.any()):
         raise BadInputError("scribble", f"class id {int(ids[bad][0])} >= the model's {num_classes} classes")
     ids = torch.where(ids == UNLABELLED, num_classes, ids)
-    return nn.functional.one_hot(ids, num_classes + 1)[..., :num_classes].permute(0, 3, 1, 2).float().contiguous()
+    channels = num_classes + 1 if unlabelled_channel else num_classes
+    return nn.functional.one_hot(ids, num_classes + 1)[..., :channels].permute(0, 3, 1, 2).float().contiguous()
 
 
 def hint_channels(encoding: str, class_names: Sequence[str]) -> int:
     """Input channels of the ControlNet's hint for ``encoding``."""
     if encoding not in HINT_ENCODINGS:
         raise BadInputError(f"model.hint={encoding!r}", f"must be one of {HINT_ENCODINGS}")
-    return len(class_names) if encoding == "onehot" else 3
+    return {"colour": 3, "onehot": len(class_names), "onehot+unlabelled": len(class_names) + 1}[encoding]
 
 
 def _controlnet_from_unet(unet: nn.Module, embedding_channels: tuple[int, ...], hint_in: int = 3) -> nn.Module:
@@ -383,8 +455,9 @@ def controlnet_zero_layers(controlnet: nn.Module) -> list[nn.Module]:
 
 
 def initial_null_hint(resolution: int, seed: int = 0, channels: int = 3) -> torch.Tensor:
-    """The learned null hint's starting value: ``randn`` as in the paper's code. Zeros would
-    be the rendering of an all-unlabelled scribble, i.e. a real (empty) hint."""
+    """The null hint's starting value: ``randn`` as in the paper's code (which keeps it so;
+    ``train.learn_null_hint`` trains it from here). Zeros would be the rendering of an
+    all-unlabelled scribble, i.e. a real (empty) hint."""
     return torch.randn(channels, resolution, resolution, generator=torch.Generator().manual_seed(seed))
 
 

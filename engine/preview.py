@@ -36,7 +36,8 @@ STEPS = 10  # DDIM steps (paper spacing): a preview, not a result
 W, LAMBDA = 2.0, 1.0
 TAG = "controlnet/samples"
 
-Source = tuple[np.ndarray, np.ndarray, list[str]]  # image H x W x 3, scribble H x W, class names
+# image H x W x 3, scribble H x W, class names, colour hint H x W x 3 or None (hint_resize: cubic)
+Source = tuple[np.ndarray, np.ndarray, list[str], np.ndarray | None]
 
 
 @contextmanager
@@ -61,7 +62,8 @@ def preview_grid(model: ScribbleGenModel, sources: Sequence[Source]) -> np.ndarr
     images = np.stack([s[0] for s in sources])
     scribbles = np.stack([s[1] for s in sources])
     sampler = ScribbleSampler(model, device=model.device, num_steps=STEPS, dtype=model.dtype, uncond=model.uncond)
-    samples = sampler.sample(images, scribbles, [s[2] for s in sources], W, LAMBDA, list(range(len(sources))))
+    colours = None if sources[0][3] is None else np.stack([s[3] for s in sources])
+    samples = sampler.sample(images, scribbles, [s[2] for s in sources], W, LAMBDA, list(range(len(sources))), colours)
     rows = [np.concatenate([upscale(overlay_scribble(image, scribble)), upscale(render_scribble(scribble)),
                             upscale(overlay_scribble(sample, scribble))], axis=1)
             for image, scribble, sample in zip(images, scribbles, samples)]

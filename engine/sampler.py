@@ -1,6 +1,6 @@
 """(w, λ) sampling: classifier-free guidance scale w and encode ratio λ over DDIM or a multistep solver.
 
-``eps = eps(z, ∅) + w · (eps(z, c) − eps(z, ∅))`` where ∅ is the learned null hint with
+``eps = eps(z, ∅) + w · (eps(z, c) − eps(z, ∅))`` where ∅ is the null hint with
 the real prompt (``uncond="hint"``, the paper's) or with the null prompt (``"hint+prompt"``);
 a model is only sampled with the pair its training dropout taught it (recorded in its
 bundle). Both branches run in ONE batched forward (the batch is doubled). w = 1
@@ -228,8 +228,11 @@ class ScribbleSampler:
         return (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps64).to(z.dtype)
 
     def _noise(self, shape: tuple[int, ...], seeds: Sequence[int]) -> torch.Tensor:
-        out = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
-        return torch.stack(out).to(self.device, self.dtype)
+        return self._draws(shape, [torch.Generator("cpu").manual_seed(int(s)) for s in seeds])
+
+    def _draws(self, shape: tuple[int, ...], gens: Sequence[torch.Generator]) -> torch.Tensor:
+        """One ``shape`` draw per sample, each from its own generator (the next in its stream)."""
+        return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device, self.dtype)
 
     def _as_eps(self, out: torch.Tensor, z: torch.Tensor, t: int) -> torch.Tensor:
         """The denoiser's output as ε. A v-prediction ``v = √ᾱ ε − √(1−ᾱ) x0`` gives
@@ -261,30 +264,35 @@ class ScribbleSampler:
         w: float,
         lam: float,
         seeds: Sequence[int],
+        colours: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Synthetic images ``B x H x W x 3`` uint8 for sources (images, scribbles) at (w, λ)."""
+        """Synthetic images ``B x H x W x 3`` uint8 for sources (images, scribbles) at (w, λ).
+        ``colours``: the sources' colour hints fitted bicubically, for a model trained with
+        ``hint_resize: cubic`` (:func:`engine.data.geometry.fit_colour_hint`)."""
         self._check(w, lam)
         images, scribbles = np.asarray(images), np.asarray(scribbles)
         b = len(seeds)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise BadInputError("images", f"expected B x H x W x 3 uint8, got {images.shape} {images.dtype}")
-        if scribbles.shape != images.shape[:3] or len(class_names) != b or images.shape[0] != b:
+        if (scribbles.shape != images.shape[:3] or len(class_names) != b or images.shape[0] != b
+                or (colours is not None and np.shape(colours) != images.shape)):
             raise BadInputError(
                 "sample() inputs", f"{images.shape[0]} images, scribbles {scribbles.shape}, "
-                f"{len(class_names)} class-name lists and {b} seeds must agree",
+                f"{len(class_names)} class-name lists and {b} seeds (and colour hints, if any) must agree",
             )
         h, wd = images.shape[1:3]
         m = self.model.size_multiple
         if h % m or wd % m:
             raise BadInputError(f"image size {wd}x{h}", f"sides must be multiples of {m} for this model")
         t_noise, ts, prevs = self.schedule(lam)
-        z0 = self.model.encode_images(images)
-        noise = self._noise(tuple(z0.shape[1:]), seeds)
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        z0 = self.model.encode_images(images, lambda shape: self._draws(shape[1:], gens))  # vae_encode: sample
+        noise = self._draws(tuple(z0.shape[1:]), gens)
         z = self.scheduler.add_noise(z0, noise, torch.tensor([t_noise] * b, dtype=torch.long))
-        hint = self.model.hint(scribbles)
+        hint = self.model.hint(scribbles, colours)
         null_hint = self.model.null_hints(b, (h, wd))
         text = self.model.text.encode(class_names).to(self.dtype)
-        null_text = text if self.uncond == "hint" else self.model.text.null(b).to(self.dtype)
+        null_text = text if self.uncond == "hint" else self.model.null_text(b).to(self.dtype)
 
         def eps(z_t: torch.Tensor, t: int) -> torch.Tensor:
             return self._guided_eps(z_t, t, hint, null_hint, text, null_text, float(w))

@@ -3,7 +3,8 @@
 What is trained:
 
 - ``model.kind = sd15`` (paper): the SD 1.5 UNet, VAE and CLIP text encoder stay frozen;
-  the ControlNet (initialised from the UNet) and the learned null hint are trained.
+  the ControlNet (initialised from the UNet) is trained, and the null hint with
+  ``train.learn_null_hint`` (the paper's code keeps it fixed randn noise: sd15.yaml says false).
 - ``model.kind = tiny`` with ``model.pretrained: builtin`` (embedded default): the same
   recipe on the shipped tiny base (``jobs/pretrain_base.py``), the miniature of SD 1.5:
   base UNet and class-token text frozen, ControlNet from the UNet with zero convolutions.
@@ -14,10 +15,11 @@ What is trained:
 
 Loss: MSE against the model's target (ε, or v for ``prediction_type: v_prediction``) at a
 uniformly drawn timestep, optionally Min-SNR-γ weighted (``train.snr_gamma``). With probability
-``train.cond_dropout`` (0.1) a sample's scribble hint is replaced by the learned null hint
+``train.cond_dropout`` (0.1) a sample's scribble hint is replaced by the null hint
 and (``train.drop_prompt``) its prompt by the null prompt, so the same network learns the
 unconditional branch used by classifier-free guidance. Augmentation: random horizontal
-flip. Randomness of step ``s`` comes from a generator seeded with ``(seed, s)``, so a
+flip (``data.hflip``; the paper flips nothing). Randomness of step ``s`` comes from a
+generator seeded with ``(seed, s)``, so a
 resumed in-memory run replays exactly the batches and noise of an uninterrupted one.
 
 Outputs in ``out``: ``checkpoints/step-XXXXXXXX`` (atomic, newest ``keep_checkpoints``
@@ -52,14 +54,17 @@ import numpy as np
 import torch
 
 from engine.config import add_config_args, load_config, save_config
-from engine.data.geometry import DEFAULT_RESIZE, check_resize, fit_to
+from engine.data.geometry import DEFAULT_RESIZE, check_resize, fit_colour_hint, fit_to
 from engine.distributed import (
     BatchShare, barrier, batch_share, check_same_on_all_ranks, decide_on_main, is_main, mean_over_ranks, pick_device,
     setup_distributed, shutdown_distributed,
 )
 from engine.errors import BadInputError
 from engine.manifest import read_manifest, resolve_shard
-from engine.models import FINAL_DIR, HINT_ENCODINGS, TinyArch, ScribbleGenModel, build_tiny, from_base, from_stable_diffusion
+from engine.models import (
+    CHANNEL_ORDERS, FINAL_DIR, HINT_ENCODINGS, HINT_RESIZES, NULL_PROMPTS, TinyArch, ScribbleGenModel, build_tiny,
+    VAE_ENCODINGS, from_base, from_stable_diffusion,
+)
 from engine.preview import COUNT as PREVIEW_COUNT, add_preview
 from engine.shards import read_shard
 from engine.tensorboard_log import LogConfig, add_record, tensorboard_writer
@@ -79,7 +84,9 @@ class ModelSection:
     resolution: int = 32
     seed: int = 0  # init seed (ControlNet copy, null hint; the whole tiny model from scratch)
     tiny: TinyArch = field(default_factory=TinyArch)  # from scratch: all of it; on a base: conditioning_channels
-    hint: str = "colour"  # the scribble as the ControlNet sees it: colour (rendered, the paper's) | onehot
+    # the scribble as the ControlNet sees it: colour (rendered, the paper's) | onehot (unlabelled
+    # all 0) | onehot+unlabelled (unlabelled a channel of its own: the paper's one-hot ablation)
+    hint: str = "colour"
 
     def validate(self) -> None:
         if self.kind not in ("tiny", "sd15"):
@@ -101,9 +108,23 @@ class DataSection:
     shuffle_buffer: int = 512  # streaming only
     hflip: bool = True
     resize: str = DEFAULT_RESIZE  # how non-square images become square: stretch (the paper) | crop | pad
+    # The colour hint at the model's resolution: nearest (the fitted scribble rendered) | cubic
+    # (rendered at the source's size, then resized bicubically: the paper's data.py:187)
+    hint_resize: str = "nearest"
+    # What the ControlNet trains on: rgb | bgr (the paper's double channel flip, a bug its
+    # generation undoes; engine.models.CHANNEL_ORDERS). The bundle records it; sampling follows.
+    channel_order: str = "rgb"
+    # z0 from the VAE: mean (its posterior's) | sample (a draw: the paper's); sd15 only
+    vae_encode: str = "mean"
 
     def validate(self) -> None:
         check_resize(self.resize, "data.resize")
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise BadInputError(f"data.channel_order={self.channel_order!r}", f"must be one of {CHANNEL_ORDERS}")
+        if self.vae_encode not in VAE_ENCODINGS:
+            raise BadInputError(f"data.vae_encode={self.vae_encode!r}", f"must be one of {VAE_ENCODINGS}")
+        if self.hint_resize not in HINT_RESIZES:
+            raise BadInputError(f"data.hint_resize={self.hint_resize!r}", f"must be one of {HINT_RESIZES}")
 
 
 @dataclass
@@ -113,11 +134,17 @@ class TrainSection:
     lr: float = 5e-4
     warmup_steps: int = 50
     weight_decay: float = 1e-2
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping (the paper's Lightning trainer clips nothing)
     cond_dropout: float = 0.1
     drop_prompt: bool = False  # false: drop the hint only (the paper); true: the prompt too (recorded as the model's uncond)
+    # what a dropped prompt becomes: empty | classless (the prompt without class names: the
+    # paper's drop_out_text in its no-prompt variant); recorded in the bundle, sampling follows
+    null_prompt: str = "empty"
     snr_gamma: float = 0.0  # Min-SNR-γ loss weighting (e.g. 5); 0 = plain MSE
     train_denoiser: bool = True  # tiny: yes (from scratch); sd15: no (frozen UNet)
+    # true: the null hint is a trained parameter (the measured tiny runs); false: it stays the
+    # fixed randn noise it starts as, outside the optimizer (the paper: cldm.py never trains it)
+    learn_null_hint: bool = True
     ema_decay: float = 0.0  # 0 = no EMA
     save_every: int = 200
     keep_checkpoints: int = 2
@@ -135,8 +162,12 @@ class TrainSection:
                 raise BadInputError(f"train.{name}={getattr(self, name)}", "must be >= 1")
         if not 0.0 <= self.cond_dropout < 1.0:
             raise BadInputError(f"train.cond_dropout={self.cond_dropout}", "must be in [0, 1)")
+        if self.null_prompt not in NULL_PROMPTS:
+            raise BadInputError(f"train.null_prompt={self.null_prompt!r}", f"must be one of {NULL_PROMPTS}")
         if self.snr_gamma < 0:
             raise BadInputError(f"train.snr_gamma={self.snr_gamma}", "must be >= 0 (0 disables Min-SNR weighting)")
+        if self.grad_clip < 0:
+            raise BadInputError(f"train.grad_clip={self.grad_clip}", "must be >= 0 (0 disables clipping)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise BadInputError(f"train.ema_decay={self.ema_decay}", "must be in [0, 1) (0 disables EMA)")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -150,6 +181,14 @@ class TrainControlNetConfig:
     train: TrainSection = field(default_factory=TrainSection)
     log: LogConfig = field(default_factory=LogConfig)
     out: str = "runs/tiny/controlnet"
+
+    def validate(self) -> None:
+        if self.data.vae_encode == "sample" and self.model.kind != "sd15":
+            raise BadInputError("data.vae_encode=sample", f"model.kind={self.model.kind!r} has no VAE (pixel space)",
+                                "set data.vae_encode=mean")
+        if self.data.hint_resize == "cubic" and self.model.hint != "colour":
+            raise BadInputError("data.hint_resize=cubic", f"blends colours, and model.hint={self.model.hint!r} has none "
+                                "(the paper resizes one-hot hints with nearest)", "set data.hint_resize=nearest")
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -165,13 +204,18 @@ def _shards_of_split(manifest: str, split: str) -> tuple[list[str], list[str]]:
     return [resolve_shard(manifest, s) for s in shards], info.class_names
 
 
-def _iter_split(shards: Sequence[str], split: str, size: int, resize: str, class_names: Sequence[str]):
+def _iter_split(shards: Sequence[str], split: str, size: int, resize: str, class_names: Sequence[str],
+                hint_resize: str = "nearest"):
+    """``(image, scribble, class names, colour hint)`` of each sample of ``split``, fitted to
+    ``size``; the colour hint is None unless ``hint_resize`` is cubic (else the model renders
+    the fitted scribble)."""
     for path in shards:
         for s in read_shard(path, with_mask=False):
             if s.meta.get("split", split) != split:
                 continue
             img, scr = fit_to(s.image, s.scribble, size, resize)
-            yield img, scr, names_for_ids(np.unique(scr).tolist(), class_names)
+            colours = fit_colour_hint(s.scribble, size, resize) if hint_resize == "cubic" else None
+            yield img, scr, names_for_ids(np.unique(scr).tolist(), class_names), colours
 
 
 @lru_cache(maxsize=2)
@@ -191,23 +235,32 @@ def shuffled_positions(start: int, stop: int, n: int, seed: int) -> list[int]:
     return out
 
 
+Batch = tuple[np.ndarray, np.ndarray, list[list[str]], np.ndarray | None]  # images, scribbles, names, colour hints
+
+
+def stack_items(items: Sequence[tuple]) -> Batch:
+    """:func:`_iter_split` items as one batch (colour hints None when the items have none)."""
+    colours = None if items[0][3] is None else np.stack([i[3] for i in items])
+    return np.stack([i[0] for i in items]), np.stack([i[1] for i in items]), [i[2] for i in items], colours
+
+
 class InMemoryData:
     """The whole split decoded once; batches by per-epoch seeded permutation (exact resume)."""
 
-    def __init__(self, shards: Sequence[str], split: str, size: int, resize: str, class_names: Sequence[str]) -> None:
-        items = list(_iter_split(shards, split, size, resize, class_names))
-        self.images = np.stack([i[0] for i in items])
-        self.scribbles = np.stack([i[1] for i in items])
-        self.names = [i[2] for i in items]
+    def __init__(self, shards: Sequence[str], split: str, size: int, resize: str, class_names: Sequence[str],
+                 hint_resize: str = "nearest") -> None:
+        self.images, self.scribbles, self.names, self.colours = stack_items(
+            list(_iter_split(shards, split, size, resize, class_names, hint_resize)))
 
     def __len__(self) -> int:
         return len(self.names)
 
-    def batch(self, step: int, share: BatchShare, seed: int) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
+    def batch(self, step: int, share: BatchShare, seed: int) -> Batch:
         """This rank's rows of global batch ``step``: the same samples whatever the number of ranks."""
         first = step * share.total
         idx = shuffled_positions(first + share.rows.start, first + share.rows.stop, len(self), seed)
-        return self.images[idx], self.scribbles[idx], [self.names[i] for i in idx]
+        colours = None if self.colours is None else self.colours[idx]
+        return self.images[idx], self.scribbles[idx], [self.names[i] for i in idx], colours
 
 
 class StreamingData:
@@ -216,12 +269,12 @@ class StreamingData:
     caller), so no rank decodes what another trains on."""
 
     def __init__(self, shards: Sequence[str], split: str, size: int, resize: str, class_names: Sequence[str],
-                 buffer: int, seed: int) -> None:
-        self.args = (split, size, resize, class_names)
+                 buffer: int, seed: int, hint_resize: str = "nearest") -> None:
+        self.args = (split, size, resize, class_names, hint_resize)
         self.shards, self.buffer, self.seed = list(shards), buffer, seed
         self._it = self._stream()
 
-    def _stream(self) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+    def _stream(self) -> Iterator[tuple]:
         rng = random.Random(self.seed)
         buf: list = []
         while True:
@@ -232,16 +285,22 @@ class StreamingData:
                 if len(buf) >= self.buffer:
                     yield buf.pop(rng.randrange(len(buf)))
 
-    def batch(self, step: int, share: BatchShare, seed: int) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
+    def batch(self, step: int, share: BatchShare, seed: int) -> Batch:
         """The next ``share.size`` items of the stream. ``step`` and ``seed`` are ignored: a
         stream cannot jump to a step without decoding everything before it, so a resumed
         streaming run (the sd15 path) starts its data order afresh. Weights, optimizer, EMA and
         each step's noise and dropout are still restored exactly; only the order differs."""
-        items = [next(self._it) for _ in range(share.size)]
-        return np.stack([i[0] for i in items]), np.stack([i[1] for i in items]), [i[2] for i in items]
+        return stack_items([next(self._it) for _ in range(share.size)])
 
 
 # -- one step ---------------------------------------------------------------------------------
+def flip_rows(x: np.ndarray | None, flip: np.ndarray) -> np.ndarray | None:
+    """``x`` (``B x H x W [x C]``) with the rows where ``flip`` is true mirrored left-right."""
+    if x is None:
+        return None
+    return np.where(flip.reshape(-1, *[1] * (x.ndim - 1)), x[:, :, ::-1], x)
+
+
 def dropout_mask(batch: int, p: float, generator: torch.Generator) -> torch.Tensor:
     """Which samples lose their conditioning this step (Bernoulli(p) each)."""
     return torch.rand(batch, generator=generator) < p
@@ -259,20 +318,23 @@ def apply_dropout(hint: torch.Tensor, text: torch.Tensor, null_hint: torch.Tenso
 
 def loss_on_batch(model: ScribbleGenModel, scheduler, images: np.ndarray, scribbles: np.ndarray,
                   names: list[list[str]], p_drop: float, drop_prompt: bool,
-                  gen: torch.Generator, snr_gamma: float = 0.0, share: BatchShare | None = None) -> tuple[torch.Tensor, int]:
+                  gen: torch.Generator, snr_gamma: float = 0.0, share: BatchShare | None = None,
+                  colours: np.ndarray | None = None) -> tuple[torch.Tensor, int]:
     """Denoising MSE (ε or v target, per the model's scheduler) on this rank's ``share`` of the
-    global batch (``images`` etc. are its rows; default: the whole batch); returns (loss over
+    global batch (``images`` etc. are its rows; default: the whole batch; ``colours``: its
+    bicubically fitted colour hints, see :meth:`ScribbleGenModel.hint`); returns (loss over
     the share, number of dropped samples in the whole global batch)."""
     b = len(names)
     share = share or batch_share(b)
-    zt, t, target = noised_and_target(scheduler, model.encode_images(images), gen, share)
+    z0 = model.encode_images(images, lambda shape: share.keep(torch.randn((share.total, *shape[1:]), generator=gen)))
+    zt, t, target = noised_and_target(scheduler, z0, gen, share)
     full_drop = dropout_mask(share.total, p_drop, gen)
     drop = share.keep(full_drop)
     with torch.set_grad_enabled(any(p.requires_grad for p in model.text.parameters())):
         text = model.text.encode(names)
-        null_text = model.text.null(b)
+        null_text = model.null_text(b)
     null_hint = model.null_hints(b, images.shape[1:3])
-    hint, text = apply_dropout(model.hint(scribbles), text, null_hint, null_text, drop, drop_prompt)
+    hint, text = apply_dropout(model.hint(scribbles, colours), text, null_hint, null_text, drop, drop_prompt)
     out = model.predict(zt, t, hint, text.to(zt.dtype))
     return denoising_loss(scheduler, out, target, t, snr_gamma), int(full_drop.sum())
 
@@ -327,15 +389,17 @@ T = TypeVar("T")
 
 
 class TrainedParts(torch.nn.Module):
-    """What training updates, as one module sharing its parts with the model: the ControlNet
-    and the learned null hint, plus the denoiser UNet (and the tiny text table) with
-    ``train.train_denoiser``. DDP wraps this, not the whole model, so the frozen denoiser,
-    VAE and text encoder are neither broadcast at start nor hooked for all-reduce."""
+    """What training updates, as one module sharing its parts with the model: the ControlNet,
+    the null hint with ``train.learn_null_hint`` (the paper leaves it fixed noise), and the
+    denoiser UNet (and the tiny text table) with ``train.train_denoiser``. DDP wraps this, not
+    the whole model, so the frozen denoiser, VAE and text encoder are neither broadcast at
+    start nor hooked for all-reduce."""
 
-    def __init__(self, model: ScribbleGenModel, train_denoiser: bool) -> None:
+    def __init__(self, model: ScribbleGenModel, train_denoiser: bool, learn_null_hint: bool = True) -> None:
         super().__init__()
         self.controlnet = model.controlnet
-        self.null_hint = model.null_hint
+        if learn_null_hint:
+            self.null_hint = model.null_hint
         if train_denoiser:
             self.unet = model.unet
             if model.kind == "tiny":
@@ -416,18 +480,22 @@ def _train_rank(cfg: TrainControlNetConfig, resume: bool, progress: bool, rank: 
     shards, class_names = _shards_of_split(cfg.data.manifest, cfg.data.split)
     res = cfg.model.resolution
     if cfg.data.in_memory:
-        data = InMemoryData(shards, cfg.data.split, res, cfg.data.resize, class_names)
+        data = InMemoryData(shards, cfg.data.split, res, cfg.data.resize, class_names, cfg.data.hint_resize)
     elif len(shards) < world:
         raise BadInputError(cfg.data.manifest, f"{len(shards)} shards cannot feed {world} ranks (each streams its own)",
                             "set data.in_memory=true, or use fewer ranks")
     else:
         data = StreamingData(shards[rank::world], cfg.data.split, res, cfg.data.resize, class_names,
-                             cfg.data.shuffle_buffer, tc.seed)
+                             cfg.data.shuffle_buffer, tc.seed, cfg.data.hint_resize)
 
     model = build_model(cfg, class_names).to(device)
     model.uncond = "hint+prompt" if cfg.train.drop_prompt else "hint"  # what the bundle records; previews sample with it
     model.resize = cfg.data.resize
-    parts = TrainedParts(model, tc.train_denoiser)
+    model.hint_resize = cfg.data.hint_resize
+    model.channel_order = cfg.data.channel_order
+    model.null_prompt = tc.null_prompt
+    model.vae_encode = cfg.data.vae_encode
+    parts = TrainedParts(model, tc.train_denoiser, tc.learn_null_hint)
     params = trainable_params(model, parts)
     if tc.gradient_checkpointing:
         model.controlnet.enable_gradient_checkpointing()
@@ -458,24 +526,25 @@ def _train_rank(cfg: TrainControlNetConfig, resume: bool, progress: bool, rank: 
     acc_loss, acc_n, acc_drop, t0 = 0.0, 0, 0, time.perf_counter()
     with (open(log_path, "a") if main_rank else contextlib.nullcontext() as log,
           tensorboard_writer(cfg.log, out, start, enabled=main_rank) as board):
-        previews = list(islice(_iter_split(shards, cfg.data.split, res, cfg.data.resize, class_names),
+        previews = list(islice(_iter_split(shards, cfg.data.split, res, cfg.data.resize, class_names,
+                                           cfg.data.hint_resize),
                                PREVIEW_COUNT)) if board else []
         for step in range(start, tc.steps):
             gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
             for g in opt.param_groups:  # linear warmup, then constant
                 g["lr"] = tc.lr * min(1.0, (step + 1) / max(1, tc.warmup_steps))
-            images, scribbles, names = data.batch(step, share, tc.seed)
+            images, scribbles, names, colours = data.batch(step, share, tc.seed)
             if cfg.data.hflip:
                 flip = share.keep(torch.rand(share.total, generator=gen) < 0.5).numpy()
-                images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
-                scribbles = np.where(flip[:, None, None], scribbles[:, :, ::-1], scribbles)
+                images, scribbles, colours = (flip_rows(x, flip) for x in (images, scribbles, colours))
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 loss, dropped = net(partial(loss_on_batch, model, noise_sched, images, scribbles, names,
-                                            tc.cond_dropout, tc.drop_prompt, gen, tc.snr_gamma, share))
+                                            tc.cond_dropout, tc.drop_prompt, gen, tc.snr_gamma, share, colours))
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # DDP averages the ranks' gradients: that of the global mean loss
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params.values(), tc.grad_clip)
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params.values(), tc.grad_clip)
             scaler.step(opt)
             scaler.update()
             if ema is not None:

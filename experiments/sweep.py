@@ -416,7 +416,8 @@ RUN_ONLY = {
 # existed, so those runs stay reusable; any other value enters the identity.
 ADDED_LATER: dict[type, set[str]] = {
     IngestConfig: set(),
-    TrainControlNetConfig: set(),
+    TrainControlNetConfig: {"train.learn_null_hint", "train.null_prompt", "data.hint_resize", "data.channel_order",
+                            "data.vae_encode"},
     SegConfig: {  # issue 24, the paper's seg options (docs/paper-fidelity.md)
         "model.aspp_dropout", "model.decoder_dropout", "model.multi_grid", "model.align_corners",
         "augment.scale_mode", "augment.blur", "scheme.synth_share", "train.budget", "train.epochs", "train.eval_every_epochs",

@@ -59,7 +59,7 @@ class StandInSampler:
     def steps_for(self, lam: float) -> int:
         return math.ceil(lam * 10)
 
-    def sample(self, images, scribbles, class_names, w, lam, seeds):  # noqa: ANN001 (Protocol shape)
+    def sample(self, images, scribbles, class_names, w, lam, seeds, colours=None):  # noqa: ANN001 (Protocol shape)
         assert len(images) == len(scribbles) == len(class_names) == len(seeds)
         time.sleep(self.delay * len(images))
         return np.stack([expected_standin(img, lam, seed) for img, seed in zip(images, seeds)])

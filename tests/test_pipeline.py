@@ -39,7 +39,7 @@ class LoggingSampler(StandInSampler):
         super().__init__(delay)
         self.log = log
 
-    def sample(self, images, scribbles, class_names, w, lam, seeds):  # noqa: ANN001 (Protocol shape)
+    def sample(self, images, scribbles, class_names, w, lam, seeds, colours=None):  # noqa: ANN001 (Protocol shape)
         start = time.perf_counter()
         out = super().sample(images, scribbles, class_names, w, lam, seeds)
         self.log.append(("sample", seeds[0], start, time.perf_counter()))
@@ -208,10 +208,10 @@ def test_sampling_ahead_failure_fails_the_next_unit_only(units, tmp_path: Path) 
     first, second = units[0], units[1]
     sample = gen.sampler.sample
 
-    def fails_on_second(images, scribbles, names, w, lam, seeds):  # noqa: ANN001
+    def fails_on_second(images, scribbles, names, w, lam, seeds, colours=None):  # noqa: ANN001
         if seeds[0] == second.items[0].seed:
             raise RuntimeError("CUDA out of memory (injected)")
-        return sample(images, scribbles, names, w, lam, seeds)
+        return sample(images, scribbles, names, w, lam, seeds, colours)
 
     gen.sampler.sample = fails_on_second
     assert gen.run(first, next_unit=second).samples == 5

@@ -142,7 +142,7 @@ def test_a_preview_leaves_rng_modes_and_grad_mode_as_they_were():
     rng = torch.get_rng_state()
     images, scribbles, names = sources(2)
     with left_as_found(model, model.device):
-        grid = preview_grid(model, list(zip(images, scribbles, names)))
+        grid = preview_grid(model, list(zip(images, scribbles, names, [None] * 2)))
         torch.rand(3)  # anything inside may draw from the global generator
     assert grid.shape == (2 * 128, 3 * 128, 3)
     assert torch.equal(torch.get_rng_state(), rng)

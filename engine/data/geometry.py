@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from engine.errors import BadInputError
+from engine.render import render_scribble
 from engine.shards import UNLABELLED, Sample
 
 RESIZE_MODES = ("stretch", "crop", "pad")
@@ -62,3 +63,12 @@ def fit_sample(sample: Sample, size: int, resize: str = DEFAULT_RESIZE) -> Sampl
     image, scribble = fit_to(sample.image, sample.scribble, size, resize)
     mask = None if sample.mask is None else fit_to(sample.image, sample.mask, size, resize)[1]
     return Sample(sample.key, image, scribble, mask, sample.meta)
+
+
+def fit_colour_hint(scribble: np.ndarray, size: int, mode: str = DEFAULT_RESIZE) -> np.ndarray:
+    """The colour hint of ``scribble`` at ``size`` x ``size`` as the paper makes it
+    (``data.py:187``: the colour-coded scribble resized with ``cv2.INTER_CUBIC``): rendered at
+    the source's own size, then fitted like the image, bicubically (PIL's kernel, a = -0.5,
+    where OpenCV's is a = -0.75), so stroke edges blend into their neighbours' colours. What
+    the ControlNet sees with ``hint_resize: cubic``; ``nearest`` renders the fitted scribble."""
+    return fit_to(render_scribble(scribble), scribble, size, mode)[0]

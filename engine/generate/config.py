@@ -12,7 +12,7 @@ from numbers import Real
 
 from engine.errors import BadInputError
 from engine.data.geometry import DEFAULT_RESIZE, check_resize
-from engine.models import UNCOND
+from engine.models import HINT_RESIZES, UNCOND
 from engine.sampler import SCHEDULERS, SPACINGS
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -85,6 +85,9 @@ class SamplerConfig:
     # fitted scribble it was sampled from.
     resolution: int | None = None
     resize: str = DEFAULT_RESIZE  # stretch (the paper) | crop | pad; as the model was trained (its bundle says)
+    # The colour hint at `resolution`: nearest (the fitted scribble rendered) | cubic (rendered
+    # at the source's size, resized bicubically: the paper's); must be what the model trained on.
+    hint_resize: str = "nearest"
     # torch.compile the ControlNet + UNet (channels_last) in each replica, paid at load with one
     # warm-up step at (batch_size, resolution): worth it on GPUs for long runs, not on CPU.
     compile: bool = False
@@ -97,6 +100,8 @@ class SamplerConfig:
         if self.scheduler not in SCHEDULERS:
             raise BadInputError("sampler.scheduler", f"must be one of {SCHEDULERS}, got {self.scheduler!r}")
         check_resize(self.resize, "sampler.resize")
+        if self.hint_resize not in HINT_RESIZES:
+            raise BadInputError("sampler.hint_resize", f"must be one of {HINT_RESIZES}, got {self.hint_resize!r}")
         if self.uncond not in UNCOND:
             raise BadInputError("sampler.uncond", f"must be one of {UNCOND}, got {self.uncond!r}")
         if self.dtype not in DTYPES:

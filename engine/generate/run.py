@@ -50,17 +50,21 @@ MANIFEST = "manifest.parquet"
 SUMMARY = "summary.json"
 
 
+# Sampler keys added after sets were recorded, with the default that reproduces those sets.
+ADDED_LATER = {"scheduler": "ddim", "hint_resize": "nearest"}
+
+
 def generation_identity(cfg: GenerateConfig, plan: Plan, model_dir: storage.Location) -> Identity:
     """Everything that decides the pixels of the planned shards (batch size, device and the
     Ray layout do not): the plan, the sampler, the image format and the model's weights.
 
-    ``scheduler`` enters only when it is not ``ddim``: every set made before the solvers
-    existed was DDIM and recorded no such key, so its identity stays what it was."""
+    A key added later (:data:`ADDED_LATER`: ``scheduler``, the paper-fidelity options) enters
+    only off its default: every set made before it existed recorded no such key and was made
+    as the default makes it, so its identity stays what it was."""
     s = cfg.sampler
     sampler = {"num_steps": s.num_steps, "spacing": s.spacing, "uncond": s.uncond, "dtype": s.dtype,
                "resolution": s.resolution, "resize": s.resize}
-    if s.scheduler != "ddim":
-        sampler["scheduler"] = s.scheduler
+    sampler.update({k: getattr(s, k) for k, default in ADDED_LATER.items() if getattr(s, k) != default})
     return Identity({"plan": plan.fingerprint(), "image_format": cfg.image_format, "sampler": sampler},
                     {"model": model_weights_id(model_dir)})
 

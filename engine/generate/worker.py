@@ -56,6 +56,7 @@ class Sampler(Protocol):
         w: float,
         lam: float,
         seeds: list[int],
+        colours: np.ndarray | None = None,
     ) -> np.ndarray: ...
 
     def steps_for(self, lam: float) -> int: ...
@@ -82,6 +83,9 @@ def load_sampler(model_dir: str, device: str, cfg: SamplerConfig) -> Sampler:
     model = ScribbleGenModel.from_pretrained(storage.local_copy(model_dir, where=f"the generation actor on {socket.gethostname()}"))
     if cfg.resolution is not None and cfg.resolution != model.resolution:
         print(f"generate: sampling at {cfg.resolution} px, model trained at {model.resolution} px", file=sys.stderr)
+    if cfg.hint_resize != model.hint_resize and model.hint_encoding == "colour":
+        raise BadInputError(f"sampler.hint_resize={cfg.hint_resize}", f"model {model.model_id} was trained on "
+                            f"{model.hint_resize}-fitted colour hints", f"set sampler.hint_resize={model.hint_resize}")
     if cfg.resolution is not None and model.resize is not None and cfg.resize != model.resize:
         print(f"generate: sources fitted with resize={cfg.resize}, model trained with {model.resize}", file=sys.stderr)
     sampler = ScribbleSampler(model, device, cfg.num_steps, cfg.spacing, resolve_dtype(cfg.dtype, device), cfg.uncond,
@@ -168,6 +172,17 @@ def fit_sources(sources: dict[str, Sample], size: int | None, resize: str) -> di
         image, scribble = fit_to(src.image, src.scribble, size, resize)
         out[sid] = Sample(src.key, image, scribble, None, src.meta)
     return out
+
+
+def fit_colour_hints(sources: dict[str, Sample], size: int | None, resize: str) -> dict[str, np.ndarray] | None:
+    """The sources' colour hints rendered at their own size and fitted bicubically to ``size``
+    (``sampler.hint_resize: cubic``, the paper's); None when sampling at the sources' size,
+    where that is the rendering of the scribble itself."""
+    if size is None:
+        return None
+    from engine.data.geometry import fit_colour_hint
+
+    return {sid: fit_colour_hint(src.scribble, size, resize) for sid, src in sources.items()}
 
 
 def present_classes(scribble: np.ndarray) -> list[int]:
@@ -257,6 +272,7 @@ class UnitSources(NamedTuple):
     samples: dict[str, Sample]
     classes: dict[str, list[int]]
     seconds: float  # the read, decode and fit
+    colours: dict[str, np.ndarray] | None = None  # bicubically fitted colour hints (sampler.hint_resize: cubic)
 
 
 @dataclass
@@ -307,6 +323,7 @@ class ShardGenerator:
         self.batch_size = sampler_cfg.batch_size
         self.resolution = sampler_cfg.resolution
         self.resize = sampler_cfg.resize
+        self.hint_resize = sampler_cfg.hint_resize
         self.scheduler = sampler_cfg.scheduler  # a tag of every sample, beside its steps
         self.image_format = image_format
         self.write_ahead = write_ahead  # batches queued for the writer thread (0: write inline)
@@ -347,9 +364,11 @@ class ShardGenerator:
 
     def _load(self, unit: WorkUnit) -> UnitSources:
         t0 = time.perf_counter()
-        samples = fit_sources(self.cache.get(unit.items), self.resolution, self.resize)
+        raw = self.cache.get(unit.items)
+        samples = fit_sources(raw, self.resolution, self.resize)
+        colours = fit_colour_hints(raw, self.resolution, self.resize) if self.hint_resize == "cubic" else None
         classes = {sid: present_classes(src.scribble) for sid, src in samples.items()}
-        return UnitSources(samples, classes, time.perf_counter() - t0)
+        return UnitSources(samples, classes, time.perf_counter() - t0, colours)
 
     def _sources(self, unit: WorkUnit) -> UnitSources:
         """The unit's fitted sources: prefetched when the driver named the unit ahead, else
@@ -370,8 +389,10 @@ class ShardGenerator:
         scribbles = np.stack([s.scribble for s in src])
         names = [names_for_ids(sources.classes[item.source_id], self.class_names)  # as the trainer prompts
                  for item in batch]
+        colours = None if sources.colours is None else np.stack([sources.colours[item.source_id] for item in batch])
         t0 = time.perf_counter()
-        out = np.asarray(self.sampler.sample(images, scribbles, names, unit.w, unit.lam, [item.seed for item in batch]))
+        out = np.asarray(self.sampler.sample(images, scribbles, names, unit.w, unit.lam, [item.seed for item in batch],
+                                             colours))
         seconds = time.perf_counter() - t0
         if out.shape != images.shape or out.dtype != np.uint8:
             raise RuntimeError(f"sampler returned {out.shape} {out.dtype}, expected {images.shape} uint8")
