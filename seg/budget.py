@@ -37,7 +37,7 @@ def epoch_samples(scheme: SchemeConfig, real: int, synthetic: dict[float, int]) 
     """(real, synthetic) samples one paper epoch covers, for this scheme.
 
     ``synthetic`` maps λ to the number of synthetic samples at it. ``fixed`` uses its one
-    set; ``uniform`` uses every set at once (the paper's 'append' over all of them);
+    set; ``uniform`` uses every set at once (as ``append`` with K = the number of sets when each holds one sample a source);
     ``adaptive`` uses one set at a time (the paper's curriculum), counted as their mean size;
     ``append`` K = ``aug_ratio`` a real sample; ``best_k`` and ``synth_only`` every (selected)
     synthetic sample; ``replacement`` none on top of the real ones (it swaps them).
