@@ -59,13 +59,14 @@ MATCH_TOL = 1e-6  # w and λ are written with 2 decimals; a filter value matches
 
 @dataclass(frozen=True)
 class Layout:
-    """Where one layout puts a sample's files, and which index files it writes."""
+    """Where one layout puts a sample's files, and which split lists it writes (every layout
+    also writes ``classes.txt`` and ``tags.csv``)."""
 
     image: str  # folder/{name}.ext of the RGB image
     scribble: str
     mask: str
     image_format: str  # png (lossless) or jpg (the VOC convention)
-    index: Callable[[list[dict[str, Any]], list[str]], dict[str, str]]
+    index: Callable[[list[dict[str, Any]]], dict[str, str]]
 
     def path(self, kind: str, key: str) -> str:
         return getattr(self, kind).format(name=key)
@@ -75,19 +76,18 @@ def _names(rows: list[dict[str, Any]], split: str) -> str:
     return "".join(f"{r['key']}\n" for r in rows if r["split"] == split)
 
 
-def _folder_index(rows: list[dict[str, Any]], class_names: list[str]) -> dict[str, str]:
+def _folder_index(rows: list[dict[str, Any]]) -> dict[str, str]:
     # val.txt is written even when empty: without it the folder reader draws a val share itself.
-    index = {"classes.txt": "".join(f"{n}\n" for n in class_names), "val.txt": _names(rows, "val")}
+    index = {"val.txt": _names(rows, "val")}
     if any(r["split"] == "test" for r in rows):
         index["test.txt"] = _names(rows, "test")
     return index
 
 
-def _voc_index(rows: list[dict[str, Any]], class_names: list[str]) -> dict[str, str]:
+def _voc_index(rows: list[dict[str, Any]]) -> dict[str, str]:
     index = {f"ImageSets/Segmentation/{s}.txt": _names(rows, s) for s in sorted({r["split"] for r in rows})}
     index["ImageSets/SegmentationAug/train_aug.txt"] = _names(rows, "train")
     index["ImageSets/SegmentationAug/val.txt"] = _names(rows, "val")
-    index["classes.txt"] = "".join(f"{n}\n" for n in class_names)
     return index
 
 
@@ -215,7 +215,9 @@ def run_export(manifest: storage.Location, out: storage.Location, layout_name: s
             write_sample(out, layout, sample)
             bar.update()
     masks = {n.rsplit(".", 1)[0] for n in _listing(out, layout, "mask")} & {r["key"] for r in rows}
-    for relpath, text in {**layout.index(rows, class_names), "tags.csv": tags_csv(rows, layout, masks)}.items():
+    index = {**layout.index(rows), "classes.txt": "".join(f"{n}\n" for n in class_names),
+             "tags.csv": tags_csv(rows, layout, masks)}
+    for relpath, text in index.items():
         target = storage.join(out, *relpath.split("/"))
         storage.makedirs(storage.parent(target))
         write_text(target, text)

@@ -154,18 +154,11 @@ class ScribbleGenModel(nn.Module):
         vae_encode: str = "mean",
     ) -> None:
         super().__init__()
-        if kind not in KINDS:
-            raise BadInputError(f"model kind {kind!r}", f"must be one of {KINDS}")
-        if hint_encoding not in HINT_ENCODINGS:
-            raise BadInputError(f"hint encoding {hint_encoding!r}", f"must be one of {HINT_ENCODINGS}")
-        if hint_resize not in HINT_RESIZES:
-            raise BadInputError(f"hint resize {hint_resize!r}", f"must be one of {HINT_RESIZES}")
-        if channel_order not in CHANNEL_ORDERS:
-            raise BadInputError(f"channel order {channel_order!r}", f"must be one of {CHANNEL_ORDERS}")
-        if null_prompt not in NULL_PROMPTS:
-            raise BadInputError(f"null prompt {null_prompt!r}", f"must be one of {NULL_PROMPTS}")
-        if vae_encode not in VAE_ENCODINGS:
-            raise BadInputError(f"VAE encoding {vae_encode!r}", f"must be one of {VAE_ENCODINGS}")
+        for name, value, allowed in (("model kind", kind, KINDS), ("hint encoding", hint_encoding, HINT_ENCODINGS),
+                                     ("hint resize", hint_resize, HINT_RESIZES), ("channel order", channel_order, CHANNEL_ORDERS),
+                                     ("null prompt", null_prompt, NULL_PROMPTS), ("VAE encoding", vae_encode, VAE_ENCODINGS)):
+            if value not in allowed:
+                raise BadInputError(f"{name} {value!r}", f"must be one of {allowed}")
         self.kind = kind
         self.hint_encoding = hint_encoding
         self.unet = unet

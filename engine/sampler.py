@@ -114,12 +114,10 @@ class ScribbleSampler:
     ) -> None:
         from diffusers import DDIMScheduler
 
-        if spacing not in SPACINGS:
-            raise BadInputError(f"spacing {spacing!r}", f"must be one of {SPACINGS}")
-        if scheduler not in SCHEDULERS:
-            raise BadInputError(f"scheduler {scheduler!r}", f"must be one of {SCHEDULERS}")
-        if uncond not in UNCOND:
-            raise BadInputError(f"uncond {uncond!r}", f"must be one of {UNCOND}")
+        for name, value, allowed in (("spacing", spacing, SPACINGS), ("scheduler", scheduler, SCHEDULERS),
+                                     ("uncond", uncond, UNCOND)):
+            if value not in allowed:
+                raise BadInputError(f"{name} {value!r}", f"must be one of {allowed}")
         if model.uncond is not None and model.uncond != uncond:
             raise BadInputError(
                 f"sampler.uncond={uncond}", f"model {model.model_id} was trained with the unconditional pair "
@@ -226,9 +224,6 @@ class ScribbleSampler:
         if cfg.clip_sample:
             x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
         return (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps64).to(z.dtype)
-
-    def _noise(self, shape: tuple[int, ...], seeds: Sequence[int]) -> torch.Tensor:
-        return self._draws(shape, [torch.Generator("cpu").manual_seed(int(s)) for s in seeds])
 
     def _draws(self, shape: tuple[int, ...], gens: Sequence[torch.Generator]) -> torch.Tensor:
         """One ``shape`` draw per sample, each from its own generator (the next in its stream)."""

@@ -119,12 +119,9 @@ class DataSection:
 
     def validate(self) -> None:
         check_resize(self.resize, "data.resize")
-        if self.channel_order not in CHANNEL_ORDERS:
-            raise BadInputError(f"data.channel_order={self.channel_order!r}", f"must be one of {CHANNEL_ORDERS}")
-        if self.vae_encode not in VAE_ENCODINGS:
-            raise BadInputError(f"data.vae_encode={self.vae_encode!r}", f"must be one of {VAE_ENCODINGS}")
-        if self.hint_resize not in HINT_RESIZES:
-            raise BadInputError(f"data.hint_resize={self.hint_resize!r}", f"must be one of {HINT_RESIZES}")
+        for key, allowed in (("channel_order", CHANNEL_ORDERS), ("vae_encode", VAE_ENCODINGS), ("hint_resize", HINT_RESIZES)):
+            if getattr(self, key) not in allowed:
+                raise BadInputError(f"data.{key}={getattr(self, key)!r}", f"must be one of {allowed}")
 
 
 @dataclass

@@ -39,7 +39,7 @@ def test_ddim_is_the_written_out_loop_it_always_was(model):
         t_noise, ts, prevs = sampler.schedule(lam)
         with torch.no_grad():
             z0 = model.encode_images(images)
-            z = sampler.scheduler.add_noise(z0, sampler._noise(tuple(z0.shape[1:]), [4, 5]), torch.tensor([t_noise] * 2))
+            z = sampler.scheduler.add_noise(z0, torch.stack([torch.randn(tuple(z0.shape[1:]), generator=torch.Generator().manual_seed(s)) for s in (4, 5)]), torch.tensor([t_noise] * 2))
             hint, null_hint, text = model.hint(scribbles), model.null_hints(2, (16, 16)), model.text.encode(names)
             for t, t_prev in zip(ts, prevs):
                 z = sampler._ddim_step(z, sampler._guided_eps(z, t, hint, null_hint, text, text, 2.0), t, t_prev)
