@@ -49,6 +49,9 @@ SCHEMA = pa.schema(
     ]
 )
 META_KEY = b"scribblegen"
+# Optional column added after generation (:func:`annotate`): a sample's agreement with its own
+# scribble, written by ``python -m seg.label_scores``, read by seg's ``data.min_label_score``.
+LABEL_SCORE = "label_score"
 
 
 @dataclass
@@ -149,6 +152,35 @@ def merge_parts(parts: Iterable[storage.Location], path: storage.Location, info:
     tables = [read_table(p).select(SCHEMA.names).cast(SCHEMA) for p in sorted(parts, key=str)]
     rows = [r for t in tables for r in t.to_pylist()]
     return write_manifest(rows, path, info)
+
+
+def annotate(manifest: storage.Location, column: str, values: dict[str, float], out: storage.Location | None = None,
+             note: dict[str, Any] | None = None) -> storage.Location:
+    """Write ``manifest`` with a float ``column`` of per-key ``values`` (null for rows not in
+    ``values``) to ``out`` (default: in place), atomically; ``note`` goes into the dataset
+    info's ``extra[column]`` (who computed the values, how).
+
+    A step after generation (a per-sample score, for example) adds what it learned to the
+    index every reader already reads, instead of a side file to keep in step. ``out`` in
+    another folder gets shard paths relative to it, so the copy resolves the same shards.
+    """
+    if column in SCHEMA.names:
+        raise BadInputError(f"column {column!r}", "is one of the manifest's own columns", "choose another name")
+    table, info = read_manifest(manifest)
+    out = manifest if out is None else out
+    shards = table.column("shard").to_pylist()
+    if storage.parent(storage.resolve(out)) != storage.parent(storage.resolve(manifest)):
+        shards = [s and storage.relative(resolve_shard(manifest, s), storage.parent(storage.resolve(out))) for s in shards]
+    keys = table.column("key").to_pylist()
+    table = table.set_column(table.column_names.index("shard"), "shard", pa.array(shards, pa.string()))
+    if column in table.column_names:
+        table = table.drop_columns([column])
+    table = table.append_column(pa.field(column, pa.float64()), pa.array([values.get(k) for k in keys], pa.float64()))
+    info.extra = {**info.extra, column: note or {}}
+    storage.makedirs(storage.parent(out))
+    with atomic_path(out) as tmp:
+        pq.write_table(table.replace_schema_metadata({META_KEY: info.to_json()}), tmp)
+    return storage.as_location(out)
 
 
 def resolve_shard(manifest_path: storage.Location, shard: str) -> str:

@@ -33,7 +33,8 @@ from engine.atomic import write_json, write_text
 from engine.errors import BadInputError
 from engine.identity import Identity, file_digest, plain
 from engine.config import to_dict
-from experiments.sweep import COMMIT_FILE, MEMORIZATION_FILE, REPO, SweepConfig, git, git_commit, plan_seg_runs, run_sweep, seg_identity
+from experiments.sweep import (COMMIT_FILE, MEMORIZATION_FILE, REPO, SweepConfig, git, git_commit, plan_seg_runs, run_manifests,
+                               run_sweep, seg_identity)
 
 RESULT_JSON = "headline.json"
 RESULT_MD = "headline.md"
@@ -125,12 +126,12 @@ def _current_runs(cfg: SweepConfig, seed: int) -> tuple[dict[tuple[str, int], fl
         summary = run_dir / "summary.json"
         if not summary.is_file():
             continue
-        cells = {c: folder / "synthetic" / c / "manifest.parquet" for c in run.cells}
+        cells = run_manifests(sub, run, {c: folder / "synthetic" / c / "manifest.parquet" for c in run.cells})
         if not all(m.is_file() for m in cells.values()):
             stale.append(f"draw-{seed}/seg/{run.name}")
             continue
-        digests.update({c: file_digest(m) for c, m in cells.items() if c not in digests})
-        _, identity = seg_identity(sub, run, digests)
+        digests.update({m: file_digest(m) for m in cells.values() if m not in digests})
+        _, identity = seg_identity(sub, run, {"real": digests["real"], **{c: digests[m] for c, m in cells.items()}})
         recorded = Identity.load(run_dir)
         if recorded is None or identity.differences(recorded):
             stale.append(f"draw-{seed}/seg/{run.name}")

@@ -7,7 +7,7 @@ fabricated files. Inputs (paths relative to the run folder):
 - ``<report dir>/sweep.json``: the sweep record (grid, cells, seg runs, stage timings);
 - each cell's ``manifest.parquet`` (the ``seconds`` column: cost per sample) and
   ``summary.json`` (generation totals, images/s);
-- ``fid.json``, ``judge.json`` and ``memorization.json`` (any may be absent); each seg run's ``summary.json``;
+- ``fid.json``, ``judge.json``, ``memorization.json`` and ``label_scores.json`` (any may be absent); each seg run's ``summary.json``;
   the ControlNet's ``loss.jsonl``;
 - the real manifest and the synthetic shards, for the sample grids;
 - the repo's ``docs/results/headline.json`` (the pre-registered headline, :func:`render_headline`),
@@ -165,6 +165,7 @@ class CellData:
     fid: float | None = None
     judge: dict[str, Any] | None = None  # the cell's entry of judge.json
     memorization: dict[str, Any] | None = None  # the cell's entry of memorization.json
+    label_scores: dict[str, Any] | None = None  # the cell's entry of label_scores.json
 
 
 @dataclass
@@ -192,6 +193,7 @@ class RunData:
     fid: dict[str, Any]
     judge: dict[str, Any]
     memorization: dict[str, Any]
+    label_scores: dict[str, Any]
 
     @property
     def ws(self) -> list[float]:
@@ -234,6 +236,7 @@ def load_run(root: str | Path, report_dir: str = "report") -> RunData:
     fid = _read_json(root / "fid.json") or {"cells": {}}
     judge = _read_json(root / "judge.json") or {"cells": {}}
     memo = _read_json(root / "memorization.json") or {"cells": {}}
+    scores = _read_json(root / "label_scores.json") or {"cells": {}}
     cells = []
     for c in record.get("cells", []):
         manifest = root / c["manifest"]
@@ -246,10 +249,10 @@ def load_run(root: str | Path, report_dir: str = "report") -> RunData:
         summary = _read_json(manifest.parent / "summary.json") or {}
         cells.append(CellData(c["name"], float(c["w"]), float(c["lambda"]), manifest, seconds, int(steps or 0), summary,
                               fid["cells"].get(c["name"], {}).get("fid"), judge["cells"].get(c["name"]),
-                              memo["cells"].get(c["name"])))
+                              memo["cells"].get(c["name"]), scores["cells"].get(c["name"])))
     seg = [SegData(r["name"], r["scheme"], r["w"], list(r["lambdas"]), int(r["seed"]), list(r["studies"]),
                    _read_json(root / r["dir"] / "summary.json")) for r in record.get("seg_runs", [])]
-    return RunData(root, root / report_dir, record, cells, seg, fid, judge, memo)
+    return RunData(root, root / report_dir, record, cells, seg, fid, judge, memo, scores)
 
 
 def read_sample(manifest: storage.Location, key: str) -> Sample:
@@ -399,7 +402,8 @@ def section_compute(page: Page, run: RunData) -> None:
         totals.append(["generation (all cells)", fmt_num(gen_s, 1), str(sum(len(c.seconds) for c in run.cells)),
                        f"{len(timed)} actor pool(s) for {len(run.cells)} cell(s): {made} images generated at "
                        f"{fmt_num(made / gen_s if gen_s else None, 3)} images/s (pool wall time)"])
-    for name, scores in (("FID", run.fid), ("judge", run.judge), ("memorization", run.memorization)):
+    for name, scores in (("FID", run.fid), ("judge", run.judge), ("memorization", run.memorization),
+                         ("label scores", run.label_scores)):
         seconds = sum(c.get("seconds", 0.0) for c in scores["cells"].values())
         if seconds:
             totals.append([name, fmt_num(seconds, 1), str(sum(c.get("samples", 0) for c in scores["cells"].values())), ""])
@@ -499,6 +503,19 @@ def section_memorization(page: Page, run: RunData) -> None:
     rows = [[c.name, fmt_g(c.w), fmt_g(c.lam), fmt_num(m["l1_own"], 1), fmt_num(m["l1_other"], 1),
              fmt_num(100 * m["nearest_is_own"], 1), str(m["samples"])] for c in cells for m in [c.memorization]]
     page.table(Table(["cell", "w", "λ", "L1 to own source", "L1 to the others", "nearest = own (%)", "images"], rows))
+
+
+def section_label_scores(page: Page, run: RunData) -> None:
+    cells = sorted((c for c in run.cells if c.label_scores), key=lambda c: (c.w, c.lam))
+    if not cells:
+        return
+    page.h("Label scores")
+    page.p("How well each generated image agrees with its own scribble (`seg.label_scores`): the mIoU, on the "
+           "scribbled pixels, of a segmenter trained on the real scribbles only. `data.min_label_score` drops the "
+           "samples below a threshold; the quartiles say what a threshold keeps.")
+    rows = [[c.name, fmt_g(c.w), fmt_g(c.lam), fmt_num(m["mean"], 3), fmt_num(m["q25"], 3), fmt_num(m["median"], 3),
+             fmt_num(m["q75"], 3), str(m["samples"])] for c in cells for m in [c.label_scores] if m.get("samples")]
+    page.table(Table(["cell", "w", "λ", "mean", "25 %", "median", "75 %", "images"], rows))
 
 
 def section_judge(page: Page, run: RunData) -> None:
@@ -879,6 +896,7 @@ def build_report(root: str | Path, report_dir: str = "report", progress: bool = 
         lambda: section_fid(page, run),
         lambda: section_judge(page, run),
         lambda: section_memorization(page, run),
+        lambda: section_label_scores(page, run),
         lambda: section_sweep(page, run, "w_sweep", "w"),
         lambda: section_sweep(page, run, "lambda_sweep", "lambda"),
         lambda: section_schemes(page, run),

@@ -60,7 +60,8 @@ from engine.shards import Sample
 from engine.data.geometry import fit_sample
 from engine.train_controlnet import TrainControlNetConfig
 from experiments import tasks
-from seg.judge import Agreement, JudgeConfig, chunks, derangement, judge_on_real, manifest_samples, predict
+from seg.judge import Agreement, JudgeConfig, chunks, derangement, judge_on_real, manifest_samples, predict, train_judge
+from seg.label_scores import score_manifest
 from seg.models import backbone_weights_file
 from seg.schemes import LAMBDA_SCHEMES, SCHEMES
 from seg.train import SegConfig
@@ -71,6 +72,8 @@ COMMIT_FILE = "commit.json"  # beside a seg run's summary: the code it was train
 FID_FILE = "fid.json"
 JUDGE_FILE = "judge.json"
 MEMORIZATION_FILE = "memorization.json"
+LABEL_SCORES_FILE = "label_scores.json"
+SCORED_MANIFEST = "label_scored.parquet"  # beside a cell's manifest.parquet: the same rows + label_score
 JUDGE_SPLIT = "val"  # never a generation source: the judge is an instrument, like FID's feature net
 
 
@@ -222,6 +225,17 @@ class ReportConfig:
 
 
 @dataclass
+class LabelScoresConfig(JudgeConfig):
+    """The label-consistency scorer (:mod:`seg.label_scores`): seg's model (its pretrained
+    backbone) trained like the judge, but on the draw's real train images with their
+    scribbles only -- what the arms see -- never on a full mask. On when an arm sets
+    ``data.min_label_score``; ``holdout`` is unused (there is no mask to score it with)."""
+
+    enabled: bool = False
+    holdout: float = 0.0
+
+
+@dataclass
 class SweepConfig:
     """A whole experiment. Paths inside the job sections are set from ``out``."""
 
@@ -244,6 +258,7 @@ class SweepConfig:
     fid: FIDConfig = field(default_factory=FIDConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     memorization: MemorizationConfig = field(default_factory=MemorizationConfig)
+    label_scores: LabelScoresConfig = field(default_factory=LabelScoresConfig)
     seg: SegConfig = field(default_factory=SegConfig)
     studies: StudiesConfig = field(default_factory=StudiesConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
@@ -271,6 +286,10 @@ class SweepConfig:
         for where, value, allowed in needs:
             if not any(abs(value - a) < 5e-3 for a in allowed):
                 raise BadInputError(f"{where}={value}", f"is not in the grid {allowed}", "add it to grid.w / grid.lambdas")
+        filtered = sorted(r.name for r in plan_seg_runs(self) if seg_config_for(self, r).data.min_label_score)
+        if filtered and not self.label_scores.enabled:
+            raise BadInputError(f"seg run(s) {', '.join(filtered)}", "set data.min_label_score, but label_scores.enabled is false",
+                                "set label_scores.enabled: true (the sweep then scores every cell)")
         if self.threads < 0:
             raise BadInputError(f"threads={self.threads}", "must be >= 0 (0 = all cores)")
         if self.stage_cpus < 0:
@@ -422,6 +441,7 @@ ADDED_LATER: dict[type, set[str]] = {
         "model.aspp_dropout", "model.decoder_dropout", "model.multi_grid", "model.align_corners",
         "augment.scale_mode", "augment.blur", "scheme.synth_share", "train.budget", "train.epochs", "train.eval_every_epochs",
         "scheme.replace_p", "scheme.aug_ratio", "scheme.best_dict", "scheme.best_k",  # the paper's other schemes
+        "data.min_label_score",  # issue 23's label-consistency filter
     },
 }
 
@@ -753,6 +773,50 @@ def stage_memorization(cfg: SweepConfig, out: Path, real_manifest: storage.Locat
     return cache
 
 
+def stage_label_scores(cfg: SweepConfig, out: Path, real_manifest: storage.Location, cells: dict[str, Path],
+                       info: dict[str, Any]) -> dict[str, Any]:
+    """Every cell's samples scored for agreement with their own scribble (:mod:`seg.label_scores`),
+    written as ``label_scored.parquet`` beside the cell's manifest; summaries cached per cell in
+    ``label_scores.json``. The scorer is trained on the real train split's scribbles only."""
+    path = out / LABEL_SCORES_FILE
+    setup = {**cfg.label_scores.describe(), "model": plain(to_dict(cfg.seg.model)), "reference": str(real_manifest),
+             "split": cfg.seg.data.train_split}
+    cache, todo = cell_cache(path, setup, cells, info)
+    todo.update({name: (m, read_manifest(m)[0], Identity(setup, {"cell": file_digest(m)}).digest)
+                 for name, m in cells.items() if name not in todo and not scored_manifest(m).is_file()})
+    if not todo:
+        return cache
+    size = _size_of(todo)
+    real = [fit_sample(s, size, cfg.generate.sampler.resize)
+            for s in manifest_samples(real_manifest, lambda r: r["split"] == cfg.seg.data.train_split, with_mask=False)]
+    k = len(read_manifest(real_manifest)[1].class_names)
+    t0 = time.perf_counter()
+    scorer = train_judge(np.stack([s.image for s in real]), np.stack([s.scribble for s in real]), k, cfg.label_scores,
+                         cfg.seg.model)
+    train_seconds = time.perf_counter() - t0
+    note = {"scorer": "scribbles of the real train split", "setup_identity": Identity(setup, {}).digest, "metric": "scribble_miou"}
+    for name, (manifest, table, identity) in todo.items():
+        t0 = time.perf_counter()
+        summary = score_manifest(scorer, manifest, k, note, scored_manifest(manifest), cfg.label_scores.batch_size)
+        cache["cells"][name] = cell_entry(table, identity, time.perf_counter() - t0 + train_seconds / len(todo), **summary)
+        info["images"] += summary["samples"]
+        print(f"    label scores {name}: {summary}", flush=True)
+        write_json(path, cache)
+    return cache
+
+
+def scored_manifest(manifest: storage.Location) -> Path:
+    """Where the label-scores stage writes a cell's scored copy (beside it: same shard paths)."""
+    return Path(manifest).with_name(SCORED_MANIFEST)
+
+
+def run_manifests(cfg: SweepConfig, run: SegRun, cells: dict[str, Path]) -> dict[str, Path]:
+    """The manifest each of a seg run's cells is read from: the scored copy when the run
+    filters by label score, else the cell's own."""
+    filtered = bool(seg_config_for(cfg, run).data.min_label_score)
+    return {c: scored_manifest(cells[c]) if filtered else cells[c] for c in run.cells}
+
+
 def _judge_skip(val_images: int, sources_with_mask: dict[str, int]) -> str | None:
     """Why the judge cannot run on these data (masks missing), or None."""
     if not val_images:
@@ -796,12 +860,12 @@ def stage_seg(cfg: SweepConfig, out: Path, real_manifest: storage.Location, cell
     """
     summaries: dict[str, dict[str, Any]] = {}
     info.update(runs=len(runs), runs_reused=0)
-    digests = {"real": file_digest(real_manifest), **{name: file_digest(m) for name, m in cells.items()}}
     todo = []
     for run in runs:
-        seg, identity = seg_identity(cfg, run, digests)
+        inputs = run_manifests(cfg, run, cells)
+        seg, identity = seg_identity(cfg, run, {"real": file_digest(real_manifest), **{c: file_digest(m) for c, m in inputs.items()}})
         folder = out / "seg" / run.name
-        manifests = [str(real_manifest)] + [str(cells[c]) for c in run.cells]
+        manifests = [str(real_manifest)] + [str(m) for m in inputs.values()]
         recorded = Identity.load(folder)
         changed = identity.differences(recorded) if recorded is not None else []
         if changed and all(d.startswith("input:") for d in changed):
@@ -918,7 +982,8 @@ def run_sweep(cfg: SweepConfig) -> Path:
     record = new_record(cfg, runs)
     save = lambda: write_json(report_dir / RECORD, record)  # noqa: E731
     stages = Stages(record, save)
-    stages.total = 4 + bool(cfg.fid.enabled) + bool(cfg.judge.enabled) + bool(cfg.memorization.enabled) + bool(runs)
+    stages.total = (4 + bool(cfg.fid.enabled) + bool(cfg.judge.enabled) + bool(cfg.memorization.enabled)
+                    + bool(cfg.label_scores.enabled) + bool(runs))
     with stages.stage("ingest", f"ingest real data -> {out / 'real'}") as info:
         real = stage_ingest(cfg, out, info)
     # One Ray connection for every stage that runs on the cluster (a local instance starts once).
@@ -939,6 +1004,10 @@ def run_sweep(cfg: SweepConfig) -> Path:
         if cfg.memorization.enabled:
             with stages.stage("memorization", f"memorization check of {n_cells} cell(s) -> {out / MEMORIZATION_FILE}") as info:
                 stage_memorization(cfg, out, real, cells, info)
+        if cfg.label_scores.enabled:
+            with stages.stage("label_scores", f"label scores of {n_cells} cell(s) ({cfg.label_scores.steps}-step scorer on the "
+                                              f"real scribbles) -> {out / LABEL_SCORES_FILE}") as info:
+                stage_in_task(stage_label_scores, cfg, (cfg, out, real, cells), info)
         if runs:
             with stages.stage("seg", f"train {len(runs)} segmentation model(s) -> {out / 'seg'}") as info:
                 stage_seg(cfg, out, real, cells, runs, info)

@@ -86,13 +86,16 @@ def _inputs(images: np.ndarray, device: str) -> torch.Tensor:
     return torch.stack([to_tensor(img) for img in images]).to(device)
 
 
-def train_judge(images: np.ndarray, masks: np.ndarray, num_classes: int, cfg: JudgeConfig) -> nn.Module:
-    """seg's tiny DeepLabV3+ after ``cfg.steps`` AdamW steps on random flipped batches of (images, masks)."""
+def train_judge(images: np.ndarray, masks: np.ndarray, num_classes: int, cfg: JudgeConfig,
+                model: ModelConfig | None = None) -> nn.Module:
+    """seg's DeepLabV3+ (``model``; default the tiny one from scratch) after ``cfg.steps``
+    AdamW steps on random flipped batches of (images, masks); 255 in ``masks`` is ignored,
+    so scribbles train it too (the label-consistency scorer)."""
     device = cfg.torch_device()
     rng = np.random.default_rng(cfg.seed)
     with torch.random.fork_rng(devices=[]):  # a seeded init and dropout without touching the caller's RNG
         torch.manual_seed(cfg.seed)
-        net = build_model(ModelConfig(), num_classes).to(device).train()
+        net = build_model(model or ModelConfig(), num_classes).to(device).train()
         opt = torch.optim.AdamW(net.parameters(), cfg.lr, weight_decay=1e-4)
         for _ in range(cfg.steps):
             idx = rng.integers(0, len(images), cfg.batch_size)

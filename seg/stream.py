@@ -27,7 +27,7 @@ from torch.utils.data import IterableDataset
 
 from engine.data.subset import draw_subset
 from engine.errors import BadInputError
-from engine.manifest import missing_shards, read_manifest, resolve_shard
+from engine.manifest import LABEL_SCORE, missing_shards, read_manifest, resolve_shard
 from engine.shards import Sample, decode_sample, open_shard
 from seg.schemes import lam_key
 
@@ -116,6 +116,7 @@ def index_manifests(
     subset_seed: int = 0,
     synthetic_per_source: int = 0,
     keep_synthetic: set[str] | None = None,
+    min_label_score: float = 0.0,
 ) -> DataIndex:
     """Group the ``ok`` rows of all manifests into real/val/per-λ synthetic groups.
 
@@ -127,6 +128,9 @@ def index_manifests(
     (``engine.shards.synthetic_key``), so that is a fixed pseudo-random pick, and a smaller
     N keeps a subset of what a larger one keeps. ``keep_synthetic`` (when given) keeps only
     the synthetic samples with these keys (the ``best_k`` scheme's selection, :mod:`seg.best`).
+    ``min_label_score`` > 0 keeps only the synthetic samples whose ``label_score`` (the
+    agreement with their own scribble, :mod:`seg.label_scores`) reaches it; every manifest
+    with synthetic rows must then carry that column.
     """
     if not isinstance(synthetic_per_source, int) or isinstance(synthetic_per_source, bool) or synthetic_per_source < 0:
         raise BadInputError(f"data.synthetic_per_source={synthetic_per_source!r}", "must be an integer >= 0 (0 = all)")
@@ -141,8 +145,9 @@ def index_manifests(
                 raise BadInputError(str(path), f"class names {info.class_names} differ from {class_names} of the other manifests")
             class_names = list(info.class_names)
         cols = table.select(["key", "shard", "source_id", "split", "lambda", "status"]).to_pydict()
-        for key, shard, source, split, lam, status in zip(*cols.values()):
-            if status != "ok":
+        scores = _label_scores(path, table, min_label_score)
+        for (key, shard, source, split, lam, status), score in zip(zip(*cols.values()), scores):
+            if status != "ok" or (lam and score is not None and score < min_label_score):
                 continue
             rows.append((resolve_shard(path, shard), key, source, split, lam_key(lam or 0.0)))
         _check_shards_exist(path, {r[0] for r in rows})
@@ -171,6 +176,23 @@ def index_manifests(
             index.synthetic.setdefault(lam, ShardGroup()).add(url, key)
         index.synthetic_sources.add(source)
     return index
+
+
+def _label_scores(path: str | Path, table, min_label_score: float) -> list[float | None]:
+    """Each row's label score (None: not needed, or a real row); refuses a manifest whose
+    synthetic rows were not scored when a threshold asks for the scores."""
+    if not min_label_score:
+        return [None] * table.num_rows
+    lams = table.column("lambda").to_pylist()
+    if not any(lams):
+        return [None] * table.num_rows
+    scores = table.column(LABEL_SCORE).to_pylist() if LABEL_SCORE in table.column_names else [None] * table.num_rows
+    unscored = sum(1 for lam, v, st in zip(lams, scores, table.column("status").to_pylist()) if lam and st == "ok" and v is None)
+    if unscored:
+        raise BadInputError(str(path), f"data.min_label_score={min_label_score} needs the {LABEL_SCORE!r} column, and "
+                            f"{unscored} synthetic sample(s) have none",
+                            "score them: python -m seg.label_scores --checkpoint REAL_RUN/checkpoints/last.pt --manifest ...")
+    return scores
 
 
 def _check_shards_exist(manifest: str | Path, urls: set[str]) -> None:

@@ -59,6 +59,7 @@ class DataConfig:
     shuffle_buffer: int = 256
     synthetic_per_source: int = 0  # > 0: at most N synthetic samples per (source, λ), the smallest keys; 0 = all
     mismatched_scribbles: bool = False  # the control: each synthetic sample gets another scene's real scribble
+    min_label_score: float = 0.0  # > 0: drop synthetic samples whose label_score (seg.label_scores) is below it
 
     def validate(self) -> None:
         if not 0.0 < self.real_fraction <= 1.0:
@@ -67,6 +68,8 @@ class DataConfig:
             raise BadInputError("data.workers / data.shuffle_buffer", "must be >= 0")
         if not isinstance(self.synthetic_per_source, int) or isinstance(self.synthetic_per_source, bool) or self.synthetic_per_source < 0:
             raise BadInputError(f"data.synthetic_per_source={self.synthetic_per_source!r}", "must be an integer >= 0 (0 = all)")
+        if not 0.0 <= self.min_label_score <= 1.0:
+            raise BadInputError(f"data.min_label_score={self.min_label_score}", "must be in [0, 1] (0 = keep every sample)")
         if not isinstance(self.mismatched_scribbles, bool):
             raise BadInputError(f"data.mismatched_scribbles={self.mismatched_scribbles!r}", "must be true or false")
 
@@ -251,7 +254,7 @@ def train(cfg: SegConfig, manifests: list[str], out: str | Path, resume: bool = 
     main_rank = is_main(rank)
     torch.manual_seed(cfg.train.seed)
     index: DataIndex = index_manifests(manifests, cfg.data.train_split, cfg.data.val_split, cfg.data.real_fraction, cfg.data.subset_seed,
-                                       cfg.data.synthetic_per_source, _best_keys(cfg, manifests))
+                                       cfg.data.synthetic_per_source, _best_keys(cfg, manifests), cfg.data.min_label_score)
     num_classes = len(index.class_names)
     budget = run_budget(cfg, index, world)
     total = budget.steps
@@ -352,6 +355,7 @@ def train(cfg: SegConfig, manifests: list[str], out: str | Path, resume: bool = 
         "real_train_samples": len(index.real),
         "synthetic_samples": {str(k): len(g) for k, g in index.synthetic.items()},
         "synthetic_per_source": cfg.data.synthetic_per_source,
+        "min_label_score": cfg.data.min_label_score,
         "mismatched_scribbles": cfg.data.mismatched_scribbles,
         "classical_augment": ({k: getattr(cfg.augment, k) for k in ("rotate", "vflip", "color_jitter", "classical_on")}
                               if cfg.augment.classical else None),

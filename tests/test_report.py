@@ -111,6 +111,10 @@ def fabricate_run(root: Path, seeds: tuple[int, ...] = (0, 1)) -> SweepConfig:
                                                                      "nearest_is_own": lam / 2, "chance": 1 / 3, "samples": 3,
                                                                      "seconds": 0.1} for w in W for lam in LAMS}}
     (root / "memorization.json").write_text(json.dumps(memo))
+    scores = {"setup": {"enabled": True}, "cells": {cell_name(w, lam): {"w": w, "lambda": lam, "samples": 3, "mean": 1 - lam / 2,
+                                                                       "q25": 0.25, "median": 0.5, "q75": 0.75, "seconds": 0.2}
+                                                    for w in W for lam in LAMS}}
+    (root / "label_scores.json").write_text(json.dumps(scores))
     runs = plan_seg_runs(cfg)
     for run in runs:
         miou = miou_of(run.scheme, run.w, run.lambdas[0] if run.lambdas else None, run.seed)
@@ -259,6 +263,15 @@ def test_memorization_table(report):
         for lam in LAMS:
             assert _row(part, cell_name(w, lam))[1:] == [f"{w:g}", f"{lam:g}", f"{10 * lam:.1f}", "50.0", f"{100 * lam / 2:.1f}", "3"]
     assert _row(md.split("## Compute")[1], "memorization")[1:3] == [f"{0.1 * len(W) * len(LAMS):.1f}", str(3 * len(W) * len(LAMS))]
+
+
+def test_label_scores_table(report):
+    _, md = report
+    part = md.split("## Label scores")[1].split("\n## ")[0]
+    for w in W:
+        for lam in LAMS:
+            assert _row(part, cell_name(w, lam))[1:] == [f"{w:g}", f"{lam:g}", f"{1 - lam / 2:.3f}", "0.250", "0.500", "0.750", "3"]
+    assert _row(md.split("## Compute")[1], "label scores")[1:3] == [f"{0.2 * len(W) * len(LAMS):.1f}", str(3 * len(W) * len(LAMS))]
 
 
 def test_report_without_judge(tmp_path):

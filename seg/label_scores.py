@@ -1,0 +1,141 @@
+"""Label consistency of generated images: does each one agree with its own scribble?
+
+A generated image is trained on with its source's scribble as the label. When the image
+does not show those classes where the strokes run, that label teaches the segmenter
+wrong. The score of a sample is the mIoU, on the scribbled pixels only, between a
+segmenter's prediction on the generated image and the scribble (classes absent from both
+left out; ``torchmetrics.functional.segmentation.mean_iou`` per sample). The segmenter
+must learn only from what the seg arms may see -- the labelled scribbles of the draw,
+never a full mask of val or test: a seg.train run on the real scribbles (this module's
+command) or, in a sweep, a scorer trained on them (``experiments.sweep``'s label-scores
+stage). FreeMask filters by a real-trained model's loss the same way; the paper's
+``--aug-best-dict`` is a hand-made ranking.
+
+    python -m seg.label_scores --checkpoint runs/x/seg/real-seed0/checkpoints/last.pt \\
+        --manifest runs/x/synthetic/w2p00-l1p00/manifest.parquet
+
+writes the score into the manifest's ``label_score`` column (``--out`` for a copy);
+``seg.train`` with ``data.min_label_score`` then keeps the synthetic samples that reach it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from torchmetrics.functional.segmentation import mean_iou
+from tqdm import tqdm
+
+from engine import storage
+from engine.config import from_dict
+from engine.errors import BadInputError
+from engine.identity import file_digest
+from engine.manifest import LABEL_SCORE, annotate, iter_samples, read_manifest
+from engine.shards import UNLABELLED, Sample
+from seg.evaluate import read_checkpoint
+from seg.judge import chunks, predict
+from seg.models import RANDOM, ModelConfig, build_model
+
+
+def scribble_miou(pred: np.ndarray, scribble: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per sample (N,), the mIoU of ``pred`` (N,H,W) against ``scribble`` (N,H,W) on the
+    scribbled pixels; classes in neither left out; NaN for a sample without a stroke.
+
+    Unlabelled pixels become an extra class in both arrays, so they agree and count for
+    nothing once that class's column is dropped.
+    """
+    target = torch.from_numpy(scribble.astype(np.int64))
+    off = target == UNLABELLED
+    target[off] = num_classes
+    pred_t = torch.from_numpy(pred.astype(np.int64)).masked_fill(off, num_classes)
+    iou = mean_iou(pred_t, target, num_classes + 1, per_class=True, input_format="index")[:, :num_classes].double()
+    present = iou >= 0  # -1: the class is in neither
+    out = (iou.clamp(min=0) * present).sum(1) / present.sum(1).clamp(min=1)
+    out[~present.any(1)] = float("nan")
+    return out.numpy()
+
+
+def score_samples(net: nn.Module, samples: Iterable[Sample], num_classes: int, batch_size: int = 32) -> dict[str, float]:
+    """Sample key -> label score of every sample (one image size per batch), streamed."""
+    scores: dict[str, float] = {}
+    for batch in chunks(samples, batch_size):
+        by_size: dict[tuple[int, ...], list[Sample]] = {}
+        for s in batch:
+            by_size.setdefault(s.image.shape, []).append(s)
+        for group in by_size.values():
+            pred = predict(net, np.stack([s.image for s in group]), batch_size)
+            values = scribble_miou(pred, np.stack([s.scribble for s in group]), num_classes)
+            scores.update((s.key, float(v)) for s, v in zip(group, values) if not np.isnan(v))
+    return scores
+
+
+def score_manifest(net: nn.Module, manifest: storage.Location, num_classes: int, note: dict[str, Any],
+                   out: storage.Location | None = None, batch_size: int = 32, progress: bool = False) -> dict[str, Any]:
+    """Score every synthetic sample (λ > 0) of ``manifest`` and write the ``label_score``
+    column into it (or into ``out``); a summary of the scores."""
+    table, _ = read_manifest(manifest)
+    n = sum(1 for lam, st in zip(table.column("lambda").to_pylist(), table.column("status").to_pylist()) if st == "ok" and lam)
+    samples = (s for _, s in iter_samples(manifest, lambda row: bool(row["lambda"]), with_mask=False))
+    if progress:
+        samples = tqdm(samples, total=n, desc=f"label scores {storage.name(storage.parent(manifest))}", unit="img")
+    scores = score_samples(net, samples, num_classes, batch_size)
+    annotate(manifest, LABEL_SCORE, scores, out, note)
+    return summarize(list(scores.values()))
+
+
+def summarize(values: list[float]) -> dict[str, Any]:
+    """Count, mean and quartiles of a cell's scores (what a threshold would keep)."""
+    if not values:
+        return {"samples": 0}
+    q = np.quantile(values, [0.25, 0.5, 0.75]).round(4).tolist()
+    return {"samples": len(values), "mean": round(float(np.mean(values)), 4), "q25": q[0], "median": q[1], "q75": q[2]}
+
+
+def load_scorer(checkpoint: str | Path) -> tuple[nn.Module, list[str]]:
+    """The model of a seg.train checkpoint (``OUT/checkpoints/last.pt``) and its class names."""
+    ckpt = read_checkpoint(checkpoint)
+    model_cfg = from_dict(ModelConfig, {**ckpt["config"]["model"], "backbone_weights": RANDOM}, "checkpoint model config")
+    net = build_model(model_cfg, len(ckpt["class_names"]))
+    net.load_state_dict(ckpt["model"])
+    return net.to("cuda" if torch.cuda.is_available() else "cpu").eval(), list(ckpt["class_names"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Score each generated image's agreement with its own scribble (mIoU on the scribbled pixels of a "
+                    "segmenter's prediction) and write it into the manifest's label_score column; seg.train's "
+                    "data.min_label_score then drops the samples below a threshold.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a seg.train checkpoint trained on the real scribbles only (OUT/checkpoints/last.pt): the scorer "
+                             "may learn only from what the trained arms see, never from val's or test's full masks")
+    parser.add_argument("--manifest", required=True, nargs="+", help="synthetic manifest(s) to score")
+    parser.add_argument("--out", default=None,
+                        help="write the scored copy here (one manifest only; default: the column goes into the manifest itself)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args(argv)
+    try:
+        if args.out and len(args.manifest) > 1:
+            raise BadInputError("--out", f"given with {len(args.manifest)} manifests", "score one manifest per --out, or drop --out")
+        if args.batch_size < 1:
+            raise BadInputError(f"--batch-size={args.batch_size}", "must be >= 1")
+        net, classes = load_scorer(args.checkpoint)
+        note = {"scorer": str(args.checkpoint), "scorer_digest": file_digest(args.checkpoint), "metric": "scribble_miou"}
+        for manifest in args.manifest:
+            names = read_manifest(manifest)[1].class_names
+            if names != classes:
+                raise BadInputError(manifest, f"class names {names} differ from the checkpoint's {classes}")
+            summary = score_manifest(net, manifest, len(classes), note, args.out, args.batch_size, progress=True)
+            print(f"{args.out or manifest}: {summary}")
+    except BadInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
