@@ -176,8 +176,9 @@ class ArmsStudy:
     lambda_aware: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
+        # An arm set to null is dropped: a config that extends another (``base:``) runs its own arms only.
         self.arms = {name: arm if isinstance(arm, Arm) else from_dict(Arm, arm, f"studies.arms.arms.{name}")
-                     for name, arm in self.arms.items()}
+                     for name, arm in self.arms.items() if arm is not None}
         for name in self.arms:
             if not name.replace("_", "").isalnum():
                 raise BadInputError(f"studies.arms.arms.{name}", "arm names are letters, digits and _ (they name run folders)")
