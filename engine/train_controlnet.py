@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -127,6 +128,9 @@ class DataSection:
 @dataclass
 class TrainSection:
     steps: int = 1000
+    # > 0: train this many epochs over the train split instead of ``steps``: epochs x
+    # ceil(train samples / batch_size) steps (the paper: 200 epochs at batch 16, whatever the split)
+    epochs: int = 0
     batch_size: int = 16
     lr: float = 5e-4
     warmup_steps: int = 50
@@ -157,6 +161,8 @@ class TrainSection:
         for name in ("steps", "batch_size", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise BadInputError(f"train.{name}={getattr(self, name)}", "must be >= 1")
+        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 0:
+            raise BadInputError(f"train.epochs={self.epochs!r}", "must be an integer >= 0 (0 = train.steps decides)")
         if not 0.0 <= self.cond_dropout < 1.0:
             raise BadInputError(f"train.cond_dropout={self.cond_dropout}", "must be in [0, 1)")
         if self.null_prompt not in NULL_PROMPTS:
@@ -189,6 +195,19 @@ class TrainControlNetConfig:
 
 
 # -- data ---------------------------------------------------------------------------------------
+def planned_steps(cfg: TrainControlNetConfig) -> int:
+    """The run's step count: ``train.steps``, or with ``train.epochs`` > 0 that many epochs of
+    ``ceil(n / batch_size)`` steps over the ``n`` ok samples of the train split (so a
+    low-data split gets the paper's 200 epochs, not the full set's step count)."""
+    tc = cfg.train
+    if not tc.epochs:
+        return tc.steps
+    table, _ = read_manifest(cfg.data.manifest)
+    n = sum(1 for sp, st in zip(table.column("split").to_pylist(), table.column("status").to_pylist())
+            if sp == cfg.data.split and st == "ok")
+    return tc.epochs * math.ceil(n / tc.batch_size)
+
+
 def _shards_of_split(manifest: str, split: str) -> tuple[list[str], list[str]]:
     table, info = read_manifest(manifest)
     rows = [r for r in table.select(["shard", "split", "status"]).to_pylist()
@@ -464,6 +483,8 @@ def _train_rank(cfg: TrainControlNetConfig, resume: bool, progress: bool, rank: 
     from diffusers import DDIMScheduler
     from tqdm import tqdm
 
+    if cfg.train.epochs:  # the epochs' step count, recorded in the saved config beside the epochs
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=planned_steps(cfg)))
     tc = cfg.train
     share = batch_share(tc.batch_size, rank, world)
     main_rank = is_main(rank)

@@ -58,7 +58,7 @@ from engine.manifest import read_manifest
 from engine.memorization import MemorizationConfig, describe, memorization, train_images
 from engine.shards import Sample
 from engine.data.geometry import fit_sample
-from engine.train_controlnet import TrainControlNetConfig
+from engine.train_controlnet import TrainControlNetConfig, planned_steps
 from experiments import tasks
 from seg.judge import Agreement, JudgeConfig, chunks, derangement, judge_on_real, manifest_samples, predict, train_judge
 from seg.label_scores import score_manifest
@@ -437,7 +437,7 @@ RUN_ONLY = {
 ADDED_LATER: dict[type, set[str]] = {
     IngestConfig: set(),
     TrainControlNetConfig: {"train.learn_null_hint", "train.null_prompt", "data.hint_resize", "data.channel_order",
-                            "data.vae_encode"},
+                            "data.vae_encode", "train.epochs"},
     SegConfig: {  # issue 24, the paper's seg options (docs/paper-fidelity.md)
         "model.aspp_dropout", "model.decoder_dropout", "model.multi_grid", "model.align_corners",
         "augment.scale_mode", "augment.blur", "scheme.synth_share", "train.budget", "train.epochs", "train.eval_every_epochs",
@@ -540,13 +540,14 @@ def stage_controlnet(cfg: SweepConfig, out: Path, real_manifest: storage.Locatio
         resources = tasks.task_resources(cfg.stage_cpus)
         cn.train.threads = resources.threads(cn.train.threads)
         print(f"    as a Ray task ({resources})", flush=True)
-        with tqdm(total=cn.train.steps, initial=last_step(log_path), desc="train controlnet", dynamic_ncols=True) as bar:
+        steps = planned_steps(cn)
+        with tqdm(total=steps, initial=last_step(log_path), desc="train controlnet", dynamic_ncols=True) as bar:
             ref = tasks.remote(tasks.train_controlnet, resources).remote(cn, resume)
             final, info["placement"] = tasks.gather({ref: "controlnet"}, poll=lambda: _show_step(bar, log_path))["controlnet"]
             _show_step(bar, log_path)
     final = Path(final)
     done = last_step(log_path)
-    info["steps"] = f"{done}/{cn.train.steps}" + (" (time box)" if done < cn.train.steps else "")
+    info["steps"] = f"{done}/{steps}" + (" (time box)" if done < steps else "")
     return final
 
 

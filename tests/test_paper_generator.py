@@ -42,11 +42,39 @@ def test_sd15_trains_as_the_paper(sd15):
     epoch=199-step=132399), train.py (precision=32, no gradient_clip_val), cldm.py (AdamW with
     torch's default weight decay, no warmup), data.py (no flips)."""
     t = sd15.train
-    assert t.steps == 200 * math.ceil(VOC_TRAIN_IMAGES / 16) == 132_399 + 1
+    assert t.epochs == 200 and t.steps == 200 * math.ceil(VOC_TRAIN_IMAGES / 16) == 132_399 + 1
     assert (t.batch_size, t.lr, t.warmup_steps) == (16, 1e-4, 0)
     assert t.weight_decay == inspect.signature(torch.optim.AdamW).parameters["weight_decay"].default
     assert (t.mixed_precision, t.grad_clip, sd15.data.hflip) == ("no", 0, False)
     assert (t.cond_dropout, t.drop_prompt, t.train_denoiser) == (0.1, False, False)
+
+
+@pytest.mark.parametrize("train_images, steps", [(VOC_TRAIN_IMAGES, 132_400), (1058, 200 * 67), (661, 200 * 42)])
+def test_sd15_trains_200_epochs_on_any_split(sd15, tmp_path, train_images, steps):
+    """A ControlNet per low-data split, as the paper's control_PascalScribble_10p: 200 epochs of
+    ceil(n / 16) steps over the split the manifest holds (val rows and skipped rows not counted)."""
+    from engine.manifest import DatasetInfo, skip_row, write_manifest
+    from engine.train_controlnet import planned_steps
+
+    rows = [{**skip_row(f"s{i}", split, ""), "status": "ok"} for split, n in (("train", train_images), ("val", 50))
+            for i in range(n)] + [skip_row("bad", "train", "unreadable")]
+    cfg = load_config(TrainControlNetConfig, "configs/controlnet/sd15.yaml",
+                      ["model.pretrained=/sd15", f"data.manifest={write_manifest(rows, tmp_path / 'm.parquet', DatasetInfo(['a']))}"])
+    assert planned_steps(cfg) == steps
+
+
+def test_epochs_set_the_step_count_and_are_recorded(manifest, tmp_path):
+    from engine.manifest import read_manifest
+
+    table, _ = read_manifest(manifest)
+    n = sum(1 for sp, st in zip(table.column("split").to_pylist(), table.column("status").to_pylist()) if sp == "train" and st == "ok")
+    train(micro_config(manifest, tmp_path / "run", steps=1, epochs=2, batch_size=4), progress=False)
+    log = [json.loads(x)["step"] for x in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
+    assert log[-1] == 2 * math.ceil(n / 4) != 1
+    saved = load_config(TrainControlNetConfig, tmp_path / "run" / "config.yaml")
+    assert (saved.train.epochs, saved.train.steps) == (2, log[-1])
+    with pytest.raises(BadInputError, match="train.epochs=-1"):
+        micro_config(manifest, tmp_path / "bad", epochs=-1)
 
 
 def test_sd15_keeps_the_null_hint_fixed_as_the_paper(sd15):

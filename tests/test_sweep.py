@@ -77,6 +77,19 @@ def test_shipped_configs_load(path, tmp_path):
         assert cfg.generate.sampler.spacing == "paper"
 
 
+def test_the_low_data_voc_sweep_trains_its_own_controlnet_on_the_split(tmp_path):
+    """The paper retrains the ControlNet per low-data split: the 10 % sweep ingests the split (so the
+    ControlNet, generation and seg see only it), trains 200 epochs on it, in a folder of its own."""
+    backbone = tmp_path / "resnet101.pth"
+    backbone.touch()
+    sets = PAPER_SETS + [f"seg.model.backbone_weights={backbone}"]
+    low = load_sweep_config(REPO / "configs" / "sweeps" / "voc_sd15_10p.yaml", sets)
+    full = load_sweep_config(REPO / "configs" / "sweeps" / "voc_sd15_schemes.yaml", sets)
+    assert (low.ingest.subset, low.seg.data.real_fraction, low.controlnet.train.epochs) == (0.1, 1.0, 200)
+    assert low.out != full.out and low.model_dir is None and low.real_manifest is None
+    assert to_dict(low.studies) == to_dict(full.studies) and to_dict(low.controlnet.train) == to_dict(full.controlnet.train)
+
+
 def test_paper_config_needs_local_weights():
     with pytest.raises(BadInputError, match="pretrained"):
         load_sweep_config(REPO / "configs" / "demo" / "voc_sd15.yaml")
