@@ -484,7 +484,11 @@ def _train_rank(cfg: TrainControlNetConfig, resume: bool, progress: bool, rank: 
     from tqdm import tqdm
 
     if cfg.train.epochs:  # the epochs' step count, recorded in the saved config beside the epochs
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=planned_steps(cfg)))
+        steps = planned_steps(cfg)
+        if is_main(rank) and steps != cfg.train.steps:
+            print(f"train.epochs={cfg.train.epochs}: {steps} steps over the train split (train.steps={cfg.train.steps} "
+                  "is not used; set train.epochs=0 to train a step count)", flush=True)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
     tc = cfg.train
     share = batch_share(tc.batch_size, rank, world)
     main_rank = is_main(rank)

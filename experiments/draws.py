@@ -31,9 +31,9 @@ from typing import Any, Sequence
 
 from engine.atomic import write_json, write_text
 from engine.errors import BadInputError
-from engine.identity import Identity, file_digest, plain
+from engine.identity import Identity, plain
 from engine.config import to_dict
-from experiments.sweep import (COMMIT_FILE, MEMORIZATION_FILE, REPO, SweepConfig, git, git_commit, plan_seg_runs, run_manifests,
+from experiments.sweep import (COMMIT_FILE, MEMORIZATION_FILE, REPO, SweepConfig, git, git_commit, plan_seg_runs, run_inputs,
                                run_sweep, seg_identity)
 
 RESULT_JSON = "headline.json"
@@ -119,19 +119,17 @@ def _current_runs(cfg: SweepConfig, seed: int) -> tuple[dict[tuple[str, int], fl
     real = folder / "real" / "manifest.parquet"
     if not real.is_file():
         return {}, [], set()
-    digests = {"real": file_digest(real)}
     found, stale, commits = {}, [], set()
     for run in plan_seg_runs(sub):
         run_dir = folder / "seg" / run.name
         summary = run_dir / "summary.json"
         if not summary.is_file():
             continue
-        cells = run_manifests(sub, run, {c: folder / "synthetic" / c / "manifest.parquet" for c in run.cells})
+        cells = {c: folder / "synthetic" / c / "manifest.parquet" for c in run.cells}
         if not all(m.is_file() for m in cells.values()):
             stale.append(f"draw-{seed}/seg/{run.name}")
             continue
-        digests.update({m: file_digest(m) for m in cells.values() if m not in digests})
-        _, identity = seg_identity(sub, run, {"real": digests["real"], **{c: digests[m] for c, m in cells.items()}})
+        _, identity = seg_identity(sub, run, run_inputs(sub, run, real, cells)[1])
         recorded = Identity.load(run_dir)
         if recorded is None or identity.differences(recorded):
             stale.append(f"draw-{seed}/seg/{run.name}")

@@ -61,7 +61,7 @@ from engine.data.geometry import fit_sample
 from engine.train_controlnet import TrainControlNetConfig, planned_steps
 from experiments import tasks
 from seg.judge import Agreement, JudgeConfig, chunks, derangement, judge_on_real, manifest_samples, predict, train_judge
-from seg.label_scores import score_manifest
+from seg.label_scores import score_manifest, scored_copy
 from seg.models import backbone_weights_file
 from seg.schemes import LAMBDA_SCHEMES, SCHEMES
 from seg.train import SegConfig
@@ -73,7 +73,6 @@ FID_FILE = "fid.json"
 JUDGE_FILE = "judge.json"
 MEMORIZATION_FILE = "memorization.json"
 LABEL_SCORES_FILE = "label_scores.json"
-SCORED_MANIFEST = "label_scored.parquet"  # beside a cell's manifest.parquet: the same rows + label_score
 JUDGE_SPLIT = "val"  # never a generation source: the judge is an instrument, like FID's feature net
 
 
@@ -232,6 +231,7 @@ class LabelScoresConfig(JudgeConfig):
     scribbles only -- what the arms see -- never on a full mask. On when an arm sets
     ``data.min_label_score``; ``holdout`` is unused (there is no mask to score it with)."""
 
+    SECTION = "label_scores"
     enabled: bool = False
     holdout: float = 0.0
 
@@ -287,10 +287,17 @@ class SweepConfig:
         for where, value, allowed in needs:
             if not any(abs(value - a) < 5e-3 for a in allowed):
                 raise BadInputError(f"{where}={value}", f"is not in the grid {allowed}", "add it to grid.w / grid.lambdas")
-        filtered = sorted(r.name for r in plan_seg_runs(self) if seg_config_for(self, r).data.min_label_score)
+        filtered = [(r.name, seg_config_for(self, r).data) for r in plan_seg_runs(self) if filters(self, r)]
         if filtered and not self.label_scores.enabled:
-            raise BadInputError(f"seg run(s) {', '.join(filtered)}", "set data.min_label_score, but label_scores.enabled is false",
+            raise BadInputError(f"seg run(s) {', '.join(n for n, _ in filtered)}",
+                                "set data.min_label_score, but label_scores.enabled is false",
                                 "set label_scores.enabled: true (the sweep then scores every cell)")
+        for name, data in filtered:  # the scorer learns the sweep's train scribbles: an arm must see them all
+            if data.real_fraction < 1.0 or data.train_split != self.seg.data.train_split:
+                raise BadInputError(f"seg run {name}: data.real_fraction={data.real_fraction}, train_split={data.train_split!r}",
+                                    "filters by label score, but the scorer learns from every scribble of the "
+                                    f"'{self.seg.data.train_split}' split, more than this run sees",
+                                    "draw the subset with ingest.subset instead")
         if self.threads < 0:
             raise BadInputError(f"threads={self.threads}", "must be >= 0 (0 = all cores)")
         if self.stage_cpus < 0:
@@ -779,13 +786,17 @@ def stage_label_scores(cfg: SweepConfig, out: Path, real_manifest: storage.Locat
                        info: dict[str, Any]) -> dict[str, Any]:
     """Every cell's samples scored for agreement with their own scribble (:mod:`seg.label_scores`),
     written as ``label_scored.parquet`` beside the cell's manifest; summaries cached per cell in
-    ``label_scores.json``. The scorer is trained on the real train split's scribbles only."""
+    ``label_scores.json``. The scorer is trained on the real train split's scribbles only.
+
+    The copies are derived files: a filtered seg run's identity names the cell and the scorer's
+    setup (:func:`run_inputs`), not the copy's bytes, so scoring again never retrains runs.
+    """
     path = out / LABEL_SCORES_FILE
-    setup = {**cfg.label_scores.describe(), "model": plain(to_dict(cfg.seg.model)), "reference": str(real_manifest),
-             "split": cfg.seg.data.train_split}
+    setup = label_scores_setup(cfg, real_manifest)
     cache, todo = cell_cache(path, setup, cells, info)
     todo.update({name: (m, read_manifest(m)[0], Identity(setup, {"cell": file_digest(m)}).digest)
                  for name, m in cells.items() if name not in todo and not scored_manifest(m).is_file()})
+    info["cells_reused"] = len(cells) - len(todo)
     if not todo:
         return cache
     size = _size_of(todo)
@@ -807,16 +818,34 @@ def stage_label_scores(cfg: SweepConfig, out: Path, real_manifest: storage.Locat
     return cache
 
 
+def label_scores_setup(cfg: SweepConfig, real_manifest: storage.Location) -> dict[str, Any]:
+    """What decides the label scores: the scorer's training, its model, the real set it learns from."""
+    return {**cfg.label_scores.describe(), "model": plain(to_dict(cfg.seg.model)), "reference": file_digest(real_manifest),
+            "split": cfg.seg.data.train_split}
+
+
 def scored_manifest(manifest: storage.Location) -> Path:
     """Where the label-scores stage writes a cell's scored copy (beside it: same shard paths)."""
-    return Path(manifest).with_name(SCORED_MANIFEST)
+    return Path(scored_copy(manifest))
 
 
-def run_manifests(cfg: SweepConfig, run: SegRun, cells: dict[str, Path]) -> dict[str, Path]:
-    """The manifest each of a seg run's cells is read from: the scored copy when the run
-    filters by label score, else the cell's own."""
-    filtered = bool(seg_config_for(cfg, run).data.min_label_score)
-    return {c: scored_manifest(cells[c]) if filtered else cells[c] for c in run.cells}
+def filters(cfg: SweepConfig, run: SegRun) -> bool:
+    """Does this seg run drop synthetic samples by label score?"""
+    return bool(seg_config_for(cfg, run).data.min_label_score)
+
+
+def run_inputs(cfg: SweepConfig, run: SegRun, real_manifest: storage.Location,
+               cells: dict[str, Path]) -> tuple[dict[str, Path], dict[str, str]]:
+    """The manifest each of a seg run's cells is read from (the scored copy when the run filters
+    by label score, else the cell's own) and the input digests its identity records: the real
+    manifest's, and per cell its manifest's (with the scorer's setup when filtered)."""
+    filtered = filters(cfg, run)
+    manifests = {c: scored_manifest(cells[c]) if filtered else cells[c] for c in run.cells}
+    digests = {"real": file_digest(real_manifest)}
+    for c in run.cells:
+        cell = file_digest(cells[c])
+        digests[c] = Identity(label_scores_setup(cfg, real_manifest), {"cell": cell}).digest if filtered else cell
+    return manifests, digests
 
 
 def _judge_skip(val_images: int, sources_with_mask: dict[str, int]) -> str | None:
@@ -864,8 +893,8 @@ def stage_seg(cfg: SweepConfig, out: Path, real_manifest: storage.Location, cell
     info.update(runs=len(runs), runs_reused=0)
     todo = []
     for run in runs:
-        inputs = run_manifests(cfg, run, cells)
-        seg, identity = seg_identity(cfg, run, {"real": file_digest(real_manifest), **{c: file_digest(m) for c, m in inputs.items()}})
+        inputs, digests = run_inputs(cfg, run, real_manifest, cells)
+        seg, identity = seg_identity(cfg, run, digests)
         folder = out / "seg" / run.name
         manifests = [str(real_manifest)] + [str(m) for m in inputs.values()]
         recorded = Identity.load(folder)

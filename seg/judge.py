@@ -45,13 +45,15 @@ class JudgeConfig:
     holdout: float = 0.2  # last fraction of the real images (key order): the judge's own score, its ceiling
     device: str = "auto"  # auto: cuda when available, else cpu
 
+    SECTION = "judge"  # the config section errors name (the label scorer reuses this class)
+
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
-            raise BadInputError(f"judge.steps/batch_size={self.steps}/{self.batch_size}", "must be >= 1")
+            raise BadInputError(f"{self.SECTION}.steps/batch_size={self.steps}/{self.batch_size}", "must be >= 1")
         if self.lr <= 0:
-            raise BadInputError(f"judge.lr={self.lr}", "must be > 0")
+            raise BadInputError(f"{self.SECTION}.lr={self.lr}", "must be > 0")
         if not 0.0 <= self.holdout < 1.0:
-            raise BadInputError(f"judge.holdout={self.holdout}", "must be in [0, 1)")
+            raise BadInputError(f"{self.SECTION}.holdout={self.holdout}", "must be in [0, 1)")
 
     def torch_device(self) -> str:
         if self.device == "auto":

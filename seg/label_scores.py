@@ -14,8 +14,10 @@ stage). FreeMask filters by a real-trained model's loss the same way; the paper'
     python -m seg.label_scores --checkpoint runs/x/seg/real-seed0/checkpoints/last.pt \\
         --manifest runs/x/synthetic/w2p00-l1p00/manifest.parquet
 
-writes the score into the manifest's ``label_score`` column (``--out`` for a copy);
-``seg.train`` with ``data.min_label_score`` then keeps the synthetic samples that reach it.
+writes a copy of the manifest with a ``label_score`` column beside it (``label_scored.parquet``;
+``--out`` elsewhere, ``--in-place`` into the manifest itself); ``seg.train`` given that copy and
+``data.min_label_score`` keeps the synthetic samples that reach it. A sample whose scribble has
+no stroke has nothing to disagree with: its score is NaN and it is kept.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 from torch import nn
-from torchmetrics.functional.segmentation import mean_iou
 from tqdm import tqdm
 
 from engine import storage
@@ -41,23 +42,27 @@ from seg.evaluate import read_checkpoint
 from seg.judge import chunks, predict
 from seg.models import RANDOM, ModelConfig, build_model
 
+SCORED_NAME = "label_scored.parquet"  # a manifest's scored copy, beside it
+
 
 def scribble_miou(pred: np.ndarray, scribble: np.ndarray, num_classes: int) -> np.ndarray:
     """Per sample (N,), the mIoU of ``pred`` (N,H,W) against ``scribble`` (N,H,W) on the
     scribbled pixels; classes in neither left out; NaN for a sample without a stroke.
 
-    Unlabelled pixels become an extra class in both arrays, so they agree and count for
-    nothing once that class's column is dropped.
+    One ``bincount`` of (sample, truth, prediction) over the scribbled pixels gives every
+    sample's confusion matrix at once: torchmetrics' per-sample ``mean_iou`` has no ignore
+    index and builds one-hot tensors of N x K x H x W (GBs at VOC size).
     """
-    target = torch.from_numpy(scribble.astype(np.int64))
-    off = target == UNLABELLED
-    target[off] = num_classes
-    pred_t = torch.from_numpy(pred.astype(np.int64)).masked_fill(off, num_classes)
-    iou = mean_iou(pred_t, target, num_classes + 1, per_class=True, input_format="index")[:, :num_classes].double()
-    present = iou >= 0  # -1: the class is in neither
-    out = (iou.clamp(min=0) * present).sum(1) / present.sum(1).clamp(min=1)
-    out[~present.any(1)] = float("nan")
-    return out.numpy()
+    n, k = len(pred), num_classes
+    keep = scribble != UNLABELLED
+    sample = np.broadcast_to(np.arange(n)[:, None, None], scribble.shape)[keep].astype(np.int64)
+    index = (sample * k + scribble[keep].astype(np.int64)) * k + pred[keep].astype(np.int64)
+    conf = np.bincount(index, minlength=n * k * k).reshape(n, k, k)  # [sample, truth, prediction]
+    tp = np.diagonal(conf, axis1=1, axis2=2)
+    union = conf.sum(2) + conf.sum(1) - tp
+    present = union > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(present, tp / np.maximum(union, 1), 0.0).sum(1) / present.sum(1)
 
 
 def score_samples(net: nn.Module, samples: Iterable[Sample], num_classes: int, batch_size: int = 32) -> dict[str, float]:
@@ -70,7 +75,7 @@ def score_samples(net: nn.Module, samples: Iterable[Sample], num_classes: int, b
         for group in by_size.values():
             pred = predict(net, np.stack([s.image for s in group]), batch_size)
             values = scribble_miou(pred, np.stack([s.scribble for s in group]), num_classes)
-            scores.update((s.key, float(v)) for s, v in zip(group, values) if not np.isnan(v))
+            scores.update((s.key, float(v)) for s, v in zip(group, values))  # NaN: no stroke to check
     return scores
 
 
@@ -88,12 +93,20 @@ def score_manifest(net: nn.Module, manifest: storage.Location, num_classes: int,
     return summarize(list(scores.values()))
 
 
-def summarize(values: list[float]) -> dict[str, Any]:
-    """Count, mean and quartiles of a cell's scores (what a threshold would keep)."""
+def summarize(scores: list[float]) -> dict[str, Any]:
+    """Count, mean and quartiles of a cell's scores (what a threshold would keep); samples
+    without a stroke are counted apart (``no_stroke``: they have no score and are kept)."""
+    values = [v for v in scores if not np.isnan(v)]
     if not values:
-        return {"samples": 0}
+        return {"samples": len(scores), "no_stroke": len(scores)}
     q = np.quantile(values, [0.25, 0.5, 0.75]).round(4).tolist()
-    return {"samples": len(values), "mean": round(float(np.mean(values)), 4), "q25": q[0], "median": q[1], "q75": q[2]}
+    return {"samples": len(scores), "no_stroke": len(scores) - len(values), "mean": round(float(np.mean(values)), 4),
+            "q25": q[0], "median": q[1], "q75": q[2]}
+
+
+def scored_copy(manifest: storage.Location) -> storage.Location:
+    """Where a manifest's scored copy goes by default: beside it, so its shard paths resolve."""
+    return storage.join(storage.parent(manifest), SCORED_NAME)
 
 
 def load_scorer(checkpoint: str | Path) -> tuple[nn.Module, list[str]]:
@@ -114,8 +127,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="a seg.train checkpoint trained on the real scribbles only (OUT/checkpoints/last.pt): the scorer "
                              "may learn only from what the trained arms see, never from val's or test's full masks")
     parser.add_argument("--manifest", required=True, nargs="+", help="synthetic manifest(s) to score")
-    parser.add_argument("--out", default=None,
-                        help="write the scored copy here (one manifest only; default: the column goes into the manifest itself)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", default=None,
+                       help=f"write the scored copy here (one manifest only; default: {SCORED_NAME} beside each manifest, "
+                            "so the shards still resolve and the manifest itself, which a sweep's digests name, is untouched)")
+    where.add_argument("--in-place", action="store_true", help="write the column into the manifest itself")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
     try:
@@ -129,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             names = read_manifest(manifest)[1].class_names
             if names != classes:
                 raise BadInputError(manifest, f"class names {names} differ from the checkpoint's {classes}")
-            summary = score_manifest(net, manifest, len(classes), note, args.out, args.batch_size, progress=True)
-            print(f"{args.out or manifest}: {summary}")
+            out = manifest if args.in_place else args.out or scored_copy(manifest)
+            summary = score_manifest(net, manifest, len(classes), note, out, args.batch_size, progress=True)
+            print(f"{out}: {summary}")
     except BadInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -138,6 +138,7 @@ def index_manifests(
         raise BadInputError("--shards", "no manifest given", "pass at least the real manifest.parquet")
     class_names: list[str] = []
     rows: list[tuple[str, str, str, str, float]] = []  # url, key, source_id, split, λ
+    dropped = 0  # synthetic rows below min_label_score
     for path in paths:
         table, info = read_manifest(path)
         if info.class_names:
@@ -147,7 +148,10 @@ def index_manifests(
         cols = table.select(["key", "shard", "source_id", "split", "lambda", "status"]).to_pydict()
         scores = _label_scores(path, table, min_label_score)
         for (key, shard, source, split, lam, status), score in zip(zip(*cols.values()), scores):
-            if status != "ok" or (lam and score is not None and score < min_label_score):
+            if status != "ok":
+                continue
+            if lam and score is not None and score < min_label_score:  # NaN (no stroke) is kept
+                dropped += 1
                 continue
             rows.append((resolve_shard(path, shard), key, source, split, lam_key(lam or 0.0)))
         _check_shards_exist(path, {r[0] for r in rows})
@@ -175,6 +179,9 @@ def index_manifests(
         for key, url in sorted(members)[:synthetic_per_source]:
             index.synthetic.setdefault(lam, ShardGroup()).add(url, key)
         index.synthetic_sources.add(source)
+    if dropped and not index.synthetic:
+        raise BadInputError(f"data.min_label_score={min_label_score}", f"drops every synthetic sample ({dropped})",
+                            "lower it: the scored copy's quartiles are in the sweep's label_scores.json")
     return index
 
 
