@@ -229,22 +229,21 @@ def test_pool_schemes_stream_through_mixed_batches(data):
 
 # -- the sweep runs them ---------------------------------------------------------------------------------------
 def test_the_sweep_plans_and_configures_the_papers_schemes():
-    cfg = from_dict(SweepConfig, {
+    arms = {"real": {"scheme": "real"},
+            "best2": {"scheme": "best_k", "lambdas": [0.5, 1.0], "set": {"scheme.best_dict": "best.json", "scheme.best_k": 2}}}
+    sweep = lambda arms: from_dict(SweepConfig, {  # noqa: E731
         "grid": {"w": [2.0], "lambdas": [0.5, 1.0]},
         "studies": {"schemes": {"w": 2.0, "names": ["real", "append", "replacement", "synth_only"]},
-                    "arms": {"enabled": True, "w": 2.0, "arms": {
-                        "real": {"scheme": "real"},
-                        "best2": {"scheme": "best_k", "lambdas": [0.5, 1.0],
-                                  "set": {"scheme.best_dict": "best.json", "scheme.best_k": 2}},
-                        "nodict": {"scheme": "best_k", "lambdas": [1.0]}}}},
+                    "arms": {"enabled": True, "w": 2.0, "arms": arms}},
     })
+    cfg = sweep(arms)
     runs = {r.name: r for r in plan_seg_runs(cfg)}
     assert {"append-w2p00-l0p50_1p00-seed0", "replacement-w2p00-l0p50_1p00-seed0", "synth_only-w2p00-l0p50_1p00-seed0",
             "arm-best2-seed0"} <= set(runs)
     best = seg_config_for(cfg, runs["arm-best2-seed0"]).scheme
     assert (best.name, best.best_dict, best.best_k) == ("best_k", "best.json", 2)
-    with pytest.raises(BadInputError, match="scheme.best_dict"):
-        seg_config_for(cfg, runs["arm-nodict-seed0"])
+    with pytest.raises(BadInputError, match="scheme.best_dict"):  # refused when the sweep config loads
+        sweep({**arms, "nodict": {"scheme": "best_k", "lambdas": [1.0]}})
 
 
 def test_synth_only_and_best_k_train_end_to_end(data, tmp_path):
