@@ -32,11 +32,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from engine import storage
 from engine.config import from_dict
 from engine.errors import BadInputError
 from engine.identity import file_digest
 from engine.manifest import LABEL_SCORE, annotate, iter_samples, read_manifest
+from engine.storage import Location, join, name, parent
 from engine.shards import UNLABELLED, Sample
 from seg.evaluate import read_checkpoint
 from seg.judge import chunks, predict
@@ -79,15 +79,15 @@ def score_samples(net: nn.Module, samples: Iterable[Sample], num_classes: int, b
     return scores
 
 
-def score_manifest(net: nn.Module, manifest: storage.Location, num_classes: int, note: dict[str, Any],
-                   out: storage.Location | None = None, batch_size: int = 32, progress: bool = False) -> dict[str, Any]:
+def score_manifest(net: nn.Module, manifest: Location, num_classes: int, note: dict[str, Any],
+                   out: Location | None = None, batch_size: int = 32, progress: bool = False) -> dict[str, Any]:
     """Score every synthetic sample (λ > 0) of ``manifest`` and write the ``label_score``
     column into it (or into ``out``); a summary of the scores."""
     table, _ = read_manifest(manifest)
     n = sum(1 for lam, st in zip(table.column("lambda").to_pylist(), table.column("status").to_pylist()) if st == "ok" and lam)
     samples = (s for _, s in iter_samples(manifest, lambda row: bool(row["lambda"]), with_mask=False))
     if progress:
-        samples = tqdm(samples, total=n, desc=f"label scores {storage.name(storage.parent(manifest))}", unit="img")
+        samples = tqdm(samples, total=n, desc=f"label scores {name(parent(manifest))}", unit="img")
     scores = score_samples(net, samples, num_classes, batch_size)
     annotate(manifest, LABEL_SCORE, scores, out, note)
     return summarize(list(scores.values()))
@@ -104,9 +104,9 @@ def summarize(scores: list[float]) -> dict[str, Any]:
             "q25": q[0], "median": q[1], "q75": q[2]}
 
 
-def scored_copy(manifest: storage.Location) -> storage.Location:
+def scored_copy(manifest: Location) -> Location:
     """Where a manifest's scored copy goes by default: beside it, so its shard paths resolve."""
-    return storage.join(storage.parent(manifest), SCORED_NAME)
+    return join(parent(manifest), SCORED_NAME)
 
 
 def load_scorer(checkpoint: str | Path) -> tuple[nn.Module, list[str]]:
