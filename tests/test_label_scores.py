@@ -160,7 +160,8 @@ def test_a_filtering_run_reads_the_scored_copy_and_names_the_cell_and_the_scorer
 
 def test_an_arm_set_to_null_is_dropped():
     cfg = load_sweep_config(REPO / "configs" / "sweeps" / "levers-val.yaml")
-    assert set(cfg.studies.arms.arms) == {"val_classical", "val_fixed", "val_fixed_s50", "val_fixed_s80", "val_fixed_share25"}
+    assert set(cfg.studies.arms.arms) == {"val_classical", "val_fixed", "val_fixed_s50", "val_fixed_s80", "val_fixed_share25",
+                                              "val_fixed_s80_share25", "val_fixed_share10"}
     assert cfg.studies.arms.baseline == "val_classical" and cfg.seg.data.val_split == "val"
     assert "real" in load_sweep_config(REPO / "configs" / "sweeps" / "headline.yaml").studies.arms.arms
 
