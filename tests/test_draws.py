@@ -147,13 +147,15 @@ def test_headline_protocol_end_to_end_on_a_smoke_budget(tmp_path):
             "--set", "grid.w=[2.0]", "--set", "grid.lambdas=[0.4, 0.6, 0.8, 1.0]", "--set", "grid.samples_per_source={1.0: 2}",
             "--set", "generate.plan.samples_per_source=1", "--set", "generate.plan.max_sources=null",
             "--set", "studies.arms.seeds=[0]", "--set", "draws.seeds=[1, 2]", "--set", "judge.enabled=false",
+            # the lever arm at a threshold a smoke-budget scorer's scores pass (its 0.8 could drop them all)
+            "--set", 'studies.arms.arms.levers.set={"data.min_label_score": 0.01, "scheme.synth_fraction": 0.25}',
             *[a for s in sets for a in ("--set", f"ingest.{s}")]]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     first = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=800)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     result = json.loads((out / "headline.json").read_text())
     assert result["split"] == "test" and result["draws"] == [1, 2] and result["stale"] == []
-    assert set(result["arms"]) == {"real", "real_classical", "fixed", "uniform", "adaptive", "mismatched"}
+    assert set(result["arms"]) == {"real", "real_classical", "fixed", "uniform", "adaptive", "mismatched", "levers"}
     for name, arm in result["arms"].items():
         assert [len(d) for d in arm["per_draw"]] == [1, 1] and all(0 <= d[0] <= 100 for d in arm["per_draw"]), name
     baseline = result["baseline"]
@@ -171,5 +173,8 @@ def test_headline_protocol_end_to_end_on_a_smoke_budget(tmp_path):
     assert summary["eval_split"] == "test" and summary["val_samples"] == 12
     assert summary["synthetic_samples"] == {"0.4": 12, "0.6": 12, "0.8": 12, "1.0": 24}  # all: under the cap of 4 a scene
     assert json.loads((out / "draw-1" / "seg" / "arm-fixed-seed0" / "summary.json").read_text())["synthetic_samples"] == {"1.0": 24}
+    levers = json.loads((out / "draw-1" / "seg" / "arm-levers-seed0" / "summary.json").read_text())
+    assert levers["min_label_score"] == 0.01 and 0 < levers["synthetic_samples"]["1.0"] <= 24
+    assert (out / "draw-1" / "synthetic" / "w2p00-l1p00" / "label_scored.parquet").is_file()
     again = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=800)
-    assert again.returncode == 0 and again.stdout.count("(reused, mIoU") == 12 and json.loads((out / "headline.json").read_text())["arms"] == result["arms"]
+    assert again.returncode == 0 and again.stdout.count("(reused, mIoU") == 14 and json.loads((out / "headline.json").read_text())["arms"] == result["arms"]
