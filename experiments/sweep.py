@@ -841,10 +841,11 @@ def run_inputs(cfg: SweepConfig, run: SegRun, real_manifest: storage.Location,
     manifest's, and per cell its manifest's (with the scorer's setup when filtered)."""
     filtered = filters(cfg, run)
     manifests = {c: scored_manifest(cells[c]) if filtered else cells[c] for c in run.cells}
+    setup = label_scores_setup(cfg, real_manifest) if filtered else None
     digests = {"real": file_digest(real_manifest)}
     for c in run.cells:
         cell = file_digest(cells[c])
-        digests[c] = Identity(label_scores_setup(cfg, real_manifest), {"cell": cell}).digest if filtered else cell
+        digests[c] = Identity(setup, {"cell": cell}).digest if setup is not None else cell
     return manifests, digests
 
 

@@ -41,6 +41,20 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise BadInputError(str(path), f"cannot read checkpoint: {str(exc).splitlines()[0]}") from None
 
 
+def load_model(checkpoint: str | Path) -> tuple[nn.Module, list[str]]:
+    """The model of a seg.train checkpoint (``OUT/checkpoints/last.pt``), in eval mode on the
+    GPU when there is one, and its class names. The backbone file is not read again: the
+    checkpoint holds every weight."""
+    from engine.config import from_dict
+    from seg.models import RANDOM, ModelConfig, build_model
+
+    ckpt = read_checkpoint(checkpoint)
+    model_cfg = from_dict(ModelConfig, {**ckpt["config"]["model"], "backbone_weights": RANDOM}, "checkpoint model config")
+    model = build_model(model_cfg, len(ckpt["class_names"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), list(ckpt["class_names"])
+
+
 PROTOCOLS = ("full", "fixscalecrop")
 
 
@@ -116,9 +130,7 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from seg.models import RANDOM, ModelConfig, build_model
     from seg.stream import index_manifests
-    from engine.config import from_dict
 
     parser = argparse.ArgumentParser(description="Evaluate a seg.train checkpoint on full masks (mIoU, per-class IoU, pixel accuracy).")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by seg.train (OUT/checkpoints/last.pt)")
@@ -131,18 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crop", type=int, default=513, help="fixscalecrop side (the paper: 513)")
     args = parser.parse_args(argv)
     try:
-        ckpt = read_checkpoint(args.checkpoint)
+        model, class_names = load_model(args.checkpoint)
         index = index_manifests(args.shards, val_split=args.split)
-        model_cfg = from_dict(ModelConfig, {**ckpt["config"]["model"], "backbone_weights": RANDOM}, "checkpoint model config")
-        model = build_model(model_cfg, len(ckpt["class_names"]))
-        model.load_state_dict(ckpt["model"])
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        result = evaluate(model.to(device), index.val, len(ckpt["class_names"]), device, args.batch_size, args.workers,
-                          args.protocol, args.crop)
+        device = next(model.parameters()).device
+        result = evaluate(model, index.val, len(class_names), device, args.batch_size, args.workers, args.protocol, args.crop)
     except BadInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result["class_names"] = ckpt["class_names"]
+    result["class_names"] = class_names
     print(json.dumps(result, indent=2))
     return 0
 

@@ -4,7 +4,7 @@ A generated image is trained on with its source's scribble as the label. When th
 does not show those classes where the strokes run, that label teaches the segmenter
 wrong. The score of a sample is the mIoU, on the scribbled pixels only, between a
 segmenter's prediction on the generated image and the scribble (classes absent from both
-left out; ``torchmetrics.functional.segmentation.mean_iou`` per sample). The segmenter
+left out; one confusion matrix per sample, :func:`scribble_miou`). The segmenter
 must learn only from what the seg arms may see -- the labelled scribbles of the draw,
 never a full mask of val or test: a seg.train run on the real scribbles (this module's
 command) or, in a sweep, a scorer trained on them (``experiments.sweep``'s label-scores
@@ -24,23 +24,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-import torch
 from torch import nn
 from tqdm import tqdm
 
-from engine.config import from_dict
 from engine.errors import BadInputError
 from engine.identity import file_digest
 from engine.manifest import LABEL_SCORE, annotate, iter_samples, read_manifest
 from engine.storage import Location, join, name, parent
 from engine.shards import UNLABELLED, Sample
-from seg.evaluate import read_checkpoint
+from seg.evaluate import load_model
 from seg.judge import chunks, predict
-from seg.models import RANDOM, ModelConfig, build_model
 
 SCORED_NAME = "label_scored.parquet"  # a manifest's scored copy, beside it
 
@@ -83,10 +79,10 @@ def score_manifest(net: nn.Module, manifest: Location, num_classes: int, note: d
                    out: Location | None = None, batch_size: int = 32, progress: bool = False) -> dict[str, Any]:
     """Score every synthetic sample (λ > 0) of ``manifest`` and write the ``label_score``
     column into it (or into ``out``); a summary of the scores."""
-    table, _ = read_manifest(manifest)
-    n = sum(1 for lam, st in zip(table.column("lambda").to_pylist(), table.column("status").to_pylist()) if st == "ok" and lam)
     samples = (s for _, s in iter_samples(manifest, lambda row: bool(row["lambda"]), with_mask=False))
     if progress:
+        table, _ = read_manifest(manifest)
+        n = sum(1 for lam, st in zip(table.column("lambda").to_pylist(), table.column("status").to_pylist()) if st == "ok" and lam)
         samples = tqdm(samples, total=n, desc=f"label scores {name(parent(manifest))}", unit="img")
     scores = score_samples(net, samples, num_classes, batch_size)
     annotate(manifest, LABEL_SCORE, scores, out, note)
@@ -107,15 +103,6 @@ def summarize(scores: list[float]) -> dict[str, Any]:
 def scored_copy(manifest: Location) -> Location:
     """Where a manifest's scored copy goes by default: beside it, so its shard paths resolve."""
     return join(parent(manifest), SCORED_NAME)
-
-
-def load_scorer(checkpoint: str | Path) -> tuple[nn.Module, list[str]]:
-    """The model of a seg.train checkpoint (``OUT/checkpoints/last.pt``) and its class names."""
-    ckpt = read_checkpoint(checkpoint)
-    model_cfg = from_dict(ModelConfig, {**ckpt["config"]["model"], "backbone_weights": RANDOM}, "checkpoint model config")
-    net = build_model(model_cfg, len(ckpt["class_names"]))
-    net.load_state_dict(ckpt["model"])
-    return net.to("cuda" if torch.cuda.is_available() else "cpu").eval(), list(ckpt["class_names"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             raise BadInputError("--out", f"given with {len(args.manifest)} manifests", "score one manifest per --out, or drop --out")
         if args.batch_size < 1:
             raise BadInputError(f"--batch-size={args.batch_size}", "must be >= 1")
-        net, classes = load_scorer(args.checkpoint)
+        net, classes = load_model(args.checkpoint)
         note = {"scorer": str(args.checkpoint), "scorer_digest": file_digest(args.checkpoint), "metric": "scribble_miou"}
         for manifest in args.manifest:
             names = read_manifest(manifest)[1].class_names
