@@ -16,7 +16,10 @@ of (arm − baseline), which covers the variation of subset, ControlNet, generat
 seeds together. Rerunning resumes: each draw is a sweep (every stage resumes), and the
 summary is rewritten after every draw, so a run stopped between sessions keeps what it has.
 A seg run counts only while its recorded identity (config and input digests) is what the
-config would make today; anything else is listed as stale, never averaged in.
+config would make today; anything else is listed as stale, never averaged in. With
+``draws.record`` set, every counted run is also written to that (committed) file, and a run
+whose folder is gone counts from it (:mod:`experiments.run_record`): folders need not outlive
+a session, five draws take several.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from engine.atomic import write_json, write_text
 from engine.errors import BadInputError
 from engine.identity import Identity, plain
 from engine.config import to_dict
+from experiments.run_record import COUNTED_FROM_RECORD, fingerprints, load_record, merged, recorded_draw, run_key, save_record
 from experiments.sweep import (COMMIT_FILE, MEMORIZATION_FILE, REPO, SweepConfig, git, git_commit, plan_seg_runs, run_inputs,
                                run_sweep, seg_identity)
 
@@ -68,17 +72,40 @@ def check_draws_config(cfg: SweepConfig) -> None:
     if cfg.seg.data.real_fraction < 1.0:
         raise BadInputError(f"seg.data.real_fraction={cfg.seg.data.real_fraction}",
                             "would draw again inside each draw's ingested subset", "set it to 1: the draw is made by ingest")
+    if cfg.draws.record:  # checked now, not when the first draw ends hours later
+        if not Path(cfg.draws.record).parent.is_dir():
+            raise BadInputError(f"draws.record={cfg.draws.record}", "is in a folder that does not exist",
+                                "create the folder, or name a file in an existing one")
+        load_record(cfg.draws.record)
 
 
 def run_draws(cfg: SweepConfig, config_path: str | Path | None = None) -> Path:
-    """Run (or resume) every draw in turn, rewriting the summary after each; return its markdown."""
+    """Run (or resume) every draw in turn, rewriting the record and the summary after each;
+    return the summary's markdown. A draw whose folder is gone and whose every run the record
+    holds (``draws.record``) is not rerun: a later session picks up where the last one ended."""
     check_draws_config(cfg)
     out = Path(cfg.out)
     for i, seed in enumerate(cfg.draws.seeds, 1):
-        print(f"\n######## draw {seed} ({i}/{len(cfg.draws.seeds)}) -> {draw_dir(out, seed)}", flush=True)
-        run_sweep(draw_config(cfg, seed))
-        write_summary(cfg, collect(cfg, config_path))
+        head = f"\n######## draw {seed} ({i}/{len(cfg.draws.seeds)})"
+        if in_record_only(cfg, seed):
+            print(f"{head}: every run is in {cfg.draws.record} and {draw_dir(out, seed)} is gone: not rerun", flush=True)
+        else:
+            print(f"{head} -> {draw_dir(out, seed)}", flush=True)
+            run_sweep(draw_config(cfg, seed))
+        runs, stale = counted_runs(cfg)
+        if cfg.draws.record:
+            fresh = [r for r in runs.values() if not r.get(COUNTED_FROM_RECORD)]
+            save_record(cfg.draws.record, merged(load_record(cfg.draws.record), fresh))
+        write_summary(cfg, collect(cfg, config_path, (runs, stale)))
     return out / RESULT_MD
+
+
+def in_record_only(cfg: SweepConfig, seed: int) -> bool:
+    """Is the draw's folder gone while the record holds every run it plans?"""
+    sub = draw_config(cfg, seed)
+    if not cfg.draws.record or (draw_dir(cfg.out, seed) / "real" / "manifest.parquet").is_file():
+        return False
+    return len(recorded_draw(seed, sub, load_record(cfg.draws.record))) == len(plan_seg_runs(sub))
 
 
 def frozen_at(config_path: str | Path) -> dict[str, Any]:
@@ -111,33 +138,49 @@ def draw_memorization(cfg: SweepConfig, seed: int) -> dict[str, dict[str, float]
             for name, c in sorted(cells.items())}
 
 
-def _current_runs(cfg: SweepConfig, seed: int) -> tuple[dict[tuple[str, int], float], list[str], set[str]]:
-    """mIoU (%) of each finished seg run of one draw whose identity is today's, by (arm, seg seed); the stale ones;
-    and the commits the counted runs were trained at."""
+def _current_runs(cfg: SweepConfig, seed: int) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Each finished seg run of one draw's folder whose identity is today's, as a record entry
+    by key (experiments/run_record.py); and the stale ones."""
     folder = draw_dir(cfg.out, seed)
     sub = draw_config(cfg, seed)
     real = folder / "real" / "manifest.parquet"
     if not real.is_file():
-        return {}, [], set()
-    found, stale, commits = {}, [], set()
+        return {}, []
+    found, stale = {}, []
     for run in plan_seg_runs(sub):
-        run_dir = folder / "seg" / run.name
+        key, run_dir = run_key(seed, run), folder / "seg" / run.name
         summary = run_dir / "summary.json"
         if not summary.is_file():
             continue
         cells = {c: folder / "synthetic" / c / "manifest.parquet" for c in run.cells}
         if not all(m.is_file() for m in cells.values()):
-            stale.append(f"draw-{seed}/seg/{run.name}")
+            stale.append(key)
             continue
         _, identity = seg_identity(sub, run, run_inputs(sub, run, real, cells)[1])
         recorded = Identity.load(run_dir)
         if recorded is None or identity.differences(recorded):
-            stale.append(f"draw-{seed}/seg/{run.name}")
+            stale.append(key)
             continue
-        found[(run.arm, run.seed)] = 100.0 * json.loads(summary.read_text())["miou"]
         stamp = run_dir / COMMIT_FILE
-        commits.add(json.loads(stamp.read_text())["commit"] if stamp.is_file() else "unknown")
-    return found, stale, commits
+        found[key] = {"key": key, "draw": seed, "arm": run.arm, "seed": run.seed,
+                      "miou": round(100.0 * json.loads(summary.read_text())["miou"], 4),
+                      "commits": [json.loads(stamp.read_text())["commit"] if stamp.is_file() else "unknown"],
+                      "inputs": recorded.inputs, **fingerprints(sub, run), "source": "run folder"}
+    return found, stale
+
+
+def counted_runs(cfg: SweepConfig) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Every run that counts, by key: from its folder where it has one, else from the record
+    (``draws.record``) when that holds it with today's fingerprints; and the stale ones."""
+    entries = load_record(cfg.draws.record)
+    runs: dict[str, dict[str, Any]] = {}
+    stale: list[str] = []
+    for seed in cfg.draws.seeds:
+        found, old = _current_runs(cfg, seed)
+        recorded = recorded_draw(seed, draw_config(cfg, seed), entries)
+        runs.update({**{k: e for k, e in recorded.items() if k not in old}, **found})
+        stale += old
+    return runs, stale
 
 
 def paired(arm: Sequence[Sequence[float | None] | None], base: Sequence[Sequence[float | None] | None],
@@ -173,20 +216,22 @@ def paired(arm: Sequence[Sequence[float | None] | None], base: Sequence[Sequence
     return result
 
 
-def collect(cfg: SweepConfig, config_path: str | Path | None = None) -> dict[str, Any]:
-    """The headline record of every draw of ``cfg`` found on disk (see the module doc)."""
+def collect(cfg: SweepConfig, config_path: str | Path | None = None,
+            counted: tuple[dict[str, dict[str, Any]], list[str]] | None = None) -> dict[str, Any]:
+    """The headline record of every draw of ``cfg`` (see the module doc), from ``counted``
+    (:func:`counted_runs`, computed here when not given)."""
     study = cfg.studies.arms
+    runs, stale = counted if counted is not None else counted_runs(cfg)
+    by_arm = {(r["draw"], r["arm"], r["seed"]): r["miou"] for r in runs.values()}
     per_draw: dict[str, list[list[float | None] | None]] = {name: [] for name in study.arms}
-    stale: list[str] = []
     commits = {}
     for seed in cfg.draws.seeds:
-        found, old, trained_at = _current_runs(cfg, seed)
-        stale += old
+        trained_at = {c for r in runs.values() if r["draw"] == seed for c in r["commits"]}
         if trained_at:
             commits[str(seed)] = sorted(trained_at)
         for name in study.arms:
-            values = [found.get((name, k)) for k in study.seeds]
-            per_draw[name].append(None if all(v is None for v in values) else [None if v is None else round(v, 4) for v in values])
+            values = [by_arm.get((seed, name, k)) for k in study.seeds]
+            per_draw[name].append(None if all(v is None for v in values) else values)
     base = per_draw[study.baseline]
     result: dict[str, Any] = {
         "split": cfg.seg.data.val_split,
@@ -208,6 +253,7 @@ def collect(cfg: SweepConfig, config_path: str | Path | None = None) -> dict[str
         "target": {"points": study.target_points, "lambda_aware": list(study.lambda_aware)},
         "memorization": {str(seed): draw_memorization(cfg, seed) for seed in cfg.draws.seeds},
         "stale": stale,
+        "from_record": sorted(k for k, r in runs.items() if r.get(COUNTED_FROM_RECORD)),
     }
     return result
 

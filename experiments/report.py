@@ -741,6 +741,11 @@ def render_headline(data: dict[str, Any]) -> list[tuple[str, Any]]:
     if stale:
         blocks.append(("p", f"Not counted: {len(stale)} finished run(s) made under another identity than today's "
                             f"({', '.join(f'`{x}`' for x in stale)})."))
+    recorded = list(data.get("from_record") or [])
+    if recorded:
+        blocks.append(("p", f"Counted from the run record (their folders are gone; config fingerprints checked, data "
+                            f"not rechecked): {len(recorded)} run(s) of draw(s) "
+                            f"{', '.join(sorted({x.split('/')[0].removeprefix('draw-') for x in recorded}, key=int))}."))
     blocks.append(("p", headline_verdict(data)))
     return blocks
 

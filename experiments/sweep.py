@@ -208,6 +208,9 @@ class DrawsConfig:
 
     seeds: list[int] = field(default_factory=list)
     confidence: float = 0.95  # of the paired t interval over draws
+    # A JSON file (meant to be committed) of every finished seg run: what a later session counts
+    # when the run folders are gone (experiments/run_record.py). None: run folders only.
+    record: str | None = None
 
     def validate(self) -> None:
         if len(set(self.seeds)) != len(self.seeds):
@@ -820,8 +823,12 @@ def stage_label_scores(cfg: SweepConfig, out: Path, real_manifest: storage.Locat
 
 def label_scores_setup(cfg: SweepConfig, real_manifest: storage.Location) -> dict[str, Any]:
     """What decides the label scores: the scorer's training, its model, the real set it learns from."""
-    return {**cfg.label_scores.describe(), "model": plain(to_dict(cfg.seg.model)), "reference": file_digest(real_manifest),
-            "split": cfg.seg.data.train_split}
+    return {**label_scorer(cfg), "reference": file_digest(real_manifest)}
+
+
+def label_scorer(cfg: SweepConfig) -> dict[str, Any]:
+    """The scorer's settings alone (its training, model and split), without the data it learns from."""
+    return {**cfg.label_scores.describe(), "model": plain(to_dict(cfg.seg.model)), "split": cfg.seg.data.train_split}
 
 
 def scored_manifest(manifest: storage.Location) -> Path:

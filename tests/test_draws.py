@@ -132,6 +132,66 @@ def test_collect_pairs_arms_within_draws_and_skips_stale_runs(tmp_path):
     assert all(v is None for v in collect(changed)["arms"]["real"]["per_draw"])
 
 
+def test_the_record_carries_finished_draws_across_lost_folders(tmp_path, monkeypatch):
+    """run_draws writes every counted run to draws.record; a draw whose folder is gone and whose
+    runs are all recorded with today's fingerprints is not rerun and still counts; a change to
+    one arm (or to what made the data) counts only the runs it does not touch."""
+    import shutil
+
+    from experiments import draws
+
+    record = tmp_path / "record.json"
+    sets = ARMS + [f"out={tmp_path / 'effect'}", f"draws.record={json.dumps(str(record))}"]
+    cfg = load_sweep_config(DEMO, sets)
+    everything = {f"arm-{a}-seed{k}": v + k for a, v in (("real", 30.0), ("longer", 31.0), ("fixed", 33.0), ("uniform", 32.0))
+                  for k in (0, 1)}
+    _fake_draw(cfg, 3, everything)
+    _fake_draw(cfg, 5, {**everything, "arm-fixed-seed0": 36.0})
+    swept: list[int] = []
+    monkeypatch.setattr(draws, "run_sweep", lambda sub: swept.append(sub.ingest.subset_seed))
+    draws.run_draws(cfg)
+    assert swept == [3, 5, 8]
+    entries = json.loads(record.read_text())["runs"]
+    assert len(entries) == 16 and {e["source"] for e in entries} == {"run folder"}
+    first = json.loads((tmp_path / "effect" / "headline.json").read_text())
+    assert first["arms"]["fixed"]["per_draw"] == [[33.0, 34.0], [36.0, 34.0], None] and first["from_record"] == []
+
+    shutil.rmtree(draw_dir(cfg.out, 3))  # a new session: draw 3's folder is gone
+    swept.clear()
+    draws.run_draws(cfg)
+    assert swept == [5, 8]  # draw 3 is not rerun
+    again = json.loads((tmp_path / "effect" / "headline.json").read_text())
+    assert again["arms"] == first["arms"] and again["paired"] == first["paired"]
+    assert again["from_record"] == sorted(f"draw-3/seg/{n}" for n in everything) and again["draw_commits"]["3"] == ["sha3"]
+    assert len(json.loads(record.read_text())["runs"]) == 16  # rewritten, not duplicated
+
+    # One arm's settings changed: only that arm's recorded runs stop counting (and draw 3 is rerun).
+    longer = load_sweep_config(DEMO, sets + ["studies.arms.arms.longer.set={train.steps: 1300}"])
+    result = collect(longer)
+    assert result["arms"]["longer"]["per_draw"][0] is None and result["arms"]["fixed"]["per_draw"][0] == [33.0, 34.0]
+    assert draws.in_record_only(longer, 3) is False and draws.in_record_only(cfg, 3) is True
+    # What made the data changed (the ControlNet's steps): no recorded run of the draw counts.
+    retrained = load_sweep_config(DEMO, sets + ["controlnet.train.steps=77"])
+    assert all(arm["per_draw"][0] is None for arm in collect(retrained)["arms"].values())
+
+
+def test_a_broken_record_is_refused_before_any_draw_runs(tmp_path):
+    (tmp_path / "record.json").write_text("{not json")
+    for record, match in ((tmp_path / "record.json", "is not a run record"), (tmp_path / "no" / "r.json", "does not exist")):
+        cfg = load_sweep_config(DEMO, ARMS + [f"out={tmp_path}", f"draws.record={json.dumps(str(record))}"])
+        with pytest.raises(BadInputError, match=match):
+            check_draws_config(cfg)
+
+
+def test_a_smoke_run_records_nothing():
+    from experiments.sweep import FAST_OVERLAY
+
+    headline = REPO / "configs" / "sweeps" / "headline.yaml"
+    assert load_sweep_config(headline).draws.record == "docs/results/headline-runs.json"
+    grid = ["grid.w=[2.0]", "grid.lambdas=[0.4, 0.6, 0.8, 1.0]"]  # as the end-to-end test: fast's grid lacks the arms' λ
+    assert load_sweep_config(headline, grid, [FAST_OVERLAY]).draws.record is None
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_headline_protocol_end_to_end_on_a_smoke_budget(tmp_path):

@@ -135,6 +135,10 @@ def test_record_of_experiments_draws():
     md = headline_markdown(data)
     assert "`python -m jobs.sweep --config configs/sweeps/headline.yaml`" in md and "frozen" not in md
     assert "Not counted: 1 finished run(s) made under another identity than today's (`draw-2/seg/arm-fixed-seed1`)." in md
+    assert "run record" not in md
+    data["from_record"] = ["draw-1/seg/arm-fixed-seed0", "draw-1/seg/arm-real-seed0", "draw-10/seg/arm-real-seed0"]
+    assert "from the run record (their folders are gone; config fingerprints checked, data not rechecked): 3 run(s) of " \
+           "draw(s) 1, 10." in headline_markdown(data)
 
 
 def test_generator_check_per_draw_is_shown_when_recorded():

@@ -38,7 +38,7 @@ from engine import storage
 from engine.atomic import atomic_path, write_json
 from engine.config import save_config, to_dict
 from engine.errors import BadInputError
-from engine.generate.config import GenerateConfig
+from engine.generate.config import GenerateConfig, SamplerConfig
 from engine.generate.distributor import Distributor, check_job_paths, check_visible_everywhere, connect, pool_shape
 from engine.generate.plan import Plan, WorkUnit, build_plan
 from engine.generate.worker import PARTS_DIR, SamplerFactory, ShardResult, load_sampler, part_path
@@ -61,12 +61,16 @@ def generation_identity(cfg: GenerateConfig, plan: Plan, model_dir: storage.Loca
     A key added later (:data:`ADDED_LATER`: ``scheduler``, the paper-fidelity options) enters
     only off its default: every set made before it existed recorded no such key and was made
     as the default makes it, so its identity stays what it was."""
-    s = cfg.sampler
+    return Identity({"plan": plan.fingerprint(), "image_format": cfg.image_format, "sampler": sampler_settings(cfg.sampler)},
+                    {"model": model_weights_id(model_dir)})
+
+
+def sampler_settings(s: SamplerConfig) -> dict[str, Any]:
+    """The sampler keys that decide the pixels (not its batch size or device), as identities record them."""
     sampler = {"num_steps": s.num_steps, "spacing": s.spacing, "uncond": s.uncond, "dtype": s.dtype,
                "resolution": s.resolution, "resize": s.resize}
     sampler.update({k: getattr(s, k) for k, default in ADDED_LATER.items() if getattr(s, k) != default})
-    return Identity({"plan": plan.fingerprint(), "image_format": cfg.image_format, "sampler": sampler},
-                    {"model": model_weights_id(model_dir)})
+    return sampler
 
 
 def model_weights_id(model_dir: storage.Location) -> str:
