@@ -451,7 +451,7 @@ ADDED_LATER: dict[type, set[str]] = {
     SegConfig: {  # issue 24, the paper's seg options (docs/paper-fidelity.md)
         "model.aspp_dropout", "model.decoder_dropout", "model.multi_grid", "model.align_corners",
         "augment.scale_mode", "augment.blur", "scheme.synth_share", "train.budget", "train.epochs", "train.eval_every_epochs",
-        "scheme.replace_p", "scheme.aug_ratio", "scheme.best_dict", "scheme.best_k",  # the paper's other schemes
+        "scheme.replace_p", "scheme.aug_ratio", "scheme.best_dict", "scheme.best_k", "scheme.replace_from",  # the paper's other schemes
         "data.min_label_score",  # issue 23's label-consistency filter
     },
 }

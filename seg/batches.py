@@ -8,7 +8,8 @@ draw how many samples are synthetic, draw their λ from the scheme, then take th
 sample of the per-λ (and the real) endless stream. Augmentation (random scale, crop,
 flip; optionally the classical rotation, vertical flip and colour jitter) transforms
 image, scribble and mask together. The mismatched-scribble control swaps each synthetic
-sample's scribble for another scene's (:class:`MismatchedScribbles`).
+sample's scribble for another scene's (:class:`MismatchedScribbles`); the paper's
+replacement swaps a real sample for its own source's synthetic version (:class:`SourceReplacements`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch.utils.data import IterableDataset
 from engine.errors import BadInputError
 from engine.shards import UNLABELLED, Sample
 from seg.schemes import SchemeConfig, check_available, draw_lambdas, synthetic_count
-from seg.stream import DataIndex, StreamError, endless, real_scribbles
+from seg.stream import DataIndex, ShardGroup, StreamError, decode_record, endless, read_records, real_scribbles
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -242,6 +243,38 @@ class MismatchedScribbles:
         return scribble
 
 
+class SourceReplacements:
+    """The paper's 'replacement' (``scheme.replace_from: source``): a real sample whose coin
+    came up is swapped for its own source's first synthetic sample at the λ the scheme drew
+    (the paper's ``synth_data[index][0]``: with one λ set, as its runs had, exactly that).
+
+    The first sample of each (source, λ) is read once, at start, and kept as raw bytes (one
+    encoded image, scribble and json a source and λ: a few kB each on the embedded default,
+    about a JPEG or PNG a source on VOC); decoded only when used.
+    """
+
+    def __init__(self, index: DataIndex, lambdas: list[float]) -> None:
+        self.records: dict[float, dict[str, dict[str, Any]]] = {}
+        for lam in lambdas:
+            group = ShardGroup()
+            for url, key in index.first_synthetic.get(lam, {}).values():
+                group.add(url, key)
+            self.records[lam] = dict(read_records(group, f"synthetic samples (λ = {lam:g})"))
+            missing = sorted(index.real_sources - set(self.records[lam]))
+            if missing:
+                raise BadInputError(f"real train source {missing[0]!r}", f"has no synthetic sample at λ = {lam:g} "
+                                    f"({len(missing)} such source(s)), so scheme.replace_from: source cannot replace it",
+                                    "generate every real source at every λ of the run, or set scheme.replace_from: pool")
+
+    def __call__(self, sample: Sample, lam: float) -> Sample:
+        source = sample.meta.get("source_id") or sample.key
+        record = self.records[lam].get(source)
+        if record is None:
+            raise StreamError(f"real sample {sample.key}", f"its source {source!r} has no synthetic sample at λ = {lam:g}",
+                              "scheme.replace_from: source needs every real source generated at every λ of the run")
+        return decode_record(record)
+
+
 class MixedBatches(IterableDataset):
     """Endless-until-budget stream of training batches for steps ``start_step .. total_steps - 1``.
 
@@ -276,6 +309,9 @@ class MixedBatches(IterableDataset):
         if mismatched_scribbles:  # loaded once here; the workers get a copy of the (small) PNG bytes
             self.mismatched = MismatchedScribbles(real_scribbles(index.real))
             self.mismatched.check(index.synthetic_sources)
+        self.replacements: SourceReplacements | None = None
+        if scheme.name == "replacement" and scheme.replace_from == "source":  # loaded once, as above
+            self.replacements = SourceReplacements(index, self.lambdas)
 
     def _stream(self, lam: float) -> Iterator[Sample]:
         group = self.index.real if lam == 0.0 else self.index.synthetic[lam]
@@ -294,9 +330,12 @@ class MixedBatches(IterableDataset):
             lams = [0.0] * (self.batch_size - n_synth) + draw_lambdas(self.scheme, self.lambdas, progress, n_synth, rng, self.sizes)
             images, scribbles, rois = [], [], []
             for lam in lams:
-                if lam not in streams:
-                    streams[lam] = self._stream(lam)
-                sample = next(streams[lam])
+                drawn = 0.0 if self.replacements else lam  # the paper's replacement: a real sample, swapped below
+                if drawn not in streams:
+                    streams[drawn] = self._stream(drawn)
+                sample = next(streams[drawn])
+                if self.replacements and lam > 0:
+                    sample = self.replacements(sample, lam)
                 scribble = self.mismatched(sample) if self.mismatched and lam > 0 else sample.scribble
                 # A map of ones rides along as a label: padding (and rotation) turns it to 255, which marks the roi.
                 inside = np.ones_like(scribble)

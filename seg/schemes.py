@@ -26,7 +26,8 @@ differ in how many of a batch are synthetic, and when:
 - ``best_k``: the same over only the ``best_k`` samples a source that the dictionary
   ``best_dict`` ranks best (``--aug-scheme best --aug-best-dict``; :mod:`seg.best`).
 - ``replacement``: every sample is replaced by a synthetic one with probability
-  ``replace_p`` (``--aug-scheme replacement``), one coin per sample.
+  ``replace_p`` (``--aug-scheme replacement``), one coin per sample; with ``replace_from:
+  source`` (the paper's) by its own source's first synthetic sample, else by one from the pool.
 - ``synth_only``: the first ``synth_fraction`` of the steps are all synthetic, the rest all
   real (``--aug-scheme synth-only``, then a real run resumed from its checkpoint); the
   learning-rate schedule restarts at the switch, as the paper's ``--lr-start`` makes it.
@@ -43,6 +44,7 @@ import numpy as np
 from engine.errors import BadInputError
 
 LAMBDA_SCHEMES = ("real", "fixed", "uniform", "adaptive")  # the λ-aware comparison (the sweep's default study)
+REPLACE_FROM = ("pool", "source")  # replacement: any synthetic sample, or the replaced sample's own source's
 POOL_SCHEMES = ("synth_only", "replacement", "best_k", "append")  # the paper's other options: λ by set size
 SCHEMES = LAMBDA_SCHEMES + POOL_SCHEMES
 SCHEDULES = ("linear", "step")
@@ -124,6 +126,10 @@ class SchemeConfig:
     fixed_lambda: float | None = None
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
     replace_p: float = 0.5  # replacement: probability that a sample is synthetic
+    # replacement: what a replaced real sample becomes: 'source', its own source's first synthetic
+    # sample (the paper's); 'pool', any synthetic sample, streamed like the other schemes' (no
+    # per-source index in memory)
+    replace_from: str = "pool"
     aug_ratio: int = 1  # append: K synthetic samples a real one per epoch (the paper's 1, 2, 4, 8)
     best_dict: str = ""  # best_k: JSON file, source id -> its synthetic keys best first (or key -> score)
     best_k: int = 1  # best_k: how many of each source's best samples are used
@@ -139,6 +145,8 @@ class SchemeConfig:
             raise BadInputError(f"scheme.synth_share={self.synth_share!r}", f"choose one of {list(SHARES)}")
         if not 0.0 <= self.replace_p <= 1.0:
             raise BadInputError(f"scheme.replace_p={self.replace_p}", "a probability: must be in [0, 1]")
+        if self.replace_from not in REPLACE_FROM:
+            raise BadInputError(f"scheme.replace_from={self.replace_from!r}", f"choose one of {list(REPLACE_FROM)}")
         for key in ("aug_ratio", "best_k"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -102,6 +102,17 @@ class DataIndex:
     val: ShardGroup
     synthetic: dict[float, ShardGroup]
     synthetic_sources: set[str] = field(default_factory=set)
+    real_sources: set[str] = field(default_factory=set)  # of the real train samples kept
+    # λ -> source id -> (shard URL, key) of its first kept synthetic sample (smallest key): the
+    # one the paper's 'replacement' swaps in for its source (scheme.replace_from: source)
+    first_synthetic: dict[float, dict[str, tuple[str, str]]] = field(default_factory=dict)
+
+    def add_synthetic(self, lam: float, source: str, url: str, key: str) -> None:
+        self.synthetic.setdefault(lam, ShardGroup()).add(url, key)
+        self.synthetic_sources.add(source)
+        first = self.first_synthetic.setdefault(lam, {})
+        if source not in first or key < first[source][1]:
+            first[source] = (url, key)
 
     @property
     def lambdas(self) -> list[float]:
@@ -168,17 +179,16 @@ def index_manifests(
             continue
         elif lam == 0.0:
             index.real.add(url, key)
+            index.real_sources.add(source)
         elif keep_synthetic is not None and key not in keep_synthetic:
             continue
         elif synthetic_per_source:
             cells.setdefault((source, lam), []).append((key, url))
         else:
-            index.synthetic.setdefault(lam, ShardGroup()).add(url, key)
-            index.synthetic_sources.add(source)
+            index.add_synthetic(lam, source, url, key)
     for (source, lam), members in sorted(cells.items()):
         for key, url in sorted(members)[:synthetic_per_source]:
-            index.synthetic.setdefault(lam, ShardGroup()).add(url, key)
-        index.synthetic_sources.add(source)
+            index.add_synthetic(lam, source, url, key)
     if dropped and not index.synthetic:
         raise BadInputError(f"data.min_label_score={min_label_score}", f"drops every synthetic sample ({dropped})",
                             "lower it: the scored copy's quartiles are in the sweep's label_scores.json")
@@ -279,13 +289,9 @@ def endless(group: ShardGroup, seed: int, shuffle_buffer: int = 256) -> Iterator
                                 "the manifest and shards disagree; re-create them or run `python -m engine.verify`")
 
 
-def real_scribbles(group: ShardGroup) -> dict[str, bytes]:
-    """Source id -> ``scribble.png`` bytes of every sample in ``group``, read whole in this
-    process (no split over readers) and without decoding any image: the mismatched-scribble
-    control keeps them in memory (PNG-compressed scribbles are a few kB each)."""
-    if not group.allowed:
-        return {}
-    out: dict[str, bytes] = {}
+def read_records(group: ShardGroup, what: str = "samples") -> Iterator[tuple[str, dict[str, Any]]]:
+    """(source id, raw record) of every sample in ``group``, read whole in this process (no
+    split over readers) and without decoding any image; fails when a listed sample is missing."""
     read = 0
     for record in wds.DataPipeline(wds.SimpleShardList(group.urls), _tar_samples, wds.select(_keep(group))):
         read += 1
@@ -296,11 +302,21 @@ def real_scribbles(group: ShardGroup) -> dict[str, bytes]:
             source = json.loads(record["json"]).get("source_id") or record["__key__"]
         except ValueError as exc:
             raise StreamError(where, f"cannot decode the json member: {exc}") from None
-        out[source] = record["scribble.png"]
+        yield source, record
     if read < len(group):
-        raise StreamError(", ".join(group.urls[:3]), f"only {read} of the {len(group)} real samples listed were found in their shards",
+        raise StreamError(", ".join(group.urls[:3]), f"only {read} of the {len(group)} {what} listed were found in their shards",
                           "the manifest and shards disagree; re-create them or run `python -m engine.verify`")
-    return out
+
+
+def real_scribbles(group: ShardGroup) -> dict[str, bytes]:
+    """Source id -> ``scribble.png`` bytes of every sample in ``group``: the mismatched-scribble
+    control keeps them in memory (PNG-compressed scribbles are a few kB each)."""
+    return {source: record["scribble.png"] for source, record in read_records(group, "real samples")} if group.allowed else {}
+
+
+def decode_record(record: dict[str, Any], with_mask: bool = False) -> Sample:
+    """A raw record (:func:`read_records`) as a :class:`Sample`, errors named as the stream names them."""
+    return _decoder(with_mask)(record)
 
 
 class EpochDataset(IterableDataset):

@@ -167,6 +167,62 @@ def test_replacement_tosses_one_coin_per_sample_like_the_paper():
 
 
 # -- synth_only then real: --aug-scheme synth-only, then --resume --lr-start 60 --epochs 120 -----------------------
+def test_replacement_from_the_source_swaps_in_that_sources_first_sample(data):
+    """The paper's ``synth_data[index][0]``: the replaced sample's own source, its first instance
+    (smallest key, computed here from the manifest), at the λ drawn."""
+    import pyarrow.parquet as pq
+
+    from seg.batches import SourceReplacements
+    from seg.stream import decode_record, read_records
+
+    real, synth = data
+    index = index_manifests([real, synth])
+    rows = pq.read_table(synth, columns=["key", "source_id", "lambda"]).to_pylist()
+    first = {(r["source_id"], r["lambda"]): min(x["key"] for x in rows if (x["source_id"], x["lambda"]) == (r["source_id"], r["lambda"]))
+             for r in rows}
+    replacements = SourceReplacements(index, list(LAMS))
+    reals = [decode_record(record) for _, record in read_records(index.real)]
+    assert len(reals) == N_TRAIN
+    for sample in reals:
+        for lam in LAMS:
+            swapped = replacements(sample, lam)
+            assert swapped.meta["source_id"] == sample.key and swapped.meta["lambda"] == lam
+            assert swapped.key == first[(sample.key, lam)]
+            assert np.array_equal(swapped.scribble, sample.scribble) and not np.array_equal(swapped.image, sample.image)
+
+
+@pytest.mark.parametrize("p", [1.0, 0.5])
+def test_replacement_from_the_source_draws_only_real_samples_and_swaps_the_coins(data, monkeypatch, p):
+    from seg.batches import SourceReplacements
+
+    real, synth = data
+    index = index_manifests([real, synth])
+    opened, swapped = [], []
+    original_stream, original_call = MixedBatches._stream, SourceReplacements.__call__
+    monkeypatch.setattr(MixedBatches, "_stream", lambda self, lam: opened.append(lam) or original_stream(self, lam))
+    monkeypatch.setattr(SourceReplacements, "__call__",
+                        lambda self, sample, lam: swapped.append((sample.key, lam)) or original_call(self, sample, lam))
+    scheme = SchemeConfig(name="replacement", replace_p=p, replace_from="source")
+    batches = list(MixedBatches(index, scheme, 4, 8, AugmentConfig(crop=24), seed=3))
+    assert opened == [0.0]  # no synthetic pool is streamed: every sample starts as a real one
+    n_synth = sum(int((b["lam"] > 0).sum()) for b in batches)
+    assert len(swapped) == n_synth and {k for k, _ in swapped} <= index.real_sources and {lam for _, lam in swapped} <= set(LAMS)
+    assert n_synth == 32 if p == 1.0 else 0 < n_synth < 32
+    # the pool's replacement is unchanged: it streams the synthetic sets
+    opened.clear()
+    list(MixedBatches(index, SchemeConfig(name="replacement", replace_p=1.0), 4, 2, AugmentConfig(crop=24)))
+    assert 0.0 not in opened and set(opened) <= set(LAMS)
+
+
+def test_replacement_from_the_source_refuses_sources_without_a_synthetic_sample(data, tmp_path):
+    real, _ = data
+    partial = make_synthetic(tmp_path, LAMS, n_train=N_TRAIN - 2)
+    with pytest.raises(BadInputError, match="real train source 'train0004'.*2 such source.*replace_from: pool"):
+        MixedBatches(index_manifests([real, partial]), SchemeConfig(name="replacement", replace_from="source"), 4, 2,
+                     AugmentConfig(crop=24))
+    MixedBatches(index_manifests([real, partial]), SchemeConfig(name="replacement"), 4, 2, AugmentConfig(crop=24))  # pool: fine
+
+
 def test_synth_only_phases_and_learning_rate_follow_the_papers_two_runs():
     count, k, batch, epochs = 8, 2, 4, 3
     synth_epoch = paper_epoch("synth-only", count, aug_ratio=k)
@@ -192,7 +248,8 @@ def test_learning_rate_of_the_other_schemes_is_the_runs_own():
 
 # -- bad inputs and the λ-aware schemes unchanged ------------------------------------------------------------
 @pytest.mark.parametrize("key, value, match", [("replace_p", 1.5, "probability"), ("aug_ratio", 0, "integer >= 1"),
-                                               ("best_k", 2.5, "integer >= 1"), ("aug_ratio", True, "integer >= 1")])
+                                               ("best_k", 2.5, "integer >= 1"), ("aug_ratio", True, "integer >= 1"),
+                                               ("replace_from", "own", "choose one of")])
 def test_bad_scheme_settings_are_refused(key, value, match):
     with pytest.raises(BadInputError, match=match):
         SchemeConfig(name="append", **{key: value}).validate()

@@ -264,3 +264,10 @@ def test_multi_grid_is_not_loaded_with_a_backbone_pretrained_without_it():
     """Multi-grid changes dilations, not weight shapes: the shipped tiny backbone's record must catch it."""
     with pytest.raises(BadInputError, match=r"differs in \['multi_grid'\]"):
         load_config(SegConfig, str(TINY), ["model.multi_grid=[2]"])
+
+
+# -- 24.11c: replacement from the same source ---------------------------------------------------------------
+def test_voc_replacement_swaps_in_the_same_source_as_the_paper():
+    from seg.schemes import SchemeConfig
+
+    assert voc_config().scheme.replace_from == "source" and SchemeConfig().replace_from == "pool"
