@@ -36,9 +36,9 @@ from engine.atomic import write_json, write_text
 from engine.errors import BadInputError
 from engine.identity import Identity, plain
 from engine.config import to_dict
-from experiments.run_record import COUNTED_FROM_RECORD, fingerprints, load_record, merged, recorded_draw, run_key, save_record
-from experiments.sweep import (COMMIT_FILE, MEMORIZATION_FILE, REPO, SweepConfig, git, git_commit, plan_seg_runs, run_inputs,
-                               run_sweep, seg_identity)
+from experiments.run_record import COUNTED_FROM_RECORD, RunRecord, cell_fingerprint, cell_key, fingerprints, run_key
+from experiments.sweep import (COMMIT_FILE, MEMORIZATION_FILE, REPO, SweepConfig, cell_name, git, git_commit, plan_seg_runs,
+                               run_inputs, run_sweep, seg_identity)
 
 RESULT_JSON = "headline.json"
 RESULT_MD = "headline.md"
@@ -76,7 +76,7 @@ def check_draws_config(cfg: SweepConfig) -> None:
         if not Path(cfg.draws.record).parent.is_dir():
             raise BadInputError(f"draws.record={cfg.draws.record}", "is in a folder that does not exist",
                                 "create the folder, or name a file in an existing one")
-        load_record(cfg.draws.record)
+        RunRecord.load(cfg.draws.record)
 
 
 def run_draws(cfg: SweepConfig, config_path: str | Path | None = None) -> Path:
@@ -94,8 +94,8 @@ def run_draws(cfg: SweepConfig, config_path: str | Path | None = None) -> Path:
             run_sweep(draw_config(cfg, seed))
         runs, stale = counted_runs(cfg)
         if cfg.draws.record:
-            fresh = [r for r in runs.values() if not r.get(COUNTED_FROM_RECORD)]
-            save_record(cfg.draws.record, merged(load_record(cfg.draws.record), fresh))
+            RunRecord.load(cfg.draws.record).add([r for r in runs.values() if not r.get(COUNTED_FROM_RECORD)],
+                                                  folder_cells(cfg))
         write_summary(cfg, collect(cfg, config_path, (runs, stale)))
     return out / RESULT_MD
 
@@ -105,7 +105,7 @@ def in_record_only(cfg: SweepConfig, seed: int) -> bool:
     sub = draw_config(cfg, seed)
     if not cfg.draws.record or (draw_dir(cfg.out, seed) / "real" / "manifest.parquet").is_file():
         return False
-    return len(recorded_draw(seed, sub, load_record(cfg.draws.record))) == len(plan_seg_runs(sub))
+    return len(RunRecord.load(cfg.draws.record).draw_runs(seed, sub)) == len(plan_seg_runs(sub))
 
 
 def frozen_at(config_path: str | Path) -> dict[str, Any]:
@@ -129,13 +129,27 @@ def write_summary(cfg: SweepConfig, result: dict[str, Any]) -> None:
 
 
 # -- collecting ------------------------------------------------------------------------------
-def draw_memorization(cfg: SweepConfig, seed: int) -> dict[str, dict[str, float]]:
+def draw_memorization(cfg: SweepConfig, seed: int, record: RunRecord | None = None) -> dict[str, dict[str, float]]:
     """Per cell of one draw, its generator check (``memorization.json``): L1 to own source and the
-    share whose nearest real image is their own source. Empty until the draw's check has run."""
+    share whose nearest real image is their own source; from the record (``draws.record``) where
+    the draw's folder has none. Empty until the draw's check has run."""
     path = draw_dir(cfg.out, seed) / MEMORIZATION_FILE
     cells = json.loads(path.read_text()).get("cells", {}) if path.is_file() else {}
+    if not cells and record is not None:
+        return dict(sorted(record.draw_cells(seed, draw_config(cfg, seed)).items()))
     return {name: {"lambda": c["lambda"], "l1_own": round(c["l1_own"], 2), "nearest_is_own": round(c["nearest_is_own"], 4)}
             for name, c in sorted(cells.items())}
+
+
+def folder_cells(cfg: SweepConfig) -> list[dict[str, Any]]:
+    """Record entries of every cell whose generator check is in its draw's folder."""
+    entries = []
+    for seed in cfg.draws.seeds:
+        sub, checks = draw_config(cfg, seed), draw_memorization(cfg, seed)
+        entries += [{"key": cell_key(seed, w, lam), "draw": seed, "upstream": cell_fingerprint(sub, w, lam),
+                     "memorization": checks[cell_name(w, lam)]}
+                    for w in sub.grid.w for lam in sub.grid.lambdas if cell_name(w, lam) in checks]
+    return entries
 
 
 def _current_runs(cfg: SweepConfig, seed: int) -> tuple[dict[str, dict[str, Any]], list[str]]:
@@ -172,12 +186,12 @@ def _current_runs(cfg: SweepConfig, seed: int) -> tuple[dict[str, dict[str, Any]
 def counted_runs(cfg: SweepConfig) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Every run that counts, by key: from its folder where it has one, else from the record
     (``draws.record``) when that holds it with today's fingerprints; and the stale ones."""
-    entries = load_record(cfg.draws.record)
+    record = RunRecord.load(cfg.draws.record)
     runs: dict[str, dict[str, Any]] = {}
     stale: list[str] = []
     for seed in cfg.draws.seeds:
         found, old = _current_runs(cfg, seed)
-        recorded = recorded_draw(seed, draw_config(cfg, seed), entries)
+        recorded = record.draw_runs(seed, draw_config(cfg, seed))
         runs.update({**{k: e for k, e in recorded.items() if k not in old}, **found})
         stale += old
     return runs, stale
@@ -251,7 +265,7 @@ def collect(cfg: SweepConfig, config_path: str | Path | None = None,
                    for name in study.arms if name != study.baseline},
         "contrasts": {f"{a} - {b}": paired(per_draw[a], per_draw[b], cfg.draws.confidence) for a, b in study.contrasts},
         "target": {"points": study.target_points, "lambda_aware": list(study.lambda_aware)},
-        "memorization": {str(seed): draw_memorization(cfg, seed) for seed in cfg.draws.seeds},
+        "memorization": {str(seed): draw_memorization(cfg, seed, RunRecord.load(cfg.draws.record)) for seed in cfg.draws.seeds},
         "stale": stale,
         "from_record": sorted(k for k, r in runs.items() if r.get(COUNTED_FROM_RECORD)),
     }

@@ -147,13 +147,18 @@ def test_the_record_carries_finished_draws_across_lost_folders(tmp_path, monkeyp
                   for k in (0, 1)}
     _fake_draw(cfg, 3, everything)
     _fake_draw(cfg, 5, {**everything, "arm-fixed-seed0": 36.0})
+    checks = {"w2p00-l0p50": {"lambda": 0.5, "l1_own": 5.6789, "nearest_is_own": 1.0},
+              "w2p00-l1p00": {"lambda": 1.0, "l1_own": 12.1, "nearest_is_own": 0.33333}}
+    (draw_dir(cfg.out, 3) / "memorization.json").write_text(json.dumps({"cells": checks}))
     swept: list[int] = []
     monkeypatch.setattr(draws, "run_sweep", lambda sub: swept.append(sub.ingest.subset_seed))
     draws.run_draws(cfg)
     assert swept == [3, 5, 8]
     entries = json.loads(record.read_text())["runs"]
     assert len(entries) == 16 and {e["source"] for e in entries} == {"run folder"}
+    assert len(json.loads(record.read_text())["cells"]) == 2
     first = json.loads((tmp_path / "effect" / "headline.json").read_text())
+    assert first["memorization"]["3"]["w2p00-l0p50"] == {"lambda": 0.5, "l1_own": 5.68, "nearest_is_own": 1.0}
     assert first["arms"]["fixed"]["per_draw"] == [[33.0, 34.0], [36.0, 34.0], None] and first["from_record"] == []
 
     shutil.rmtree(draw_dir(cfg.out, 3))  # a new session: draw 3's folder is gone
@@ -161,7 +166,7 @@ def test_the_record_carries_finished_draws_across_lost_folders(tmp_path, monkeyp
     draws.run_draws(cfg)
     assert swept == [5, 8]  # draw 3 is not rerun
     again = json.loads((tmp_path / "effect" / "headline.json").read_text())
-    assert again["arms"] == first["arms"] and again["paired"] == first["paired"]
+    assert again["arms"] == first["arms"] and again["paired"] == first["paired"] and again["memorization"] == first["memorization"]
     assert again["from_record"] == sorted(f"draw-3/seg/{n}" for n in everything) and again["draw_commits"]["3"] == ["sha3"]
     assert len(json.loads(record.read_text())["runs"]) == 16  # rewritten, not duplicated
 
@@ -173,6 +178,7 @@ def test_the_record_carries_finished_draws_across_lost_folders(tmp_path, monkeyp
     # What made the data changed (the ControlNet's steps): no recorded run of the draw counts.
     retrained = load_sweep_config(DEMO, sets + ["controlnet.train.steps=77"])
     assert all(arm["per_draw"][0] is None for arm in collect(retrained)["arms"].values())
+    assert collect(retrained)["memorization"]["3"] == {} and collect(longer)["memorization"]["3"] == first["memorization"]["3"]
 
 
 def test_a_broken_record_is_refused_before_any_draw_runs(tmp_path):
