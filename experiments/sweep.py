@@ -251,8 +251,10 @@ class SweepConfig:
     # where the cluster has GPUs, one GPU: the driver only submits and waits.
     stage_cpus: float = 0.0
     # Seg runs are Ray tasks too, as many at once as the cluster holds: each asks for this
-    # many CPUs (its torch threads) and, where the cluster has GPUs, one GPU.
+    # many CPUs (its torch threads) and, where the cluster has GPUs, this share of one GPU
+    # (1: a GPU each; 0.25: four small runs share one, as the tiny segmenter leaves it mostly idle).
     seg_cpus_per_run: float = 1.0
+    seg_gpus_per_run: float = 1.0
     real_manifest: str | None = None  # use this real set instead of ingesting
     model_dir: str | None = None  # use this trained model instead of training one
     ingest: IngestConfig = field(default_factory=IngestConfig)
@@ -307,6 +309,8 @@ class SweepConfig:
             raise BadInputError(f"stage_cpus={self.stage_cpus}", "must be >= 0 (0 = a whole node)")
         if not self.seg_cpus_per_run > 0:
             raise BadInputError(f"seg_cpus_per_run={self.seg_cpus_per_run}", "must be > 0")
+        if not 0 < self.seg_gpus_per_run <= 1:
+            raise BadInputError(f"seg_gpus_per_run={self.seg_gpus_per_run}", "a share of one GPU: must be in (0, 1]")
         if self.report.grid_sources < 0:
             raise BadInputError(f"report.grid_sources={self.report.grid_sources}", "must be >= 0")
 
@@ -895,7 +899,7 @@ def stage_seg(cfg: SweepConfig, out: Path, real_manifest: storage.Location, cell
     A run made with another config is refused (as for every stage); a run whose inputs
     changed (a cell generated again) is trained again from scratch. The trainings run off
     the driver, as many at once as the cluster's resources allow (``seg_cpus_per_run``
-    CPUs each, plus a GPU each where there are GPUs).
+    CPUs each, plus ``seg_gpus_per_run`` of a GPU each where there are GPUs).
     """
     summaries: dict[str, dict[str, Any]] = {}
     info.update(runs=len(runs), runs_reused=0)
@@ -919,7 +923,7 @@ def stage_seg(cfg: SweepConfig, out: Path, real_manifest: storage.Location, cell
         todo.append((run.name, seg, manifests, folder))
     if todo:
         with ray_session(cfg.generate.ray.address, cfg.generate.ray.local_num_cpus):
-            summaries.update(_train_seg_runs(todo, cfg.seg_cpus_per_run))
+            summaries.update(_train_seg_runs(todo, cfg.seg_cpus_per_run, cfg.seg_gpus_per_run))
     return {r.name: summaries[r.name] for r in runs}
 
 
@@ -946,9 +950,9 @@ def _train_seg(seg: SegConfig, manifests: list[str], folder: str, commit: str) -
     return summary
 
 
-def _train_seg_runs(todo: list[tuple[str, SegConfig, list[str], Path]], cpus: float) -> dict[str, dict[str, Any]]:
+def _train_seg_runs(todo: list[tuple[str, SegConfig, list[str], Path]], cpus: float, gpu_share: float) -> dict[str, dict[str, Any]]:
     """Submit every run as a task; collect summaries as they finish (a failure cancels the rest)."""
-    resources = tasks.task_resources(cpus)
+    resources = tasks.task_resources(cpus, gpu_share)
     task = tasks.remote(_train_seg, resources)
     commit = git_commit()
     refs = {task.remote(seg, manifests, str(folder), commit): name for name, seg, manifests, folder in todo}
@@ -963,12 +967,13 @@ def git(*args: str) -> str:
 
 
 def git_commit() -> str:
-    """The repo's HEAD (with ``+dirty`` when tracked files differ), or ``unknown`` outside git."""
+    """The repo's HEAD (with ``+dirty`` when tracked files differ); outside git (a copied tree,
+    such as a lent device's) ``$SCRIBBLEGEN_COMMIT`` when set, else ``unknown``."""
     try:
         sha = git("rev-parse", "HEAD")
         return sha + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("SCRIBBLEGEN_COMMIT") or "unknown"
 
 
 @contextmanager

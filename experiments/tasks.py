@@ -40,20 +40,21 @@ class Resources(NamedTuple):
     """What one stage task asks for; resolved once per stage from the live cluster."""
 
     cpus: float
-    gpus: int
+    gpus: float  # 1, or a share of one GPU that several small tasks split (seg_gpus_per_run)
 
     def __str__(self) -> str:
-        return f"{self.cpus:g} CPU{', 1 GPU' if self.gpus else ''}"
+        return f"{self.cpus:g} CPU{f', {self.gpus:g} GPU' if self.gpus else ''}"
 
     def threads(self, configured: int) -> int:
         """Torch threads inside the task: the configured count, else one per CPU it holds."""
         return configured or max(1, int(self.cpus))
 
 
-def task_resources(cpus: float) -> Resources:
+def task_resources(cpus: float, gpu_share: float = 1.0) -> Resources:
     """``(num_cpus, num_gpus)`` for a stage task: ``cpus`` (0 = every CPU of the largest node
-    that can host it) and one GPU where the cluster has GPUs. Refuses what no node can hold."""
-    gpus = int(cluster_has_gpus())
+    that can host it) and, where the cluster has GPUs, ``gpu_share`` of one (1: a GPU of its
+    own). Refuses what no node can hold."""
+    gpus = gpu_share if cluster_has_gpus() else 0.0
     room = largest_node_cpus(bool(gpus))
     want = cpus or room
     if want > room:

@@ -121,6 +121,8 @@ def test_seg_runs_are_named_by_parameters_and_shared():
     (["grid.lambdas=[0.5, 1.5]"], "encode ratios"),
     (["grid.w=[2.0, 2.001]"], "collide"),
     (["judge.holdout=1.0"], "holdout"),
+    (["seg_gpus_per_run=1.5"], "a share of one GPU"),
+    (["seg_gpus_per_run=0"], "a share of one GPU"),
 ])
 def test_bad_sweep_configs(sets, match):
     with pytest.raises(BadInputError, match=match):
@@ -260,3 +262,19 @@ def test_memorization_stage_scores_every_cell_and_skips_a_set_too_large_to_hold(
     info = {}
     assert sweep.stage_memorization(capped, out, real, cells, info)["cells"] == {}
     assert "memorization.max_gib" in info["skipped"]
+
+
+def test_the_commit_outside_git_comes_from_the_environment(monkeypatch):
+    """A copied tree (a lent device's) has no .git: runs then name the commit they were given."""
+    import subprocess
+
+    from experiments import sweep
+
+    def no_git(*args):
+        raise subprocess.CalledProcessError(128, ["git", *args])
+
+    monkeypatch.setattr(sweep, "git", no_git)
+    monkeypatch.delenv("SCRIBBLEGEN_COMMIT", raising=False)
+    assert sweep.git_commit() == "unknown"
+    monkeypatch.setenv("SCRIBBLEGEN_COMMIT", "abc123")
+    assert sweep.git_commit() == "abc123"

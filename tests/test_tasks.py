@@ -49,6 +49,26 @@ def test_stage_tasks_take_a_gpu_where_the_cluster_has_one_and_the_whole_node_by_
     assert len(where["gpus"]) == 1 and len(where["node"]) == 12
 
 
+def _barrier(folder: str, parties: int, timeout: float) -> bool:
+    """Arrive, then wait until ``parties`` tasks have: True only if all ran at the same time."""
+    Path(folder, f"{time.time_ns()}").touch()
+    deadline = time.time() + timeout
+    while len(list(Path(folder).iterdir())) < parties:
+        if time.time() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_small_tasks_share_a_gpu(gpu_cluster, tmp_path):
+    """seg_gpus_per_run 0.25: four runs at once on the GPUs (the cluster's 2 CPUs allow it at 0.5 each)."""
+    import ray
+
+    share = tasks.task_resources(0.5, 0.25)
+    assert share == (0.5, 0.25) and str(share) == "0.5 CPU, 0.25 GPU"
+    assert ray.get([tasks.remote(_barrier, share).remote(str(tmp_path), 4, 120.0) for _ in range(4)]) == [True] * 4
+
+
 def test_more_cpus_than_any_node_holds_is_refused_before_submitting(gpu_cluster):
     with pytest.raises(BadInputError, match="largest node with a GPU of the cluster has 2"):
         tasks.task_resources(3)
@@ -115,7 +135,7 @@ def test_a_resumed_controlnet_stage_shows_progress_from_its_checkpoint(tmp_path,
         return {"controlnet": (str(folder / "final"), {})}
 
     monkeypatch.setattr(sweep, "ray_session", lambda *a: nullcontext())
-    monkeypatch.setattr(tasks, "task_resources", lambda cpus: tasks.Resources(1.0, 0))
+    monkeypatch.setattr(tasks, "task_resources", lambda cpus, gpu_share=1.0: tasks.Resources(1.0, 0))
     monkeypatch.setattr(tasks, "remote", lambda fn, resources: type("R", (), {"remote": staticmethod(lambda *a: "ref")}))
     monkeypatch.setattr(tasks, "gather", gather)
     info: dict = {}

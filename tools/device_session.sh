@@ -10,8 +10,16 @@
 #          (base.json records the step count it fitted: `--set train.steps=<steps> --set
 #          train.max_minutes=0` redoes it), then the headline sweep's ControlNet, cells, FID and
 #          judge on it (seg runs stay on the CPUs; the ControlNet's weights stay there: > 16 MiB).
+#   draw   one labelled draw of the pre-registered headline (issue 23; DRAW=<seed>, default 3) with the
+#          same config as on the CPUs (device keys are run-only: the identities and the record's
+#          fingerprints are the same): ControlNet and generation on the GPU, the 14 seg runs four at
+#          a time on quarters of it (seg_gpus_per_run 0.25, 3 CPUs each). Resumes in a second call
+#          while the machine is warm. The run record and headline.json come back in $OUT: copy
+#          $OUT/headline-runs.json over docs/results/ and commit it (its entries name the commit from
+#          SCRIBBLEGEN_COMMIT: the copied tree has no .git).
 # Needs .whl/ (bash ../shared/tools/device-wheels.sh); results land in $OUT:
 #   device run: carry [".whl"], command "JOBS=bench bash tools/device_session.sh", timeout_s 600
+#   device run: carry [".whl"], command "SCRIBBLEGEN_COMMIT=<sha> JOBS=draw DRAW=3 bash tools/device_session.sh"
 set -u
 SECONDS=0
 export PYTHONUNBUFFERED=1 RAY_DEDUP_LOGS=0
@@ -56,6 +64,15 @@ base() {
   log sweep $?
   ray stop --force > /dev/null 2>&1
   tar czf "$OUT/hb.tgz" -C /tmp --exclude=hb/controlnet/final --exclude=hb/controlnet/checkpoints hb 2>> "$OUT/gpu.txt"
+}
+
+draw() {
+  timeout $((END - SECONDS - 20)) python3 -m jobs.sweep --config configs/sweeps/headline.yaml \
+    --set "draws.seeds=[${DRAW:-3}]" --set seg_gpus_per_run=0.25 --set seg_cpus_per_run=3 \
+    --set seg.data.workers=2 > "$LOGS/draw.log" 2>&1
+  log "draw ${DRAW:-3}" $?
+  ray stop --force > /dev/null 2>&1
+  cp docs/results/headline-runs.json runs/effect/headline.json runs/effect/headline.md "$OUT/" 2>> "$OUT/gpu.txt"
 }
 
 for job in $JOBS; do "$job"; done
