@@ -247,6 +247,7 @@ def collect(cfg: SweepConfig, config_path: str | Path | None = None,
             values = [by_arm.get((seed, name, k)) for k in study.seeds]
             per_draw[name].append(None if all(v is None for v in values) else values)
     base = per_draw[study.baseline]
+    record = RunRecord.load(cfg.draws.record)
     result: dict[str, Any] = {
         "split": cfg.seg.data.val_split,
         "commit": git_commit(),
@@ -265,7 +266,7 @@ def collect(cfg: SweepConfig, config_path: str | Path | None = None,
                    for name in study.arms if name != study.baseline},
         "contrasts": {f"{a} - {b}": paired(per_draw[a], per_draw[b], cfg.draws.confidence) for a, b in study.contrasts},
         "target": {"points": study.target_points, "lambda_aware": list(study.lambda_aware)},
-        "memorization": {str(seed): draw_memorization(cfg, seed, RunRecord.load(cfg.draws.record)) for seed in cfg.draws.seeds},
+        "memorization": {str(seed): draw_memorization(cfg, seed, record) for seed in cfg.draws.seeds},
         "stale": stale,
         "from_record": sorted(k for k, r in runs.items() if r.get(COUNTED_FROM_RECORD)),
     }
