@@ -36,9 +36,9 @@ from engine.atomic import write_json, write_text
 from engine.errors import BadInputError
 from engine.identity import Identity, plain
 from engine.config import to_dict
-from experiments.run_record import COUNTED_FROM_RECORD, RunRecord, cell_fingerprint, cell_key, fingerprints, run_key
-from experiments.sweep import (COMMIT_FILE, MEMORIZATION_FILE, REPO, SweepConfig, cell_name, git, git_commit, plan_seg_runs,
-                               run_inputs, run_sweep, seg_identity)
+from experiments.run_record import COUNTED_FROM_RECORD, RunRecord, cell_fingerprint, cell_key, fingerprints, grid_cells, run_key
+from experiments.sweep import (COMMIT_FILE, MEMORIZATION_FILE, REPO, SegRun, SweepConfig, cell_identity, cell_name, git,
+                               git_commit, memorization_setup, plan_seg_runs, run_inputs, run_sweep, seg_identity)
 
 RESULT_JSON = "headline.json"
 RESULT_MD = "headline.md"
@@ -133,12 +133,19 @@ def draw_memorization(cfg: SweepConfig, seed: int, record: RunRecord | None = No
     """Per cell of one draw, its generator check (``memorization.json``): L1 to own source and the
     share whose nearest real image is their own source; from the record (``draws.record``) where
     the draw's folder has none. Empty until the draw's check has run."""
-    path = draw_dir(cfg.out, seed) / MEMORIZATION_FILE
-    cells = json.loads(path.read_text()).get("cells", {}) if path.is_file() else {}
+    folder, sub = draw_dir(cfg.out, seed), draw_config(cfg, seed)
+    path, real = folder / MEMORIZATION_FILE, folder / "real" / "manifest.parquet"
+    cells = json.loads(path.read_text()).get("cells", {}) if path.is_file() and real.is_file() else {}
     if not cells and record is not None:
-        return dict(sorted(record.draw_cells(seed, draw_config(cfg, seed)).items()))
+        return dict(sorted(record.draw_cells(seed, sub).items()))
+    setup = memorization_setup(sub, real)
+
+    def current(name: str, check: dict[str, Any]) -> bool:  # checked on the cell's data as it is now
+        manifest = folder / "synthetic" / name / "manifest.parquet"
+        return manifest.is_file() and check.get("identity") == cell_identity(setup, manifest)
+
     return {name: {"lambda": c["lambda"], "l1_own": round(c["l1_own"], 2), "nearest_is_own": round(c["nearest_is_own"], 4)}
-            for name, c in sorted(cells.items())}
+            for name, c in sorted(cells.items()) if current(name, c)}
 
 
 def folder_cells(cfg: SweepConfig) -> list[dict[str, Any]]:
@@ -148,17 +155,25 @@ def folder_cells(cfg: SweepConfig) -> list[dict[str, Any]]:
         sub, checks = draw_config(cfg, seed), draw_memorization(cfg, seed)
         entries += [{"key": cell_key(seed, w, lam), "draw": seed, "upstream": cell_fingerprint(sub, w, lam),
                      "memorization": checks[cell_name(w, lam)]}
-                    for w in sub.grid.w for lam in sub.grid.lambdas if cell_name(w, lam) in checks]
+                    for w, lam in grid_cells(sub) if cell_name(w, lam) in checks]
     return entries
+
+
+def _folder_identity(sub: SweepConfig, folder: Path, run: SegRun) -> Identity | None:
+    """The identity a run of this draw's folder records today (its inputs: the folder's data);
+    None while the folder lacks its real set or one of its cells."""
+    real = folder / "real" / "manifest.parquet"
+    cells = {c: folder / "synthetic" / c / "manifest.parquet" for c in run.cells}
+    if not real.is_file() or not all(m.is_file() for m in cells.values()):
+        return None
+    return seg_identity(sub, run, run_inputs(sub, run, real, cells)[1])[1]
 
 
 def _current_runs(cfg: SweepConfig, seed: int) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Each finished seg run of one draw's folder whose identity is today's, as a record entry
     by key (experiments/run_record.py); and the stale ones."""
-    folder = draw_dir(cfg.out, seed)
-    sub = draw_config(cfg, seed)
-    real = folder / "real" / "manifest.parquet"
-    if not real.is_file():
+    folder, sub = draw_dir(cfg.out, seed), draw_config(cfg, seed)
+    if not (folder / "real" / "manifest.parquet").is_file():
         return {}, []
     found, stale = {}, []
     for run in plan_seg_runs(sub):
@@ -166,13 +181,8 @@ def _current_runs(cfg: SweepConfig, seed: int) -> tuple[dict[str, dict[str, Any]
         summary = run_dir / "summary.json"
         if not summary.is_file():
             continue
-        cells = {c: folder / "synthetic" / c / "manifest.parquet" for c in run.cells}
-        if not all(m.is_file() for m in cells.values()):
-            stale.append(key)
-            continue
-        _, identity = seg_identity(sub, run, run_inputs(sub, run, real, cells)[1])
-        recorded = Identity.load(run_dir)
-        if recorded is None or identity.differences(recorded):
+        identity, recorded = _folder_identity(sub, folder, run), Identity.load(run_dir)
+        if identity is None or recorded is None or identity.differences(recorded):
             stale.append(key)
             continue
         stamp = run_dir / COMMIT_FILE
@@ -185,13 +195,22 @@ def _current_runs(cfg: SweepConfig, seed: int) -> tuple[dict[str, dict[str, Any]
 
 def counted_runs(cfg: SweepConfig) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Every run that counts, by key: from its folder where it has one, else from the record
-    (``draws.record``) when that holds it with today's fingerprints; and the stale ones."""
+    (``draws.record``) when that holds it with today's fingerprints; and the stale ones.
+
+    Where a draw's folder exists, it is the draw: a recorded run counts only if it was trained on
+    the folder's data (its recorded inputs are the folder's), so a draw made again (another
+    session, another machine) never mixes its runs with the record's of an earlier making."""
     record = RunRecord.load(cfg.draws.record)
     runs: dict[str, dict[str, Any]] = {}
     stale: list[str] = []
     for seed in cfg.draws.seeds:
+        folder, sub = draw_dir(cfg.out, seed), draw_config(cfg, seed)
         found, old = _current_runs(cfg, seed)
-        recorded = record.draw_runs(seed, draw_config(cfg, seed))
+        recorded = record.draw_runs(seed, sub)
+        if recorded and (folder / "real" / "manifest.parquet").is_file():
+            planned = {run_key(seed, run): run for run in plan_seg_runs(sub)}
+            recorded = {k: e for k, e in recorded.items()
+                        if (now := _folder_identity(sub, folder, planned[k])) is not None and e["inputs"] == now.inputs}
         runs.update({**{k: e for k, e in recorded.items() if k not in old}, **found})
         stale += old
     return runs, stale

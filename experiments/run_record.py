@@ -26,20 +26,18 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from engine.atomic import write_json
 from engine.config import to_dict
 from engine.errors import BadInputError
-from engine.identity import Identity, drop_keys, file_digest, plain
+from engine.generate.run import sampler_settings
+from engine.identity import Identity, file_digest, plain
 from experiments.sweep import (RUN_ONLY, SegRun, SweepConfig, cell_name, filters, generate_config_for, label_scorer,
                                plan_seg_runs, seg_config_for, stage_identity)
 from seg.models import backbone_weights_file
-
-# A generation's config without where it reads, writes and runs: the cell's plan and sampler decide its images.
-GENERATE_RUN_ONLY = {"real_manifest", "model_dir", "out_dir", "ray", "source_cache_shards", "sampler.batch_size",
-                     "sampler.device"}
 
 COUNTED_FROM_RECORD = "counted_from_record"  # set on the entries RunRecord.draw_runs returns; never saved
 
@@ -55,22 +53,32 @@ def run_key(seed: int, run: SegRun) -> str:
 
 def _upstream(sub: SweepConfig, w: float | None, lambdas: list[float], filtered: bool) -> str:
     """Digest of what made a draw's data for these cells: its ingest (with the draw's subset
-    seed), its ControlNet training, each cell's generation settings, the label scorer if used."""
+    seed), its ControlNet training, each cell's generation settings as generation's own identity
+    takes them (the plan, the image format, :func:`sampler_settings`: a sampler key added later
+    enters only off its default), and the label scorer if used."""
     cells = {}
     for lam in lambdas:
         gen = generate_config_for(sub, Path("."), "", "", w, lam)  # type: ignore[arg-type]
-        cells[f"{w:g}/{lam:g}"] = drop_keys(plain(to_dict(gen)), GENERATE_RUN_ONLY)
+        cells[f"{w:g}/{lam:g}"] = {"plan": plain(to_dict(gen.plan)), "image_format": gen.image_format,
+                                   "sampler": sampler_settings(gen.sampler)}
     return Identity({"ingest": stage_identity(sub.ingest, RUN_ONLY["ingest"], {}).config,
                      "controlnet": stage_identity(sub.controlnet, RUN_ONLY["controlnet"], {}).config,
                      "cells": cells, "label_scorer": label_scorer(sub) if filtered else None}).digest
+
+
+@lru_cache(maxsize=8)
+def _weights_digest(path: str, mtime_ns: int) -> str:
+    """A weights file's digest, once per file version (ResNet-101's is ~170 MB; every run names it)."""
+    return file_digest(path)
 
 
 def fingerprints(sub: SweepConfig, run: SegRun) -> dict[str, str]:
     """The ``seg`` and ``upstream`` fingerprints of one run of a draw's sweep ``sub`` (see the module doc)."""
     seg = seg_config_for(sub, run)
     backbone = backbone_weights_file(seg.model)
-    identity = stage_identity(seg, RUN_ONLY["seg"], {"backbone": file_digest(backbone)} if backbone else {})
-    return {"seg": identity.digest, "upstream": _upstream(sub, run.w, run.lambdas, filters(sub, run))}
+    inputs = {"backbone": _weights_digest(str(backbone), Path(backbone).stat().st_mtime_ns)} if backbone else {}
+    return {"seg": stage_identity(seg, RUN_ONLY["seg"], inputs).digest,
+            "upstream": _upstream(sub, run.w, run.lambdas, filters(sub, run))}
 
 
 def cell_fingerprint(sub: SweepConfig, w: float, lam: float) -> str:
@@ -118,7 +126,9 @@ class RunRecord:
     def draw_runs(self, seed: int, sub: SweepConfig) -> dict[str, dict[str, Any]]:
         """Of a draw's planned runs, those recorded with today's fingerprints, by key (each
         marked :data:`COUNTED_FROM_RECORD`)."""
-        found = {}
+        found: dict[str, dict[str, Any]] = {}
+        if not any(e["draw"] == seed for e in self.runs):
+            return found
         for run in plan_seg_runs(sub):
             prints, key = fingerprints(sub, run), run_key(seed, run)
             entry = next((e for e in self.runs if e["key"] == key and e["seg"] == prints["seg"]
@@ -130,15 +140,45 @@ class RunRecord:
     def draw_cells(self, seed: int, sub: SweepConfig) -> dict[str, dict[str, Any]]:
         """Of a draw's cells, the generator checks recorded with today's fingerprints, by cell name."""
         found = {}
-        for w in sub.grid.w:
-            for lam in sub.grid.lambdas:
-                key, upstream = cell_key(seed, w, lam), cell_fingerprint(sub, w, lam)
-                entry = next((e for e in self.cells if e["key"] == key and e["upstream"] == upstream), None)
-                if entry is not None:
-                    found[cell_name(w, lam)] = entry["memorization"]
+        for w, lam in grid_cells(sub):
+            key, upstream = cell_key(seed, w, lam), cell_fingerprint(sub, w, lam)
+            entry = next((e for e in self.cells if e["key"] == key and e["upstream"] == upstream), None)
+            if entry is not None:
+                found[cell_name(w, lam)] = entry["memorization"]
         return found
+
+
+def grid_cells(sub: SweepConfig) -> list[tuple[float, float]]:
+    """Every (w, λ) cell of a draw's grid."""
+    return [(w, lam) for w in sub.grid.w for lam in sub.grid.lambdas]
 
 
 def cell_key(seed: int, w: float, lam: float) -> str:
     """A cell's place, relative to the experiment's ``out``: ``draw-<seed>/synthetic/<cell name>``."""
     return f"draw-{seed}/synthetic/{cell_name(w, lam)}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m experiments.run_record FROM --into TO``: add the entries of a record made
+    elsewhere (a lent device's draw) to ours, instead of copying it over ours."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m experiments.run_record", description=main.__doc__)
+    parser.add_argument("source", help="a run record made elsewhere, e.g. the device's $OUT/headline-runs.json")
+    parser.add_argument("--into", default="docs/results/headline-runs.json", help="the record to add it to (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        if not Path(args.source).is_file():
+            raise BadInputError(args.source, "no such record file")
+        other, ours = RunRecord.load(args.source), RunRecord.load(args.into)
+        before = len(ours.runs), len(ours.cells)
+        ours.add(other.runs, other.cells)
+    except BadInputError as exc:
+        print(f"error: {exc}")
+        return 2
+    print(f"{args.into}: {before[0]} -> {len(ours.runs)} runs, {before[1]} -> {len(ours.cells)} cells")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

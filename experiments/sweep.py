@@ -704,11 +704,21 @@ def cell_cache(path: Path, setup: dict[str, Any], cells: dict[str, Path], info: 
         cache = {"setup": plain(setup), "cells": {}}
     todo = {}
     for name, manifest in cells.items():
-        identity = Identity(setup, {"cell": file_digest(manifest)}).digest
+        identity = cell_identity(setup, manifest)
         if cache["cells"].get(name, {}).get("identity") != identity:
             todo[name] = (manifest, read_manifest(manifest)[0], identity)
     info.update(cells=len(cells), cells_reused=len(cells) - len(todo), images=0)
     return cache, todo
+
+
+def cell_identity(setup: dict[str, Any], manifest: storage.Location) -> str:
+    """What a cached cell score was computed from: the score's setup and the cell's manifest."""
+    return Identity(setup, {"cell": file_digest(manifest)}).digest
+
+
+def memorization_setup(cfg: SweepConfig, real_manifest: storage.Location) -> dict[str, Any]:
+    """What decides a cell's generator check: its settings and the real train set it compares with."""
+    return {**asdict(cfg.memorization), "reference": str(real_manifest), "split": "train"}
 
 
 def cell_entry(table, identity: str, seconds: float, **scores: Any) -> dict[str, Any]:
@@ -766,8 +776,7 @@ def stage_memorization(cfg: SweepConfig, out: Path, real_manifest: storage.Locat
     """Are the cells' images new scenes or copies of their sources (:mod:`engine.memorization`)?
     Cached per cell in ``memorization.json``; a real set too large to hold is skipped with the reason."""
     path = out / MEMORIZATION_FILE
-    cache, todo = cell_cache(path, {**asdict(cfg.memorization), "reference": str(real_manifest), "split": "train"},
-                             cells, info)
+    cache, todo = cell_cache(path, memorization_setup(cfg, real_manifest), cells, info)
     if not todo:
         return cache
     size = _size_of(todo)

@@ -245,15 +245,20 @@ class MismatchedScribbles:
 
 class SourceReplacements:
     """The paper's 'replacement' (``scheme.replace_from: source``): a real sample whose coin
-    came up is swapped for its own source's first synthetic sample at the λ the scheme drew
-    (the paper's ``synth_data[index][0]``: with one λ set, as its runs had, exactly that).
+    came up is swapped for one fixed synthetic sample of its own source at the λ the scheme
+    drew: the one with the smallest key, a fixed pseudo-random pick (keys end in a hashed
+    seed), as the paper's ``synth_data[index][0]`` is one fixed file a source.
 
-    The first sample of each (source, λ) is read once, at start, and kept as raw bytes (one
-    encoded image, scribble and json a source and λ: a few kB each on the embedded default,
-    about a JPEG or PNG a source on VOC); decoded only when used.
+    Those samples are read once, at start (and again on resume: every shard of each λ is read
+    to pick them), and kept as raw bytes (one encoded image, scribble and json a source and λ:
+    a few kB each on the embedded default, about a JPEG or PNG a source on VOC); decoded only
+    when used.
     """
 
     def __init__(self, index: DataIndex, lambdas: list[float]) -> None:
+        if not index.real_sources:
+            raise BadInputError("scheme.replace_from: source", "replaces real samples by their sources' synthetic ones, "
+                                "but the run has no real train samples", "pass the real manifest written by ingest")
         self.records: dict[float, dict[str, dict[str, Any]]] = {}
         for lam in lambdas:
             group = ShardGroup()
@@ -330,11 +335,11 @@ class MixedBatches(IterableDataset):
             lams = [0.0] * (self.batch_size - n_synth) + draw_lambdas(self.scheme, self.lambdas, progress, n_synth, rng, self.sizes)
             images, scribbles, rois = [], [], []
             for lam in lams:
-                drawn = 0.0 if self.replacements else lam  # the paper's replacement: a real sample, swapped below
+                drawn = 0.0 if self.replacements is not None else lam  # the paper's replacement: a real sample, swapped below
                 if drawn not in streams:
                     streams[drawn] = self._stream(drawn)
                 sample = next(streams[drawn])
-                if self.replacements and lam > 0:
+                if self.replacements is not None and lam > 0:
                     sample = self.replacements(sample, lam)
                 scribble = self.mismatched(sample) if self.mismatched and lam > 0 else sample.scribble
                 # A map of ones rides along as a label: padding (and rotation) turns it to 255, which marks the roi.

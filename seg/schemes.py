@@ -27,7 +27,7 @@ differ in how many of a batch are synthetic, and when:
   ``best_dict`` ranks best (``--aug-scheme best --aug-best-dict``; :mod:`seg.best`).
 - ``replacement``: every sample is replaced by a synthetic one with probability
   ``replace_p`` (``--aug-scheme replacement``), one coin per sample; with ``replace_from:
-  source`` (the paper's) by its own source's first synthetic sample, else by one from the pool.
+  source`` (the paper's) by one fixed synthetic sample of its own source, else by one from the pool.
 - ``synth_only``: the first ``synth_fraction`` of the steps are all synthetic, the rest all
   real (``--aug-scheme synth-only``, then a real run resumed from its checkpoint); the
   learning-rate schedule restarts at the switch, as the paper's ``--lr-start`` makes it.
@@ -126,9 +126,9 @@ class SchemeConfig:
     fixed_lambda: float | None = None
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
     replace_p: float = 0.5  # replacement: probability that a sample is synthetic
-    # replacement: what a replaced real sample becomes: 'source', its own source's first synthetic
-    # sample (the paper's); 'pool', any synthetic sample, streamed like the other schemes' (no
-    # per-source index in memory)
+    # replacement: what a replaced real sample becomes: 'source', one fixed synthetic sample of
+    # its own source (the paper's); 'pool', any synthetic sample, streamed like the other
+    # schemes' (no per-source index in memory)
     replace_from: str = "pool"
     aug_ratio: int = 1  # append: K synthetic samples a real one per epoch (the paper's 1, 2, 4, 8)
     best_dict: str = ""  # best_k: JSON file, source id -> its synthetic keys best first (or key -> score)

@@ -103,8 +103,8 @@ class DataIndex:
     synthetic: dict[float, ShardGroup]
     synthetic_sources: set[str] = field(default_factory=set)
     real_sources: set[str] = field(default_factory=set)  # of the real train samples kept
-    # λ -> source id -> (shard URL, key) of its first kept synthetic sample (smallest key): the
-    # one the paper's 'replacement' swaps in for its source (scheme.replace_from: source)
+    # λ -> source id -> (shard URL, key) of its kept synthetic sample with the smallest key: the
+    # one fixed sample the paper's 'replacement' swaps in for its source (scheme.replace_from: source)
     first_synthetic: dict[float, dict[str, tuple[str, str]]] = field(default_factory=dict)
 
     def add_synthetic(self, lam: float, source: str, url: str, key: str) -> None:
@@ -314,9 +314,9 @@ def real_scribbles(group: ShardGroup) -> dict[str, bytes]:
     return {source: record["scribble.png"] for source, record in read_records(group, "real samples")} if group.allowed else {}
 
 
-def decode_record(record: dict[str, Any], with_mask: bool = False) -> Sample:
-    """A raw record (:func:`read_records`) as a :class:`Sample`, errors named as the stream names them."""
-    return _decoder(with_mask)(record)
+def decode_record(record: dict[str, Any]) -> Sample:
+    """A raw record (:func:`read_records`) as a training :class:`Sample` (no mask), errors named as the stream names them."""
+    return _decoder(False)(record)
 
 
 class EpochDataset(IterableDataset):

@@ -11,7 +11,7 @@ import pytest
 from engine.errors import BadInputError
 from engine.identity import file_digest
 from experiments.draws import check_draws_config, collect, draw_config, draw_dir, paired
-from experiments.sweep import REPO, load_sweep_config, plan_seg_runs, seg_identity
+from experiments.sweep import REPO, cell_identity, load_sweep_config, memorization_setup, plan_seg_runs, seg_identity
 
 DEMO = REPO / "configs" / "demo" / "tiny.yaml"
 ARMS = [
@@ -147,18 +147,26 @@ def test_the_record_carries_finished_draws_across_lost_folders(tmp_path, monkeyp
                   for k in (0, 1)}
     _fake_draw(cfg, 3, everything)
     _fake_draw(cfg, 5, {**everything, "arm-fixed-seed0": 36.0})
-    checks = {"w2p00-l0p50": {"lambda": 0.5, "l1_own": 5.6789, "nearest_is_own": 1.0},
-              "w2p00-l1p00": {"lambda": 1.0, "l1_own": 12.1, "nearest_is_own": 0.33333}}
-    (draw_dir(cfg.out, 3) / "memorization.json").write_text(json.dumps({"cells": checks}))
+    def checks(seed: int) -> dict[str, dict]:  # a draw's memorization.json cells, as the sweep's stage writes them
+        folder = draw_dir(cfg.out, seed)
+        setup = memorization_setup(draw_config(cfg, seed), folder / "real" / "manifest.parquet")
+        return {name: {"lambda": lam, "l1_own": l1, "nearest_is_own": own,
+                       "identity": cell_identity(setup, folder / "synthetic" / name / "manifest.parquet")}
+                for name, lam, l1, own in (("w2p00-l0p50", 0.5, 5.6789, 1.0), ("w2p00-l1p00", 1.0, 12.1, 0.33333))}
+
+    stale_check = {**checks(5), "w2p00-l1p00": {**checks(5)["w2p00-l1p00"], "identity": "of other data"}}
+    (draw_dir(cfg.out, 5) / "memorization.json").write_text(json.dumps({"cells": stale_check}))
+    (draw_dir(cfg.out, 3) / "memorization.json").write_text(json.dumps({"cells": checks(3)}))
     swept: list[int] = []
     monkeypatch.setattr(draws, "run_sweep", lambda sub: swept.append(sub.ingest.subset_seed))
     draws.run_draws(cfg)
     assert swept == [3, 5, 8]
     entries = json.loads(record.read_text())["runs"]
     assert len(entries) == 16 and {e["source"] for e in entries} == {"run folder"}
-    assert len(json.loads(record.read_text())["cells"]) == 2
+    assert len(json.loads(record.read_text())["cells"]) == 3  # draw 5's check of other data is not recorded
     first = json.loads((tmp_path / "effect" / "headline.json").read_text())
     assert first["memorization"]["3"]["w2p00-l0p50"] == {"lambda": 0.5, "l1_own": 5.68, "nearest_is_own": 1.0}
+    assert list(first["memorization"]["5"]) == ["w2p00-l0p50"]
     assert first["arms"]["fixed"]["per_draw"] == [[33.0, 34.0], [36.0, 34.0], None] and first["from_record"] == []
 
     shutil.rmtree(draw_dir(cfg.out, 3))  # a new session: draw 3's folder is gone
@@ -179,6 +187,24 @@ def test_the_record_carries_finished_draws_across_lost_folders(tmp_path, monkeyp
     retrained = load_sweep_config(DEMO, sets + ["controlnet.train.steps=77"])
     assert all(arm["per_draw"][0] is None for arm in collect(retrained)["arms"].values())
     assert collect(retrained)["memorization"]["3"] == {} and collect(longer)["memorization"]["3"] == first["memorization"]["3"]
+
+    # Draw 3 made again in a new folder (other data, one run finished so far): the folder is the
+    # draw, so the record's runs of the earlier making do not mix in until their inputs match.
+    _fake_draw(cfg, 3, {"arm-real-seed0": 50.0})
+    (draw_dir(cfg.out, 3) / "real" / "manifest.parquet").write_bytes(b"real 3, made again")
+    (draw_dir(cfg.out, 3) / "seg" / "arm-real-seed0" / "identity.json").unlink()
+    sub = draw_config(cfg, 3)
+    run = next(r for r in plan_seg_runs(sub) if r.name == "arm-real-seed0")
+    real3 = draw_dir(cfg.out, 3) / "real" / "manifest.parquet"
+    seg_identity(sub, run, {"real": file_digest(real3)})[1].save(draw_dir(cfg.out, 3) / "seg" / run.name)
+    remade = collect(cfg)
+    assert remade["arms"]["real"]["per_draw"][0] == [50.0, None] and remade["arms"]["fixed"]["per_draw"][0] is None
+    assert remade["from_record"] == [] and draws.in_record_only(cfg, 3) is False
+    # The same data as recorded (the first making's folder back, a run's summary not yet written): the record counts.
+    shutil.rmtree(draw_dir(cfg.out, 3))
+    _fake_draw(cfg, 3, {k: v for k, v in everything.items() if k != "arm-fixed-seed0"})
+    same = collect(cfg)
+    assert same["arms"] == first["arms"] and same["from_record"] == ["draw-3/seg/arm-fixed-seed0"]
 
 
 def test_a_broken_record_is_refused_before_any_draw_runs(tmp_path):
@@ -244,3 +270,17 @@ def test_headline_protocol_end_to_end_on_a_smoke_budget(tmp_path):
     assert (out / "draw-1" / "synthetic" / "w2p00-l1p00" / "label_scored.parquet").is_file()
     again = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=800)
     assert again.returncode == 0 and again.stdout.count("(reused, mIoU") == 14 and json.loads((out / "headline.json").read_text())["arms"] == result["arms"]
+
+
+def test_a_record_made_elsewhere_is_merged_entry_by_entry(tmp_path, capsys):
+    from experiments.run_record import RunRecord, main
+
+    def entry(key: str, miou: float) -> dict:
+        return {"key": key, "draw": int(key.split("/")[0][5:]), "seg": "s", "upstream": "u", "miou": miou}
+
+    ours, device = tmp_path / "ours.json", tmp_path / "device.json"
+    RunRecord(str(ours), [entry("draw-1/seg/a", 1.0), entry("draw-2/seg/a", 2.0)]).add([], [])
+    RunRecord(str(device), [entry("draw-1/seg/a", 1.0), entry("draw-3/seg/a", 3.0)]).add([], [])  # a copy taken before draw 2
+    assert main([str(device), "--into", str(ours)]) == 0 and "2 -> 3 runs" in capsys.readouterr().out
+    assert [e["miou"] for e in RunRecord.load(ours).runs] == [1.0, 2.0, 3.0]  # draw 2 kept, draw 3 added
+    assert main([str(tmp_path / "none.json"), "--into", str(ours)]) == 2 and "no such record" in capsys.readouterr().out

@@ -207,7 +207,7 @@ def test_replacement_from_the_source_draws_only_real_samples_and_swaps_the_coins
     assert opened == [0.0]  # no synthetic pool is streamed: every sample starts as a real one
     n_synth = sum(int((b["lam"] > 0).sum()) for b in batches)
     assert len(swapped) == n_synth and {k for k, _ in swapped} <= index.real_sources and {lam for _, lam in swapped} <= set(LAMS)
-    assert n_synth == 32 if p == 1.0 else 0 < n_synth < 32
+    assert (n_synth == 32) if p == 1.0 else (0 < n_synth < 32)
     # the pool's replacement is unchanged: it streams the synthetic sets
     opened.clear()
     list(MixedBatches(index, SchemeConfig(name="replacement", replace_p=1.0), 4, 2, AugmentConfig(crop=24)))
@@ -221,6 +221,9 @@ def test_replacement_from_the_source_refuses_sources_without_a_synthetic_sample(
         MixedBatches(index_manifests([real, partial]), SchemeConfig(name="replacement", replace_from="source"), 4, 2,
                      AugmentConfig(crop=24))
     MixedBatches(index_manifests([real, partial]), SchemeConfig(name="replacement"), 4, 2, AugmentConfig(crop=24))  # pool: fine
+    with pytest.raises(BadInputError, match="no real train samples"):  # nothing to replace
+        MixedBatches(index_manifests([partial]), SchemeConfig(name="replacement", replace_from="source", synth_fraction=1.0),
+                     4, 2, AugmentConfig(crop=24))
 
 
 def test_synth_only_phases_and_learning_rate_follow_the_papers_two_runs():

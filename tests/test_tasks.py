@@ -61,12 +61,13 @@ def _barrier(folder: str, parties: int, timeout: float) -> bool:
 
 
 def test_small_tasks_share_a_gpu(gpu_cluster, tmp_path):
-    """seg_gpus_per_run 0.25: four runs at once on the GPUs (the cluster's 2 CPUs allow it at 0.5 each)."""
+    """seg_gpus_per_run 0.25: six runs at once on the cluster's two GPUs, three on each (a share
+    of 0.5 would hold four at once, a whole GPU two); its 2 CPUs allow six at 0.25 each."""
     import ray
 
-    share = tasks.task_resources(0.5, 0.25)
-    assert share == (0.5, 0.25) and str(share) == "0.5 CPU, 0.25 GPU"
-    assert ray.get([tasks.remote(_barrier, share).remote(str(tmp_path), 4, 120.0) for _ in range(4)]) == [True] * 4
+    share = tasks.task_resources(0.25, 0.25)
+    assert share == (0.25, 0.25) and str(share) == "0.25 CPU, 0.25 GPU"
+    assert ray.get([tasks.remote(_barrier, share).remote(str(tmp_path), 6, 300.0) for _ in range(6)]) == [True] * 6
 
 
 def test_more_cpus_than_any_node_holds_is_refused_before_submitting(gpu_cluster):

@@ -14,9 +14,12 @@
 #          same config as on the CPUs (device keys are run-only: the identities and the record's
 #          fingerprints are the same): ControlNet and generation on the GPU, the 14 seg runs four at
 #          a time on quarters of it (seg_gpus_per_run 0.25, 3 CPUs each). Resumes in a second call
-#          while the machine is warm. The run record and headline.json come back in $OUT: copy
-#          $OUT/headline-runs.json over docs/results/ and commit it (its entries name the commit from
-#          SCRIBBLEGEN_COMMIT: the copied tree has no .git).
+#          while the machine is warm. The run record and headline.json come back in $OUT: add the
+#          record's entries to ours (python -m experiments.run_record $OUT/headline-runs.json) and
+#          commit it; its entries name the commit from SCRIBBLEGEN_COMMIT (the copied tree has no
+#          .git, so uncommitted changes cannot show as +dirty: run it from a clean commit).
+#          sampler.dtype auto samples in float16 on CUDA (float32 on CPU): the same config and
+#          fingerprints, other arithmetic; say which draws were made where.
 # Needs .whl/ (bash ../shared/tools/device-wheels.sh); results land in $OUT:
 #   device run: carry [".whl"], command "JOBS=bench bash tools/device_session.sh", timeout_s 600
 #   device run: carry [".whl"], command "SCRIBBLEGEN_COMMIT=<sha> JOBS=draw DRAW=3 bash tools/device_session.sh"
