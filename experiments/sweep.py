@@ -548,8 +548,9 @@ def stage_controlnet(cfg: SweepConfig, out: Path, real_manifest: storage.Locatio
     latest = latest_checkpoint(Path(cn.out) / "checkpoints")
     info["resumed"] = resume = latest is not None
     log_path = Path(cn.out) / "loss.jsonl"
-    if latest is not None:  # as the task will on resume: the bar then starts where training does
-        trim_log(log_path, checkpoint_step(latest))
+    # As the task will: trimmed to the checkpoint it resumes from, emptied where it starts over
+    # (stopped before its first checkpoint); the bar then starts where training does.
+    trim_log(log_path, checkpoint_step(latest) if latest is not None else 0)
     with ray_session(cfg.generate.ray.address, cfg.generate.ray.local_num_cpus):
         resources = tasks.task_resources(cfg.stage_cpus)
         cn.train.threads = resources.threads(cn.train.threads)

@@ -115,9 +115,12 @@ def test_last_step_reads_a_training_log(tmp_path):
     assert last_step(log) == 20
 
 
-def test_a_resumed_controlnet_stage_shows_progress_from_its_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("checkpoint, start", [("step-00000750", 750), (None, 0)])
+def test_a_resumed_controlnet_stage_shows_progress_from_its_checkpoint(tmp_path, monkeypatch, checkpoint, start):
     """The driver's bar starts where the resumed task starts: the log past the newest
-    checkpoint (written by the interrupted run) is trimmed before the task is submitted."""
+    checkpoint (written by the interrupted run) is trimmed before the task is submitted, and
+    the whole log where the run was stopped before its first checkpoint (the task starts over:
+    a bar starting at the old log's step would count down, at a negative rate)."""
     from contextlib import nullcontext
 
     import experiments.sweep as sweep
@@ -125,7 +128,9 @@ def test_a_resumed_controlnet_stage_shows_progress_from_its_checkpoint(tmp_path,
 
     cfg = from_dict(sweep.SweepConfig, {})
     folder = tmp_path / "controlnet"
-    (folder / "checkpoints" / "step-00000750").mkdir(parents=True)
+    (folder / "checkpoints").mkdir(parents=True)
+    if checkpoint:
+        (folder / "checkpoints" / checkpoint).mkdir()
     (folder / "loss.jsonl").write_text("".join(f'{{"step": {s}, "loss": 1.0}}\n' for s in (250, 500, 750, 1000, 1070)))
     real = tmp_path / "manifest.parquet"
     real.write_bytes(b"not read: only digested")
@@ -141,4 +146,4 @@ def test_a_resumed_controlnet_stage_shows_progress_from_its_checkpoint(tmp_path,
     monkeypatch.setattr(tasks, "gather", gather)
     info: dict = {}
     sweep.stage_controlnet(cfg, tmp_path, real, info)
-    assert info["resumed"] and seen["at_submit"] == 750
+    assert info["resumed"] == bool(checkpoint) and seen["at_submit"] == start
