@@ -278,3 +278,23 @@ def test_the_commit_outside_git_comes_from_the_environment(monkeypatch):
     assert sweep.git_commit() == "unknown"
     monkeypatch.setenv("SCRIBBLEGEN_COMMIT", "abc123")
     assert sweep.git_commit() == "abc123"
+
+
+def test_the_null_hint_measurement_changes_only_the_null_hint():
+    """Issue 24's fixed-vs-learned null hint on val: the fixed side (null-hint-val.yaml) must be
+    draw 2's ControlNet but for train.learn_null_hint, on draw 2's real set, and its seg runs
+    the learned side's (replacement-val.yaml, in draw 2's folder) run for run, or the two sides
+    measure more than the hint."""
+    sweeps = REPO / "configs" / "sweeps"
+    fixed, learned = (load_sweep_config(sweeps / f"{name}.yaml") for name in ("null-hint-val", "replacement-val"))
+    inputs = {"real": "the same real set"}
+    cn = [stage_identity(c.controlnet, RUN_ONLY["controlnet"], inputs) for c in (fixed, learned)]
+    assert cn[0].differences(cn[1]) == ["train.learn_null_hint"]
+    assert (fixed.controlnet.train.learn_null_hint, learned.controlnet.train.learn_null_hint) == (False, True)
+    assert to_dict(fixed.ingest) == to_dict(learned.ingest) and fixed.ingest.subset_seed == 2
+    assert to_dict(fixed.generate) == to_dict(learned.generate) and fixed.grid.lambdas == [1.0]
+    assert fixed.out != learned.out and fixed.seg.data.val_split == "val" and fixed.draws.record is None
+    runs = [{r.name: (r.scheme, r.lambdas, r.overrides) for r in plan_seg_runs(c)} for c in (fixed, learned)]
+    assert set(runs[0]) == {"arm-val_classical-seed0", "arm-val_fixed-seed0"}
+    assert all(runs[0][name] == runs[1][name] for name in runs[0])
+    assert to_dict(fixed.seg) == to_dict(learned.seg)
