@@ -32,7 +32,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Sequence
 
-from engine.atomic import write_json, write_text
+from engine.atomic import write_json
 from engine.errors import BadInputError
 from engine.identity import Identity, plain
 from engine.config import to_dict
@@ -121,11 +121,10 @@ def frozen_at(config_path: str | Path) -> dict[str, Any]:
 
 
 def write_summary(cfg: SweepConfig, result: dict[str, Any]) -> None:
-    from experiments.report import headline_markdown
+    from experiments.report import write_headline_markdown
 
-    out = Path(cfg.out)
-    write_json(out / RESULT_JSON, result)
-    write_text(out / RESULT_MD, headline_markdown(result) + "\n")
+    write_json(Path(cfg.out) / RESULT_JSON, result)
+    write_headline_markdown(Path(cfg.out) / RESULT_JSON)
 
 
 # -- collecting ------------------------------------------------------------------------------

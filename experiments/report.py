@@ -723,6 +723,7 @@ def render_headline(data: dict[str, Any]) -> list[tuple[str, Any]]:
         ["arm"] + [f"draw {x}" for x in draws] + ["mean (complete draws)", f"Δ vs {baseline}", "95 % interval", "n draws"],
         rows, f"mIoU (%) per labelled draw: the mean over that draw's seg seeds (– = not run). Δ: the paired "
               f"difference arm − {baseline} over the complete draws, with its {data.get('interval', '95 % interval')}.")))
+    blocks += _seed_spread(data, order)
     contrasts = data.get("contrasts", {})
     if contrasts:
         blocks.append(("table", Table(
@@ -747,6 +748,49 @@ def render_headline(data: dict[str, Any]) -> list[tuple[str, Any]]:
                             f"not rechecked): {len(recorded)} run(s) of draw(s) "
                             f"{', '.join(sorted({x.split('/')[0].removeprefix('draw-') for x in recorded}, key=int))}."))
     blocks.append(("p", headline_verdict(data)))
+    return blocks
+
+
+def _seed_differences(arm: Sequence[Any] | None, base: Sequence[Any] | None, i: int) -> list[float] | None:
+    """Draw ``i``'s arm − baseline per seg seed (the seeds are shared); None unless both are complete."""
+    a, b = _draw_values(arm, i), _draw_values(base, i)
+    if not (_complete(a) and _complete(b)) or len(a) != len(b):  # type: ignore[arg-type]
+        return None
+    return [x - y for x, y in zip(a, b)]  # type: ignore[operator]
+
+
+def _seed_spread(data: dict[str, Any], order: list[str]) -> list[tuple[str, Any]]:
+    """Each arm's difference to the baseline per draw and seg seed, and the arms whose t
+    interval is narrower than that seed-to-seed spread: few draws give an interval few degrees
+    of freedom, and two draws whose differences happen to agree give one narrower than what
+    the seeds alone move (a reader must see that, not just the interval)."""
+    draws, baseline = list(data.get("draws", [])), data.get("baseline", "?")
+    arms, paired = data.get("arms", {}), data.get("paired", {})
+    base = (arms.get(baseline) or {}).get("per_draw")
+    rows, narrow = [], []
+    for arm in order:
+        if arm == baseline:
+            continue
+        diffs = [_seed_differences(arms[arm].get("per_draw"), base, i) for i in range(len(draws))]
+        every = [x for d in diffs if d for x in d]
+        if not every:
+            continue
+        spread = max(every) - min(every)
+        rows.append([arm] + ["–" if d is None else " / ".join(_signed(x) for x in d) for d in diffs] + [f"{spread:.2f}"])
+        ci = (paired.get(arm) or {}).get("ci95")
+        if ci and ci[1] - ci[0] < spread:
+            narrow.append(f"{arm} ({_interval(ci)}, {_n(paired.get(arm))} draws)")
+    if not rows:
+        return []
+    blocks: list[tuple[str, Any]] = [("table", Table(
+        ["arm"] + [f"draw {x}" for x in draws] + ["seed spread"], rows,
+        f"arm − {baseline} per draw and seg seed (seed {' / seed '.join(map(str, data.get('seg_seeds', [])))}, the same "
+        f"seed in both arms); seed spread: the largest minus the smallest of them, how far seeds and draws alone move a "
+        f"difference."))]
+    if narrow:
+        blocks.append(("p", "Intervals narrower than their own seed spread (few draws: the t interval's width rests on "
+                            "how close the draws' differences happen to be, not on the seeds): " + ", ".join(narrow)
+                            + ". Such an interval understates the uncertainty: until more draws are in, the spread is the better guide."))
     return blocks
 
 
@@ -819,6 +863,14 @@ def _contrast_sentence(name: str, c: dict[str, Any] | None) -> str:
 def headline_markdown(data: dict[str, Any]) -> str:
     """The headline as a standalone Markdown section (for the README and docs)."""
     return "## The headline\n\n" + blocks_markdown(render_headline(data))
+
+
+def write_headline_markdown(path: Path) -> Path:
+    """``headline.md`` beside a ``headline.json``, rendered from its numbers (the Markdown is a
+    view of the JSON: rewriting it after a change of the rendering changes no number)."""
+    md = path.with_suffix(".md")
+    write_text(md, headline_markdown(json.loads(path.read_text())) + "\n")
+    return md
 
 
 def section_headline(page: Page, path: Path | None = None) -> None:
@@ -920,10 +972,20 @@ def build_report(root: str | Path, report_dir: str = "report", progress: bool = 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="(Re)build the report of a sweep run folder from its files.")
-    parser.add_argument("run", help="run folder, e.g. runs/demo")
+    parser.add_argument("run", nargs="?", help="run folder, e.g. runs/demo")
     parser.add_argument("--report-dir", default="report", help="report folder inside the run (holds sweep.json)")
+    parser.add_argument("--headline", type=Path, metavar="JSON",
+                        help="instead, rewrite the headline.md beside this headline.json from its numbers "
+                             "(e.g. docs/results/headline.json)")
     args = parser.parse_args(argv)
+    if (args.run is None) == (args.headline is None):
+        parser.error("give a run folder or --headline JSON (one of the two)")
     try:
+        if args.headline is not None:
+            if not args.headline.is_file():
+                raise BadInputError(str(args.headline), "is not a file", "name a headline.json (docs/results/headline.json)")
+            print(write_headline_markdown(args.headline))
+            return 0
         print(build_report(args.run, args.report_dir))
     except BadInputError as exc:
         print(f"error: {exc}", file=sys.stderr)

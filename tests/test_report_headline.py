@@ -148,3 +148,36 @@ def test_generator_check_per_draw_is_shown_when_recorded():
                                   "w2p00-l1p00": {"lambda": 1.0, "l1_own": 12.1, "nearest_is_own": 0.998}}, "2": {}}
     md = headline_markdown(data)
     assert "draw 1: λ = 0.4 100.0 %, λ = 1 99.8 %." in md and "draw 2" not in md.split("Generator check")[1].split("\n")[0]
+
+
+def _spread_table(md: str) -> str:
+    return md.split("seed spread |", 1)[1].split("\n\n", 1)[0]
+
+
+def test_differences_per_draw_and_seed_and_intervals_narrower_than_them():
+    """The per-seed differences come from the arms' own values (seed k against the baseline's
+    seed k); an interval narrower than that spread is named, one as wide or wider is not."""
+    data = met()
+    md = headline_markdown(data)
+    assert _row(_spread_table(md), "fixed") == ["fixed", "+4.00 / +4.00", "+4.50 / +3.50", "+4.00 / +4.00", "1.00"]
+    assert _row(_spread_table(md), "uniform") == ["uniform", "+1.00 / +2.00", "+1.00 / +1.00", "+1.00 / +1.00", "1.00"]
+    assert "narrower than their own seed spread" not in md  # every interval here is wider than its spread
+    data["paired"]["uniform"]["ci95"] = [1.1, 1.6]  # width 0.5 < spread 1.0
+    data["arms"]["adaptive"]["per_draw"][1] = [31.0, None]  # an incomplete draw has no per-seed difference
+    md = headline_markdown(data)
+    assert "narrower than their own seed spread (few draws" in md and ": uniform ([1.10, 1.60], 3 draws)." in md
+    assert _row(_spread_table(md), "adaptive") == ["adaptive", "+3.00 / +3.00", "–", "+3.00 / +3.00", "0.00"]
+
+
+def test_the_markdown_is_rewritten_from_the_json(tmp_path, capsys):
+    """python -m experiments.report --headline JSON: the Markdown beside it, from its numbers."""
+    import json
+
+    from experiments.report import main
+
+    path = tmp_path / "headline.json"
+    path.write_text(json.dumps(met()))
+    assert main(["--headline", str(path)]) == 0
+    assert (tmp_path / "headline.md").read_text() == headline_markdown(met()) + "\n"
+    assert main(["--headline", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json: is not a file" in capsys.readouterr().err
