@@ -101,6 +101,32 @@ def plot_bars(labels: list[str], values: list[list[float]], title: str, ylabel: 
     return save_figure(fig, path)
 
 
+def plot_intervals(labels: list[str], points: list[list[float]], means: list[float | None],
+                   intervals: list[list[float] | None], title: str, xlabel: str, path: Path,
+                   marks: dict[str, float] | None = None) -> str:
+    """A forest plot: one row per label, its single values (dots, e.g. one per draw), its mean
+    (diamond) and interval (bar), with vertical ``marks`` (name -> x, e.g. 0 and a target):
+    paired differences read at a glance against where they would have to be."""
+    fig, ax = axes(title, xlabel, "", legend=False)
+    fig.subplots_adjust(left=0.25)
+    ax.set_position((0.25, 0.14, 0.71, 0.76))  # room for the labels on the left
+    rows = np.arange(len(labels))[::-1]  # the first label on top
+    for y, pts, mean, ci in zip(rows, points, means, intervals):
+        if ci:
+            ax.plot(ci, [y, y], "-", color="C0", lw=2.5, alpha=0.7)
+        ax.plot(pts, [y] * len(pts), "k.", alpha=0.6)
+        if mean is not None:
+            ax.plot([mean], [y], "D", color="C3")
+            ax.annotate(f"{mean:+.2f}", (mean, y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=9)
+    for i, (name, x) in enumerate((marks or {}).items()):
+        ax.axvline(x, color="grey" if x == 0 else f"C{i + 2}", ls="--", lw=1)
+        ax.annotate(name, (x, rows.max() + 0.5), ha="center", fontsize=8, color="grey")
+    ax.set_yticks(rows)
+    ax.set_yticklabels(labels)
+    ax.set_ylim(-0.6, len(labels) - 0.2)
+    return save_figure(fig, path)
+
+
 def plot_loss(lines: list[dict[str, Any]], title: str, path: Path) -> str:
     """A training loss curve (log scale) from ``loss.jsonl`` records (``step``, ``loss``)."""
     fig, ax = axes(title, "step", "loss", legend=False)

@@ -40,7 +40,7 @@ from engine import storage
 from engine.atomic import write_text
 from engine.data.geometry import DEFAULT_RESIZE
 from engine.errors import BadInputError
-from engine.plots import TILE_PX, TileGrid, fmt_g, plot_bars, plot_lines, plot_loss
+from engine.plots import TILE_PX, TileGrid, fmt_g, plot_bars, plot_intervals, plot_lines, plot_loss
 from engine.manifest import iter_samples, read_manifest
 from engine.render import OVERLAY_ALPHA, overlay_scribble, render_scribble
 from engine.shards import Sample
@@ -692,6 +692,14 @@ def _n(stats: dict[str, Any] | None) -> int:
     return int((stats or {}).get("n_draws") or 0)
 
 
+def _arm_order(data: dict[str, Any]) -> list[str]:
+    """The baseline, then the λ-aware arms (the verdict's), then the rest as configured."""
+    baseline, arms = data.get("baseline", "?"), data.get("arms", {})
+    aware = list(data.get("target", {}).get("lambda_aware", []))
+    order = [baseline] * (baseline in arms) + [a for a in aware if a in arms and a != baseline]
+    return order + [a for a in arms if a not in order]
+
+
 def render_headline(data: dict[str, Any]) -> list[tuple[str, Any]]:
     """Report blocks (for :class:`Page`, :func:`blocks_markdown`, :func:`blocks_html`) of a
     ``headline.json``: where it comes from, arms × draws with the paired difference to the
@@ -705,10 +713,7 @@ def render_headline(data: dict[str, Any]) -> list[tuple[str, Any]]:
         + f", scored on the `{data.get('split', '?')}` split: {len(draws)} labelled draw(s) "
         f"({', '.join(map(str, draws))}), seg seeds {', '.join(map(str, seeds)) or '?'} in each; mIoU in %. "
         f"Command: `{_command(data)}`."))]
-    target = data.get("target", {})
-    aware = list(target.get("lambda_aware", []))
-    order = [baseline] * (baseline in arms) + [a for a in aware if a in arms and a != baseline]
-    order += [a for a in arms if a not in order]
+    order = _arm_order(data)
     rows = []
     for arm in order:
         per_draw = arms[arm].get("per_draw")
@@ -865,11 +870,27 @@ def headline_markdown(data: dict[str, Any]) -> str:
     return "## The headline\n\n" + blocks_markdown(render_headline(data))
 
 
+def plot_headline(data: dict[str, Any], path: Path) -> str:
+    """Each arm's paired difference to the baseline: per draw (dots), mean and interval, against
+    0 and the target."""
+    baseline, paired = data.get("baseline", "?"), data.get("paired", {})
+    arms = [a for a in _arm_order(data) if a != baseline and _n(paired.get(a))]
+    points = [list(paired[a].get("per_draw") or []) for a in arms]
+    target = float(data.get("target", {}).get("points", 0.0))
+    n = max((_n(paired[a]) for a in arms), default=0)
+    return plot_intervals(arms, points, [paired[a].get("mean") for a in arms], [paired[a].get("ci95") for a in arms],
+                          f"arm − {baseline}, {data.get('split', '?')} split, {n} draws",
+                          "mIoU points", path, {"0": 0.0, f"target +{target:g}": target} if target else {"0": 0.0})
+
+
 def write_headline_markdown(path: Path) -> Path:
-    """``headline.md`` beside a ``headline.json``, rendered from its numbers (the Markdown is a
-    view of the JSON: rewriting it after a change of the rendering changes no number)."""
+    """``headline.md`` and its plot ``headline.png`` beside a ``headline.json``, rendered from
+    its numbers (they are views of the JSON: rewriting them after a change of the rendering
+    changes no number)."""
     md = path.with_suffix(".md")
-    write_text(md, headline_markdown(json.loads(path.read_text())) + "\n")
+    data = json.loads(path.read_text())
+    write_text(md, headline_markdown(data) + "\n")
+    plot_headline(data, path.with_suffix(".png"))
     return md
 
 

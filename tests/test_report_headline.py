@@ -179,5 +179,24 @@ def test_the_markdown_is_rewritten_from_the_json(tmp_path, capsys):
     path.write_text(json.dumps(met()))
     assert main(["--headline", str(path)]) == 0
     assert (tmp_path / "headline.md").read_text() == headline_markdown(met()) + "\n"
+    from PIL import Image
+
+    from engine.plots import PLOT_PX
+
+    assert Image.open(tmp_path / "headline.png").size == PLOT_PX  # the forest plot beside it
     assert main(["--headline", str(tmp_path / "missing.json")]) == 2
     assert "missing.json: is not a file" in capsys.readouterr().err
+
+
+def test_the_plot_shows_each_arms_draws_mean_and_interval(tmp_path, monkeypatch):
+    """The forest plot gets, per arm other than the baseline and in the table's order, the
+    per-draw differences, their mean and the interval; 0 and the target are marked."""
+    import experiments.report as report
+
+    seen = {}
+    monkeypatch.setattr(report, "plot_intervals", lambda *a, **k: seen.update(args=a) or "x.png")
+    report.plot_headline(met(), tmp_path / "x.png")
+    labels, points, means, intervals, _, _, _, marks = seen["args"]
+    assert labels == ["fixed", "uniform", "adaptive", "mismatched"]
+    assert points[0] == [4.0, 4.0, 4.0] and means[2] == 3.0 and intervals[3] == [-1.5, -0.5]
+    assert marks == {"0": 0.0, "target +3": 3.0}
