@@ -11,8 +11,8 @@ setting, the denoiser calls per image against DDIM 50's and, per λ, FID, the ju
 writes ``OUT/solvers.json``, ``OUT/solvers.md`` and ``OUT/grid.png`` (one source's samples:
 rows settings, columns λ):
 
-    python benchmarks/solvers.py --model runs/effect/draw-1/controlnet/final \\
-        --real runs/effect/draw-1/real/manifest.parquet --out runs/solvers
+    python benchmarks/solvers.py --model runs/effect/draw-2/controlnet/final \\
+        --real runs/effect/draw-2/real/manifest.parquet --out runs/solvers
 """
 
 from __future__ import annotations

@@ -708,7 +708,7 @@ def render_headline(data: dict[str, Any]) -> list[tuple[str, Any]]:
     baseline, arms, paired = data.get("baseline", "?"), data.get("arms", {}), data.get("paired", {})
     commit, frozen = str(data.get("commit", "?")), data.get("frozen_commit")
     blocks: list[tuple[str, Any]] = [("p", (
-        f"Pre-registered protocol `{data.get('config') or HEADLINE_CONFIG}` at commit `{commit[:12]}`"
+        f"Pre-registered protocol `{data.get('config') or HEADLINE_CONFIG}` at commit `{commit[:12]}{'+dirty' if commit.endswith('+dirty') else ''}`"
         + (f" (settings frozen at `{str(frozen)[:12]}`)" if frozen else "")
         + f", scored on the `{data.get('split', '?')}` split: {len(draws)} labelled draw(s) "
         f"({', '.join(map(str, draws))}), seg seeds {', '.join(map(str, seeds)) or '?'} in each; mIoU in %. "

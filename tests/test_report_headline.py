@@ -64,6 +64,8 @@ def test_met():
     md = headline_markdown(data)
     assert md.startswith("## The headline\n")
     assert "`python -m jobs.sweep --config configs/sweeps/headline.yaml`" in md and "`aaaaaaaaaaaa`" in md
+    data["commit"] += "+dirty"  # written with uncommitted changes: the short form says so too
+    assert "at commit `aaaaaaaaaaaa+dirty`" in headline_markdown(data)
     assert _row(md, "arm") == ["arm", "draw 1", "draw 2", "draw 3", "mean (complete draws)", "Δ vs real_classical",
                                "95 % interval", "n draws"]
     assert _row(md, "real_classical")[1:] == ["29.00", "28.00", "30.00", "29.00", "–", "–", "–"]
