@@ -49,6 +49,7 @@ from engine.config import load_config  # noqa: E402
 from engine.generate.config import GenerateConfig, PlanConfig, RayConfig, SamplerConfig  # noqa: E402
 from engine.generate.plan import build_plan  # noqa: E402
 from engine.models import BUNDLE_FILE  # noqa: E402
+from engine.sampler import SCHEDULERS  # noqa: E402
 from engine.generate.worker import (SamplerFactory, SourceCache, ShardGenerator, batches, fit_sources,  # noqa: E402
                                     load_sampler, present_classes)
 
@@ -230,7 +231,7 @@ def config(args: argparse.Namespace, device: str, real: Path, model: Path, out: 
         plan=PlanConfig(w=[2.0], lambdas=[lam], samples_per_shard=args.batch_size * args.batches_per_shard),
         sampler=SamplerConfig(num_steps=args.steps, spacing="truncate", dtype=args.dtype, batch_size=args.batch_size,
                               resolution=args.resolution, device="cuda" if device.startswith("cuda") else "cpu",
-                              compile=args.compile),
+                              compile=args.compile, scheduler=args.scheduler),
         ray=RayConfig(num_actors=actors, num_cpus_per_actor=cpus, local_num_cpus=args.ray_cpus),
     )
     cfg.validate()
@@ -249,7 +250,9 @@ def main() -> int:
                              "eager sampler's kernel launches (0.3: a guess); shows what the engine's threads cost it")
     parser.add_argument("--engine", choices=("ray", "inprocess"), default="ray")
     parser.add_argument("--sources", type=int, default=None, help="train sources (CPU 48, GPU 32)")
-    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (CPU 10, GPU 50)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (CPU 10, GPU 50)")
+    parser.add_argument("--scheduler", default="ddim", choices=SCHEDULERS,
+                        help="sampler.scheduler: the update rule (issue 25's fast solvers against DDIM)")
     parser.add_argument("--batch-size", type=int, default=None, help="(CPU 8, GPU 8)")
     parser.add_argument("--batches-per-shard", type=int, default=2)
     parser.add_argument("--resolution", type=int, default=None, help="(CPU 32, GPU 512)")

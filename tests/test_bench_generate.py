@@ -41,3 +41,17 @@ def test_the_benchmark_runs_with_the_stub(tmp_path):
     results = json.loads(out.read_text())
     assert [r["samples"] for r in results["runs"]] == [4, 4, 4, 4]  # bare and engine, at λ = 1 and 0.5
     assert results["ratio_engine_over_bare_l1"] > 0 and results["ratio_engine_over_bare_l0.5"] > 0
+
+
+def test_the_scheduler_reaches_the_sampler_config(tmp_path):
+    """--scheduler: the GPU targets of issue 25 time a fast solver through the same engine."""
+    import argparse
+
+    bench = load_script("benchmarks/generate.py")
+    args = argparse.Namespace(image_format="png", batch_size=2, batches_per_shard=1, steps=10, dtype="float32",
+                              resolution=32, compile=False, scheduler="dpmsolver++", ray_cpus=None)
+    cfg = bench.config(args, "cpu", tmp_path / "real.parquet", tmp_path / "model", tmp_path / "out", 1.0, 1, 1)
+    assert (cfg.sampler.scheduler, cfg.sampler.num_steps) == ("dpmsolver++", 10)
+    done = subprocess.run([sys.executable, "benchmarks/generate.py", "--scheduler", "euler"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "invalid choice: 'euler'" in done.stderr

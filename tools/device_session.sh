@@ -10,6 +10,7 @@
 #          (base.json records the step count it fitted: `--set train.steps=<steps> --set
 #          train.max_minutes=0` redoes it), then the headline sweep's ControlNet, cells, FID and
 #          judge on it (seg runs stay on the CPUs; the ControlNet's weights stay there: > 16 MiB).
+#   solvers  the bench with a fast solver (SOLVER, SOLVER_STEPS; default dpmsolver++ 20): issue 25's >= 7 images/s.
 #   draw   one labelled draw of the pre-registered headline (issue 23; DRAW=<seed>, default 3) with the
 #          same config as on the CPUs (device keys are run-only: the identities and the record's
 #          fingerprints are the same): ControlNet and generation on the GPU, the 14 seg runs four at
@@ -22,6 +23,7 @@
 #          fingerprints, other arithmetic; say which draws were made where.
 # Needs .whl/ (bash ../shared/tools/device-wheels.sh); results land in $OUT:
 #   device run: carry [".whl"], command "JOBS=bench bash tools/device_session.sh", timeout_s 600
+#   device run: carry [".whl"], command "JOBS=solvers SOLVER_STEPS=20 bash tools/device_session.sh", timeout_s 600
 #   device run: carry [".whl"], command "SCRIBBLEGEN_COMMIT=<sha> JOBS=draw DRAW=3 bash tools/device_session.sh"
 set -u
 SECONDS=0
@@ -67,6 +69,20 @@ base() {
   log sweep $?
   ray stop --force > /dev/null 2>&1
   tar czf "$OUT/hb.tgz" -C /tmp --exclude=hb/controlnet/final --exclude=hb/controlnet/checkpoints hb 2>> "$OUT/gpu.txt"
+}
+
+solvers() {
+  # Issue 25's fast-solver target (>= 7 images/s per H100/H200): the bench's SD 1.5-shaped run, compiled,
+  # with SOLVER at SOLVER_STEPS (default dpmsolver++ 20; set them to what benchmarks/solvers.py chose on
+  # the CPUs) at λ = 1, then λ = 0.5 if time is left. DDIM 50 compiled is the bench job's (2.965 images/s
+  # through Ray on an H100, issue 13's notes): run both jobs in one call only on a fresh budget.
+  local gen="python3 benchmarks/generate.py --gpu --dtype bfloat16 --batch-size 16 --sources 96 --repeats 1 --model-dir /tmp/sd15 --sources-dir /tmp/src96 --compile --scheduler ${SOLVER:-dpmsolver++} --steps ${SOLVER_STEPS:-20}"
+  OMP_NUM_THREADS=12 $gen --build-only > "$LOGS/build.log" 2>&1; log "sd15 build" $?
+  timeout $((END - SECONDS)) $gen --lambdas 1.0 --json "$LOGS/gen_solver_l1.json" > "$LOGS/gen_solver_l1.log" 2>&1
+  log "solver bench λ = 1" $?
+  [ $((END - SECONDS)) -gt 200 ] && timeout $((END - SECONDS)) $gen --lambdas 0.5 --json "$LOGS/gen_solver_l05.json" \
+    > "$LOGS/gen_solver_l05.log" 2>&1
+  log "solver bench λ = 0.5" $?
 }
 
 draw() {
