@@ -55,13 +55,15 @@ def per_class_differences(folders: list[Path], baseline: str) -> tuple[dict[str,
             if {s["eval_split"] for s in seeds.values()} != split or not set(seeds) <= set(base):
                 left_out.append(f"{folder.name}/{arm}")
                 continue
-
-            def mean_iou(summaries: dict[int, dict[str, Any]], cls: str) -> float:
-                return statistics.mean(summaries[k]["per_class_iou"][cls] for k in seeds)
-
             for cls in base[next(iter(base))]["per_class_iou"]:
-                diffs.setdefault(arm, {}).setdefault(cls, []).append(100 * (mean_iou(seeds, cls) - mean_iou(base, cls)))
+                diff = _seed_mean(seeds, set(seeds), cls) - _seed_mean(base, set(seeds), cls)
+                diffs.setdefault(arm, {}).setdefault(cls, []).append(100 * diff)
     return diffs, left_out
+
+
+def _seed_mean(summaries: dict[int, dict[str, Any]], seeds: set[int], cls: str) -> float:
+    """A class's IoU averaged over ``seeds`` (the arm's: the baseline is taken at the same seeds)."""
+    return statistics.mean(summaries[k]["per_class_iou"][cls] for k in sorted(seeds))
 
 
 def table(diffs: dict[str, dict[str, list[float]]], baseline: str) -> str:

@@ -121,10 +121,10 @@ def frozen_at(config_path: str | Path) -> dict[str, Any]:
 
 
 def write_summary(cfg: SweepConfig, result: dict[str, Any]) -> None:
-    from experiments.report import write_headline_markdown
+    from experiments.report import write_headline_views
 
     write_json(Path(cfg.out) / RESULT_JSON, result)
-    write_headline_markdown(Path(cfg.out) / RESULT_JSON)
+    write_headline_views(result, Path(cfg.out) / RESULT_JSON)
 
 
 # -- collecting ------------------------------------------------------------------------------

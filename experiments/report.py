@@ -883,12 +883,11 @@ def plot_headline(data: dict[str, Any], path: Path) -> str:
                           "mIoU points", path, {"0": 0.0, f"target +{target:g}": target} if target else {"0": 0.0})
 
 
-def write_headline_markdown(path: Path) -> Path:
-    """``headline.md`` and its plot ``headline.png`` beside a ``headline.json``, rendered from
-    its numbers (they are views of the JSON: rewriting them after a change of the rendering
-    changes no number)."""
+def write_headline_views(data: dict[str, Any], path: Path) -> Path:
+    """``headline.md`` and its plot ``headline.png`` beside ``path`` (the ``headline.json``
+    that holds ``data``), rendered from its numbers: they are views of the JSON, so rewriting
+    them after a change of the rendering changes no number."""
     md = path.with_suffix(".md")
-    data = json.loads(path.read_text())
     write_text(md, headline_markdown(data) + "\n")
     plot_headline(data, path.with_suffix(".png"))
     return md
@@ -1005,7 +1004,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.headline is not None:
             if not args.headline.is_file():
                 raise BadInputError(str(args.headline), "is not a file", "name a headline.json (docs/results/headline.json)")
-            print(write_headline_markdown(args.headline))
+            print(write_headline_views(json.loads(args.headline.read_text()), args.headline))
             return 0
         print(build_report(args.run, args.report_dir))
     except BadInputError as exc:
