@@ -34,14 +34,20 @@ def main(argv: list[str] | None = None, default_config: str | None = None, prog:
     parser.add_argument("--out", help="run folder (overrides config 'out')")
     parser.add_argument("--fast", action="store_true",
                         help=f"a much smaller budget (merges {FAST_OVERLAY.relative_to(REPO)} over the config): a smoke run")
+    parser.add_argument("--draws", type=int, nargs="+", metavar="SEED",
+                        help="run only these of the config's draws.seeds this time (e.g. one draw a session); "
+                             "the summary still covers every draw as it stands")
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + ([f"out={json.dumps(args.out)}"] if args.out else [])
     t0 = time.perf_counter()
     try:
         cfg = load_sweep_config(args.config, overrides, [FAST_OVERLAY] if args.fast else [])
         check_job_paths({"out": str(cfg.out)}, {})
+        if args.draws and not cfg.draws.seeds:
+            raise BadInputError(f"--draws {' '.join(map(str, args.draws))}", f"{args.config} has no draws.seeds",
+                                "leave --draws out, or use a config with draws (configs/sweeps/headline.yaml)")
         if cfg.draws.seeds:
-            index = run_draws(cfg, find_config(args.config))
+            index = run_draws(cfg, find_config(args.config), args.draws)
         else:
             index = run_sweep(cfg)
     except BadInputError as exc:

@@ -79,14 +79,25 @@ def check_draws_config(cfg: SweepConfig) -> None:
         RunRecord.load(cfg.draws.record)
 
 
-def run_draws(cfg: SweepConfig, config_path: str | Path | None = None) -> Path:
+def run_draws(cfg: SweepConfig, config_path: str | Path | None = None, only: Sequence[int] | None = None) -> Path:
     """Run (or resume) every draw in turn, rewriting the record and the summary after each;
     return the summary's markdown. A draw whose folder is gone and whose every run the record
-    holds (``draws.record``) is not rerun: a later session picks up where the last one ended."""
+    holds (``draws.record``) is not rerun: a later session picks up where the last one ended.
+
+    ``only`` runs just those of ``draws.seeds`` (a session with time for one draw) while the
+    summary still covers every draw as it stands; narrowing ``draws.seeds`` instead would
+    rewrite the summary over the narrowed draws alone."""
     check_draws_config(cfg)
+    unknown = sorted(set(only or ()) - set(cfg.draws.seeds))
+    if unknown:
+        raise BadInputError(f"--draws {' '.join(map(str, unknown))}", f"not among the config's draws.seeds {cfg.draws.seeds}",
+                            "name seeds from draws.seeds")
     out = Path(cfg.out)
     for i, seed in enumerate(cfg.draws.seeds, 1):
         head = f"\n######## draw {seed} ({i}/{len(cfg.draws.seeds)})"
+        if only and seed not in only:
+            print(f"{head}: not in --draws, not run (counted as it stands)", flush=True)
+            continue
         if in_record_only(cfg, seed):
             print(f"{head}: every run is in {cfg.draws.record} and {draw_dir(out, seed)} is gone: not rerun", flush=True)
         else:

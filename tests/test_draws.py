@@ -272,6 +272,25 @@ def test_headline_protocol_end_to_end_on_a_smoke_budget(tmp_path):
     assert again.returncode == 0 and again.stdout.count("(reused, mIoU") == 14 and json.loads((out / "headline.json").read_text())["arms"] == result["arms"]
 
 
+def test_only_named_draws_run_while_the_summary_covers_every_draw(tmp_path, monkeypatch, capsys):
+    """--draws 5 runs draw 5 alone; the summary still holds draw 3 as its folder stands (a
+    narrowed draws.seeds would drop it). Seeds outside draws.seeds, or --draws on a config
+    without draws, are named as bad input."""
+    from experiments import cli, draws
+
+    cfg = load_sweep_config(DEMO, ARMS + [f"out={tmp_path}"])
+    _fake_draw(cfg, 3, {f"arm-{a}-seed{k}": 30.0 + k for a in ("real", "longer", "fixed", "uniform") for k in (0, 1)})
+    swept: list[int] = []
+    monkeypatch.setattr(draws, "run_sweep", lambda sub: swept.append(sub.ingest.subset_seed))
+    draws.run_draws(cfg, only=[5])
+    assert swept == [5]
+    result = json.loads((tmp_path / "headline.json").read_text())
+    assert result["arms"]["real"]["per_draw"] == [[30.0, 31.0], None, None]
+    with pytest.raises(BadInputError, match=r"--draws 4 7.*not among"):
+        draws.run_draws(cfg, only=[5, 4, 7])
+    assert cli.main(["--config", str(DEMO), "--draws", "5"]) == 2 and "has no draws.seeds" in capsys.readouterr().err
+
+
 def test_a_record_made_elsewhere_is_merged_entry_by_entry(tmp_path, capsys):
     from experiments.run_record import RunRecord, main
 
