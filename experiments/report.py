@@ -764,38 +764,59 @@ def _seed_differences(arm: Sequence[Any] | None, base: Sequence[Any] | None, i: 
     return [x - y for x, y in zip(a, b)]  # type: ignore[operator]
 
 
+def _seed_floor(diffs: list[list[float] | None], seeds: int, confidence: float) -> dict[str, float] | None:
+    """Between-draw SD of an arm's paired difference against the least that seed noise alone
+    gives it, and the interval recomputed with that least where the draws fall below it.
+
+    A draw's difference is the mean of ``seeds`` per-seed differences, so its variance is the
+    draws' own plus (seed variance) / seeds: the SD over draws cannot truly be below
+    ``seed SD / √seeds`` (the seed SD pooled within draws). Few draws estimate the SD over
+    draws poorly and may land under that floor by chance; the t interval then understates
+    the uncertainty, and the floor's interval (same mean and degrees of freedom) does not."""
+    from scipy import stats
+
+    complete = [d for d in diffs if d and len(d) == seeds]
+    n = len(complete)
+    if n < 2 or seeds < 2:
+        return None
+    between = statistics.stdev(statistics.mean(d) for d in complete)
+    floor = (statistics.mean(statistics.variance(d) for d in complete) / seeds) ** 0.5
+    mean = statistics.mean(x for d in complete for x in d)
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * floor / n ** 0.5
+    return {"between": between, "floor": floor, "low": mean - half, "high": mean + half}
+
+
 def _seed_spread(data: dict[str, Any], order: list[str]) -> list[tuple[str, Any]]:
-    """Each arm's difference to the baseline per draw and seg seed, and the arms whose t
-    interval is narrower than that seed-to-seed spread: few draws give an interval few degrees
-    of freedom, and two draws whose differences happen to agree give one narrower than what
-    the seeds alone move (a reader must see that, not just the interval)."""
-    draws, baseline = list(data.get("draws", [])), data.get("baseline", "?")
-    arms, paired = data.get("arms", {}), data.get("paired", {})
+    """Each arm's difference to the baseline per draw and seg seed, its SD over draws against
+    the seed-noise floor (:func:`_seed_floor`), and the arms whose draws agree more closely than
+    seeds alone allow, with the wider interval that the floor gives (a reader must see that,
+    not just the t interval)."""
+    draws, baseline, seeds = list(data.get("draws", [])), data.get("baseline", "?"), data.get("seg_seeds", [])
+    arms = data.get("arms", {})
     base = (arms.get(baseline) or {}).get("per_draw")
     rows, narrow = [], []
     for arm in order:
         if arm == baseline:
             continue
         diffs = [_seed_differences(arms[arm].get("per_draw"), base, i) for i in range(len(draws))]
-        every = [x for d in diffs if d for x in d]
-        if not every:
+        if not any(diffs):
             continue
-        spread = max(every) - min(every)
-        rows.append([arm] + ["–" if d is None else " / ".join(_signed(x) for x in d) for d in diffs] + [f"{spread:.2f}"])
-        ci = (paired.get(arm) or {}).get("ci95")
-        if ci and ci[1] - ci[0] < spread:
-            narrow.append(f"{arm} ({_interval(ci)}, {_n(paired.get(arm))} draws)")
+        check = _seed_floor(diffs, len(seeds), 0.95)
+        rows.append([arm] + ["–" if d is None else " / ".join(_signed(x) for x in d) for d in diffs]
+                    + ([f"{check['between']:.2f}", f"{check['floor']:.2f}"] if check else ["–", "–"]))
+        if check and check["between"] < check["floor"]:
+            narrow.append(f"{arm} ({_interval([check['low'], check['high']])}, {sum(1 for d in diffs if d)} draws)")
     if not rows:
         return []
     blocks: list[tuple[str, Any]] = [("table", Table(
-        ["arm"] + [f"draw {x}" for x in draws] + ["seed spread"], rows,
-        f"arm − {baseline} per draw and seg seed (seed {' / seed '.join(map(str, data.get('seg_seeds', [])))}, the same "
-        f"seed in both arms); seed spread: the largest minus the smallest of them, how far seeds and draws alone move a "
-        f"difference."))]
+        ["arm"] + [f"draw {x}" for x in draws] + ["SD over draws", "seed floor"], rows,
+        f"arm − {baseline} per draw and seg seed (seed {' / seed '.join(map(str, seeds))}, the same seed in both arms). "
+        f"SD over draws: of each draw's difference (the mean over its seeds). Seed floor: the least that SD can be "
+        f"from seed noise alone, the seed SD (pooled within draws) / √{len(seeds)}."))]
     if narrow:
-        blocks.append(("p", "Intervals narrower than their own seed spread (few draws: the t interval's width rests on "
-                            "how close the draws' differences happen to be, not on the seeds): " + ", ".join(narrow)
-                            + ". Such an interval understates the uncertainty: until more draws are in, the spread is the better guide."))
+        blocks.append(("p", "Draws that agree more closely than seed noise allows (SD over draws below the seed floor, "
+                            "by chance with few draws): their t interval understates the uncertainty. With the floor "
+                            "in its place, 95 %: " + ", ".join(narrow) + "."))
     return blocks
 
 

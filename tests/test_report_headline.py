@@ -153,22 +153,32 @@ def test_generator_check_per_draw_is_shown_when_recorded():
 
 
 def _spread_table(md: str) -> str:
-    return md.split("seed spread |", 1)[1].split("\n\n", 1)[0]
+    return md.split("seed floor |", 1)[1].split("\n\n", 1)[0]
 
 
-def test_differences_per_draw_and_seed_and_intervals_narrower_than_them():
+def test_differences_per_draw_and_seed_against_the_seed_noise_floor():
     """The per-seed differences come from the arms' own values (seed k against the baseline's
-    seed k); an interval narrower than that spread is named, one as wide or wider is not."""
+    seed k); an arm whose draws agree more closely than seed noise allows (SD over draws below
+    seed SD / √seeds) is named with the interval the floor gives, computed here by hand."""
+    from scipy import stats
+
     data = met()
+    data["arms"]["uniform"]["per_draw"][1] = [30.0, 30.0]  # draw means 1.5, 2, 1: SD 0.5 over a floor of 0.29
     md = headline_markdown(data)
-    assert _row(_spread_table(md), "fixed") == ["fixed", "+4.00 / +4.00", "+4.50 / +3.50", "+4.00 / +4.00", "1.00"]
-    assert _row(_spread_table(md), "uniform") == ["uniform", "+1.00 / +2.00", "+1.00 / +1.00", "+1.00 / +1.00", "1.00"]
-    assert "narrower than their own seed spread" not in md  # every interval here is wider than its spread
-    data["paired"]["uniform"]["ci95"] = [1.1, 1.6]  # width 0.5 < spread 1.0
+    # fixed: draws +4 / +4, +4.5 / +3.5, +4 / +4: SD over draws 0; seed variances 0, 0.5, 0 -> floor √(0.5 / 3 / 2)
+    floor = (0.5 / 3 / 2) ** 0.5
+    assert _row(_spread_table(md), "fixed") == ["fixed", "+4.00 / +4.00", "+4.50 / +3.50", "+4.00 / +4.00", "0.00",
+                                                f"{floor:.2f}"]
+    assert _row(_spread_table(md), "uniform") == ["uniform", "+1.00 / +2.00", "+2.00 / +2.00", "+1.00 / +1.00", "0.50",
+                                                  f"{floor:.2f}"]
+    half = stats.t.ppf(0.975, 2) * floor / 3 ** 0.5  # 0.72: the plain interval of three equal draws has width 0
+    assert f"With the floor in its place, 95 %: fixed ([{4 - half:.2f}, {4 + half:.2f}], 3 draws)." in md
+    assert "uniform ([" not in md and "adaptive ([" not in md  # above the floor; adaptive's seeds never differ (floor 0)
     data["arms"]["adaptive"]["per_draw"][1] = [31.0, None]  # an incomplete draw has no per-seed difference
+    data["arms"]["fixed"]["per_draw"][1] = [32.0, 32.0]  # +4 everywhere: SD 0, floor 0, nothing to name
     md = headline_markdown(data)
-    assert "narrower than their own seed spread (few draws" in md and ": uniform ([1.10, 1.60], 3 draws)." in md
-    assert _row(_spread_table(md), "adaptive") == ["adaptive", "+3.00 / +3.00", "–", "+3.00 / +3.00", "0.00"]
+    assert _row(_spread_table(md), "adaptive") == ["adaptive", "+3.00 / +3.00", "–", "+3.00 / +3.00", "0.00", "0.00"]
+    assert "seed noise allows" not in md
 
 
 def test_the_markdown_is_rewritten_from_the_json(tmp_path, capsys):
