@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import statistics
 import subprocess
 from pathlib import Path
@@ -36,6 +35,7 @@ from engine.atomic import write_json
 from engine.errors import BadInputError
 from engine.identity import Identity, plain
 from engine.config import to_dict
+from experiments.intervals import t_interval
 from experiments.run_record import COUNTED_FROM_RECORD, RunRecord, cell_fingerprint, cell_key, fingerprints, grid_cells, run_key
 from experiments.sweep import (COMMIT_FILE, MEMORIZATION_FILE, REPO, SegRun, SweepConfig, cell_identity, cell_name, git,
                                git_commit, memorization_setup, plan_seg_runs, run_inputs, run_sweep, seg_identity)
@@ -236,8 +236,6 @@ def paired(arm: Sequence[Sequence[float | None] | None], base: Sequence[Sequence
     verdict takes the best of m arms) a Bonferroni interval at 1 − (1 − confidence) / m is
     added as ``ci_adjusted``: choosing the best arm on test must not borrow the plain one.
     """
-    from scipy import stats
-
     def complete(values: Sequence[float | None] | None) -> bool:
         return bool(values) and all(v is not None for v in values)  # type: ignore[union-attr]
 
@@ -248,8 +246,7 @@ def paired(arm: Sequence[Sequence[float | None] | None], base: Sequence[Sequence
                               "per_draw": [round(d, 4) for d in diffs], "draw_index": [i for i, _, _ in pairs]}
 
     def interval(level: float) -> list[float]:
-        half = stats.t.ppf(0.5 + level / 2, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
-        return [result["mean"] - half, result["mean"] + half]
+        return t_interval(result["mean"], statistics.stdev(diffs), n, level)
 
     if n >= 2:
         result["ci95"] = interval(confidence)

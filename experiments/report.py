@@ -44,6 +44,7 @@ from engine.plots import TILE_PX, TileGrid, fmt_g, plot_bars, plot_intervals, pl
 from engine.manifest import iter_samples, read_manifest
 from engine.render import OVERLAY_ALPHA, overlay_scribble, render_scribble
 from engine.shards import Sample
+from experiments.intervals import t_interval
 from seg.schemes import SCHEMES
 
 
@@ -773,17 +774,13 @@ def _seed_floor(diffs: list[list[float] | None], seeds: int, confidence: float) 
     ``seed SD / √seeds`` (the seed SD pooled within draws). Few draws estimate the SD over
     draws poorly and may land under that floor by chance; the t interval then understates
     the uncertainty, and the floor's interval (same mean and degrees of freedom) does not."""
-    from scipy import stats
-
     complete = [d for d in diffs if d and len(d) == seeds]
     n = len(complete)
     if n < 2 or seeds < 2:
         return None
-    between = statistics.stdev(statistics.mean(d) for d in complete)
     floor = (statistics.mean(statistics.variance(d) for d in complete) / seeds) ** 0.5
-    mean = statistics.mean(x for d in complete for x in d)
-    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * floor / n ** 0.5
-    return {"between": between, "floor": floor, "low": mean - half, "high": mean + half}
+    return {"n": n, "between": statistics.stdev(statistics.mean(d) for d in complete), "floor": floor,
+            "interval": t_interval(statistics.mean(x for d in complete for x in d), floor, n, confidence)}
 
 
 def _seed_spread(data: dict[str, Any], order: list[str]) -> list[tuple[str, Any]]:
@@ -805,7 +802,7 @@ def _seed_spread(data: dict[str, Any], order: list[str]) -> list[tuple[str, Any]
         rows.append([arm] + ["–" if d is None else " / ".join(_signed(x) for x in d) for d in diffs]
                     + ([f"{check['between']:.2f}", f"{check['floor']:.2f}"] if check else ["–", "–"]))
         if check and check["between"] < check["floor"]:
-            narrow.append(f"{arm} ({_interval([check['low'], check['high']])}, {sum(1 for d in diffs if d)} draws)")
+            narrow.append(f"{arm} ({_interval(check['interval'])}, {check['n']} draws)")
     if not rows:
         return []
     blocks: list[tuple[str, Any]] = [("table", Table(
