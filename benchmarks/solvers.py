@@ -91,16 +91,16 @@ def compare(results: list[dict[str, Any]], twins: list[dict[str, Any]]) -> None:
     verdict (docs/performance.md says so and shows each reading).
     """
     ref = next(r for r in results if (r["scheduler"], r["steps"]) == REFERENCE and not r["plan_seed"])
+    gaps = {lam: tuple(max(abs(t["lambdas"][lam][k] - base[k]) for t in twins) for k in ("fid", "judge_margin"))
+            for lam, base in ref["lambdas"].items()}
     for r in results:
         r["call_share"] = r["calls"] / ref["calls"]
         within, no_worse = [], []
         for lam, s in r["lambdas"].items():
-            base = ref["lambdas"][lam]
+            base, (gap_fid, gap_margin) = ref["lambdas"][lam], gaps[lam]
             s["d_fid"] = s["fid"] - base["fid"]
             s["d_margin"] = s["judge_margin"] - base["judge_margin"]
             s["l1_to_reference"] = l1_between(s["cell"], base["cell"])
-            gap_fid = max(abs(t["lambdas"][lam]["fid"] - base["fid"]) for t in twins)
-            gap_margin = max(abs(t["lambdas"][lam]["judge_margin"] - base["judge_margin"]) for t in twins)
             within.append(abs(s["d_fid"]) <= gap_fid and abs(s["d_margin"]) <= gap_margin)
             no_worse.append(s["d_fid"] <= gap_fid and -s["d_margin"] <= gap_margin)
         r["within_noise"], r["no_worse"] = all(within), all(no_worse)

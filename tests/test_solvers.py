@@ -12,6 +12,7 @@ from engine.errors import BadInputError
 from engine.generate.config import GenerateConfig, SamplerConfig
 from engine.generate.run import generation_identity
 from engine.sampler import ScribbleSampler, multistep_solver, set_custom_timesteps
+from experiments.sweep import REPO, load_sweep_config
 
 SOLVERS = ("dpmsolver++", "unipc")
 
@@ -216,7 +217,6 @@ def test_the_tiny_configs_use_dpm_solver_10_and_every_run_recorded_before_keeps_
     50 beyond its seed noise at 20 % of its calls, docs/performance.md); VOC keeps the paper's DDIM 50,
     and the sweeps whose runs are recorded (the headline, its val studies, the full-budget studies)
     keep the DDIM 20 they were made with, so their folders stay reusable and their numbers rerunnable."""
-    from experiments.sweep import REPO, load_sweep_config
 
     def sampler(name: str) -> tuple[str, int]:
         s = load_sweep_config(REPO / "configs" / f"{name}.yaml").generate.sampler
